@@ -1,0 +1,233 @@
+"""The TOML configuration as typed models. Every default lives here, once.
+
+The file has the shape of TrEnv-X's ``example_config.toml``::
+
+    data_root = "/var/lib/trenvx"
+    fc_binary_path = ""
+    ch_binary_path = ""
+
+    [orchestrator]
+    host = "127.0.0.1"
+    port = 5000
+
+    [template_manager]
+    template_id = "default-sandbox"
+
+    [template."default-sandbox"]
+    vcpu = 1
+    mem_mb = 256
+    disk_mb = 512
+    dockerfile = "default-sandbox.Dockerfile"
+    start_cmd.cmd = ""
+    ready_cmd = ""
+
+Relative paths (Dockerfiles, build contexts, env files) are resolved against the directory of
+the config file. Loading fails before any work is done, with a message that names the file, the
+template and the key at fault.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_DATA_ROOT = Path("/var/lib/trenvx")
+DEFAULT_PORT = 5000
+AGENT_PORT = 49983
+"""The TCP port the guest agent listens on inside every VM (the port of E2B's envd)."""
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid. The message says what to fix."""
+
+
+class VmmType(str, Enum):
+    qemu = "qemu"
+    firecracker = "firecracker"
+    cloud_hypervisor = "cloud-hypervisor"
+
+
+class Accelerator(str, Enum):
+    auto = "auto"
+    kvm = "kvm"
+    tcg = "tcg"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class StartCommand(_Strict):
+    """A command started in the template VM before the snapshot; it keeps running in every sandbox."""
+
+    cmd: str = ""
+    working_dir: str = "/"
+    envfile_path: str = ""
+    """A file of KEY=VALUE lines (relative to the config file) exported to the start command."""
+
+
+class TemplateConfig(_Strict):
+    """One ``[template."NAME"]`` table."""
+
+    name: str = ""
+    vcpu: int = Field(default=1, ge=1, le=64)
+    mem_mb: int = Field(default=256, ge=64, le=1024 * 1024)
+    disk_mb: int = Field(default=512, ge=0, le=1024 * 1024)
+    """Free space added to the root filesystem on top of its content."""
+    kernel_version: str = "auto"
+    """Debian kernel ABI such as ``6.1.0-28``; ``auto`` takes the newest cloud kernel apt offers."""
+    docker_img: str = ""
+    dockerfile: str = ""
+    context: str = ""
+    """Build context of the Dockerfile; defaults to the Dockerfile's directory."""
+    no_pull: bool = False
+    huge_pages: bool = False
+    overlay: bool = False
+    vmm_type: VmmType = VmmType.qemu
+    start_cmd: StartCommand = StartCommand()
+    ready_cmd: str = ""
+    ready_timeout_s: float = Field(default=120.0, gt=0)
+    boot_timeout_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TemplateConfig":
+        if self.docker_img and self.dockerfile:
+            raise ValueError("set either docker_img or dockerfile, not both")
+        return self
+
+
+class OrchestratorConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
+    api_key: str = ""
+    default_timeout_s: int = Field(default=300, ge=1)
+    max_sandboxes: int = Field(default=500, ge=1)
+    max_sandboxes_per_template: int = Field(default=500, ge=1)
+    memory_headroom_mb: int = Field(default=1024, ge=0)
+
+
+class TemplateManagerConfig(_Strict):
+    template_id: str = "default-sandbox"
+
+
+class VmmConfig(_Strict):
+    """Knobs of the VMM processes (all VMMs)."""
+
+    accelerator: Accelerator = Accelerator.auto
+    tcg_tb_size_mb: int = Field(default=32, ge=1)
+    qemu_binary: str = "qemu-system-x86_64"
+    pvm_kernel: str = ""
+    """A PVM-capable guest kernel (bzImage) to use KVM on hosts whose /dev/kvm is kvm_pvm."""
+
+
+class Config(_Strict):
+    data_root: Path = DEFAULT_DATA_ROOT
+    fc_binary_path: str = ""
+    ch_binary_path: str = ""
+    orchestrator: OrchestratorConfig = OrchestratorConfig()
+    template_manager: TemplateManagerConfig = TemplateManagerConfig()
+    vmm: VmmConfig = VmmConfig()
+    template: dict[str, TemplateConfig] = Field(default_factory=dict)
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("template", mode="before")
+    @classmethod
+    def _name_templates(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: ({**t, "name": k} if isinstance(t, dict) else t) for k, t in v.items()}
+        return v
+
+    def get_template(self, name: str) -> TemplateConfig:
+        try:
+            return self.template[name]
+        except KeyError:
+            known = ", ".join(sorted(self.template)) or "none"
+            raise ConfigError(
+                f"template {name!r} is not defined in {self.source_path or 'the config'} "
+                f"(defined: {known}); add a [template.\"{name}\"] table"
+            ) from None
+
+    @property
+    def default_template(self) -> str:
+        return self.template_manager.template_id
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    lines = [f"invalid configuration in {path}:"]
+    for e in err.errors():
+        loc = list(e["loc"])
+        where = ".".join(str(p) for p in loc)
+        if len(loc) >= 2 and loc[0] == "template":
+            where = f'[template."{loc[1]}"] key ' + (".".join(str(p) for p in loc[2:]) or "(table)")
+        else:
+            where = f"key {where}"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; see configs/example_config.toml)"
+        elif e["type"] == "enum":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _check_files(cfg: Config, base: Path) -> Config:
+    """Resolve relative paths against the config's directory and check the files exist."""
+    templates = {}
+    for name, t in cfg.template.items():
+        updates: dict[str, Any] = {}
+        if t.dockerfile:
+            df = (base / t.dockerfile).resolve()
+            if not df.is_file():
+                raise ConfigError(
+                    f'[template."{name}"] key dockerfile in {cfg.source_path}: '
+                    f"file {df} does not exist; fix the path (relative paths start at {base})"
+                )
+            updates["dockerfile"] = str(df)
+            ctx = (base / t.context).resolve() if t.context else df.parent
+            if not ctx.is_dir():
+                raise ConfigError(
+                    f'[template."{name}"] key context in {cfg.source_path}: directory {ctx} does not exist'
+                )
+            updates["context"] = str(ctx)
+        if t.start_cmd.envfile_path:
+            ef = (base / t.start_cmd.envfile_path).resolve()
+            if not ef.is_file():
+                raise ConfigError(
+                    f'[template."{name}"] key start_cmd.envfile_path in {cfg.source_path}: '
+                    f"file {ef} does not exist"
+                )
+            updates["start_cmd"] = t.start_cmd.model_copy(update={"envfile_path": str(ef)})
+        templates[name] = t.model_copy(update=updates) if updates else t
+    data_root = cfg.data_root if cfg.data_root.is_absolute() else (base / cfg.data_root).resolve()
+    return cfg.model_copy(update={"template": templates, "data_root": data_root})
+
+
+def parse_config(data: dict[str, Any], path: Path) -> Config:
+    try:
+        cfg = Config.model_validate({**data, "source_path": path})
+    except ValidationError as e:
+        raise ConfigError(_format_error(path, e)) from None
+    return _check_files(cfg, path.parent)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file. ``TRENVX_DATA_ROOT`` overrides ``data_root``."""
+    p = Path(path).resolve()
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} does not exist; pass --config with the path of a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    if env_root := os.environ.get("TRENVX_DATA_ROOT"):
+        data["data_root"] = env_root
+    return parse_config(data, p)

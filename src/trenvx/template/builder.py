@@ -1,0 +1,317 @@
+"""The build pipeline of a template: source -> root filesystem -> ext4 image -> boot -> snapshot.
+
+Stages, each timed and reported:
+
+1. ``kernel``      the guest kernel package and an initramfs that loads its virtio modules
+2. ``accelerator`` KVM or TCG, chosen by probing (cached)
+3. ``rootfs``      Dockerfile / image / debootstrap base -> a tree with the agent injected -> ext4
+4. ``boot``        the VM started from the kernel; the guest agent's /health awaited
+5. ``start``       ``start_cmd`` started, ``ready_cmd`` awaited
+6. ``snapshot``    device state written; guest RAM stays in the template's memory file
+7. ``publish``     manifest written, files made read-only, ``current`` switched atomically
+
+Unchanged inputs skip the build (the input digest is in the manifest). A failed build removes
+its staging directory and kills its VM, and the error names the stage (with the guest console's
+last lines when the guest is at fault).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from .. import __version__
+from ..config import Config, TemplateConfig
+from ..guest.client import AgentClient
+from ..kernel.debian import ensure_kernel
+from ..kernel.initramfs import ensure_initramfs
+from ..layout import DataRoot
+from ..vmm import DiskSpec, MachineSpec, VmSpec, driver_for
+from ..vmm.accel import choose_accelerator
+from ..vmm.base import Vm
+from ..vmm.qemu import GUEST_NET
+from .errors import BuildError
+from .image import make_ext4_image
+from .inject import check_python, inject_guest_files
+from .rootfs import prepared_rootfs, rootfs_input_digest
+from .store import MEMORY, ROOTFS, MachineRecord, TemplateBuild, TemplateManifest, TemplateStore, new_build_id
+
+log = logging.getLogger(__name__)
+
+AGENT_SRC = Path(__file__).resolve().parent.parent / "guest" / "agent"
+STAGES = ("kernel", "accelerator", "rootfs", "boot", "start", "snapshot", "publish")
+T = TypeVar("T")
+
+
+class BuildReporter(Protocol):
+    def stage_started(self, stage: str) -> None: ...
+    def stage_finished(self, stage: str, seconds: float) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+class LogReporter:
+    """Reports stages to the ``logging`` module (for servers and tests)."""
+
+    def stage_started(self, stage: str) -> None:
+        log.info("build stage %s ...", stage)
+
+    def stage_finished(self, stage: str, seconds: float) -> None:
+        log.info("build stage %s done in %.1fs", stage, seconds)
+
+    def message(self, text: str) -> None:
+        log.debug("%s", text)
+
+
+@dataclass
+class BuildResult:
+    build: TemplateBuild
+    skipped: bool
+    """True when the inputs were unchanged and the existing build was kept."""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def agent_digest() -> str:
+    h = hashlib.sha256()
+    for p in sorted(AGENT_SRC.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def kernel_cmdline(vcpu: int) -> str:
+    return f"console=ttyS0 quiet panic=-1 root=/dev/vda rw trenvx.net={GUEST_NET}"
+
+
+def _tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.splitlines()[0].strip() if out else "unknown"
+
+
+class TemplateBuilder:
+    def __init__(self, config: Config, reporter: BuildReporter | None = None) -> None:
+        self.config = config
+        self.data_root = DataRoot(config.data_root).ensure()
+        self.store = TemplateStore(self.data_root)
+        self.reporter = reporter or LogReporter()
+
+    def input_digest(self, tpl: TemplateConfig) -> tuple[str, dict[str, str]]:
+        """A hash of everything that changes the build's result, without building anything."""
+        settings = tpl.model_dump(mode="json", exclude={"name", "boot_timeout_s", "ready_timeout_s"})
+        inputs = {
+            "rootfs": rootfs_input_digest(tpl),
+            "agent": agent_digest(),
+            "template": _digest(settings),
+            "vmm": _digest(self.config.vmm.model_dump(mode="json")),
+            "trenvx": __version__,
+        }
+        return _digest(inputs), inputs
+
+    async def build(self, name: str, *, force: bool = False) -> BuildResult:
+        tpl = self.config.get_template(name)
+        digest, inputs = self.input_digest(tpl)
+        if not force:
+            try:
+                existing = self.store.current(name)
+            except Exception:  # noqa: BLE001 - not built yet, or unreadable: build it
+                existing = None
+            if existing and existing.manifest.input_digest == digest and existing.snapshot.vmstate.exists():
+                self.reporter.message(f"template {name!r} is up to date (build {existing.build_id}); use --force to rebuild")
+                return BuildResult(existing, skipped=True)
+        self.store.remove_stale_staging(name)
+        build_id = new_build_id(digest)
+        staging = self.store.staging_dir(name, build_id)
+        staging.mkdir(parents=True)
+        try:
+            return await self._build(tpl, build_id, staging, digest, inputs)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    async def _stage(self, times: dict[str, float], stage: str, work: Callable[[], Awaitable[T]]) -> T:
+        self.reporter.stage_started(stage)
+        t0 = time.perf_counter()
+        try:
+            result = await work()
+        except BuildError:
+            raise
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure is reported with its stage
+            raise BuildError(stage, f"{type(e).__name__}: {e}") from e
+        times[stage] = round(time.perf_counter() - t0, 3)
+        self.reporter.stage_finished(stage, times[stage])
+        return result
+
+    async def _build(
+        self, tpl: TemplateConfig, build_id: str, staging: Path, digest: str, inputs: dict[str, str]
+    ) -> BuildResult:
+        times: dict[str, float] = {}
+        say = self.reporter.message
+
+        async def kernel_stage() -> tuple[Any, Path]:
+            kernel = await ensure_kernel(self.data_root, tpl.kernel_version, log=say)
+            return kernel, await ensure_initramfs(kernel)
+
+        kernel, initrd = await self._stage(times, "kernel", kernel_stage)
+
+        async def accel_stage() -> Any:
+            return await choose_accelerator(
+                self.config.vmm.accelerator.value, self.config.vmm.qemu_binary,
+                kernel.bzimage, initrd, self.data_root.cache,
+            )
+
+        accel = await self._stage(times, "accelerator", accel_stage)
+        say(f"accelerator: {accel.name} ({accel.reason})")
+
+        async def rootfs_stage() -> tuple[str, int]:
+            async with prepared_rootfs(tpl, self.data_root, say) as tree:
+                check_python(tree.path)
+                inject_guest_files(tree.path, AGENT_SRC)
+                size = await make_ext4_image(tree.path, staging / ROOTFS, tpl.disk_mb)
+                return tree.source, size
+
+        rootfs_source, rootfs_size = await self._stage(times, "rootfs", rootfs_stage)
+
+        machine = MachineSpec(
+            vcpu=tpl.vcpu, mem_mb=tpl.mem_mb, accelerator=accel.name, kernel=kernel.bzimage, initrd=initrd,
+            cmdline=kernel_cmdline(tpl.vcpu), tcg_tb_size_mb=self.config.vmm.tcg_tb_size_mb,
+        )
+        spec = VmSpec(
+            name=f"build-{tpl.name}", workdir=staging / "vm", machine=machine,
+            memory_file=staging / MEMORY, memory_shared=True,
+            root_disk=DiskSpec(staging / ROOTFS, "raw"),
+        )
+        driver = driver_for(tpl.vmm_type, self.config)
+        vm: Vm | None = None
+        try:
+            async def boot_stage() -> Vm:
+                nonlocal vm
+                vm = await driver.boot(spec)
+                await self._wait_agent(vm, tpl.boot_timeout_s)
+                return vm
+
+            vm = await self._stage(times, "boot", boot_stage)
+            assert vm is not None
+            running_vm = vm
+
+            async def start_stage() -> None:
+                await self._start_and_wait_ready(running_vm, tpl)
+
+            await self._stage(times, "start", start_stage)
+
+            async def snapshot_stage() -> None:
+                await driver.snapshot(running_vm, staging)
+
+            await self._stage(times, "snapshot", snapshot_stage)
+        except BuildError as e:
+            if vm is not None and e.stage in ("boot", "start"):
+                tail = vm.console_tail(25) or "(empty)"
+                raise BuildError(e.stage, f"{e.message}\nlast lines of the guest console:\n{tail}") from e
+            raise
+        finally:
+            if vm is not None:
+                await vm.kill()
+
+        async def publish_stage() -> TemplateBuild:
+            shutil.rmtree(staging / "vm", ignore_errors=True)
+            for f in (staging / ROOTFS, staging / MEMORY):
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                f.chmod(0o444)
+            manifest = TemplateManifest(
+                name=tpl.name, build_id=build_id,
+                created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                vmm_type=tpl.vmm_type.value, input_digest=digest, inputs=inputs,
+                config=tpl.model_dump(mode="json"), machine=MachineRecord.from_spec(machine),
+                accelerator_reason=accel.reason, kernel_version=kernel.version,
+                versions={
+                    "trenvx": __version__, "python": sys.version.split()[0],
+                    "qemu": _tool_version([self.config.vmm.qemu_binary, "--version"]),
+                },
+                sizes={
+                    "rootfs_bytes": rootfs_size,
+                    "memory_bytes": (staging / MEMORY).stat().st_size,
+                    "vmstate_bytes": (staging / "vmstate").stat().st_size,
+                },
+                stage_seconds=times, rootfs_source=rootfs_source,
+            )
+            return self.store.publish(tpl.name, staging, manifest)
+
+        build = await self._stage(times, "publish", publish_stage)
+        return BuildResult(build, skipped=False, stage_seconds=times)
+
+    async def _wait_agent(self, vm: Vm, timeout_s: float) -> None:
+        client = AgentClient(vm.agent_url)
+        try:
+            waiter = asyncio.ensure_future(client.wait_healthy(timeout_s))
+            died = asyncio.ensure_future(vm.wait_exit())
+            done, _ = await asyncio.wait({waiter, died}, return_when=asyncio.FIRST_COMPLETED)
+            if died in done:
+                waiter.cancel()
+                raise RuntimeError(f"the VM exited (status {died.result()}) before its agent answered")
+            died.cancel()
+            waiter.result()
+        finally:
+            await client.aclose()
+
+    async def _start_and_wait_ready(self, vm: Vm, tpl: TemplateConfig) -> None:
+        """Start ``start_cmd`` in the background and run ``ready_cmd`` until it succeeds."""
+        client = AgentClient(vm.agent_url, timeout=tpl.ready_timeout_s)
+        try:
+            if tpl.start_cmd.cmd:
+                envs = _read_envfile(tpl.start_cmd.envfile_path) if tpl.start_cmd.envfile_path else {}
+                stream = client.start(tpl.start_cmd.cmd, envs=envs, cwd=tpl.start_cmd.working_dir, tag="start_cmd")
+                first = await stream.__anext__()
+                if first.kind != "start":
+                    raise RuntimeError(f"start_cmd did not start: {first}")
+                self.reporter.message(f"start_cmd running as pid {first.pid}")
+                await stream.aclose()  # the process keeps running; only our stream ends
+            if tpl.ready_cmd:
+                deadline = time.monotonic() + tpl.ready_timeout_s
+                delay = 0.05
+                while True:
+                    res = await client.run(tpl.ready_cmd, timeout=max(1.0, deadline - time.monotonic()))
+                    if res.exit_code == 0:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"ready_cmd {tpl.ready_cmd!r} still fails after {tpl.ready_timeout_s:.0f}s "
+                            f"(exit {res.exit_code}): {res.stderr.decode(errors='replace')[-500:]}"
+                        )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+            # Flush the guest's dirty pages to the disk image, so the snapshot's page cache and
+            # the image the sandboxes' overlays are based on agree.
+            res = await client.run(["sync"])
+            if res.exit_code != 0:
+                raise RuntimeError(f"sync in the guest failed: {res.stderr!r}")
+        finally:
+            await client.aclose()
+
+
+def _read_envfile(path: str) -> dict[str, str]:
+    envs: dict[str, str] = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        k, v = line.split("=", 1)
+        envs[k.strip().removeprefix("export ").strip()] = v.strip().strip("\"'")
+    return envs

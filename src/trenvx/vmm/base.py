@@ -1,0 +1,167 @@
+"""The one interface every VMM driver implements, and the value types that cross it.
+
+A driver turns a :class:`VmSpec` into a running VM (``boot``), writes a snapshot of a running
+VM (``snapshot``), and brings a snapshot back to life in a new process (``prestart`` +
+``restore``). It knows nothing of templates or sandboxes: those are the layers above.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+DiskFormat = Literal["raw", "qcow2"]
+
+
+class VmmError(Exception):
+    """A VMM process failed to start, answer, snapshot or restore. The message says which."""
+
+
+class VmState(str, enum.Enum):
+    incoming = "incoming"  # started, waiting for a snapshot to restore
+    running = "running"
+    paused = "paused"
+    exited = "exited"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    path: Path
+    format: DiskFormat = "raw"
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything that must be identical between the VM that was snapshotted and its restores."""
+
+    vcpu: int
+    mem_mb: int
+    accelerator: Literal["kvm", "tcg"]
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    tcg_tb_size_mb: int = 32
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """One VM process: its machine, its files, and how the host reaches its agent."""
+
+    name: str
+    workdir: Path
+    """Holds this VM's control sockets, console log and pid file; the caller owns it."""
+    machine: MachineSpec
+    memory_file: Path
+    """Guest RAM. Shared (written back to the file) while building, private (copy-on-write) on restore."""
+    memory_shared: bool
+    root_disk: DiskSpec
+    agent_host_port: int = 0
+    """Host TCP port (on 127.0.0.1) forwarded to the guest agent's port; 0 lets the kernel choose."""
+    kill_with_owner: bool = True
+    """Kill the VMM when the process that started it dies (off for servers that adopt VMs on restart)."""
+
+
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """A snapshot on disk: device state, and the guest RAM file it refers to."""
+
+    vmstate: Path
+    memory_file: Path
+
+
+@dataclass
+class VmStats:
+    pid: int
+    rss_bytes: int
+    pss_bytes: int
+    cpu_seconds: float
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent in each step of a restore, in order."""
+
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+class Vm(abc.ABC):
+    """A running (or restorable) VMM process. Owned by whoever created it: they must ``kill`` it."""
+
+    spec: VmSpec
+    agent_port: int
+    """The host port (on 127.0.0.1) that reaches the guest agent."""
+
+    @property
+    @abc.abstractmethod
+    def pid(self) -> int: ...
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://127.0.0.1:{self.agent_port}"
+
+    @property
+    def console_log(self) -> Path:
+        return self.spec.workdir / "console.log"
+
+    @abc.abstractmethod
+    async def pause(self) -> None: ...
+
+    @abc.abstractmethod
+    async def resume(self) -> None: ...
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Stop the process (idempotent) and reap it. Files in ``workdir`` stay."""
+
+    @abc.abstractmethod
+    def is_alive(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def wait_exit(self) -> int:
+        """Wait until the VMM process ends; its exit status."""
+
+    def console_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.console_log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class VmmDriver(abc.ABC):
+    """Boot, snapshot, restore. One implementation per VMM."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def boot(self, spec: VmSpec) -> Vm:
+        """Start a VM from its kernel. Returns once the process runs (not once the guest is up)."""
+
+    @abc.abstractmethod
+    async def snapshot(self, vm: Vm, dest: Path) -> SnapshotFiles:
+        """Pause ``vm`` and write its device state into ``dest``; guest RAM stays in its file.
+
+        The VM is stopped afterwards and must be killed by the caller.
+        """
+
+    @abc.abstractmethod
+    async def prestart(self, spec: VmSpec) -> Vm:
+        """Start a VMM process that waits for a snapshot (no guest code runs yet)."""
+
+    @abc.abstractmethod
+    async def restore(self, vm: Vm, snapshot: SnapshotFiles, times: StageTimes | None = None) -> None:
+        """Load ``snapshot`` into a prestarted ``vm`` and resume it."""
+
+    async def restore_fresh(self, spec: VmSpec, snapshot: SnapshotFiles, times: StageTimes | None = None) -> Vm:
+        """Start a new process and restore into it (the path when no prestarted process is at hand)."""
+        vm = await self.prestart(spec)
+        try:
+            await self.restore(vm, snapshot, times)
+        except BaseException:
+            await vm.kill()
+            raise
+        return vm

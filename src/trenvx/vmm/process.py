@@ -1,0 +1,128 @@
+"""Starting and reaping VMM processes: the one place that forks them.
+
+Every VMM process has an owner (a :class:`VmmProcess`) that kills and reaps it. When
+``kill_with_owner`` is set, the kernel also kills it if the owning process dies
+(``PR_SET_PDEATHSIG``), so that a crashed test run or build leaves no VM behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class VmmProcess:
+    """One child process of a VMM binary, with its output going to a log file."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, argv: Sequence[str], log_path: Path) -> None:
+        self._proc = proc
+        self.argv = list(argv)
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    @classmethod
+    async def spawn(
+        cls,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        pass_fds: Sequence[int] = (),
+        kill_with_owner: bool = True,
+    ) -> "VmmProcess":
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    pass_fds=tuple(pass_fds),
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent if kill_with_owner else None,
+                )
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{argv[0]} not found; run `scripts/start.sh setup` to install it"
+                ) from None
+        (log_path.parent / "vmm.pid").write_text(str(proc.pid))
+        return cls(proc, argv, log_path)
+
+    def is_alive(self) -> bool:
+        return self._proc.returncode is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    async def wait(self) -> int:
+        return await self._proc.wait()
+
+    async def kill(self, grace_s: float = 0.0) -> None:
+        """End the process (SIGTERM with ``grace_s``, then SIGKILL) and reap it. Idempotent."""
+        if self._proc.returncode is not None:
+            return
+        try:
+            if grace_s > 0:
+                self._proc.terminate()
+                try:
+                    await asyncio.wait_for(self._proc.wait(), grace_s)
+                    return
+                except asyncio.TimeoutError:
+                    pass
+            self._proc.kill()
+        except ProcessLookupError:
+            pass
+        await self._proc.wait()
+
+    def output_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of a process in bytes; PSS counts shared pages divided among their users."""
+    try:
+        full = psutil.Process(pid).memory_full_info()
+        return int(full.rss), int(getattr(full, "pss", full.rss))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0, 0
+
+
+def cpu_seconds_of(pid: int) -> float:
+    try:
+        t = psutil.Process(pid).cpu_times()
+        return float(t.user + t.system)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0.0
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,247 @@
+"""The QEMU driver: q35 machines whose guest RAM is a file, snapshots without copying that RAM.
+
+- Build: guest RAM is ``memory-backend-file,share=on``: the guest writes straight into the file.
+- Snapshot: ``stop``, migration capability ``x-ignore-shared`` (RAM stays in its file, only
+  device state, a few hundred KB, is written), ``migrate`` to a file descriptor.
+- Restore: the same RAM file with ``share=off`` (``MAP_PRIVATE``: pages come from the host page
+  cache, shared by every sandbox, and are copied only when a guest writes one), a process started
+  with ``-incoming defer``, ``migrate-incoming`` from a file descriptor, then ``cont``.
+
+QMP is spoken with the ``qemu.qmp`` library over a socketpair handed to QEMU at start (no socket
+file to wait for); a second QMP socket in the VM's workdir lets a restarted server re-attach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from ..config import AGENT_PORT
+from .base import SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, VmState
+from .process import VmmProcess
+
+log = logging.getLogger(__name__)
+
+GUEST_IP = "10.0.2.15"
+GUEST_NET = f"{GUEST_IP}/24,10.0.2.2"
+"""Guest address and gateway of QEMU user networking; the initramfs configures eth0 with it."""
+
+_HOSTFWD_RE = re.compile(rf"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+{re.escape(GUEST_IP)}\s+{AGENT_PORT}")
+QMP_TIMEOUT_S = 30.0
+MIGRATION_TIMEOUT_S = 120.0
+
+
+def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list[str]:
+    """The QEMU command line for ``spec``. Build and restore differ only in share= and -incoming."""
+    m = spec.machine
+    if m.accelerator == "kvm":
+        accel = ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
+    else:
+        accel = ["-accel", f"tcg,tb-size={m.tcg_tb_size_mb}", "-cpu", "max"]
+    share = "on" if spec.memory_shared else "off"
+    disk = spec.root_disk
+    drive = f"file={disk.path},format={disk.format},if=none,id=root,cache=unsafe,discard=unmap"
+    if disk.read_only:
+        drive += ",read-only=on"
+    argv = [
+        binary,
+        "-name", f"trenvx-{spec.name}",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        *accel,
+        "-smp", str(m.vcpu),
+        "-m", f"{m.mem_mb}M",
+        "-object", f"memory-backend-file,id=mem,size={m.mem_mb}M,mem-path={spec.memory_file},share={share}",
+        "-machine", "q35,memory-backend=mem,smbus=off,sata=off,vmport=off",
+        "-kernel", str(m.kernel), "-initrd", str(m.initrd), "-append", m.cmdline,
+        "-serial", f"file:{spec.workdir / 'console.log'}",
+        "-drive", drive, "-device", "virtio-blk-pci,drive=root,id=rootdev",
+        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.agent_host_port}-:{AGENT_PORT}",
+        "-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56",
+        "-device", "vmgenid,id=vmgen0,guid=auto",
+        "-device", "virtio-rng-pci,id=rng0",
+        "-chardev", f"socket,id=qmpfd,fd={qmp_fd}",
+        "-mon", "chardev=qmpfd,mode=control",
+        "-qmp", f"unix:{spec.workdir / 'qmp.sock'},server=on,wait=off",
+    ]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv
+
+
+class QemuVm(Vm):
+    def __init__(self, spec: VmSpec, process: VmmProcess, qmp: QMPClient, state: VmState) -> None:
+        self.spec = spec
+        self.agent_port = spec.agent_host_port
+        self.process = process
+        self.qmp = qmp
+        self.state = state
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    async def wait_exit(self) -> int:
+        return await self.process.wait()
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float = QMP_TIMEOUT_S) -> Any:
+        try:
+            return await asyncio.wait_for(self.qmp.execute(cmd, args), timeout)
+        except asyncio.TimeoutError:
+            raise VmmError(f"QEMU (pid {self.pid}) did not answer QMP {cmd} within {timeout:.0f}s") from None
+        except QMPError as e:
+            raise VmmError(f"QMP {cmd} failed on QEMU pid {self.pid}: {e}; {self._exit_hint()}") from e
+
+    def _exit_hint(self) -> str:
+        if self.is_alive():
+            return "QEMU is still running"
+        return f"QEMU exited with {self.process.returncode}: {self.process.output_tail(5)}"
+
+    async def pause(self) -> None:
+        await self.execute("stop")
+        self.state = VmState.paused
+
+    async def resume(self) -> None:
+        await self.execute("cont")
+        self.state = VmState.running
+
+    async def kill(self) -> None:
+        try:
+            await self.qmp.disconnect()
+        except Exception:  # noqa: BLE001 - the process is going away anyway
+            pass
+        await self.process.kill()
+        self.state = VmState.exited
+
+
+class QemuDriver(VmmDriver):
+    name = "qemu"
+
+    def __init__(self, binary: str = "qemu-system-x86_64") -> None:
+        self.binary = binary
+
+    async def _spawn(self, spec: VmSpec, *, incoming: bool) -> QemuVm:
+        spec.workdir.mkdir(parents=True, exist_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = qemu_argv(spec, binary=self.binary, incoming=incoming, qmp_fd=theirs.fileno())
+            process = await VmmProcess.spawn(
+                argv, spec.workdir / "vmm.log", pass_fds=[theirs.fileno()], kill_with_owner=spec.kill_with_owner
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        qmp = QMPClient(spec.name)
+        try:
+            await asyncio.wait_for(qmp.connect(ours), QMP_TIMEOUT_S)
+        except (asyncio.TimeoutError, QMPError, OSError) as e:
+            ours.close()
+            await process.kill()
+            raise VmmError(
+                f"QEMU for {spec.name} did not come up (exit {process.returncode}): {process.output_tail(10) or e}"
+            ) from None
+        vm = QemuVm(spec, process, qmp, VmState.incoming if incoming else VmState.running)
+        if not spec.agent_host_port:
+            try:
+                vm.agent_port = await self._forwarded_port(vm)
+            except BaseException:
+                await vm.kill()
+                raise
+        return vm
+
+    async def _forwarded_port(self, vm: QemuVm) -> int:
+        """The host port the kernel chose for the agent's forward (``hostfwd`` with port 0)."""
+        text = await vm.execute("human-monitor-command", {"command-line": "info usernet"})
+        m = _HOSTFWD_RE.search(str(text))
+        if not m:
+            raise VmmError(f"cannot find the agent port forward of {vm.spec.name} in: {text!r}")
+        return int(m.group(1))
+
+    async def boot(self, spec: VmSpec) -> QemuVm:
+        return await self._spawn(spec, incoming=False)
+
+    async def snapshot(self, vm: Vm, dest: Path) -> SnapshotFiles:
+        assert isinstance(vm, QemuVm)
+        dest.mkdir(parents=True, exist_ok=True)
+        vmstate = dest / "vmstate"
+        await vm.pause()
+        await vm.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]},
+        )
+        fd = os.open(vmstate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            await self._send_fd(vm, fd, "snapshot")
+        finally:
+            os.close(fd)
+        await self._migrate_and_wait(vm, "migrate", {"uri": "fd:snapshot"})
+        with open(vmstate, "rb+") as f:
+            os.fsync(f.fileno())
+        return SnapshotFiles(vmstate=vmstate, memory_file=vm.spec.memory_file)
+
+    async def prestart(self, spec: VmSpec) -> QemuVm:
+        vm = await self._spawn(spec, incoming=True)
+        try:
+            await vm.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]},
+            )
+        except BaseException:
+            await vm.kill()
+            raise
+        return vm
+
+    async def restore(self, vm: Vm, snapshot: SnapshotFiles, times: StageTimes | None = None) -> None:
+        assert isinstance(vm, QemuVm)
+        if vm.state is not VmState.incoming:
+            raise VmmError(f"VM {vm.spec.name} is {vm.state.value}, not waiting for a snapshot")
+        t0 = time.perf_counter()
+        fd = os.open(snapshot.vmstate, os.O_RDONLY)
+        try:
+            await self._send_fd(vm, fd, "restore")
+        finally:
+            os.close(fd)
+        await self._migrate_and_wait(vm, "migrate-incoming", {"uri": "fd:restore"})
+        t1 = time.perf_counter()
+        await vm.resume()
+        if times is not None:
+            times.steps["load"] = t1 - t0
+            times.steps["resume"] = time.perf_counter() - t1
+
+    async def _send_fd(self, vm: QemuVm, fd: int, name: str) -> None:
+        vm.qmp.send_fd_scm(fd)
+        await vm.execute("getfd", {"fdname": name})
+
+    async def _migrate_and_wait(self, vm: QemuVm, cmd: str, args: dict[str, Any]) -> None:
+        """Run a migration command and wait for its MIGRATION event to say completed or failed."""
+        with vm.qmp.listener("MIGRATION") as events:
+            await vm.execute(cmd, args)
+            deadline = time.monotonic() + MIGRATION_TIMEOUT_S
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    event = await asyncio.wait_for(events.get(), max(left, 0.001))
+                except asyncio.TimeoutError:
+                    raise VmmError(f"{cmd} on {vm.spec.name} did not finish within {MIGRATION_TIMEOUT_S:.0f}s") from None
+                status = event.get("data", {}).get("status")
+                if status == "completed":
+                    return
+                if status in ("failed", "cancelled"):
+                    info = await vm.execute("query-migrate")
+                    raise VmmError(
+                        f"{cmd} on {vm.spec.name} {status}: {info.get('error-desc', 'no reason given')}; "
+                        f"{vm.process.output_tail(5)}"
+                    )

@@ -1,0 +1,31 @@
+"""The QEMU command line: what must match between a template's build and its restores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trenvx.vmm.base import DiskSpec, MachineSpec, VmSpec
+from trenvx.vmm.qemu import qemu_argv
+
+
+def spec(shared: bool, disk: DiskSpec, accel: str = "tcg") -> VmSpec:
+    m = MachineSpec(vcpu=2, mem_mb=256, accelerator=accel, kernel=Path("/k"), initrd=Path("/i"), cmdline="console=ttyS0")  # type: ignore[arg-type]
+    return VmSpec(name="x", workdir=Path("/w"), machine=m, memory_file=Path("/mem"), memory_shared=shared, root_disk=disk)
+
+
+def test_build_and_restore_differ_only_in_sharing_disk_and_incoming() -> None:
+    build = qemu_argv(spec(True, DiskSpec(Path("/r.ext4"))), binary="q", incoming=False, qmp_fd=7)
+    restore = qemu_argv(spec(False, DiskSpec(Path("/o.qcow2"), "qcow2")), binary="q", incoming=True, qmp_fd=7)
+    assert "mem-path=/mem,share=on" in " ".join(build)
+    assert "mem-path=/mem,share=off" in " ".join(restore)
+    assert restore[-2:] == ["-incoming", "defer"] and "-incoming" not in build
+    diff = set(build) ^ set(restore)
+    assert all(("share=" in a) or ("file=" in a) or a in ("-incoming", "defer") for a in diff), diff
+
+
+def test_accelerator_flags() -> None:
+    tcg = " ".join(qemu_argv(spec(True, DiskSpec(Path("/r"))), binary="q", incoming=False, qmp_fd=3))
+    kvm = " ".join(qemu_argv(spec(True, DiskSpec(Path("/r")), "kvm"), binary="q", incoming=False, qmp_fd=3))
+    assert "tcg,tb-size=32" in tcg and "-cpu max" in tcg
+    assert "-accel kvm" in kvm and "-cpu host" in kvm
+    assert "q35" in tcg and "hostfwd=tcp:127.0.0.1:0-:49983" in tcg
