@@ -19,8 +19,10 @@ def test_build_and_restore_differ_only_in_sharing_disk_and_incoming() -> None:
     assert "mem-path=/mem,share=on" in " ".join(build)
     assert "mem-path=/mem,share=off" in " ".join(restore)
     assert restore[-2:] == ["-incoming", "defer"] and "-incoming" not in build
+    assert "-kernel" in build and "-kernel" not in restore, "a restore does not load the kernel again"
     diff = set(build) ^ set(restore)
-    assert all(("share=" in a) or ("file=" in a) or a in ("-incoming", "defer") for a in diff), diff
+    boot_only = {"-kernel", "/k", "-initrd", "/i", "-append", "console=ttyS0", "-incoming", "defer"}
+    assert all(("share=" in a) or ("file=" in a) or a in boot_only for a in diff), diff
 
 
 def test_accelerator_flags() -> None:

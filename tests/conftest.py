@@ -1,0 +1,71 @@
+"""Shared fixtures. End-to-end tests boot real VMs; the test template is built once per run.
+
+- ``e2e_config``:   the Config of tests/e2e/e2e_config.toml (data_root shared with the demo,
+                     so unchanged inputs are not rebuilt: see the input digest in the manifest)
+- ``test_template``: the name of the built end-to-end template (built on first use)
+- ``manager``:      a SandboxManager for the test session; kills what is left at the end
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import psutil
+import pytest
+import pytest_asyncio
+
+from trenvx.config import Config, load_config
+
+E2E_CONFIG = Path(__file__).resolve().parent / "e2e" / "e2e_config.toml"
+E2E_TEMPLATE = "e2e-test"
+
+
+def qemu_pids() -> set[int]:
+    pids = set()
+    for p in psutil.process_iter(["name"]):
+        if (p.info["name"] or "").startswith("qemu-system"):
+            pids.add(p.pid)
+    return pids
+
+
+@pytest.fixture(scope="session")
+def e2e_config() -> Config:
+    return load_config(E2E_CONFIG)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def test_template(e2e_config: Config) -> str:
+    from trenvx.template.builder import TemplateBuilder
+
+    result = await TemplateBuilder(e2e_config).build(E2E_TEMPLATE, force=bool(os.environ.get("TRENVX_TEST_REBUILD")))
+    print(f"\ntest template {E2E_TEMPLATE}: {'reused' if result.skipped else 'built'} {result.build.build_id} "
+          f"{result.build.manifest.stage_seconds}")
+    return E2E_TEMPLATE
+
+
+@pytest_asyncio.fixture(scope="session")
+async def manager(e2e_config: Config, test_template: str) -> AsyncIterator["SandboxManager"]:  # noqa: F821
+    from trenvx.sandbox.manager import SandboxManager
+
+    async with SandboxManager(e2e_config) as m:
+        yield m
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> "Iterator[None]":  # noqa: F821
+    """After the whole run: no VMM process, sandbox directory or build staging dir is left."""
+    before = qemu_pids()
+    yield
+    left = qemu_pids() - before
+    try:
+        cfg = load_config(E2E_CONFIG)
+    except Exception:  # noqa: BLE001
+        return
+    sandboxes = cfg.data_root / "sandboxes"
+    left_dirs = sorted(p.name for p in sandboxes.iterdir()) if sandboxes.is_dir() else []
+    staging = sorted(str(p) for p in (cfg.data_root / "templates").glob("*/.*.partial"))
+    assert not left, f"qemu processes left running: {sorted(left)}"
+    assert not left_dirs, f"sandbox directories left behind: {left_dirs}"
+    assert not staging, f"build staging directories left behind: {staging}"
