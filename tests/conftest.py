@@ -23,10 +23,16 @@ E2E_TEMPLATE = "e2e-test"
 
 
 def qemu_pids() -> set[int]:
+    """VMM processes started by this process tree (other test runs on the machine are not ours)."""
+    me = os.getpid()
     pids = set()
     for p in psutil.process_iter(["name"]):
         if (p.info["name"] or "").startswith("qemu-system"):
-            pids.add(p.pid)
+            try:
+                if me in {a.pid for a in p.parents()} or p.ppid() == 1:
+                    pids.add(p.pid)
+            except psutil.Error:
+                continue
     return pids
 
 

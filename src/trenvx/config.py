@@ -109,6 +109,21 @@ class OrchestratorConfig(_Strict):
     max_sandboxes: int = Field(default=500, ge=1)
     max_sandboxes_per_template: int = Field(default=500, ge=1)
     memory_headroom_mb: int = Field(default=1024, ge=0)
+    """Refuse a sandbox (503) when, after reserving its whole guest RAM, less than this would be left."""
+    max_timeout_s: int = Field(default=24 * 3600, ge=1)
+    """The longest timeout a sandbox may be given (POST /sandboxes, POST /sandboxes/{id}/timeout)."""
+    domain: str = "localhost"
+    """The sandbox domain: ``PORT-SANDBOXID.<domain>`` in a request's Host reaches PORT inside a sandbox."""
+    keep_on_exit: bool = False
+    """Leave sandboxes running when the server stops, for a restarted server to adopt (``--keep``)."""
+    log_file: str = ""
+    """Server log file; empty: data_root/run/server.log."""
+    reaper_interval_s: float = Field(default=1.0, gt=0, le=60)
+    """How often expired sandboxes are looked for."""
+    ended_retention_s: int = Field(default=3600, ge=0)
+    """How long ended sandboxes stay listed (``sandbox ls -a``) and explained in 404s."""
+    max_request_body_kb: int = Field(default=1024, ge=1)
+    """Largest body of an API request (the proxy to sandboxes is not limited)."""
 
 
 class TemplateManagerConfig(_Strict):
@@ -121,8 +136,6 @@ class VmmConfig(_Strict):
     accelerator: Accelerator = Accelerator.auto
     tcg_tb_size_mb: int = Field(default=32, ge=1)
     qemu_binary: str = "qemu-system-x86_64"
-    pvm_kernel: str = ""
-    """A PVM-capable guest kernel (bzImage) to use KVM on hosts whose /dev/kvm is kvm_pvm."""
 
 
 class Config(_Strict):

@@ -34,11 +34,11 @@ class AcceleratorChoice:
 
 
 def _kvm_modules() -> list[str]:
+    """The kvm modules of the host kernel, loadable or built in (/sys/module lists both)."""
     try:
-        lines = Path("/proc/modules").read_text().splitlines()
+        return sorted(p.name for p in Path("/sys/module").iterdir() if p.name.startswith("kvm"))
     except OSError:
         return []
-    return sorted(line.split()[0] for line in lines if line.startswith("kvm"))
 
 
 def kvm_obstacle() -> str | None:
@@ -50,8 +50,8 @@ def kvm_obstacle() -> str | None:
     mods = _kvm_modules()
     if "kvm_pvm" in mods and not {"kvm_intel", "kvm_amd"} & set(mods):
         return (
-            "/dev/kvm is PVM-only (module kvm_pvm): stock guest kernels triple-fault under it; "
-            "set [vmm] pvm_kernel to a PVM-capable guest kernel to use it"
+            "/dev/kvm is PVM-only (module kvm_pvm): stock guest kernels triple-fault under it "
+            "(a PVM-capable guest kernel would be needed; trenvx does not build one yet)"
         )
     return None
 

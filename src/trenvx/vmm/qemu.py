@@ -80,6 +80,13 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
     return argv
 
 
+def _find_forward(usernet: object, guest_port: int) -> int:
+    """The host port of the TCP forward to ``guest_port`` in the text of ``info usernet``, else 0."""
+    pat = rf"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+{re.escape(GUEST_IP)}\s+{guest_port}\b"
+    m = re.search(pat, str(usernet))
+    return int(m.group(1)) if m else 0
+
+
 class QemuVm(Vm):
     def __init__(self, spec: VmSpec, process: VmmProcess, qmp: QMPClient, state: VmState) -> None:
         self.spec = spec
@@ -118,6 +125,23 @@ class QemuVm(Vm):
     async def resume(self) -> None:
         await self.execute("cont")
         self.state = VmState.running
+
+    async def forward_port(self, guest_port: int) -> int:
+        """A host port on 127.0.0.1 forwarded to ``guest_port`` of the guest (added once, then reused)."""
+        if guest_port == AGENT_PORT:
+            return self.agent_port
+        found = _find_forward(await self.execute("human-monitor-command", {"command-line": "info usernet"}), guest_port)
+        if found:
+            return found
+        out = await self.execute(
+            "human-monitor-command", {"command-line": f"hostfwd_add net0 tcp:127.0.0.1:0-:{guest_port}"}
+        )
+        if str(out).strip():
+            raise VmmError(f"cannot forward guest port {guest_port} of {self.spec.name}: {str(out).strip()}")
+        found = _find_forward(await self.execute("human-monitor-command", {"command-line": "info usernet"}), guest_port)
+        if not found:
+            raise VmmError(f"the forward of guest port {guest_port} of {self.spec.name} did not appear in info usernet")
+        return found
 
     async def kill(self) -> None:
         try:
