@@ -40,7 +40,7 @@ from ..layout import DataRoot
 from ..vmm import DiskSpec, MachineSpec, VmSpec, driver_for
 from ..vmm.accel import choose_accelerator
 from ..vmm.base import Vm
-from ..vmm.qemu import GUEST_NET
+from ..vmm.qemu import GUEST_DNS, GUEST_NET
 from .errors import BuildError
 from .image import make_ext4_image
 from .inject import check_python, inject_guest_files
@@ -92,8 +92,8 @@ def agent_digest() -> str:
     return h.hexdigest()
 
 
-def kernel_cmdline(vcpu: int) -> str:
-    return f"console=ttyS0 quiet panic=-1 root=/dev/vda rw trenvx.net={GUEST_NET}"
+def kernel_cmdline() -> str:
+    return f"console=ttyS0 quiet panic=-1 root=/dev/vda rw trenvx.net={GUEST_NET} trenvx.dns={GUEST_DNS}"
 
 
 def _tool_version(argv: list[str]) -> str:
@@ -191,7 +191,7 @@ class TemplateBuilder:
 
         machine = MachineSpec(
             vcpu=tpl.vcpu, mem_mb=tpl.mem_mb, accelerator=accel.name, kernel=kernel.bzimage, initrd=initrd,
-            cmdline=kernel_cmdline(tpl.vcpu), tcg_tb_size_mb=self.config.vmm.tcg_tb_size_mb,
+            cmdline=kernel_cmdline(), tcg_tb_size_mb=self.config.vmm.tcg_tb_size_mb,
         )
         spec = VmSpec(
             name=f"build-{tpl.name}", workdir=staging / "vm", machine=machine,

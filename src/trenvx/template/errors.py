@@ -144,27 +144,41 @@ async def run(
         )
     except FileNotFoundError:
         prog = Path(args[0]).name
-        pkg = PACKAGE_OF.get(prog, prog)
-        raise CommandError(
-            stage, args, f"program {prog!r} not found; install the Debian package {pkg!r} ({SETUP_HINT})"
-        ) from None
+        pkg = PACKAGE_OF.get(prog)
+        what = f"install the Debian package {pkg!r} ({SETUP_HINT})" if pkg else SETUP_HINT
+        raise CommandError(stage, args, f"program {prog!r} not found; {what}") from None
     except PermissionError as e:
         raise CommandError(stage, args, f"cannot execute {args[0]}: {e}") from None
 
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=tail_lines)
 
+    def emit(raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip("\r")
+        if "\r" in line:  # progress bars redraw with CR: keep the last state of the line
+            line = line.rsplit("\r", 1)[-1]
+        lines.append(line)
+        tail.append(line)
+        if log is not None:
+            log(f"{log_prefix}{line}")
+
     async def pump() -> None:
+        # Read chunks, not readline(): a progress bar without newlines can exceed any line limit.
         assert proc.stdout is not None
+        buf = b""
         while True:
-            raw = await proc.stdout.readline()
-            if not raw:
+            chunk = await proc.stdout.read(65536)
+            if not chunk:
                 break
-            line = raw.decode(errors="replace").rstrip("\n")
-            lines.append(line)
-            tail.append(line)
-            if log is not None:
-                log(f"{log_prefix}{line}")
+            buf += chunk
+            *complete, buf = buf.split(b"\n")
+            for raw in complete:
+                emit(raw)
+            if len(buf) > 1 << 20:  # a megabyte without a newline: cut it
+                emit(buf)
+                buf = b""
+        if buf:
+            emit(buf)
         await proc.wait()
 
     try:
@@ -176,7 +190,7 @@ async def run(
         raise CommandError(
             stage,
             args,
-            f"`{_quote(args)}` did not finish within {timeout:.0f} s and was killed"
+            f"`{_quote(args)}` did not finish within {timeout:g} s and was killed"
             + (f"; last output:\n{out}" if out else "")
             + (f"\n{hint}" if hint else ""),
             None,

@@ -24,7 +24,7 @@ from .process import VmmProcess
 log = logging.getLogger(__name__)
 
 PROBE_MARK = "TRENVX-PROBE-OK"
-PROBE_TIMEOUT_S = 30.0
+PROBE_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 GUEST_IP = "10.0.2.15"
 GUEST_NET = f"{GUEST_IP}/24,10.0.2.2"
+GUEST_DNS = "10.0.2.3"
 """Guest address and gateway of QEMU user networking; the initramfs configures eth0 with it."""
 
 _HOSTFWD_RE = re.compile(rf"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+{re.escape(GUEST_IP)}\s+{AGENT_PORT}")

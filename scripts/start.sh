@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# trenvx: set up this machine, or run the backend.
+#
+#   scripts/start.sh setup   system packages (apt), the Python package (pip -e), the guest kernel
+#   scripts/start.sh run     start the backend
+#
+# Environment:
+#   TRENVX_DATA_ROOT   data root (default: data_root of configs/example_config.toml, else /var/lib/trenvx)
+#   TRENVX_CONFIG      config file (default: configs/example_config.toml)
+#   PYTHON             the Python to install into (default: python3)
+#
+# setup is idempotent: a second run only checks, and takes seconds.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+CONFIG="${TRENVX_CONFIG:-$REPO/configs/example_config.toml}"
+
+APT_PACKAGES=(
+    qemu-system-x86 qemu-utils buildah debootstrap debian-archive-keyring e2fsprogs
+    busybox-static cpio tini xz-utils zstd sqlite3 iproute2 python3-venv
+)
+
+say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+data_root() {
+    if [ -n "${TRENVX_DATA_ROOT:-}" ]; then
+        printf '%s\n' "$TRENVX_DATA_ROOT"
+        return
+    fi
+    "$PYTHON" - "$CONFIG" <<'EOF'
+import sys, tomllib, pathlib
+p = pathlib.Path(sys.argv[1])
+root = "/var/lib/trenvx"
+if p.is_file():
+    try:
+        root = tomllib.loads(p.read_text()).get("data_root") or root
+    except Exception as e:  # an invalid config is reported by trenvx itself later
+        print(f"warning: cannot read data_root from {p}: {e}", file=sys.stderr)
+r = pathlib.Path(root)
+print(r if r.is_absolute() else (p.parent / r).resolve())
+EOF
+}
+
+setup_apt() {
+    local missing=() pkg
+    for pkg in "${APT_PACKAGES[@]}"; do
+        if [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" != "install ok installed" ]; then
+            missing+=("$pkg")
+        fi
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        say "system packages: all ${#APT_PACKAGES[@]} present"
+        return
+    fi
+    [ "$(id -u)" -eq 0 ] || die "missing packages (${missing[*]}); run setup as root (apt-get install needs it)"
+    local need_update=0
+    for pkg in "${missing[@]}"; do
+        if ! apt-cache policy "$pkg" 2>/dev/null | grep -q 'Candidate: [^(]'; then
+            need_update=1
+        fi
+    done
+    if [ $need_update -eq 1 ]; then
+        say "apt-get update (apt does not know: ${missing[*]})"
+        # A third-party repository that cannot be reached makes this exit non-zero while
+        # Debian's own indexes were refreshed: the install below is the real check.
+        apt-get update || say "apt-get update reported errors; trying the install anyway"
+    fi
+    say "apt-get install ${missing[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+}
+
+setup_pip() {
+    local stamp_dir stamp want
+    stamp_dir="$("$PYTHON" -c 'import sys; print(sys.prefix)')"
+    [ -w "$stamp_dir" ] || stamp_dir="${XDG_CACHE_HOME:-$HOME/.cache}/trenvx"
+    stamp="$stamp_dir/.trenvx-setup.stamp"
+    want="$( { sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1; echo "$REPO"; "$PYTHON" -c 'import sys; print(sys.executable)'; } | sha256sum | cut -d' ' -f1)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
+        "$PYTHON" -c 'import trenvx, sys; sys.exit(0 if trenvx.__file__ and trenvx.__file__.startswith(sys.argv[1]) else 1)' "$REPO/src" 2>/dev/null; then
+        say "python package: trenvx installed (pyproject.toml unchanged)"
+        return
+    fi
+    say "pip install -e \"$REPO[test]\" into $("$PYTHON" -c 'import sys; print(sys.executable)')"
+    "$PYTHON" -m pip install --disable-pip-version-check -q -e "$REPO[test]"
+    mkdir -p "$(dirname "$stamp")"
+    printf '%s\n' "$want" >"$stamp"
+}
+
+setup_kernel() {
+    local root
+    root="$(data_root)"
+    mkdir -p "$root"
+    say "guest kernel (data root $root)"
+    "$PYTHON" -m trenvx.kernel --data-root "$root" --initramfs
+}
+
+cmd_setup() {
+    setup_apt
+    setup_pip
+    setup_kernel
+    say "setup done"
+}
+
+cmd_run() {
+    die "'run' is not implemented yet"
+}
+
+usage() {
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+case "${1:-}" in
+setup) shift; cmd_setup "$@" ;;
+run) shift; cmd_run "$@" ;;
+-h | --help | help) usage ;;
+*) usage >&2; exit 2 ;;
+esac
