@@ -13,6 +13,6 @@ __version__ = "0.1.0"
 
 #: The envd version this agent claims to be compatible with (reported by ``/health``
 #: headers and ``/metrics``); E2B's SDKs gate features on the sandbox's envd version.
-ENVD_COMPAT_VERSION = "0.4.0"
+ENVD_COMPAT_VERSION = "0.5.7"
 
 DEFAULT_PORT = 49983

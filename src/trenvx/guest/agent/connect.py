@@ -21,8 +21,9 @@ import json
 import logging
 import struct
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .httpio import BodyTooLarge
 
@@ -89,7 +90,7 @@ def encode_envelope(message: dict[str, Any], flags: int = 0) -> bytes:
     return struct.pack(">BI", flags, len(data)) + data
 
 
-def read_envelope(ex: "Exchange", compression: str | None) -> tuple[int, dict[str, Any]] | None:
+def read_envelope(ex: Exchange, compression: str | None) -> tuple[int, dict[str, Any]] | None:
     """Read the next request envelope; None at the end of the body."""
     head = ex.body.read_exact(5)
     if not head:
@@ -131,7 +132,7 @@ def parse_message(data: bytes) -> dict[str, Any]:
 class RpcContext:
     """What a handler knows about the call besides its message."""
 
-    exchange: "Exchange"
+    exchange: Exchange
     #: Username named by ``Authorization: Basic base64("user:")``, or None.
     basic_user: str | None
     #: Absolute ``time.monotonic()`` deadline from ``Connect-Timeout-Ms``, or None.
@@ -152,7 +153,7 @@ class RpcContext:
 class ServerStream:
     """The writer of a server-streaming (or client-streaming) response."""
 
-    def __init__(self, ex: "Exchange") -> None:
+    def __init__(self, ex: Exchange) -> None:
         self._ex = ex
         self.started = False
 
@@ -193,17 +194,17 @@ class Rpc:
     handler: Callable[..., Any]
 
 
-def _content_type(ex: "Exchange") -> str:
+def _content_type(ex: Exchange) -> str:
     return (ex.header("Content-Type") or "").split(";", 1)[0].strip().lower()
 
 
-def _check_protocol_version(ex: "Exchange") -> None:
+def _check_protocol_version(ex: Exchange) -> None:
     version = ex.header("Connect-Protocol-Version")
     if version is not None and version.strip() != "1":
         raise ConnectError("invalid_argument", f"connect-protocol-version must be '1': got '{version}'")
 
 
-def _deadline(ex: "Exchange") -> float | None:
+def _deadline(ex: Exchange) -> float | None:
     value = ex.header("Connect-Timeout-Ms")
     if not value:
         return None
@@ -216,7 +217,7 @@ def _deadline(ex: "Exchange") -> float | None:
     return time.monotonic() + ms / 1000.0
 
 
-def _unsupported_media_type(ex: "Exchange", expected: str) -> None:
+def _unsupported_media_type(ex: Exchange, expected: str) -> None:
     ex.body.drain()
     ex.respond_json(
         415,
@@ -225,7 +226,7 @@ def _unsupported_media_type(ex: "Exchange", expected: str) -> None:
     )
 
 
-def serve_rpc(ex: "Exchange", rpc: Rpc, make_context: Callable[["Exchange", float | None], RpcContext]) -> None:
+def serve_rpc(ex: Exchange, rpc: Rpc, make_context: Callable[[Exchange, float | None], RpcContext]) -> None:
     """Run ``rpc`` on the exchange, turning every failure into a Connect error response."""
     if rpc.kind == "unary":
         _serve_unary(ex, rpc, make_context)
@@ -233,7 +234,7 @@ def serve_rpc(ex: "Exchange", rpc: Rpc, make_context: Callable[["Exchange", floa
         _serve_streaming(ex, rpc, make_context)
 
 
-def _serve_unary(ex: "Exchange", rpc: Rpc, make_context: Callable[["Exchange", float | None], RpcContext]) -> None:
+def _serve_unary(ex: Exchange, rpc: Rpc, make_context: Callable[[Exchange, float | None], RpcContext]) -> None:
     if ex.method != "POST":
         ex.body.drain()
         ex.respond_json(405, {"code": "unimplemented", "message": f"method {ex.method} not allowed, use POST"},
@@ -261,7 +262,7 @@ def _serve_unary(ex: "Exchange", rpc: Rpc, make_context: Callable[["Exchange", f
     ex.respond_json(200, response)
 
 
-def _serve_streaming(ex: "Exchange", rpc: Rpc, make_context: Callable[["Exchange", float | None], RpcContext]) -> None:
+def _serve_streaming(ex: Exchange, rpc: Rpc, make_context: Callable[[Exchange, float | None], RpcContext]) -> None:
     if ex.method != "POST":
         ex.body.drain()
         ex.respond_json(405, {"code": "unimplemented", "message": f"method {ex.method} not allowed, use POST"},

@@ -9,6 +9,7 @@ JSON, fixed-length and chunked (streamed) responses.
 
 from __future__ import annotations
 
+import io
 import json
 import select
 import socket
@@ -25,7 +26,7 @@ class BadRequest(Exception):
 class RequestBody:
     """A request body read incrementally from the connection."""
 
-    def __init__(self, rfile: BinaryIO, headers: Message) -> None:
+    def __init__(self, rfile: io.BufferedIOBase, headers: Message) -> None:
         self._rfile = rfile
         te = (headers.get("Transfer-Encoding") or "").lower()
         self.chunked = "chunked" in te
@@ -78,7 +79,7 @@ class RequestBody:
                     break
                 self._next_chunk()
                 continue
-            data = self._rfile.read1(min(n, self._remaining))  # type: ignore[attr-defined]
+            data: bytes = self._rfile.read1(min(n, self._remaining))
             if not data:
                 raise BadRequest("connection closed before the end of the request body")
             self._remaining -= len(data)
@@ -170,7 +171,8 @@ class Exchange:
             readable, _, _ = select.select([sock], [], [], 0)
             if not readable:
                 return False
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            peeked: bytes = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return peeked == b""
         except BlockingIOError:
             return False
         except (OSError, ValueError):
@@ -184,6 +186,9 @@ class Exchange:
     def _send_head(self, status: int, headers: dict[str, str]) -> None:
         h = self._h
         h.send_response(status)
+        if self.headers.get("Origin"):  # browsers (E2B's JS SDK) need CORS
+            h.send_header("Access-Control-Allow-Origin", "*")
+            h.send_header("Access-Control-Expose-Headers", "*")
         for key, value in headers.items():
             h.send_header(key, value)
         if h.close_connection:

@@ -13,7 +13,8 @@ import base64
 import binascii
 import re
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .connect import ConnectError
 

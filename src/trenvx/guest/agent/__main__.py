@@ -1,0 +1,61 @@
+"""Entry point: ``python3 -m trenvx_agent --port 49983`` (guest) or
+``python -m trenvx.guest.agent --host 127.0.0.1 --port N`` (host tests)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from . import DEFAULT_PORT, __version__
+from .identity import SYSTEM_STEPS, SystemIdentity
+from .server import Agent, AgentHTTPServer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="trenvx_agent", description="trenvx guest agent (envd-compatible)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=[*SYSTEM_STEPS, "all"],
+        help="an /init step not to apply to the system (repeatable; 'all' for host tests)",
+    )
+    parser.add_argument("--etc-dir", default="/etc", help="where hostname, hosts and machine-id live")
+    parser.add_argument("--poll-watch", action="store_true", help="watch directories by polling instead of inotify")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s trenvx-agent %(levelname)s %(name)s: %(message)s",
+    )
+    skip = set(SYSTEM_STEPS) if "all" in args.skip else set(args.skip)
+    agent = Agent(system=SystemIdentity(skip=skip, etc=args.etc_dir), force_polling_watch=args.poll_watch)
+    server = AgentHTTPServer((args.host, args.port), agent)
+    log = logging.getLogger("trenvx_agent")
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    log.info("trenvx agent %s listening on %s:%d", __version__, host, port)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        agent.shutdown()
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""envd's ``filesystem.Filesystem`` service: Stat, ListDir, MakeDir, Move, Remove, watches.
+
+Operations run with the agent's (root) rights; things they create are owned by the
+request's user. Paths resolve like envd (see :mod:`.users`); entries carry absolute paths.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import shutil
+import stat
+import threading
+import time
+import uuid
+from typing import Any
+
+from . import pbjson
+from .connect import ConnectError, RpcContext, ServerStream, StreamClosed
+from .state import AgentState
+from .users import User, ensure_dirs, lookup_user, resolve_path
+from .watch import DirWatcher, FsEvent, open_watcher
+
+log = logging.getLogger("trenvx_agent.filesystem")
+
+#: Events kept per CreateWatcher watcher between two GetWatcherEvents calls.
+MAX_PENDING_EVENTS = 10000
+
+
+def _owner(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _type_name(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "FILE_TYPE_DIRECTORY"
+    if stat.S_ISLNK(mode):
+        return "FILE_TYPE_SYMLINK"
+    return "FILE_TYPE_FILE"
+
+
+def entry_info(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
+    """The ``EntryInfo`` of ``path`` (not following a final symlink for the entry itself).
+
+    A symlink reports its target's type when the target exists (so links to directories
+    list as directories), ``symlinkTarget`` and ``isSymlink``.
+    """
+    if st is None:
+        st = os.lstat(path)
+    info: dict[str, Any] = {
+        "name": os.path.basename(path.rstrip("/")) or "/",
+        "type": _type_name(st.st_mode),
+        "path": path,
+        "size": str(st.st_size),
+        "mode": stat.S_IMODE(st.st_mode) & 0o777,
+        "permissions": stat.filemode(st.st_mode),
+        "owner": _owner(st.st_uid),
+        "group": _group(st.st_gid),
+        "modifiedTime": pbjson.timestamp(st.st_mtime_ns),
+    }
+    if stat.S_ISLNK(st.st_mode):
+        info["isSymlink"] = True
+        try:
+            info["symlinkTarget"] = os.path.realpath(path)
+            target = os.stat(path)
+            info["type"] = _type_name(target.st_mode)
+        except OSError:
+            pass
+    return pbjson.prune(info)
+
+
+def _not_found(path: str, what: str = "path") -> ConnectError:
+    return ConnectError("not_found", f"{what} not found: {path}")
+
+
+def _os_error(exc: OSError, path: str) -> ConnectError:
+    if isinstance(exc, FileNotFoundError):
+        return _not_found(path)
+    if isinstance(exc, PermissionError):
+        return ConnectError("permission_denied", f"permission denied: {path}")
+    if isinstance(exc, NotADirectoryError):
+        return ConnectError("invalid_argument", f"a path component is not a directory: {path}")
+    if isinstance(exc, FileExistsError):
+        return ConnectError("already_exists", f"already exists: {path}")
+    return ConnectError("internal", f"{exc.strerror or exc}: {path}")
+
+
+class _PendingWatcher:
+    """A CreateWatcher watcher: a thread collecting events for GetWatcherEvents."""
+
+    def __init__(self, watcher: DirWatcher, include_entry: bool) -> None:
+        self.watcher = watcher
+        self.include_entry = include_entry
+        self.events: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._collect, name="watcher", daemon=True)
+        self.thread.start()
+
+    def _collect(self) -> None:
+        while not self.stopped.is_set():
+            batch = self.watcher.read(0.5)
+            if not batch:
+                continue
+            with self.lock:
+                for event in batch:
+                    if len(self.events) < MAX_PENDING_EVENTS:
+                        self.events.append(_fs_event(self.watcher.root, event, self.include_entry))
+
+    def take(self) -> list[dict[str, Any]]:
+        with self.lock:
+            events, self.events = self.events, []
+        return events
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=2)
+        self.watcher.close()
+
+
+def _fs_event(root: str, event: FsEvent, include_entry: bool) -> dict[str, Any]:
+    name, kind = event
+    out: dict[str, Any] = {"name": name, "type": kind}
+    if include_entry:
+        try:
+            out["entry"] = entry_info(os.path.normpath(os.path.join(root, name)))
+        except OSError:
+            pass
+    return out
+
+
+class FilesystemService:
+    """envd's ``filesystem.Filesystem`` service."""
+
+    def __init__(self, state: AgentState, *, force_polling: bool = False) -> None:
+        self.state = state
+        self.force_polling = force_polling
+        self._watchers: dict[str, _PendingWatcher] = {}
+        self._lock = threading.Lock()
+
+    def _user(self, ctx: RpcContext) -> User:
+        return lookup_user(ctx.basic_user or self.state.default_user)
+
+    def _path(self, ctx: RpcContext, req: dict[str, Any], field: str = "path") -> tuple[str, User]:
+        user = self._user(ctx)
+        raw = pbjson.get_str(req, field)
+        return resolve_path(raw, user, self.state.default_workdir), user
+
+    # ------------------------------------------------------------------ unary RPCs
+    def stat(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
+        path, _ = self._path(ctx, req)
+        try:
+            return {"entry": entry_info(path)}
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+
+    def list_dir(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
+        path, _ = self._path(ctx, req)
+        depth = pbjson.get_int(req, "depth", 0) or 1
+        if depth < 0:
+            raise ConnectError("invalid_argument", "depth must not be negative")
+        real = os.path.realpath(path)
+        if not os.path.lexists(path) or not os.path.exists(real):
+            raise _not_found(path, "directory")
+        if not os.path.isdir(real):
+            raise ConnectError("invalid_argument", f"path is not a directory: {path}")
+        entries: list[dict[str, Any]] = []
+        try:
+            self._walk(real, path, depth, entries)
+        except OSError as exc:
+            raise ConnectError("internal", f"error reading directory {path}: {exc.strerror or exc}") from None
+        return pbjson.prune({"entries": entries})
+
+    def _walk(self, real_dir: str, shown_dir: str, depth: int, out: list[dict[str, Any]]) -> None:
+        with os.scandir(real_dir) as it:
+            items = sorted(it, key=lambda e: e.name)
+        for item in items:
+            shown = os.path.join(shown_dir, item.name)
+            try:
+                st = item.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            out.append(entry_info(shown, st))
+            if depth > 1 and stat.S_ISDIR(st.st_mode):
+                try:
+                    self._walk(item.path, shown, depth - 1, out)
+                except PermissionError:
+                    continue
+
+    def make_dir(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
+        path, user = self._path(ctx, req)
+        if os.path.lexists(path):
+            if os.path.isdir(path):
+                raise ConnectError("already_exists", f"directory already exists: {path}")
+            raise ConnectError("invalid_argument", f"path already exists but is not a directory: {path}")
+        ensure_dirs(path, user.uid, user.gid)
+        return {"entry": entry_info(path)}
+
+    def move(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
+        user = self._user(ctx)
+        source = resolve_path(pbjson.get_str(req, "source"), user, self.state.default_workdir)
+        destination = resolve_path(pbjson.get_str(req, "destination"), user, self.state.default_workdir)
+        if not os.path.lexists(source):
+            raise _not_found(source, "source")
+        ensure_dirs(os.path.dirname(destination), user.uid, user.gid)
+        try:
+            os.rename(source, destination)
+        except OSError as exc:
+            if exc.errno == 18:  # EXDEV: across filesystems
+                try:
+                    shutil.move(source, destination)
+                except OSError as exc2:
+                    raise _os_error(exc2, source) from None
+            else:
+                raise _os_error(exc, destination) from None
+        return {"entry": entry_info(destination)}
+
+    def remove(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
+        path, _ = self._path(ctx, req)
+        try:
+            st = os.lstat(path)
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        entry = entry_info(path, st)
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        return {"entry": entry}
+
+    # ------------------------------------------------------------------ watches
+    def _open_watch(self, ctx: RpcContext, req: dict[str, Any]) -> DirWatcher:
+        path, _ = self._path(ctx, req)
+        if not os.path.exists(path):
+            raise _not_found(path)
+        if not os.path.isdir(path):
+            raise ConnectError("invalid_argument", f"path is not a directory: {path}")
+        try:
+            return open_watcher(path, pbjson.get_bool(req, "recursive"), force_polling=self.force_polling)
+        except OSError as exc:
+            raise ConnectError("internal", f"cannot watch {path}: {exc}") from None
+
+    def watch_dir(self, ctx: RpcContext, req: dict[str, Any], stream: ServerStream) -> None:
+        watcher = self._open_watch(ctx, req)
+        include_entry = pbjson.get_bool(req, "includeEntry")
+        try:
+            stream.send({"start": {}})
+            last_sent = time.monotonic()
+            while True:
+                if ctx.deadline is not None and time.monotonic() >= ctx.deadline:
+                    raise ConnectError("deadline_exceeded", "watch reached its timeout")
+                wait = max(0.0, min(1.0, ctx.keepalive_interval - (time.monotonic() - last_sent)))
+                events = watcher.read(wait)
+                if events:
+                    for event in events:
+                        stream.send({"filesystem": _fs_event(watcher.root, event, include_entry)})
+                    last_sent = time.monotonic()
+                    continue
+                if ctx.client_gone():
+                    return
+                if time.monotonic() - last_sent >= ctx.keepalive_interval:
+                    stream.send({"keepalive": {}})
+                    last_sent = time.monotonic()
+        except StreamClosed:
+            return
+        finally:
+            watcher.close()
+
+    def create_watcher(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
+        watcher = self._open_watch(ctx, req)
+        watcher_id = uuid.uuid4().hex
+        with self._lock:
+            self._watchers[watcher_id] = _PendingWatcher(watcher, pbjson.get_bool(req, "includeEntry"))
+        return {"watcherId": watcher_id}
+
+    def _get_watcher(self, req: dict[str, Any]) -> tuple[str, _PendingWatcher]:
+        watcher_id = pbjson.get_str(req, "watcherId")
+        with self._lock:
+            pending = self._watchers.get(watcher_id)
+        if pending is None:
+            raise ConnectError("not_found", f"watcher '{watcher_id}' not found")
+        return watcher_id, pending
+
+    def get_watcher_events(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
+        _, pending = self._get_watcher(req)
+        return pbjson.prune({"events": pending.take()})
+
+    def remove_watcher(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
+        watcher_id, pending = self._get_watcher(req)
+        with self._lock:
+            self._watchers.pop(watcher_id, None)
+        pending.stop()
+        return {}
+
+    def shutdown(self) -> None:
+        with self._lock:
+            watchers, self._watchers = list(self._watchers.values()), {}
+        for pending in watchers:
+            pending.stop()
+
+
+__all__ = ["FilesystemService", "entry_info"]

@@ -1,0 +1,59 @@
+"""``GET /metrics``: a snapshot of the guest's resource use, in envd's field names."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+
+class Metrics:
+    """CPU use is measured between two calls (the first call reports 0)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: tuple[int, int] | None = None
+
+    @staticmethod
+    def _cpu_times() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    @staticmethod
+    def _memory() -> tuple[int, int]:
+        info: dict[str, int] = {}
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                info[key] = int(rest.split()[0]) * 1024
+        total = info.get("MemTotal", 0)
+        return total, total - info.get("MemAvailable", info.get("MemFree", 0))
+
+    def snapshot(self) -> dict[str, Any]:
+        cpu_pct = 0.0
+        try:
+            total, idle = self._cpu_times()
+            with self._lock:
+                if self._last is not None and total > self._last[0]:
+                    busy = (total - self._last[0]) - (idle - self._last[1])
+                    cpu_pct = round(100.0 * busy / (total - self._last[0]), 2)
+                self._last = (total, idle)
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            mem_total, mem_used = self._memory()
+        except (OSError, ValueError):
+            mem_total = mem_used = 0
+        vfs = os.statvfs("/")
+        return {
+            "ts": int(time.time()),
+            "cpu_count": os.cpu_count() or 1,
+            "cpu_used_pct": cpu_pct,
+            "mem_total": mem_total,
+            "mem_used": mem_used,
+            "disk_total": vfs.f_blocks * vfs.f_frsize,
+            "disk_used": (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize,
+        }

@@ -1,0 +1,246 @@
+"""Directory watching: inotify through ctypes, with a polling fallback.
+
+A :class:`DirWatcher` yields ``(name, type)`` pairs, ``name`` relative to the watched
+directory and ``type`` one of envd's ``EVENT_TYPE_*`` names, mapped like fsnotify (which
+envd uses): create/moved-to -> CREATE, modify -> WRITE, delete -> REMOVE,
+moved-from -> RENAME, attrib -> CHMOD.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import select
+import stat
+import struct
+import time
+from typing import Protocol
+
+log = logging.getLogger("trenvx_agent.watch")
+
+IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+IN_ISDIR = 0x40000000
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+
+WATCH_MASK = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+
+_EVENT_HEADER = struct.Struct("iIII")
+
+#: (inotify bit, envd event type), in the order envd reports several ops of one event.
+_MAPPING = (
+    (IN_CREATE | IN_MOVED_TO, "EVENT_TYPE_CREATE"),
+    (IN_MOVED_FROM | IN_MOVE_SELF, "EVENT_TYPE_RENAME"),
+    (IN_ATTRIB, "EVENT_TYPE_CHMOD"),
+    (IN_MODIFY, "EVENT_TYPE_WRITE"),
+    (IN_DELETE | IN_DELETE_SELF, "EVENT_TYPE_REMOVE"),
+)
+
+FsEvent = tuple[str, str]
+
+
+class DirWatcher(Protocol):
+    """Something that reports filesystem events under one directory."""
+
+    root: str
+
+    def read(self, timeout: float) -> list[FsEvent]:
+        """Events that happened, waiting up to ``timeout`` seconds for the first one."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _Libc:
+    """The inotify functions of libc, or None when unavailable."""
+
+    _lib: ctypes.CDLL | None = None
+    _loaded = False
+
+    @classmethod
+    def get(cls) -> ctypes.CDLL | None:
+        if not cls._loaded:
+            cls._loaded = True
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+                lib.inotify_init1.argtypes = [ctypes.c_int]
+                lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+                lib.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+                cls._lib = lib
+            except (OSError, AttributeError):
+                cls._lib = None
+        return cls._lib
+
+
+class InotifyWatcher:
+    """Watches a directory (and, if recursive, its subdirectories) with inotify."""
+
+    def __init__(self, root: str, recursive: bool) -> None:
+        lib = _Libc.get()
+        if lib is None:
+            raise OSError(errno.ENOSYS, "inotify is not available")
+        self._lib = lib
+        self.root = root
+        self.recursive = recursive
+        fd = lib.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self._fd = fd
+        self._dirs: dict[int, str] = {}
+        try:
+            self._add(root)
+            if recursive:
+                self._add_tree(root)
+        except OSError:
+            os.close(fd)
+            raise
+
+    def _add(self, path: str) -> None:
+        wd = self._lib.inotify_add_watch(self._fd, os.fsencode(path), WATCH_MASK | IN_ONLYDIR)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot watch {path}: {os.strerror(err)}")
+        self._dirs[wd] = path
+
+    def _add_tree(self, top: str) -> None:
+        for dirpath, dirnames, _ in os.walk(top):
+            for name in dirnames:
+                path = os.path.join(dirpath, name)
+                if os.path.islink(path):
+                    continue
+                try:
+                    self._add(path)
+                except OSError as exc:
+                    log.debug("not watching %s: %s", path, exc)
+
+    def read(self, timeout: float) -> list[FsEvent]:
+        if self._fd < 0:
+            return []
+        try:
+            ready, _, _ = select.select([self._fd], [], [], max(0.0, timeout))
+        except (OSError, ValueError):
+            return []
+        if not ready:
+            return []
+        try:
+            buf = os.read(self._fd, 64 * 1024)
+        except BlockingIOError:
+            return []
+        events: list[FsEvent] = []
+        offset = 0
+        while offset + _EVENT_HEADER.size <= len(buf):
+            wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(buf, offset)
+            offset += _EVENT_HEADER.size
+            name = os.fsdecode(buf[offset:offset + length].rstrip(b"\x00"))
+            offset += length
+            if mask & IN_Q_OVERFLOW:
+                log.warning("inotify queue overflow under %s; events were lost", self.root)
+                continue
+            if mask & IN_IGNORED:
+                self._dirs.pop(wd, None)
+                continue
+            directory = self._dirs.get(wd)
+            if directory is None:
+                continue
+            path = os.path.join(directory, name) if name else directory
+            if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                try:
+                    self._add(path)
+                    self._add_tree(path)
+                except OSError:
+                    pass
+            if not name and directory != self.root:
+                continue  # a subdirectory's own delete/move is reported by its parent
+            rel = os.path.relpath(path, self.root)
+            for bit, kind in _MAPPING:
+                if mask & bit:
+                    events.append((rel, kind))
+        return events
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+
+
+class PollingWatcher:
+    """Watches by comparing directory snapshots (when inotify is not available)."""
+
+    def __init__(self, root: str, recursive: bool, interval: float = 0.2) -> None:
+        self.root = root
+        self.recursive = recursive
+        self.interval = interval
+        self._closed = False
+        self._snapshot = self._scan()
+
+    def _scan(self) -> dict[str, tuple[int, int, int, int]]:
+        snap: dict[str, tuple[int, int, int, int]] = {}
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                snap[os.path.relpath(path, self.root)] = (st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode)
+            if not self.recursive:
+                break
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+        return snap
+
+    def read(self, timeout: float) -> list[FsEvent]:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not self._closed:
+            current = self._scan()
+            events: list[FsEvent] = []
+            for name, info in current.items():
+                old = self._snapshot.get(name)
+                if old is None or old[0] != info[0]:
+                    events.append((name, "EVENT_TYPE_CREATE"))
+                else:
+                    if old[1] != info[1] or old[2] != info[2]:
+                        if not stat.S_ISDIR(info[3]):
+                            events.append((name, "EVENT_TYPE_WRITE"))
+                    if old[3] != info[3]:
+                        events.append((name, "EVENT_TYPE_CHMOD"))
+            for name in self._snapshot:
+                if name not in current:
+                    events.append((name, "EVENT_TYPE_REMOVE"))
+            self._snapshot = current
+            if events:
+                return events
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            time.sleep(min(self.interval, remaining))
+        return []
+
+    def close(self) -> None:
+        self._closed = True
+
+
+def open_watcher(root: str, recursive: bool, *, force_polling: bool = False) -> DirWatcher:
+    """An inotify watcher, or a polling one when inotify cannot be used."""
+    if not force_polling:
+        try:
+            return InotifyWatcher(root, recursive)
+        except OSError as exc:
+            log.warning("inotify unavailable for %s (%s); falling back to polling", root, exc)
+    return PollingWatcher(root, recursive)
