@@ -4,7 +4,7 @@
 
 For each mode it restores N sandboxes one after another and reports p50/p95/p99/max of
 restore -> agent ready (identity given, agent answered), the first ``Hello World`` after the
-restore, the stage breakdown, and the PSS/RSS of one idle sandbox. Table on stdout, JSON in
+restore, the stage breakdown, and the average PSS/RSS of idle sandboxes running side by side. Table on stdout, JSON in
 benchmarks/results/restore-<time>.json. Everything it starts is killed and removed.
 """
 
@@ -70,15 +70,21 @@ async def run_mode(restorer: SnapshotRestore, build: Any, mode: str, n: int) -> 
     }
 
 
-async def idle_memory(restorer: SnapshotRestore, build: Any, settle_s: float) -> dict[str, float]:
-    r = await restorer.restore(build)
+async def idle_memory(restorer: SnapshotRestore, build: Any, settle_s: float, count: int) -> dict[str, float]:
+    """Average PSS/RSS of ``count`` idle sandboxes of one template (PSS splits the shared pages)."""
+    sandboxes = [await restorer.restore(build) for _ in range(count)]
     try:
-        await r.agent.run(HELLO)
+        for r in sandboxes:
+            await r.agent.run(HELLO)
         await asyncio.sleep(settle_s)
-        rss, pss = memory_of(r.vm.pid)
-        return {"rss_mib": rss / 2**20, "pss_mib": pss / 2**20}
+        mem = [memory_of(r.vm.pid) for r in sandboxes]
+        return {
+            "sandboxes": count,
+            "rss_mib": sum(m[0] for m in mem) / count / 2**20,
+            "pss_mib": sum(m[1] for m in mem) / count / 2**20,
+        }
     finally:
-        await SnapshotRestore.destroy(r)
+        await asyncio.gather(*(SnapshotRestore.destroy(r) for r in sandboxes))
 
 
 async def main() -> None:
@@ -87,6 +93,7 @@ async def main() -> None:
     ap.add_argument("--template", default=None)
     ap.add_argument("-n", type=int, default=50)
     ap.add_argument("--settle", type=float, default=5.0, help="seconds an idle sandbox waits before its PSS is read")
+    ap.add_argument("--idle", type=int, default=10, help="idle sandboxes whose average PSS is reported")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     cfg = load_config(args.config)
@@ -95,7 +102,7 @@ async def main() -> None:
     build = TemplateStore(dr).current(name)
     restorer = SnapshotRestore(cfg, dr)
     results = [await run_mode(restorer, build, mode, args.n) for mode in ("fresh", "prestarted")]
-    mem = await idle_memory(restorer, build, args.settle)
+    mem = await idle_memory(restorer, build, args.settle, args.idle)
     report = {
         "template": name, "build": build.build_id, "accelerator": build.manifest.machine.accelerator,
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release()},
@@ -108,7 +115,8 @@ async def main() -> None:
         rd, h = r["ready_ms"], r["hello_ms"]
         st = " ".join(f"{k}={v:.1f}" for k, v in r["stages_ms_p50"].items())
         print(f"{r['mode']:<12}{rd['p50']:>10.1f}{rd['p95']:>8.1f}{rd['p99']:>8.1f}{rd['max']:>8.1f}{h['p50']:>11.1f}{h['p95']:>8.1f}   {st}")
-    print(f"idle sandbox after {args.settle:.0f}s: PSS {mem['pss_mib']:.1f} MiB, RSS {mem['rss_mib']:.1f} MiB")
+    print(f"idle sandboxes ({mem['sandboxes']} at once, {args.settle:.0f}s after a command): "
+          f"PSS {mem['pss_mib']:.1f} MiB, RSS {mem['rss_mib']:.1f} MiB each")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"restore-{time.strftime('%Y%m%dT%H%M%S')}.json"

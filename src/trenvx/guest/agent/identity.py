@@ -101,6 +101,19 @@ def machine_id_for(sandbox_id: str) -> str:
     return hashlib.sha256(b"trenvx-machine-id:" + sandbox_id.encode("utf-8")).hexdigest()[:32]
 
 
+def _load_libc() -> ctypes.CDLL:
+    # Loaded once when the agent starts, before the template's snapshot: a restored sandbox then
+    # pays nothing for it. (``ctypes.util.find_library`` runs ldconfig in a subprocess, which
+    # costs hundreds of milliseconds under TCG; it must not run on the /init path.)
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+_LIBC = _load_libc()
+
+
 @dataclass
 class SystemIdentity:
     """Applies clock, hostname, machine id and RNG changes to the running system."""
@@ -109,9 +122,8 @@ class SystemIdentity:
     etc: str = "/etc"
 
     def set_clock(self, ns: int) -> None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         ts = _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
-        if libc.clock_settime(CLOCK_REALTIME, ctypes.byref(ts)) != 0:
+        if _LIBC.clock_settime(CLOCK_REALTIME, ctypes.byref(ts)) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"clock_settime: {os.strerror(err)}")
 
