@@ -4,6 +4,6 @@
 FROM debian:bookworm
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python3-pip procps ca-certificates curl less \
+      python3 python-is-python3 python3-pip procps ca-certificates curl less \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /root

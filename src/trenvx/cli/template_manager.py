@@ -79,6 +79,7 @@ def build(
 ) -> None:
     """Build a template: root filesystem, boot, start command, snapshot."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         cfg = load_config(config)
         names = sorted(cfg.template) if all_templates else [template or cfg.default_template]
