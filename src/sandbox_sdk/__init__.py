@@ -1,0 +1,72 @@
+"""trenvx's Python SDK: sandboxes (VMs restored from snapshots) over the backend's HTTP API.
+
+Two surfaces, one implementation:
+
+* ``sandbox_sdk.Sandbox`` (also ``sandbox_sdk.sandbox.Sandbox``): TrEnv-X's asynchronous API,
+  ``await Sandbox.create(template=..., target_addr=...)``, ``sandbox.process.start(...)``,
+  ``sandbox.filesystem.*``.
+* ``sandbox_sdk.e2b.Sandbox`` (synchronous) and ``sandbox_sdk.e2b.AsyncSandbox``: E2B's
+  API, ``Sandbox.create()``, ``sandbox.commands.run(...)``, ``sandbox.files.*``,
+  ``sandbox.pty.*``. Also exported here as ``SyncSandbox`` and ``AsyncSandbox``.
+
+Errors are in :mod:`sandbox_sdk.exceptions` (and exported here).
+"""
+
+from . import exceptions
+from .e2b import AsyncCommandHandle, AsyncSandbox, CommandHandle
+from .e2b import Sandbox as SyncSandbox
+from .exceptions import *  # noqa: F401,F403
+from .exceptions import __all__ as _errors
+from .models import (
+    CommandResult,
+    EntryInfo,
+    FilesystemEventType,
+    FileType,
+    ProcessInfo,
+    PtySize,
+    SandboxInfo,
+    TemplateInfo,
+    WriteEntry,
+    WriteInfo,
+)
+from .sandbox import (
+    EnvVars,
+    FilesystemEvent,
+    FilesystemManager,
+    Process,
+    ProcessManager,
+    ProcessMessage,
+    ProcessOutput,
+    RunningSandbox,
+    Sandbox,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Sandbox",
+    "SyncSandbox",
+    "AsyncSandbox",
+    "CommandHandle",
+    "AsyncCommandHandle",
+    "RunningSandbox",
+    "Process",
+    "ProcessManager",
+    "ProcessMessage",
+    "ProcessOutput",
+    "EnvVars",
+    "FilesystemEvent",
+    "FilesystemManager",
+    "CommandResult",
+    "EntryInfo",
+    "FilesystemEventType",
+    "FileType",
+    "ProcessInfo",
+    "PtySize",
+    "SandboxInfo",
+    "TemplateInfo",
+    "WriteEntry",
+    "WriteInfo",
+    "exceptions",
+    *_errors,
+]

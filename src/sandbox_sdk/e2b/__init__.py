@@ -1,0 +1,56 @@
+"""The E2B-style surface: ``Sandbox`` (synchronous) and ``AsyncSandbox`` with one shape.
+
+Code written for E2B's Python SDK mostly runs unchanged with
+``from sandbox_sdk.e2b import Sandbox, AsyncSandbox``::
+
+    from sandbox_sdk.e2b import Sandbox
+
+    with Sandbox.create() as sandbox:
+        result = sandbox.commands.run("echo hello")
+        print(result.stdout)
+"""
+
+from ..exceptions import *  # noqa: F401,F403 - E2B code imports errors from the same place
+from ..exceptions import __all__ as _errors
+from ..models import (
+    CommandResult,
+    EntryInfo,
+    FilesystemEvent,
+    FilesystemEventType,
+    FileType,
+    ProcessInfo,
+    PtySize,
+    SandboxInfo,
+    TemplateInfo,
+    WriteEntry,
+    WriteInfo,
+)
+from ._async import AsyncCommandHandle, AsyncCommands, AsyncFilesystem, AsyncPty, AsyncSandbox, AsyncWatchHandle
+from ._sync import CommandHandle, Commands, Filesystem, Pty, Sandbox, WatchHandle
+
+__all__ = [
+    "Sandbox",
+    "AsyncSandbox",
+    "CommandHandle",
+    "AsyncCommandHandle",
+    "Commands",
+    "AsyncCommands",
+    "Filesystem",
+    "AsyncFilesystem",
+    "Pty",
+    "AsyncPty",
+    "WatchHandle",
+    "AsyncWatchHandle",
+    "CommandResult",
+    "EntryInfo",
+    "FilesystemEvent",
+    "FilesystemEventType",
+    "FileType",
+    "ProcessInfo",
+    "PtySize",
+    "SandboxInfo",
+    "TemplateInfo",
+    "WriteEntry",
+    "WriteInfo",
+    *_errors,
+]
