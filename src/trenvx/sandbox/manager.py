@@ -1,4 +1,4 @@
-"""The sandboxes of one node: create from a template, find, run commands in, kill.
+"""The sandboxes of one node: create from a template, find, run commands in, time out, kill.
 
 This is the Python API below the HTTP server::
 
@@ -7,32 +7,105 @@ This is the Python API below the HTTP server::
         result = await sb.run("python3 -c \\"print('Hello World')\\"")
         print(result.stdout)          # b'Hello World\\n'
         await manager.kill(sb.id)
+
+What it adds to a bare restore:
+
+- **Timeouts.** Every sandbox has a deadline (default ``orchestrator.default_timeout_s``);
+  :meth:`set_timeout`, :meth:`refresh` and :meth:`connect` move it; a reaper kills expired ones.
+- **Admission.** Limits per host and per template (429) and a memory headroom (503), checked
+  before any work (see :mod:`.limits`).
+- **Death detection.** A task awaits each VMM process; a VMM that exits on its own is noticed at
+  once, its files are removed and the sandbox is reported as ended (reason ``died``).
+- **Persistence** (when ``state_path`` is given, as the server does): every sandbox is recorded
+  in SQLite; a restarted manager adopts the VMs still running (pidfd + the VM's QMP socket + its
+  recorded agent port) and cleans up the files of those that died. With ``keep=True``, VMs are
+  started so that they survive this process, and :meth:`close` leaves them running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import os
+import shutil
+import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..config import Config
+import httpx
+
+from ..config import AGENT_PORT, Config
 from ..guest.client import AgentClient, CommandResult
 from ..layout import DataRoot
-from ..template.store import TemplateBuild, TemplateStore
-from ..vmm.process import memory_of
+from ..template.store import MANIFEST, TemplateBuild, TemplateManifest, TemplateNotFound, TemplateStore
+from ..vmm.process import memory_of, pid_alive
+from . import adopt
+from .lifecycle import InvalidTimeout, Reaper, check_timeout, deadline_after, extended_deadline
+from .limits import Admission, AdmissionError, Limits, LimitReached, OutOfMemory
 from .restore import RestoredVm, SnapshotRestore
+from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "AdmissionError", "InvalidTimeout", "LimitReached", "ManagerClosed", "OutOfMemory", "PortUnavailable",
+    "Sandbox", "SandboxConflict", "SandboxManager", "SandboxNotFound", "TemplateNotFound",
+]
+
+ADOPT_HEALTH_TIMEOUT_S = 5.0
+ORPHAN_MIN_AGE_S = 120.0
+
 
 class SandboxNotFound(KeyError):
+    """No running sandbox has this id. ``reason`` says why, when the sandbox existed."""
+
+    def __init__(self, sandbox_id: str, reason: str = "") -> None:
+        super().__init__(sandbox_id)
+        self.sandbox_id = sandbox_id
+        self.reason = reason
+
     def __str__(self) -> str:
-        return f"sandbox {self.args[0]!r} does not exist (it was killed, timed out, or never existed)"
+        if self.reason:
+            return f"sandbox {self.sandbox_id!r} does not exist anymore: {self.reason}"
+        return f"sandbox {self.sandbox_id!r} does not exist (it was killed, timed out, or never existed)"
 
 
-@dataclass
+class ManagerClosed(RuntimeError):
+    """The manager is shutting down and starts no more sandboxes."""
+
+
+class PortUnavailable(RuntimeError):
+    """A port inside the sandbox cannot be reached from the host."""
+
+
+class SandboxConflict(RuntimeError):
+    """The sandbox is not in a state that allows this (e.g. pausing a paused sandbox)."""
+
+
+END_REASONS = {
+    "killed": "it was killed",
+    "timeout": "its timeout expired",
+    "died": "its VM exited on its own",
+    "died_while_down": "its VM exited while the server was not running",
+    "lost": "the restarted server could not re-attach to its VM",
+    "shutdown": "the server stopped",
+}
+
+
+def describe_end(reason: str, ended_at: float | None) -> str:
+    text = END_REASONS.get(reason.split(":", 1)[0], reason or "it ended")
+    if ":" in reason:
+        text += f" ({reason.split(':', 1)[1].strip()})"
+    if ended_at:
+        text += f", {max(0.0, time.time() - ended_at):.0f} s ago"
+    return text
+
+
+@dataclass(eq=False)
 class Sandbox:
     """One running sandbox. ``agent`` talks to the guest agent with this sandbox's access token."""
 
@@ -41,6 +114,17 @@ class Sandbox:
     created_at: float = field(default_factory=time.time)
     metadata: dict[str, str] = field(default_factory=dict)
     env_vars: dict[str, str] = field(default_factory=dict)
+    end_at: float = 0.0
+    """Deadline (seconds since the epoch) after which the reaper kills the sandbox."""
+    pid_started_at: float = 0.0
+    adopted: bool = False
+    ports: dict[int, int] = field(default_factory=dict)
+    """Guest port -> host port of the forwards added at runtime (besides the agent's)."""
+    ending: bool = False
+    paused: bool = False
+    _port_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
+    _ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def id(self) -> str:
@@ -59,6 +143,10 @@ class Sandbox:
         return self.restored.vm.pid
 
     @property
+    def agent_port(self) -> int:
+        return self.restored.vm.agent_port
+
+    @property
     def agent_url(self) -> str:
         return self.restored.vm.agent_url
 
@@ -70,6 +158,14 @@ class Sandbox:
     def start_times(self) -> dict[str, float]:
         return self.restored.times
 
+    @property
+    def state(self) -> str:
+        return PAUSED if self.paused else RUNNING
+
+    @property
+    def timeout_left(self) -> float:
+        return max(0.0, self.end_at - time.time())
+
     def is_alive(self) -> bool:
         return self.restored.vm.is_alive()
 
@@ -80,21 +176,107 @@ class Sandbox:
     async def run(self, cmd: str | list[str], **kwargs: Any) -> CommandResult:
         return await self.agent.run(cmd, **kwargs)
 
+    def record(self) -> SandboxRecord:
+        m = self.build.manifest
+        return SandboxRecord(
+            id=self.id, template=self.template, build_id=m.build_id, build_path=str(self.build.path),
+            pid=self.pid, pid_started_at=self.pid_started_at, agent_port=self.agent_port,
+            access_token=self.access_token, workdir=str(self.restored.workdir), created_at=self.created_at,
+            end_at=self.end_at, vcpu=m.machine.vcpu, mem_mb=m.machine.mem_mb, disk_mb=_disk_mb(self.build),
+            metadata=dict(self.metadata), env_vars=dict(self.env_vars), start_times=dict(self.start_times),
+            ports=dict(self.ports), state=self.state,
+        )
+
+
+def _disk_mb(build: TemplateBuild) -> int:
+    try:
+        return int(build.rootfs.stat().st_size // (1 << 20))
+    except OSError:
+        return int(build.manifest.config.get("disk_mb", 0) or 0)
+
 
 class SandboxManager:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        state_path: Path | None = None,
+        keep: bool | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self.config = config
+        orch = config.orchestrator
         self.data_root = DataRoot(config.data_root).ensure()
         self.templates = TemplateStore(self.data_root)
         self.restorer = SnapshotRestore(config, self.data_root)
+        self.keep = orch.keep_on_exit if keep is None else keep
+        self.admission = admission or Admission(
+            Limits(orch.max_sandboxes, orch.max_sandboxes_per_template, orch.memory_headroom_mb)
+        )
+        self.store = StateStore(state_path) if state_path is not None else None
         self._sandboxes: dict[str, Sandbox] = {}
-        self._lock = asyncio.Lock()
+        self._ended: dict[str, SandboxRecord] = {}
+        self._creating: set[asyncio.Task[Sandbox]] = set()
+        self._started = False
+        self._closed = False
+        self.reaper = Reaper(orch.reaper_interval_s, self._due, self._expire, self._housekeeping)
+        self.adopted: list[str] = []
+        self.cleaned: list[str] = []
 
     async def __aenter__(self) -> "SandboxManager":
+        await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    # -- start and stop -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopt what a previous server left running (with a state store), start the reaper."""
+        if self._started:
+            return
+        self._started = True
+        if self.store is not None:
+            await self._recover()
+        self.reaper.start()
+
+    async def close(self) -> None:
+        """Stop the reaper; kill every sandbox and remove its files (or leave them, with ``keep``)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.reaper.stop()
+        if self._creating:
+            await asyncio.gather(*self._creating, return_exceptions=True)
+        if self.keep:
+            for sb in list(self._sandboxes.values()):
+                await self._detach(sb)
+            log.info("left %d sandboxes running for the next server (--keep)", len(self._sandboxes))
+            self._sandboxes.clear()
+        else:
+            ids = list(self._sandboxes)
+            await asyncio.gather(*(self.kill(i, reason="shutdown") for i in ids), return_exceptions=True)
+        if self.store is not None:
+            self.store.close()
+
+    async def _detach(self, sb: Sandbox) -> None:
+        if sb._watcher is not None:
+            sb._watcher.cancel()
+        vm = sb.restored.vm
+        with contextlib.suppress(Exception):
+            await sb.agent.aclose()
+        qmp = getattr(vm, "qmp", None)
+        if qmp is not None:
+            with contextlib.suppress(Exception):
+                await qmp.disconnect()
+        detach = getattr(getattr(vm, "process", None), "detach", None)
+        if detach is not None:
+            detach()
+        if self.store is not None:
+            self.store.put(sb.record())
+
+    # -- create ---------------------------------------------------------------------------
 
     async def create(
         self,
@@ -102,34 +284,303 @@ class SandboxManager:
         *,
         env_vars: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
+        timeout_s: float | None = None,
     ) -> Sandbox:
-        """Restore a new sandbox from the current build of ``template`` (default: the config's)."""
+        """Restore a new sandbox from the current build of ``template`` (default: the config's).
+
+        Raises :class:`TemplateNotFound`, :class:`InvalidTimeout`, :class:`LimitReached`,
+        :class:`OutOfMemory`, :class:`ManagerClosed`, or the restore's error.
+        The restore is shielded from the caller's cancellation: a sandbox that was started is
+        always registered (and ends by its timeout) rather than leaked.
+        """
+        if self._closed:
+            raise ManagerClosed("the sandbox manager is shutting down; no new sandboxes")
+        await self.start()
         name = template or self.config.default_template
+        timeout = check_timeout(
+            self.config.orchestrator.default_timeout_s if timeout_s is None else timeout_s,
+            self.config.orchestrator.max_timeout_s,
+        )
         build = self.templates.current(name)
-        restored = await self.restorer.restore(build, env_vars=env_vars)
-        sb = Sandbox(restored, template=name, metadata=dict(metadata or {}), env_vars=dict(env_vars or {}))
-        self._sandboxes[sb.id] = sb
-        log.info("sandbox %s created from %s in %.1f ms %s", sb.id, build.build_id,
-                 sum(restored.times.values()) * 1000, {k: round(v * 1000, 1) for k, v in restored.times.items()})
+        task = asyncio.get_running_loop().create_task(
+            self._create(build, name, dict(env_vars or {}), dict(metadata or {}), timeout)
+        )
+        self._creating.add(task)
+        task.add_done_callback(self._creating.discard)
+        return await asyncio.shield(task)
+
+    async def _create(
+        self, build: TemplateBuild, name: str, env_vars: dict[str, str], metadata: dict[str, str], timeout: float
+    ) -> Sandbox:
+        with self.admission.starting(name, build.machine.mem_mb):
+            restored = await self.restorer.restore(build, env_vars=env_vars, kill_with_owner=not self.keep)
+        now = time.time()
+        sb = Sandbox(
+            restored, template=name, created_at=now, metadata=metadata, env_vars=env_vars,
+            end_at=deadline_after(timeout, now),
+            pid_started_at=adopt.process_started_at(restored.vm.pid) or time.time(),
+        )
+        self._register(sb)
+        log.info(
+            "sandbox %s created from %s/%s in %.1f ms %s", sb.id, name, build.build_id,
+            sum(restored.times.values()) * 1000, {k: round(v * 1000, 1) for k, v in restored.times.items()},
+        )
+        if self._closed and not self.keep:
+            await self.kill(sb.id, reason="shutdown")
         return sb
+
+    def _register(self, sb: Sandbox) -> None:
+        self._sandboxes[sb.id] = sb
+        self.admission.add_running(sb.template)
+        if self.store is not None:
+            self.store.put(sb.record())
+        sb._watcher = asyncio.get_running_loop().create_task(self._watch(sb), name=f"watch-{sb.id}")
+
+    # -- find -----------------------------------------------------------------------------
 
     def get(self, sandbox_id: str) -> Sandbox:
         try:
             return self._sandboxes[sandbox_id]
         except KeyError:
-            raise SandboxNotFound(sandbox_id) from None
+            ended = self._ended.get(sandbox_id)
+            if ended is None and self.store is not None and isinstance(sandbox_id, str):
+                ended = self.store.get(sandbox_id)
+            reason = describe_end(ended.end_reason, ended.ended_at) if ended and ended.state != RUNNING else ""
+            raise SandboxNotFound(sandbox_id, reason) from None
 
     def list(self) -> list[Sandbox]:
-        return list(self._sandboxes.values())
+        """The running sandboxes, oldest first."""
+        return sorted(self._sandboxes.values(), key=lambda s: (s.created_at, s.id))
 
-    async def kill(self, sandbox_id: str) -> None:
-        sb = self._sandboxes.pop(sandbox_id, None)
-        if sb is None:
-            raise SandboxNotFound(sandbox_id)
-        await SnapshotRestore.destroy(sb.restored)
-        log.info("sandbox %s killed", sandbox_id)
+    def ended(self) -> list[SandboxRecord]:
+        """Sandboxes that ended within ``ended_retention_s``, oldest first."""
+        if self.store is not None:
+            return self.store.ended()
+        return sorted(self._ended.values(), key=lambda r: (r.created_at, r.id))
 
-    async def close(self) -> None:
-        """Kill every sandbox and remove its files."""
-        ids = list(self._sandboxes)
-        await asyncio.gather(*(self.kill(i) for i in ids), return_exceptions=True)
+    # -- timeouts -------------------------------------------------------------------------
+
+    def set_timeout(self, sandbox_id: str, timeout_s: float) -> Sandbox:
+        """The sandbox ends ``timeout_s`` seconds from now (sooner or later than before)."""
+        sb = self.get(sandbox_id)
+        seconds = check_timeout(timeout_s, self.config.orchestrator.max_timeout_s)
+        self._set_end(sb, deadline_after(seconds))
+        return sb
+
+    def refresh(self, sandbox_id: str, duration_s: float) -> Sandbox:
+        """Keep the sandbox alive for at least ``duration_s`` more seconds (never shortens)."""
+        sb = self.get(sandbox_id)
+        seconds = check_timeout(duration_s, self.config.orchestrator.max_timeout_s, "duration")
+        self._set_end(sb, extended_deadline(sb.end_at, seconds))
+        return sb
+
+    def _set_end(self, sb: Sandbox, end_at: float) -> None:
+        sb.end_at = end_at
+        if self.store is not None:
+            self.store.set_end_at(sb.id, end_at)
+
+    def _due(self, now: float) -> list[str]:
+        return [i for i, sb in self._sandboxes.items() if sb.end_at <= now and not sb.ending]
+
+    async def _expire(self, sandbox_id: str) -> None:
+        sb = self._sandboxes.get(sandbox_id)
+        if sb is None or sb.ending or sb.end_at > time.time():
+            return
+        log.info("sandbox %s timed out", sandbox_id)
+        await self.kill(sandbox_id, reason="timeout")
+
+    def _housekeeping(self, now: float) -> None:
+        cutoff = now - self.config.orchestrator.ended_retention_s
+        for i in [i for i, r in self._ended.items() if (r.ended_at or 0) < cutoff]:
+            del self._ended[i]
+        if self.store is not None:
+            self.store.prune_ended(cutoff)
+
+    # -- pause and resume -----------------------------------------------------------------
+
+    async def pause(self, sandbox_id: str) -> Sandbox:
+        """Stop the sandbox's vCPUs (it keeps its memory and its timeout). 409 if already paused."""
+        sb = self.get(sandbox_id)
+        async with sb._port_lock:
+            if sb.paused:
+                raise SandboxConflict(f"sandbox {sandbox_id} is already paused")
+            await sb.restored.vm.pause()
+            sb.paused = True
+            if self.store is not None:
+                self.store.set_state(sb.id, PAUSED)
+        return sb
+
+    async def resume(self, sandbox_id: str) -> Sandbox:
+        """Continue a paused sandbox. 409 if it is running."""
+        sb = self.get(sandbox_id)
+        async with sb._port_lock:
+            if not sb.paused:
+                raise SandboxConflict(f"sandbox {sandbox_id} is running, not paused")
+            await sb.restored.vm.resume()
+            sb.paused = False
+            if self.store is not None:
+                self.store.set_state(sb.id, RUNNING)
+        return sb
+
+    # -- ports ----------------------------------------------------------------------------
+
+    async def port_address(self, sandbox_id: str, port: int) -> tuple[str, int]:
+        """Host address (on 127.0.0.1) that reaches ``port`` inside the sandbox.
+
+        The agent's port is forwarded from the start; any other port is forwarded on first use
+        (QEMU ``hostfwd_add``) and the forward is reused afterwards.
+        """
+        sb = self.get(sandbox_id)
+        if sb.paused:
+            raise SandboxConflict(f"sandbox {sandbox_id} is paused; resume it (POST /sandboxes/{sandbox_id}/resume)")
+        if port == AGENT_PORT:
+            return "127.0.0.1", sb.agent_port
+        if not 1 <= port <= 65535:
+            raise PortUnavailable(f"port {port} is not a TCP port (1-65535)")
+        if port in sb.ports:
+            return "127.0.0.1", sb.ports[port]
+        forward = getattr(sb.restored.vm, "forward_port", None)
+        if forward is None:
+            raise PortUnavailable(f"the VMM of sandbox {sandbox_id} cannot forward ports at runtime")
+        async with sb._port_lock:
+            if port not in sb.ports:
+                try:
+                    sb.ports[port] = await forward(port)
+                except Exception as e:  # noqa: BLE001 - reported to the client
+                    raise PortUnavailable(f"cannot reach port {port} of sandbox {sandbox_id}: {e}") from e
+                if self.store is not None and sb.id in self._sandboxes:
+                    self.store.set_ports(sb.id, sb.ports)
+        return "127.0.0.1", sb.ports[port]
+
+    # -- kill and death -------------------------------------------------------------------
+
+    async def kill(self, sandbox_id: str, *, reason: str = "killed") -> None:
+        """Kill the sandbox's VM and remove its files. Raises :class:`SandboxNotFound`."""
+        sb = self.get(sandbox_id)
+        if sb.ending:
+            await sb._ended.wait()
+            return
+        sb.ending = True
+        await self._finish(sb, reason)
+        log.info("sandbox %s ended: %s", sandbox_id, reason)
+
+    async def _finish(self, sb: Sandbox, reason: str) -> None:
+        """Forget the sandbox (listed as ended), then kill its VM and remove its files."""
+        try:
+            self._sandboxes.pop(sb.id, None)
+            self.admission.remove_running(sb.template)
+            rec = sb.record()
+            rec.state, rec.end_reason, rec.ended_at = EXITED, reason, time.time()
+            rec.access_token, rec.env_vars = "", {}
+            self._ended[sb.id] = rec
+            if self.store is not None:
+                self.store.mark_ended(sb.id, reason, rec.ended_at)
+            current = asyncio.current_task()
+            if sb._watcher is not None and sb._watcher is not current:
+                sb._watcher.cancel()
+            await SnapshotRestore.destroy(sb.restored)
+        finally:
+            sb._ended.set()
+
+    async def _watch(self, sb: Sandbox) -> None:
+        """Wait for the VMM process to end; if nobody asked for it, the sandbox died."""
+        try:
+            code = await sb.restored.vm.wait_exit()
+        except asyncio.CancelledError:
+            return
+        except Exception:  # noqa: BLE001
+            log.exception("watching the VMM of sandbox %s failed", sb.id)
+            return
+        if sb.ending or sb.id not in self._sandboxes:
+            return
+        sb.ending = True
+        detail = f"exit status {code}" if code not in (None, -1) else "exit status unknown"
+        tail = sb.restored.vm.console_tail(5) if hasattr(sb.restored.vm, "console_tail") else ""
+        log.warning("sandbox %s: its VMM (pid %d) exited on its own, %s; console: %s", sb.id, sb.pid, detail, tail)
+        await self._finish(sb, f"died: {detail}")
+
+    # -- recovery after a restart ---------------------------------------------------------
+
+    async def _recover(self) -> None:
+        assert self.store is not None
+        for rec in self.store.running():
+            name = f"trenvx-{rec.id}"
+            if not adopt.is_our_vmm(rec.pid, rec.pid_started_at, name):
+                self._cleanup_record(rec, "died_while_down")
+                continue
+            try:
+                sb = await self._adopt(rec)
+            except Exception as e:  # noqa: BLE001
+                log.warning("sandbox %s: cannot re-attach to its VM (pid %d): %s; killing it", rec.id, rec.pid, e)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(rec.pid, signal.SIGKILL)
+                self._cleanup_record(rec, f"lost: {e}")
+                continue
+            self._register(sb)
+            self.adopted.append(sb.id)
+            log.info("sandbox %s adopted (pid %d, agent port %d, %.0f s left)", sb.id, sb.pid, sb.agent_port,
+                     sb.timeout_left)
+        self._sweep_orphans()
+
+    async def _adopt(self, rec: SandboxRecord) -> Sandbox:
+        path = Path(rec.build_path)
+        manifest = TemplateManifest.model_validate_json((path / MANIFEST).read_text())
+        build = TemplateBuild(path, manifest)
+        workdir = Path(rec.workdir)
+        spec = self.restorer.vm_spec(build, rec.id, workdir, kill_with_owner=False)
+        spec = dataclasses.replace(spec, agent_host_port=rec.agent_port)
+        vm = await adopt.attach_qemu(spec, rec.pid, rec.agent_port)
+        try:
+            async with httpx.AsyncClient(timeout=ADOPT_HEALTH_TIMEOUT_S) as http:
+                r = await http.get(f"{vm.agent_url}/health")
+                if r.status_code >= 300:
+                    raise RuntimeError(f"agent /health answered {r.status_code}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await vm.qmp.disconnect()
+            vm.process.detach()
+            raise
+        restored = RestoredVm(
+            sandbox_id=rec.id, build=build, vm=vm, agent=AgentClient(vm.agent_url, access_token=rec.access_token),
+            access_token=rec.access_token, workdir=workdir, times=dict(rec.start_times),
+        )
+        return Sandbox(
+            restored, template=rec.template, created_at=rec.created_at, metadata=dict(rec.metadata),
+            env_vars=dict(rec.env_vars), end_at=rec.end_at, pid_started_at=rec.pid_started_at, adopted=True,
+            ports=dict(rec.ports), paused=rec.state == PAUSED,
+        )
+
+    def _cleanup_record(self, rec: SandboxRecord, reason: str) -> None:
+        shutil.rmtree(rec.workdir, ignore_errors=True)
+        assert self.store is not None
+        self.store.mark_ended(rec.id, reason)
+        rec.state, rec.end_reason, rec.ended_at = EXITED, reason, time.time()
+        self._ended[rec.id] = rec
+        self.cleaned.append(rec.id)
+        log.info("sandbox %s: %s; its files were removed", rec.id, describe_end(reason, None))
+
+    def _sweep_orphans(self) -> None:
+        """Remove sandbox directories nobody owns: not in the state, VMM gone, not recent."""
+        known = {r.id for r in self.store.all()} if self.store is not None else set()
+        now = time.time()
+        try:
+            entries = list(self.data_root.sandboxes.iterdir())
+        except OSError:
+            return
+        for d in entries:
+            if d.name in known or d.name in self._sandboxes:
+                continue
+            try:
+                age = now - d.stat().st_mtime
+                pid_text = (d / "vm" / "vmm.pid").read_text().strip()
+            except FileNotFoundError:
+                pid_text = ""
+                age = now - d.stat().st_mtime if d.exists() else 0
+            except OSError:
+                continue
+            if age < ORPHAN_MIN_AGE_S:
+                continue
+            if pid_text.isdigit() and pid_alive(int(pid_text)):
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("removed orphaned sandbox directory %s", d)

@@ -85,7 +85,7 @@ def ensure_dirs(path: str, uid: int, gid: int) -> None:
     while True:
         if os.path.isdir(current):
             break
-        if os.path.lexists(current):
+        if os.path.lexists(current) and not os.path.isdir(current):  # (re-checked: a concurrent upload may have just made it)
             raise ConnectError("invalid_argument", f"path component is not a directory: {current}")
         missing.append(current)
         parent = os.path.dirname(current)
