@@ -2,7 +2,10 @@
 # trenvx: set up this machine, or run the backend.
 #
 #   scripts/start.sh setup   system packages (apt), the Python package (pip -e), the guest kernel
-#   scripts/start.sh run     start the backend
+#   scripts/start.sh run     start the backend (builds the default template first if missing)
+#   scripts/start.sh demo    build the default template, start the backend, create a sandbox,
+#                            run python -c "print('Hello World')" in it, print the timings
+#   scripts/start.sh test    setup, then the whole test suite (what .ci/run runs)
 #
 # Environment:
 #   TRENVX_DATA_ROOT   data root (default: data_root of configs/example_config.toml, else /var/lib/trenvx)
@@ -103,17 +106,102 @@ cmd_setup() {
     say "setup done"
 }
 
+# The console script if it is on PATH, else the module through $PYTHON (same program).
+tool() {
+    local name="$1" module="$2"
+    shift 2
+    if command -v "$name" >/dev/null 2>&1; then
+        "$name" "$@"
+    else
+        "$PYTHON" -m "$module" "$@"
+    fi
+}
+
+default_template() {
+    "$PYTHON" - "$CONFIG" <<'EOF'
+import sys
+from trenvx.config import ConfigError, load_config
+try:
+    print(load_config(sys.argv[1]).default_template)
+except ConfigError as e:
+    sys.exit(f"error: {e}")
+EOF
+}
+
+# run [trenvx serve options, e.g. --keep]: build the default template if it is missing, then
+# start the backend in the foreground (Ctrl-C stops it and kills its sandboxes).
 cmd_run() {
-    die "'run' is not implemented yet"
+    local root template
+    [ -f "$CONFIG" ] || die "config file $CONFIG not found (set TRENVX_CONFIG)"
+    "$PYTHON" -c 'import trenvx' 2>/dev/null || die "trenvx is not installed; run: scripts/start.sh setup"
+    root="$(data_root)"
+    template="$(default_template)" || exit 2
+    if [ -e "$root/templates/$template/current/manifest.json" ]; then
+        say "template $template: built ($(basename "$(readlink "$root/templates/$template/current")"))"
+    else
+        say "template $template: not built yet; building it (a few minutes the first time)"
+        tool template-manager trenvx.cli.template_manager --config "$CONFIG" --quiet
+    fi
+    say "starting the backend (trenvx serve --config $CONFIG $*)"
+    if command -v trenvx >/dev/null 2>&1; then
+        exec trenvx serve --config "$CONFIG" "$@"
+    fi
+    exec "$PYTHON" -m trenvx.cli.admin serve --config "$CONFIG" "$@"
+}
+
+config_port() {
+    "$PYTHON" -c 'import sys; from trenvx.config import load_config; print(load_config(sys.argv[1]).orchestrator.port)' "$CONFIG"
+}
+
+cmd_demo() {
+    cd "$REPO"
+    say "template default (template-manager --config $CONFIG)"
+    tool template-manager trenvx.cli.template_manager --config "$CONFIG"
+    local port log pid
+    port="$(config_port)"
+    log="$(data_root)/run/demo-server.log"
+    mkdir -p "$(dirname "$log")"
+    say "backend on 127.0.0.1:$port (log: $log)"
+    "$PYTHON" -m trenvx.cli.admin serve --config "$CONFIG" >"$log" 2>&1 &
+    pid=$!
+    trap 'kill -TERM '"$pid"' 2>/dev/null; wait '"$pid"' 2>/dev/null || true' EXIT
+    "$PYTHON" - "$port" "$pid" "$log" <<'EOF2'
+import sys, time, os, httpx
+port, pid, log = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code < 500:
+            sys.exit(0)
+    except httpx.HTTPError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit(f"the backend exited; its log:\n{open(log).read()[-2000:]}")
+    time.sleep(0.1)
+sys.exit(f"the backend did not answer on port {port} within 60 s; see {log}")
+EOF2
+    say "sandbox: python -c \"print('Hello World')\""
+    "$PYTHON" examples/demo.py --port "$port"
+}
+
+cmd_test() {
+    cmd_setup
+    cd "$REPO"
+    say "tests: $PYTHON -m pytest $*"
+    "$PYTHON" -m pytest -p no:cacheprovider "$@"
 }
 
 usage() {
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
 setup) shift; cmd_setup "$@" ;;
 run) shift; cmd_run "$@" ;;
+demo) shift; cmd_demo "$@" ;;
+test) shift; cmd_test "$@" ;;
 -h | --help | help) usage ;;
 *) usage >&2; exit 2 ;;
 esac
