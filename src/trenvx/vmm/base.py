@@ -83,7 +83,7 @@ class VmStats:
 
 @dataclass
 class StageTimes:
-    """Seconds spent in each step of a restore, in order."""
+    """Seconds spent in each step of a restore, in order (a driver fills in ``load`` and ``resume``)."""
 
     steps: dict[str, float] = field(default_factory=dict)
 
@@ -123,6 +123,13 @@ class Vm(abc.ABC):
     @abc.abstractmethod
     async def wait_exit(self) -> int:
         """Wait until the VMM process ends; its exit status."""
+
+    def stats(self) -> VmStats:
+        """Memory (RSS, and PSS: shared pages divided among their users) and CPU time of the VMM."""
+        from .process import cpu_seconds_of, memory_of
+
+        rss, pss = memory_of(self.pid)
+        return VmStats(pid=self.pid, rss_bytes=rss, pss_bytes=pss, cpu_seconds=cpu_seconds_of(self.pid))
 
     def console_tail(self, lines: int = 30) -> str:
         try:
