@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from ..config import AGENT_PORT, Config
 from ..guest.client import AgentClient, CommandResult
 from ..layout import DataRoot
@@ -188,6 +186,18 @@ class Sandbox:
         )
 
 
+def _disown(process: object) -> None:
+    """Make sure asyncio never kills a VMM left running for the next server.
+
+    asyncio's subprocess transport kills a child that is still running when the transport is
+    closed or garbage-collected (at loop or interpreter shutdown). Marking it closed turns that
+    into a no-op; the process keeps running and a restarted server adopts it.
+    """
+    transport = getattr(getattr(process, "_proc", None), "_transport", None)
+    if transport is not None and hasattr(transport, "_closed"):
+        transport._closed = True
+
+
 def _disk_mb(build: TemplateBuild) -> int:
     try:
         return int(build.rootfs.stat().st_size // (1 << 20))
@@ -217,6 +227,7 @@ class SandboxManager:
         self._sandboxes: dict[str, Sandbox] = {}
         self._ended: dict[str, SandboxRecord] = {}
         self._creating: set[asyncio.Task[Sandbox]] = set()
+        self._finishing: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
         self.reaper = Reaper(orch.reaper_interval_s, self._due, self._expire, self._housekeeping)
@@ -257,6 +268,8 @@ class SandboxManager:
         else:
             ids = list(self._sandboxes)
             await asyncio.gather(*(self.kill(i, reason="shutdown") for i in ids), return_exceptions=True)
+        while self._finishing:  # kills in flight (reaper, death watchers) complete before we go
+            await asyncio.gather(*list(self._finishing), return_exceptions=True)
         if self.store is not None:
             self.store.close()
 
@@ -270,9 +283,11 @@ class SandboxManager:
         if qmp is not None:
             with contextlib.suppress(Exception):
                 await qmp.disconnect()
-        detach = getattr(getattr(vm, "process", None), "detach", None)
+        process = getattr(vm, "process", None)
+        detach = getattr(process, "detach", None)
         if detach is not None:
             detach()
+        _disown(process)
         if self.store is not None:
             self.store.put(sb.record())
 
@@ -461,20 +476,31 @@ class SandboxManager:
             await sb._ended.wait()
             return
         sb.ending = True
-        await self._finish(sb, reason)
+        await asyncio.shield(self._start_finish(sb, reason))
         log.info("sandbox %s ended: %s", sandbox_id, reason)
 
-    async def _finish(self, sb: Sandbox, reason: str) -> None:
-        """Forget the sandbox (listed as ended), then kill its VM and remove its files."""
+    def _start_finish(self, sb: Sandbox, reason: str) -> asyncio.Task[None]:
+        """Forget the sandbox now; destroy it in a task that completes even if the caller is cancelled."""
+        self._forget(sb, reason)
+        task = asyncio.get_running_loop().create_task(self._destroy(sb), name=f"end-{sb.id}")
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        return task
+
+    def _forget(self, sb: Sandbox, reason: str) -> None:
+        """At once: the sandbox is no longer running (listed as ended, its slot freed)."""
+        self._sandboxes.pop(sb.id, None)
+        self.admission.remove_running(sb.template)
+        rec = sb.record()
+        rec.state, rec.end_reason, rec.ended_at = EXITED, reason, time.time()
+        rec.access_token, rec.env_vars = "", {}
+        self._ended[sb.id] = rec
+        if self.store is not None:
+            self.store.mark_ended(sb.id, reason, rec.ended_at)
+
+    async def _destroy(self, sb: Sandbox) -> None:
+        """Kill the VM and remove the sandbox's files."""
         try:
-            self._sandboxes.pop(sb.id, None)
-            self.admission.remove_running(sb.template)
-            rec = sb.record()
-            rec.state, rec.end_reason, rec.ended_at = EXITED, reason, time.time()
-            rec.access_token, rec.env_vars = "", {}
-            self._ended[sb.id] = rec
-            if self.store is not None:
-                self.store.mark_ended(sb.id, reason, rec.ended_at)
             current = asyncio.current_task()
             if sb._watcher is not None and sb._watcher is not current:
                 sb._watcher.cancel()
@@ -497,7 +523,7 @@ class SandboxManager:
         detail = f"exit status {code}" if code not in (None, -1) else "exit status unknown"
         tail = sb.restored.vm.console_tail(5) if hasattr(sb.restored.vm, "console_tail") else ""
         log.warning("sandbox %s: its VMM (pid %d) exited on its own, %s; console: %s", sb.id, sb.pid, detail, tail)
-        await self._finish(sb, f"died: {detail}")
+        await asyncio.shield(self._start_finish(sb, f"died: {detail}"))
 
     # -- recovery after a restart ---------------------------------------------------------
 
@@ -531,10 +557,9 @@ class SandboxManager:
         spec = dataclasses.replace(spec, agent_host_port=rec.agent_port)
         vm = await adopt.attach_qemu(spec, rec.pid, rec.agent_port)
         try:
-            async with httpx.AsyncClient(timeout=ADOPT_HEALTH_TIMEOUT_S) as http:
-                r = await http.get(f"{vm.agent_url}/health")
-                if r.status_code >= 300:
-                    raise RuntimeError(f"agent /health answered {r.status_code}")
+            async with AgentClient(vm.agent_url, timeout=ADOPT_HEALTH_TIMEOUT_S) as probe:
+                if not await probe.health():
+                    raise RuntimeError(f"its agent does not answer /health on port {rec.agent_port}")
         except BaseException:
             with contextlib.suppress(Exception):
                 await vm.qmp.disconnect()

@@ -1,0 +1,193 @@
+"""trenvx: run and check the backend.
+
+    trenvx serve  --config configs/example_config.toml [--keep] [--host H] [--port P]
+    trenvx doctor --config configs/example_config.toml [--json]
+    trenvx demo   --config configs/example_config.toml [--wait SECONDS]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Optional
+
+import psutil
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..config import Config, ConfigError, load_config
+
+err = Console(stderr=True)
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run and check the trenvx backend: serve (foreground), doctor, demo.")
+
+DEFAULT_CONFIG = "configs/example_config.toml"
+ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="TOML config file", envvar="TRENVX_CONFIG")
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    config: str = ConfigOpt,
+    keep: bool = typer.Option(False, "--keep", help="leave sandboxes running on exit, for the next server to adopt"),
+    host: Optional[str] = typer.Option(None, "--host", help="override [orchestrator] host"),
+    port: Optional[int] = typer.Option(None, "--port", "-p", help="override [orchestrator] port"),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+    access_log: bool = typer.Option(False, "--access-log", help="log every HTTP request"),
+) -> None:
+    """Start the backend in the foreground (Ctrl-C stops it and kills its sandboxes, unless --keep)."""
+    from ..server.runner import ServerError, serve as run_server
+
+    cfg = _load(config)
+    try:
+        run_server(cfg, keep=keep, host=host, port=port, log_level=log_level, access_log=access_log)
+    except ServerError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
+    """(check, ok / None for a warning, detail)."""
+    from ..layout import DataRoot
+    from ..template.store import TemplateNotFound, TemplateStore
+    from ..vmm.accel import kvm_obstacle
+
+    out: list[tuple[str, bool | None, str]] = []
+    qemu = shutil.which(cfg.vmm.qemu_binary)
+    out.append(("qemu", bool(qemu), qemu or f"{cfg.vmm.qemu_binary} not on PATH: run scripts/start.sh setup"))
+    qimg = shutil.which("qemu-img")
+    out.append(("qemu-img", bool(qimg), qimg or "not on PATH: run scripts/start.sh setup"))
+    obstacle = kvm_obstacle()
+    out.append(("kvm", None if obstacle else True,
+                obstacle + " -> sandboxes run under TCG (software emulation, slower)" if obstacle else "/dev/kvm usable"))
+    root = cfg.data_root
+    try:
+        dr = DataRoot(root).ensure()
+        probe = dr.run / ".doctor"
+        probe.write_text("ok")
+        probe.unlink()
+        out.append(("data_root", True, f"{root} writable"))
+    except OSError as e:
+        out.append(("data_root", False, f"{root}: {e.strerror}"))
+        return out
+    kernels = sorted(p.name for p in dr.kernels.iterdir() if not p.name.startswith(".")) if dr.kernels.is_dir() else []
+    out.append(("kernel", bool(kernels), ", ".join(kernels) or "none: run scripts/start.sh setup"))
+    store = TemplateStore(dr)
+    for name in sorted(set(cfg.template) | set(store.names()) | {cfg.default_template}):
+        try:
+            m = store.current(name).manifest
+            out.append((f"template {name}", True, f"build {m.build_id}, {m.vmm_type}/{m.machine.accelerator}"))
+        except TemplateNotFound:
+            ok = None if name != cfg.default_template else False
+            out.append((f"template {name}", ok, f"not built: template-manager --config <config> --template {name}"))
+    lock = dr.run / "server.lock"
+    holder = lock.read_text().strip() if lock.exists() else ""
+    from ..server.runner import ServerError, acquire_lock
+
+    try:
+        acquire_lock(dr.run).release()
+        out.append(("server", None, "not running on this data_root (start: trenvx serve --config ...)"))
+    except ServerError:
+        out.append(("server", True, f"running (pid {holder}) on {cfg.orchestrator.host}:{cfg.orchestrator.port}"))
+    mem = psutil.virtual_memory()
+    headroom = cfg.orchestrator.memory_headroom_mb
+    out.append(("memory", mem.available // 2**20 > headroom,
+                f"{mem.available // 2**20} MiB available, headroom {headroom} MiB"))
+    return out
+
+
+@app.command()
+def doctor(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Check that this host can run sandboxes: QEMU, KVM or TCG, kernel, templates, server, memory."""
+    cfg = _load(config)
+    checks = _checks(cfg)
+    failed = any(ok is False for _, ok, _ in checks)
+    if as_json:
+        print(json.dumps([{"check": c, "ok": ok, "detail": d} for c, ok, d in checks], indent=2))
+    else:
+        t = Table(show_header=False, box=None)
+        for c, ok, d in checks:
+            mark = "[green]ok[/]" if ok else ("[yellow]warn[/]" if ok is None else "[red]FAIL[/]")
+            t.add_row(mark, escape(c), escape(d))
+        Console().print(t)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def demo(
+    config: str = ConfigOpt,
+    template: Optional[str] = typer.Option(None, "--template", "-t", help="template (default: the config's)"),
+    wait: float = typer.Option(0.0, "--wait", help="wait this long for the backend to come up"),
+) -> None:
+    """Against a running backend: create a sandbox, run Hello World in it, print output and timings, kill it."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from .envd_client import EnvdClient
+
+    cfg = _load(config)
+    orch = cfg.orchestrator
+    url = f"http://{orch.host}:{orch.port}"
+    headers = {"X-API-Key": orch.api_key} if orch.api_key else {}
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            httpx.get(f"{url}/health", timeout=2).raise_for_status()
+            break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                err.print(f"[red]error:[/] no trenvx backend answers at {url}; start it: scripts/start.sh run",
+                          highlight=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+            time.sleep(0.5)
+    with httpx.Client(base_url=url, headers=headers, timeout=120) as c:
+        t0 = time.perf_counter()
+        r = c.post("/sandboxes", json={"templateID": template or cfg.default_template})
+        create_ms = (time.perf_counter() - t0) * 1000
+        if r.status_code != 201:
+            err.print(f"[red]error:[/] create failed: {escape(str(r.json().get('message', r.text)))}", highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(1)
+        sb = r.json()
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in sb.get("startTimes", {}).items())
+        print(f"sandbox {sb['sandboxID']} ({sb['templateID']}) created in {create_ms:.1f} ms  [{stages} ms]")
+
+        async def hello() -> tuple[bytes, int, float]:
+            out, code = b"", -1
+            t = time.perf_counter()
+            async with EnvdClient(url, sb["sandboxID"], sb["envdAccessToken"]) as ec:
+                async for ev in ec.start("python3", ["-c", "print('Hello World')"]):
+                    if ev.kind in ("stdout", "stderr"):
+                        out += ev.data
+                    elif ev.kind == "end":
+                        code = ev.exit_code
+            return out, code, (time.perf_counter() - t) * 1000
+
+        try:
+            out, code, run_ms = asyncio.run(hello())
+            print(f"$ python3 -c \"print('Hello World')\"   ({run_ms:.1f} ms, exit {code})")
+            print(out.decode(errors="replace"), end="")
+        finally:
+            t1 = time.perf_counter()
+            c.delete(f"/sandboxes/{sb['sandboxID']}")
+            print(f"sandbox {sb['sandboxID']} killed in {(time.perf_counter() - t1) * 1000:.1f} ms")
+    raise typer.Exit(0 if code == 0 else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+"""sandbox-cli: drive a trenvx backend from the shell.
+
+    sandbox-cli sandbox create -t NAME            prints the new sandbox's id
+    sandbox-cli sandbox ls [-a]                   id, template, state, age, timeout left, memory
+    sandbox-cli sandbox kill ID... | kill -a
+    sandbox-cli sandbox exec ID -- CMD...         streams output, exits with the command's code
+    sandbox-cli sandbox shell ID                  interactive shell in the sandbox (PTY)
+    sandbox-cli sandbox info ID | timeout ID SECONDS
+    sandbox-cli template ls
+
+Every command takes --ip/-i and --port/-p (the backend, default 127.0.0.1:5000; also
+TRENVX_IP, TRENVX_PORT), --api-key (TRENVX_API_KEY) and --json (machine-readable output).
+Errors go to stderr with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, NoReturn, Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .envd_client import EnvdClient, EnvdError
+
+DEFAULT_IP = "127.0.0.1"
+DEFAULT_PORT = 5000
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Drive a trenvx backend: create, list and kill sandboxes; run commands and shells in them. "
+         "Options --ip/-i, --port/-p (default 127.0.0.1:5000; env TRENVX_IP, TRENVX_PORT), --api-key "
+         "(env TRENVX_API_KEY) and --json go before or after the subcommand.",
+)
+sandbox_app = typer.Typer(help="Create, list, kill and use sandboxes.", no_args_is_help=True)
+template_app = typer.Typer(help="Templates built on the backend.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(sandbox_app, name="sb", hidden=True)
+app.add_typer(template_app, name="template")
+
+
+@dataclass
+class Target:
+    ip: str = os.environ.get("TRENVX_IP", DEFAULT_IP)
+    port: int = int(os.environ.get("TRENVX_PORT", DEFAULT_PORT) or DEFAULT_PORT)
+    api_key: str | None = os.environ.get("TRENVX_API_KEY") or None
+    as_json: bool = False
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"http://{host}:{self.port}"
+
+
+_target = Target()
+
+IpOpt = typer.Option(None, "--ip", "-i", help="backend address (default 127.0.0.1, env TRENVX_IP)")
+PortOpt = typer.Option(None, "--port", "-p", help="backend port (default 5000, env TRENVX_PORT)")
+KeyOpt = typer.Option(None, "--api-key", help="API key (env TRENVX_API_KEY)")
+JsonOpt = typer.Option(None, "--json", help="machine-readable JSON output")
+
+
+def _merge(ip: str | None, port: int | None, api_key: str | None, as_json: bool | None) -> Target:
+    if ip:
+        _target.ip = ip
+    if port:
+        _target.port = port
+    if api_key:
+        _target.api_key = api_key
+    if as_json:
+        _target.as_json = True
+    return _target
+
+
+@app.callback()
+def _root(ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+          as_json: Optional[bool] = JsonOpt) -> None:
+    _merge(ip, port, api_key, as_json)
+
+
+@sandbox_app.callback()
+def _sandbox_group(ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+                   as_json: Optional[bool] = JsonOpt) -> None:
+    _merge(ip, port, api_key, as_json)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/] {escape(message)}", markup=True)
+    raise typer.Exit(code)
+
+
+# -- the API -----------------------------------------------------------------------------
+
+
+class Api:
+    def __init__(self, t: Target) -> None:
+        headers = {"X-API-Key": t.api_key} if t.api_key else {}
+        self.t = t
+        self.http = httpx.Client(base_url=t.url, headers=headers, timeout=httpx.Timeout(120.0, connect=5.0))
+
+    def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.ConnectError:
+            fail(f"cannot reach the trenvx backend at {self.t.url}; start it with `scripts/start.sh run` "
+                 "or pass --ip/--port")
+        except httpx.HTTPError as e:
+            fail(f"request to {self.t.url}{path} failed: {e}")
+        if r.status_code >= 400:
+            try:
+                msg = r.json().get("message") or r.text
+            except ValueError:
+                msg = r.text
+            fail(f"{msg} (HTTP {r.status_code})")
+        return r
+
+
+def _fmt_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _parse_pairs(items: list[str], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            fail(f"{what} {item!r}: expected KEY=VALUE", 2)
+        out[k] = v
+    return out
+
+
+def _ts(value: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+# -- sandbox commands ----------------------------------------------------------------------
+
+
+@sandbox_app.command("create")
+def create(
+    template: Optional[str] = typer.Option(None, "--template", "-t", help="template name (default: the server's)"),
+    timeout: Optional[int] = typer.Option(None, "--timeout", help="seconds until the sandbox is killed"),
+    metadata: list[str] = typer.Option([], "--metadata", "-m", help="KEY=VALUE label (repeatable)"),
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE environment variable (repeatable)"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """Create a sandbox and print its id."""
+    t = _merge(ip, port, api_key, as_json)
+    body: dict[str, Any] = {"templateID": template or "base"}
+    if timeout is not None:
+        body["timeout"] = timeout
+    if metadata:
+        body["metadata"] = _parse_pairs(metadata, "--metadata")
+    if env:
+        body["envVars"] = _parse_pairs(env, "--env")
+    r = Api(t).call("POST", "/sandboxes", json=body)
+    data = r.json()
+    if t.as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(data["sandboxID"])
+        times = data.get("startTimes") or {}
+        if times and sys.stderr.isatty():
+            err.print(f"[dim]started in {sum(times.values()):.1f} ms: "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + "[/]")
+
+
+def _list(api: Api, all_: bool) -> list[dict[str, Any]]:
+    params: dict[str, Any] = {"memory": "true", "limit": 1000}
+    if all_:
+        params["state"] = "running,paused,exited"
+    items: list[dict[str, Any]] = []
+    while True:
+        r = api.call("GET", "/v2/sandboxes", params=params)
+        items.extend(r.json())
+        token = r.headers.get("x-next-token")
+        if not token:
+            return items
+        params["nextToken"] = token
+
+
+@sandbox_app.command("ls")
+def ls(
+    all_: bool = typer.Option(False, "--all", "-a", help="also sandboxes that ended recently"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """List sandboxes: id, template, state, age, timeout left, memory (PSS of the VM)."""
+    t = _merge(ip, port, api_key, as_json)
+    items = _list(Api(t), all_)
+    if t.as_json:
+        print(json.dumps(items, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "TEMPLATE", "STATE", "AGE", "TIMEOUT LEFT", "MEMORY"):
+        table.add_column(col, no_wrap=True)
+    now = time.time()
+    for s in items:
+        x = s.get("trenvx") or {}
+        state = s["state"]
+        if state == "exited" and x.get("endReason"):
+            state = f"exited ({x['endReason'].split(':', 1)[0]})"
+        left = x.get("timeoutLeft")
+        table.add_row(
+            s["sandboxID"], s["templateID"], state, _fmt_age(now - _ts(s["startedAt"])),
+            _fmt_age(left) if left and s["state"] == "running" else "-",
+            _fmt_bytes(x.get("pssBytes") or x.get("rssBytes")),
+        )
+    out.print(table)
+    if not items:
+        err.print("[dim]no sandboxes[/]")
+
+
+@sandbox_app.command("kill")
+def kill(
+    ids: list[str] = typer.Argument(None, help="sandbox ids"),
+    all_: bool = typer.Option(False, "--all", "-a", help="kill every running sandbox"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """Kill sandboxes (their VMs and files)."""
+    t = _merge(ip, port, api_key, as_json)
+    api = Api(t)
+    if all_:
+        ids = [s["sandboxID"] for s in _list(api, False)]
+    elif not ids:
+        fail("name the sandboxes to kill, or pass --all", 2)
+    killed, failed = [], []
+    for sid in ids:
+        try:
+            r = api.http.delete(f"/sandboxes/{sid}")
+        except httpx.HTTPError as e:
+            fail(f"cannot reach the trenvx backend at {t.url}: {e}")
+        if r.status_code == 204:
+            killed.append(sid)
+            if not t.as_json:
+                print(sid)
+        else:
+            try:
+                msg = r.json().get("message", r.text)
+            except ValueError:
+                msg = r.text
+            failed.append({"sandboxID": sid, "message": msg})
+            err.print(f"[red]error:[/] {escape(str(msg))}", markup=True)
+    if t.as_json:
+        print(json.dumps({"killed": killed, "failed": failed}, indent=2))
+    if failed:
+        raise typer.Exit(1)
+
+
+@sandbox_app.command("info")
+def info(sandbox_id: str, ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt,
+         api_key: Optional[str] = KeyOpt) -> None:
+    """Everything the backend knows about one sandbox (JSON)."""
+    t = _merge(ip, port, api_key, True)
+    print(json.dumps(Api(t).call("GET", f"/sandboxes/{sandbox_id}").json(), indent=2))
+
+
+@sandbox_app.command("timeout")
+def set_timeout(sandbox_id: str, seconds: int, ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt,
+                api_key: Optional[str] = KeyOpt) -> None:
+    """The sandbox is killed SECONDS from now."""
+    t = _merge(ip, port, api_key, None)
+    Api(t).call("POST", f"/sandboxes/{sandbox_id}/timeout", json={"timeout": seconds})
+
+
+def _connect(t: Target, sandbox_id: str) -> EnvdClient:
+    detail = Api(t).call("GET", f"/sandboxes/{sandbox_id}").json()
+    return EnvdClient(t.url, sandbox_id, detail.get("envdAccessToken"))
+
+
+def _exit_code(code: int) -> int:
+    return code if 0 <= code <= 255 else 1
+
+
+@sandbox_app.command("exec", context_settings={"allow_interspersed_args": False})
+def exec_(
+    sandbox_id: str = typer.Argument(..., help="sandbox id"),
+    cmd: list[str] = typer.Argument(..., help="the command and its arguments (after --)"),
+    cwd: Optional[str] = typer.Option(None, "--cwd", "-w", help="working directory in the sandbox"),
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeatable)"),
+    user: str = typer.Option("root", "--user", "-u", help="user to run as"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+) -> None:
+    """Run a command in the sandbox; stream its output; exit with its exit code.
+
+    A single argument containing spaces is run by /bin/sh -c (so `exec ID -- "ls | wc -l"` works).
+    """
+    t = _merge(ip, port, api_key, None)
+    envs = _parse_pairs(env, "--env")
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        fail("give the command to run after --, e.g. sandbox exec ID -- python3 -V", 2)
+    if len(cmd) == 1 and any(c in cmd[0] for c in " \t|&;<>()$`\\\"'*?"):
+        argv = ["-c", cmd[0]]
+    else:
+        argv = ["-c", 'exec "$@"', "sh", *cmd]
+    forward_stdin = not sys.stdin.isatty()
+    code = asyncio.run(_exec(t, sandbox_id, argv, envs, cwd, user, forward_stdin))
+    raise typer.Exit(code)
+
+
+async def _exec(t: Target, sandbox_id: str, argv: list[str], envs: dict[str, str], cwd: str | None, user: str,
+                forward_stdin: bool) -> int:
+    client = _connect(t, sandbox_id)
+    if user != "root":
+        client._http.headers["Authorization"] = "Basic " + __import__("base64").b64encode(f"{user}:".encode()).decode()
+    stdin_task: asyncio.Task[None] | None = None
+    try:
+        async for ev in client.start("/bin/sh", argv, envs=envs, cwd=cwd, stdin=forward_stdin):
+            if ev.kind == "start" and forward_stdin:
+                stdin_task = asyncio.ensure_future(_pump_stdin(client, ev.pid))
+            elif ev.kind == "stdout":
+                sys.stdout.buffer.write(ev.data)
+                sys.stdout.buffer.flush()
+            elif ev.kind == "stderr":
+                sys.stderr.buffer.write(ev.data)
+                sys.stderr.buffer.flush()
+            elif ev.kind == "end":
+                if ev.error and ev.exit_code == 0:
+                    err.print(f"[red]error:[/] {escape(str(ev.error))}", markup=True)
+                    return 1
+                return _exit_code(ev.exit_code)
+        return 1
+    except EnvdError as e:
+        err.print(f"[red]error:[/] {escape(str(e.message or e))}", markup=True)
+        return 1
+    except httpx.HTTPError as e:
+        err.print(f"[red]error:[/] connection to the sandbox failed: {escape(str(e))}", markup=True)
+        return 1
+    finally:
+        if stdin_task is not None:
+            stdin_task.cancel()
+        await client.aclose()
+
+
+async def _pump_stdin(client: EnvdClient, pid: int) -> None:
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    try:
+        while True:
+            data = await loop.run_in_executor(None, os.read, fd, 65536)
+            if not data:
+                break
+            await client.send_input(pid, data)
+        await client.close_stdin(pid)
+    except (EnvdError, httpx.HTTPError, OSError):
+        pass
+
+
+@sandbox_app.command("shell")
+def shell(
+    sandbox_id: str = typer.Argument(..., help="sandbox id"),
+    command: str = typer.Option("/bin/bash", "--command", "-c", help="shell to start"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+) -> None:
+    """An interactive shell in the sandbox, through a PTY (like `ssh root@<id>`)."""
+    t = _merge(ip, port, api_key, None)
+    if not sys.stdin.isatty():
+        fail("sandbox shell needs a terminal; use `sandbox exec ID -- CMD` in scripts", 2)
+    raise typer.Exit(asyncio.run(_shell(t, sandbox_id, command)))
+
+
+async def _shell(t: Target, sandbox_id: str, command: str) -> int:
+    import termios
+    import tty
+
+    client = _connect(t, sandbox_id)
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    loop = asyncio.get_running_loop()
+    size = os.get_terminal_size(fd)
+    pid = 0
+    inputs: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def on_stdin() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        inputs.put_nowait(data or None)
+
+    async def sender() -> None:
+        while True:
+            data = await inputs.get()
+            if data is None:
+                return
+            while not inputs.empty():  # coalesce keystrokes that arrived meanwhile
+                more = inputs.get_nowait()
+                if more is None:
+                    break
+                data += more
+            await client.send_input(pid, data, pty=True)
+
+    def on_resize() -> None:
+        if pid:
+            s = os.get_terminal_size(fd)
+            asyncio.ensure_future(client.resize(pid, s.columns, s.lines))
+
+    send_task: asyncio.Task[None] | None = None
+    code = 1
+    try:
+        tty.setraw(fd, termios.TCSANOW)  # TCSANOW: keep what was typed ahead
+        shell_cmd, *shell_args = shlex.split(command)
+        envs = {"TERM": os.environ.get("TERM", "xterm-256color")}
+        async for ev in client.start(shell_cmd, shell_args or ["-l"], envs=envs, cwd="/root",
+                                     pty=(size.columns, size.lines)):
+            if ev.kind == "start":
+                pid = ev.pid
+                loop.add_reader(fd, on_stdin)
+                loop.add_signal_handler(signal.SIGWINCH, on_resize)
+                send_task = asyncio.ensure_future(sender())
+            elif ev.kind in ("pty", "stdout", "stderr"):
+                os.write(sys.stdout.fileno(), ev.data)
+            elif ev.kind == "end":
+                code = _exit_code(ev.exit_code)
+                break
+    except (EnvdError, httpx.HTTPError) as e:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        err.print(f"\n[red]error:[/] {escape(str(e))}", markup=True)
+    finally:
+        with_suppress(lambda: loop.remove_reader(fd))
+        with_suppress(lambda: loop.remove_signal_handler(signal.SIGWINCH))
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        if send_task is not None:
+            send_task.cancel()
+        await client.aclose()
+    return code
+
+
+def with_suppress(fn: Any) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# -- templates --------------------------------------------------------------------------------
+
+
+@template_app.command("ls")
+def template_ls(ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+                as_json: Optional[bool] = JsonOpt) -> None:
+    """Templates the backend can start sandboxes from."""
+    t = _merge(ip, port, api_key, as_json)
+    items = Api(t).call("GET", "/templates").json()
+    if t.as_json:
+        print(json.dumps(items, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("TEMPLATE", "BUILD", "VCPU", "MEMORY", "VMM", "SANDBOXES STARTED"):
+        table.add_column(col, no_wrap=True)
+    for tpl in items:
+        x = tpl.get("trenvx") or {}
+        table.add_row(tpl["templateID"] + (" (default)" if tpl.get("isDefault") else ""), tpl["buildID"],
+                      str(tpl["cpuCount"]), f"{tpl['memoryMB']} MiB",
+                      f"{x.get('vmmType', '?')}/{x.get('accelerator', '?')}", str(tpl.get("spawnCount", 0)))
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Request and response bodies of the HTTP API, in the shapes of E2B's REST API.
+
+Field names are E2B's (camelCase, ``sandboxID``, ``templateID``, ...), so that E2B's clients
+parse our answers. trenvx-only information sits in an extra ``trenvx`` object (E2B's generated
+clients keep unknown fields aside) or in extra top-level fields they ignore. Requests accept and
+ignore E2B fields trenvx does not implement (``autoPause``, ``secure``, ``mcp``, ...), but the
+fields it does implement are type-checked strictly: ``"timeout": "60"`` is a 400, not a 60.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, StringConstraints, field_validator
+
+SANDBOX_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
+TEMPLATE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+SANDBOX_ID_RE = re.compile(SANDBOX_ID_PATTERN)
+TEMPLATE_ID_RE = re.compile(TEMPLATE_ID_PATTERN)
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
+
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_KEY = 256
+MAX_METADATA_VALUE = 4096
+MAX_ENV_VARS = 512
+MAX_ENV_VALUE = 128 * 1024
+
+SandboxStateName = Literal["running", "paused", "exited"]
+
+
+def _json_int(v: Any) -> Any:
+    """A JSON integer (``60`` or ``60.0``), not a string, a bool or a fraction."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be an integer number of seconds")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise ValueError("must be a whole number of seconds")
+        return int(v)
+    return v
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_int)]
+
+MetadataKey = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
+MetadataValue = Annotated[StrictStr, StringConstraints(max_length=MAX_METADATA_VALUE)]
+EnvName = Annotated[StrictStr, StringConstraints(pattern=ENV_NAME_RE.pattern)]
+EnvValue = Annotated[StrictStr, StringConstraints(max_length=MAX_ENV_VALUE, pattern=r"^[^\x00]*$")]
+
+
+class Error(BaseModel):
+    """Every error: the HTTP status again as ``code``, and what went wrong (naming the field)."""
+
+    code: int
+    message: str
+
+
+def _utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate?)") from None
+
+
+def _check_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
+    if v is None:
+        return v
+    for k, val in v.items():
+        _utf8(k, "a key")
+        _utf8(val, f"the value of {k!r}")
+    if len(v) > MAX_METADATA_ENTRIES:
+        raise ValueError(f"at most {MAX_METADATA_ENTRIES} entries")
+    for k, val in v.items():
+        if not k or len(k) > MAX_METADATA_KEY:
+            raise ValueError(f"keys must have 1 to {MAX_METADATA_KEY} characters (got {k[:40]!r})")
+        if len(val) > MAX_METADATA_VALUE:
+            raise ValueError(f"the value of {k!r} is longer than {MAX_METADATA_VALUE} characters")
+    return v
+
+
+def _check_env(v: dict[str, str] | None) -> dict[str, str] | None:
+    if v is None:
+        return v
+    if len(v) > MAX_ENV_VARS:
+        raise ValueError(f"at most {MAX_ENV_VARS} variables")
+    for k, val in v.items():
+        if not ENV_NAME_RE.match(k):
+            raise ValueError(f"{k[:40]!r} is not a valid variable name (letters, digits, _; not starting with a digit)")
+        _utf8(val, f"the value of {k!r}")
+        if "\x00" in val or len(val) > MAX_ENV_VALUE:
+            raise ValueError(f"the value of {k!r} contains a NUL byte or is longer than {MAX_ENV_VALUE} characters")
+    return v
+
+
+class NewSandbox(BaseModel):
+    """POST /sandboxes and POST /v2/sandboxes."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": True})
+
+    templateID: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=TEMPLATE_ID_PATTERN)] = Field(
+        description="Template name. E2B's default `base` means the server's default template."
+    )
+    timeout: JsonInt | None = Field(
+        default=None, description="Seconds until the sandbox is killed (default: orchestrator.default_timeout_s)."
+    )
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(
+        default=None, max_length=MAX_METADATA_ENTRIES, description="Free-form labels, filterable."
+    )
+    envVars: dict[EnvName, EnvValue] | None = Field(
+        default=None, max_length=MAX_ENV_VARS, description="Environment of every process."
+    )
+    autoPause: bool | None = Field(default=None, description="Accepted for E2B compatibility; not supported.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _valid_metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_metadata(v)
+
+    @field_validator("envVars")
+    @classmethod
+    def _valid_env(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return _check_env(v)
+
+
+class CreatedSandbox(BaseModel):
+    """201 of POST /sandboxes (E2B's ``Sandbox``) plus the restore's stage timings."""
+
+    templateID: str
+    sandboxID: str
+    alias: str | None = None
+    clientID: str
+    envdVersion: str
+    envdAccessToken: str
+    trafficAccessToken: str | None = None
+    domain: str | None = None
+    startTimes: dict[str, float] = Field(
+        default_factory=dict, description="trenvx: milliseconds spent in each stage of the restore."
+    )
+
+
+class TrenvxSandboxInfo(BaseModel):
+    """trenvx's additions to a listed sandbox."""
+
+    pid: int | None = None
+    rssBytes: int | None = None
+    pssBytes: int | None = None
+    timeoutLeft: float | None = Field(default=None, description="Seconds until the sandbox is killed.")
+    endReason: str | None = None
+    endedAt: dt.datetime | None = None
+    adopted: bool = False
+    buildID: str | None = None
+    vmm: str | None = None
+    accelerator: str | None = None
+    startTimes: dict[str, float] = Field(default_factory=dict, description="Milliseconds per restore stage.")
+
+
+class ListedSandbox(BaseModel):
+    """An item of GET /sandboxes and GET /v2/sandboxes."""
+
+    templateID: str
+    alias: str | None = None
+    sandboxID: str
+    clientID: str
+    startedAt: dt.datetime
+    endAt: dt.datetime
+    cpuCount: int
+    memoryMB: int
+    diskSizeMB: int
+    state: SandboxStateName
+    envdVersion: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+    trenvx: TrenvxSandboxInfo = Field(default_factory=TrenvxSandboxInfo)
+
+
+class SandboxDetail(ListedSandbox):
+    """GET /sandboxes/{sandboxID}."""
+
+    envdAccessToken: str | None = None
+    domain: str | None = None
+
+
+class TimeoutRequest(BaseModel):
+    """POST /sandboxes/{sandboxID}/timeout: the sandbox ends ``timeout`` seconds from now."""
+
+    model_config = ConfigDict(extra="ignore")
+    timeout: JsonInt
+
+
+class RefreshRequest(BaseModel):
+    """POST /sandboxes/{sandboxID}/refreshes: keep the sandbox alive ``duration`` more seconds."""
+
+    model_config = ConfigDict(extra="ignore")
+    duration: JsonInt | None = Field(default=None, description="Seconds (default: the default timeout).")
+
+
+class ConnectRequest(BaseModel):
+    """POST /sandboxes/{sandboxID}/connect: extends the timeout to at least ``timeout`` seconds."""
+
+    model_config = ConfigDict(extra="ignore")
+    timeout: JsonInt | None = None
+
+
+class TemplateBuildInfo(BaseModel):
+    buildID: str
+    status: Literal["building", "waiting", "ready", "error"] = "ready"
+    createdAt: dt.datetime
+    updatedAt: dt.datetime
+    finishedAt: dt.datetime | None = None
+    cpuCount: int
+    memoryMB: int
+    diskSizeMB: int | None = None
+    envdVersion: str | None = None
+    trenvxBuildID: str = Field(description="trenvx: the build's directory name under data_root/templates/NAME/.")
+
+
+class Template(BaseModel):
+    """An item of GET /templates (E2B's ``Template``)."""
+
+    templateID: str
+    buildID: str
+    cpuCount: int
+    memoryMB: int
+    diskSizeMB: int
+    public: bool = False
+    aliases: list[str]
+    names: list[str]
+    createdAt: dt.datetime
+    updatedAt: dt.datetime
+    createdBy: None = None
+    lastSpawnedAt: dt.datetime | None = None
+    spawnCount: int = 0
+    buildCount: int
+    envdVersion: str
+    buildStatus: Literal["building", "waiting", "ready", "error"] = "ready"
+    isDefault: bool = False
+    trenvx: dict[str, Any] = Field(default_factory=dict, description="trenvx: VMM, accelerator, stage timings, sizes.")
+
+
+class TemplateWithBuilds(Template):
+    """GET /templates/{templateID}."""
+
+    builds: list[TemplateBuildInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    sandboxes: int
+    templates: list[str]
+    accelerator: str | None = None

@@ -1,0 +1,110 @@
+"""Template routes (E2B's shapes): GET /templates, GET /templates/{templateID}.
+
+Templates are built with ``template-manager``; these routes list the published builds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+
+from ..template.store import MANIFEST, TemplateBuild, TemplateManifest, TemplateNotFound
+from .auth import require_api_key
+from .errors import ApiError
+from .models import TEMPLATE_ID_RE, Error, Template, TemplateBuildInfo, TemplateWithBuilds
+
+router = APIRouter(dependencies=[Depends(require_api_key)], tags=["templates"],
+                   responses={401: {"model": Error, "description": "Missing or invalid X-API-Key"}})
+
+
+def _created_at(m: TemplateManifest) -> dt.datetime:
+    try:
+        t = dt.datetime.fromisoformat(m.created_at)
+        return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+    except ValueError:
+        return dt.datetime.fromtimestamp(0, dt.UTC)
+
+
+def _build_uuid(name: str, build_id: str) -> str:
+    """E2B's clients expect build ids to be UUIDs: a stable one derived from ours."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"trenvx:{name}:{build_id}"))
+
+
+def _disk_mb(build: TemplateBuild) -> int:
+    try:
+        return int(build.rootfs.stat().st_size // (1 << 20))
+    except OSError:
+        return int(build.manifest.config.get("disk_mb", 0) or 0)
+
+
+def _template(request: Request, build: TemplateBuild, builds: list[TemplateBuild]) -> dict:
+    m = build.manifest
+    created = _created_at(m)
+    first = min((_created_at(b.manifest) for b in builds), default=created)
+    stats = request.app.state.spawns.get(m.name, {})
+    return dict(
+        templateID=m.name, buildID=m.build_id, cpuCount=m.machine.vcpu, memoryMB=m.machine.mem_mb,
+        diskSizeMB=_disk_mb(build), aliases=[m.name], names=[m.name], createdAt=first, updatedAt=created,
+        lastSpawnedAt=stats.get("last"), spawnCount=stats.get("count", 0), buildCount=len(builds),
+        envdVersion=request.app.state.envd_version, buildStatus="ready",
+        isDefault=m.name == request.app.state.manager.config.default_template,
+        trenvx={
+            "vmmType": m.vmm_type, "accelerator": m.machine.accelerator, "acceleratorReason": m.accelerator_reason,
+            "kernelVersion": m.kernel_version, "stageSeconds": m.stage_seconds, "sizes": m.sizes,
+            "rootfsSource": m.rootfs_source,
+        },
+    )
+
+
+def _builds(request: Request, name: str) -> list[TemplateBuild]:
+    out = []
+    for path in request.app.state.manager.templates.builds(name):
+        if path.is_symlink():  # TemplateStore.builds() also yields the `current` symlink
+            continue
+        try:
+            out.append(TemplateBuild(Path(path), TemplateManifest.model_validate_json((path / MANIFEST).read_text())))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+@router.get("/templates", response_model=list[Template], summary="Built templates")
+async def list_templates(request: Request) -> list[dict]:
+    store = request.app.state.manager.templates
+    out = []
+    for name in store.names():
+        try:
+            build = store.current(name)
+        except TemplateNotFound:
+            continue
+        out.append(_template(request, build, _builds(request, name)))
+    return out
+
+
+@router.get("/templates/{templateID}", response_model=TemplateWithBuilds,
+            responses={404: {"model": Error, "description": "No built template of that name"}},
+            summary="One template and its builds")
+async def get_template(request: Request, templateID: str) -> dict:
+    manager = request.app.state.manager
+    if not TEMPLATE_ID_RE.match(templateID):
+        raise ApiError(404, f"template {templateID[:200]!r} does not exist")
+    try:
+        build = manager.templates.current(templateID)
+    except TemplateNotFound as e:
+        configured = templateID in manager.config.template
+        raise ApiError(404, str(e) if configured else f"template {templateID!r} does not exist") from None
+    builds = _builds(request, templateID)
+    info = _template(request, build, builds)
+    info["builds"] = [
+        TemplateBuildInfo(
+            buildID=_build_uuid(templateID, b.build_id), createdAt=_created_at(b.manifest),
+            updatedAt=_created_at(b.manifest), finishedAt=_created_at(b.manifest), cpuCount=b.manifest.machine.vcpu,
+            memoryMB=b.manifest.machine.mem_mb, diskSizeMB=_disk_mb(b), envdVersion=request.app.state.envd_version,
+            trenvxBuildID=b.build_id,
+        )
+        for b in builds
+    ]
+    return info

@@ -1,0 +1,285 @@
+"""Fakes for testing the sandbox manager and the server without VMs.
+
+- a template build on disk (a real manifest, tiny files) so the real TemplateStore is used;
+- a "VM" that is a real process (``sleep``, named ``trenvx-<id>`` like QEMU's ``-name``), started
+  through the real :class:`VmmProcess`, so death detection, kill and adoption are exercised;
+- an upstream HTTP/websocket server standing in for the guest agent and guest web servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from trenvx.config import Config, OrchestratorConfig
+from trenvx.guest.client import AgentClient
+from trenvx.layout import DataRoot
+from trenvx.sandbox.restore import RestoredVm, new_sandbox_id
+from trenvx.template.store import MANIFEST, MachineRecord, TemplateManifest
+from trenvx.vmm.base import VmState
+from trenvx.vmm.process import VmmProcess
+
+BUILD_ID = "20260101T000000-deadbeef"
+
+
+def make_template(data_root: Path, name: str = "tpl", mem_mb: int = 256, vcpu: int = 1) -> Path:
+    d = data_root / "templates" / name / BUILD_ID
+    d.mkdir(parents=True, exist_ok=True)
+    for f in ("rootfs.ext4", "memory", "vmstate"):
+        (d / f).write_bytes(b"\0" * 1024)
+    m = TemplateManifest(
+        name=name, build_id=BUILD_ID, created_at=dt.datetime.now(dt.UTC).isoformat(), vmm_type="qemu",
+        input_digest="0" * 64, inputs={}, config={"name": name, "disk_mb": 64, "mem_mb": mem_mb},
+        machine=MachineRecord(vcpu=vcpu, mem_mb=mem_mb, accelerator="tcg", kernel="/nonexistent/vmlinuz",
+                              initrd="/nonexistent/initrd", cmdline="", tcg_tb_size_mb=32),
+        accelerator_reason="fake", kernel_version="6.1.0-0", versions={}, sizes={"memory_bytes": mem_mb << 20},
+        stage_seconds={"boot": 1.0}, rootfs_source="fake",
+    )
+    (d / MANIFEST).write_text(m.model_dump_json())
+    link = data_root / "templates" / name / "current"
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(BUILD_ID)
+    return d
+
+
+def make_config(data_root: Path, **orch: Any) -> Config:
+    defaults: dict[str, Any] = {"memory_headroom_mb": 0, "reaper_interval_s": 0.05}
+    defaults.update(orch)
+    return Config(data_root=data_root, orchestrator=OrchestratorConfig(**defaults),
+                  template_manager={"template_id": "tpl"})
+
+
+class FakeVm:
+    """A process standing in for a VMM; the agent is the upstream test server."""
+
+    def __init__(self, sandbox_id: str, workdir: Path, process: Any, agent_port: int, forwards: dict[int, int]) -> None:
+        self.spec = type("Spec", (), {"name": sandbox_id, "workdir": workdir})()
+        self.process = process
+        self.agent_port = agent_port
+        self.forwards = forwards
+        self.state = VmState.running
+        self.forward_calls: list[int] = []
+        self.qmp = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://127.0.0.1:{self.agent_port}"
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    async def wait_exit(self) -> int:
+        return await self.process.wait()
+
+    async def kill(self) -> None:
+        await self.process.kill()
+        self.state = VmState.exited
+
+    async def pause(self) -> None:
+        self.state = VmState.paused
+
+    async def resume(self) -> None:
+        self.state = VmState.running
+
+    async def forward_port(self, guest_port: int) -> int:
+        self.forward_calls.append(guest_port)
+        await asyncio.sleep(0.01)
+        if guest_port not in self.forwards:
+            raise RuntimeError(f"no forward for {guest_port} in this fake")
+        return self.forwards[guest_port]
+
+    def console_tail(self, lines: int = 30) -> str:
+        return ""
+
+
+class FakeRestorer:
+    """Stands in for SnapshotRestore: 'restores' by starting a named sleep process."""
+
+    def __init__(self, data_root: DataRoot, agent_port: int, forwards: dict[int, int] | None = None,
+                 delay_s: float = 0.0) -> None:
+        self.data_root = data_root
+        self.agent_port = agent_port
+        self.forwards = forwards or {}
+        self.delay_s = delay_s
+        self.fail_next: Exception | None = None
+        self.restored: list[RestoredVm] = []
+        self.kill_with_owner: list[bool] = []
+
+    def vm_spec(self, build: Any, sandbox_id: str, workdir: Path, *, kill_with_owner: bool = True) -> Any:
+        from trenvx.vmm.base import DiskSpec, VmSpec
+
+        return VmSpec(name=sandbox_id, workdir=workdir / "vm", machine=build.machine, memory_file=workdir / "m",
+                      memory_shared=False, root_disk=DiskSpec(workdir / "disk.qcow2", "qcow2"),
+                      kill_with_owner=kill_with_owner)
+
+    async def restore(self, build: Any, *, sandbox_id: str | None = None, env_vars: dict[str, str] | None = None,
+                      prepared: Any = None, kill_with_owner: bool = True) -> RestoredVm:
+        if self.fail_next is not None:
+            e, self.fail_next = self.fail_next, None
+            raise e
+        sid = sandbox_id or new_sandbox_id()
+        workdir = self.data_root.sandbox_dir(sid)
+        (workdir / "vm").mkdir(parents=True)
+        (workdir / "disk.qcow2").write_bytes(b"overlay")
+        t0 = time.perf_counter()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        proc = await VmmProcess.spawn(["bash", "-c", f"exec -a trenvx-{sid} sleep 3600"], workdir / "vm" / "vmm.log",
+                                      kill_with_owner=kill_with_owner)
+        self.kill_with_owner.append(kill_with_owner)
+        vm = FakeVm(sid, workdir / "vm", proc, self.agent_port, self.forwards)
+        token = secrets.token_urlsafe(8)
+        r = RestoredVm(sandbox_id=sid, build=build, vm=vm, agent=AgentClient(vm.agent_url, access_token=token),  # type: ignore[arg-type]
+                       access_token=token, workdir=workdir, times={"spawn": time.perf_counter() - t0, "init": 0.001})
+        self.restored.append(r)
+        return r
+
+
+def fake_manager(config: Config, agent_port: int, *, state: bool = True, keep: bool | None = None,
+                 forwards: dict[int, int] | None = None, delay_s: float = 0.0, admission: Any = None):
+    from trenvx.sandbox.manager import SandboxManager
+
+    dr = DataRoot(config.data_root).ensure()
+    m = SandboxManager(config, state_path=dr.run / "state.sqlite" if state else None, keep=keep, admission=admission)
+    m.restorer = FakeRestorer(dr, agent_port, forwards, delay_s)  # type: ignore[assignment]
+    return m
+
+
+async def fake_attach(spec: Any, pid: int, agent_port: int) -> FakeVm:
+    """Replacement for adopt.attach_qemu: a FakeVm over a pidfd-watched process."""
+    from trenvx.sandbox.adopt import PidProcess
+
+    proc = PidProcess(pid, spec.workdir / "vmm.log")
+    return FakeVm(spec.name, spec.workdir, proc, agent_port, {})
+
+
+# -- the upstream server ----------------------------------------------------------------------
+
+class UpstreamState:
+    def __init__(self) -> None:
+        self.stream_cancelled = 0
+        self.last_headers: dict[str, str] = {}
+
+
+def upstream_app(state: UpstreamState) -> Starlette:
+    async def health(request: Request) -> Response:
+        return Response(status_code=204)
+
+    async def echo(request: Request) -> Response:
+        # (a StreamingResponse would compete with request.stream() for receive())
+        body = b"".join([chunk async for chunk in request.stream()])
+        return Response(body, media_type="application/octet-stream",
+                        headers={"x-chunked-upload": str("content-length" not in request.headers).lower()})
+
+    async def headers(request: Request) -> JSONResponse:
+        state.last_headers = dict(request.headers)
+        return JSONResponse({"headers": dict(request.headers), "path": request.url.path,
+                             "query": request.url.query, "method": request.method})
+
+    async def stream(request: Request) -> StreamingResponse:
+        n = int(request.query_params.get("n", "5"))
+        delay = float(request.query_params.get("delay", "0.2"))
+
+        async def gen():
+            for i in range(n):
+                yield f"chunk-{i}\n".encode()
+                await asyncio.sleep(delay)
+        return StreamingResponse(gen(), media_type="text/plain")
+
+    async def forever(request: Request) -> StreamingResponse:
+        async def gen():
+            try:
+                i = 0
+                while True:
+                    yield f"tick-{i}\n".encode()
+                    i += 1
+                    await asyncio.sleep(0.05)
+            except (asyncio.CancelledError, GeneratorExit):
+                state.stream_cancelled += 1
+                raise
+        return StreamingResponse(gen(), media_type="text/plain")
+
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept(subprotocol=(websocket.scope.get("subprotocols") or [None])[0])
+        try:
+            while True:
+                msg = await websocket.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                if msg.get("text") is not None:
+                    await websocket.send_text("echo:" + msg["text"])
+                elif msg.get("bytes") is not None:
+                    await websocket.send_bytes(b"echo:" + msg["bytes"])
+        except Exception:  # noqa: BLE001
+            return
+
+    return Starlette(routes=[
+        Route("/health", health), Route("/echo", echo, methods=["POST", "PUT"]),
+        Route("/headers", headers, methods=["GET", "POST", "DELETE"]), Route("/stream", stream),
+        Route("/forever", forever), WebSocketRoute("/ws", ws),
+    ])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadedServer:
+    """Runs an ASGI app with uvicorn in a background thread (own event loop)."""
+
+    def __init__(self, app: Any, port: int | None = None, lifespan: str = "off") -> None:
+        self.port = port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan=lifespan, ws="auto"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ThreadedServer":
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            if time.time() > deadline:
+                raise RuntimeError("upstream server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with contextlib.suppress(Exception):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    return False
+
+
+def rm(p: Path) -> None:
+    shutil.rmtree(p, ignore_errors=True)

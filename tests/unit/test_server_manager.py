@@ -1,0 +1,268 @@
+"""SandboxManager without VMs: lifecycle, timeouts and the reaper, death detection, limits,
+persistence and adoption after a restart. "VMs" are real processes (see server_fakes)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from trenvx.sandbox import adopt
+from trenvx.sandbox.lifecycle import InvalidTimeout
+from trenvx.sandbox.limits import Admission, LimitReached, Limits, OutOfMemory
+from trenvx.sandbox.manager import ManagerClosed, PortUnavailable, SandboxConflict, SandboxNotFound
+from trenvx.sandbox.state import StateStore
+from trenvx.template.store import TemplateNotFound
+
+from .server_fakes import UpstreamState, ThreadedServer, fake_attach, fake_manager, make_config, make_template, pid_gone, upstream_app
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    with ThreadedServer(upstream_app(UpstreamState())) as s:
+        yield s
+
+
+@pytest.fixture
+def cfg(tmp_path: Path):
+    make_template(tmp_path, "tpl")
+    make_template(tmp_path, "big", mem_mb=4096)
+    return make_config(tmp_path)
+
+
+async def wait_for(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_create_get_list_kill_removes_process_and_files(cfg, upstream) -> None:
+    async with fake_manager(cfg, upstream.port) as m:
+        sb = await m.create("tpl", metadata={"k": "v"}, env_vars={"A": "1"})
+        assert m.get(sb.id) is sb and m.list() == [sb]
+        assert sb.workdir_exists if hasattr(sb, "workdir_exists") else sb.restored.workdir.is_dir()
+        assert 299 < sb.timeout_left <= 300
+        rec = m.store.get(sb.id)
+        assert rec.state == "running" and rec.pid == sb.pid and rec.metadata == {"k": "v"}
+        pid = sb.pid
+        await m.kill(sb.id)
+        assert pid_gone(pid)
+        assert not sb.restored.workdir.exists()
+        with pytest.raises(SandboxNotFound, match="does not exist anymore: it was killed"):
+            m.get(sb.id)
+        with pytest.raises(SandboxNotFound):
+            await m.kill(sb.id)
+        [ended] = m.ended()
+        assert ended.id == sb.id and ended.end_reason == "killed" and ended.access_token == ""
+
+
+async def test_unknown_template_and_bad_timeouts(cfg, upstream) -> None:
+    async with fake_manager(cfg, upstream.port) as m:
+        with pytest.raises(TemplateNotFound, match="not built"):
+            await m.create("nope")
+        for bad in (0, -5, 10**9):
+            with pytest.raises(InvalidTimeout, match="between 1 and"):
+                await m.create("tpl", timeout_s=bad)
+        assert m.list() == [] and m.admission.total == 0
+
+
+async def test_reaper_kills_expired_and_set_timeout_refresh_move_the_deadline(cfg, upstream) -> None:
+    async with fake_manager(cfg, upstream.port) as m:
+        short = await m.create("tpl", timeout_s=1)
+        kept = await m.create("tpl", timeout_s=1)
+        m.set_timeout(kept.id, 60)
+        assert 59 < kept.timeout_left <= 60
+        m.refresh(kept.id, 5)  # a refresh never shortens
+        assert kept.timeout_left > 59
+        m.set_timeout(kept.id, 30)  # set_timeout may shorten
+        assert kept.timeout_left <= 30
+        await wait_for(lambda: short.id not in {s.id for s in m.list()}, 4)
+        assert m.store.get(short.id).end_reason == "timeout"
+        await wait_for(lambda: not short.restored.workdir.exists() and pid_gone(short.pid), 3)
+        assert [s.id for s in m.list()] == [kept.id]
+
+
+async def test_a_vmm_that_dies_on_its_own_is_noticed_and_cleaned(cfg, upstream) -> None:
+    async with fake_manager(cfg, upstream.port) as m:
+        sb = await m.create("tpl")
+        t0 = time.monotonic()
+        os.kill(sb.pid, signal.SIGKILL)
+        await wait_for(lambda: not m.list(), 3)
+        assert time.monotonic() - t0 < 2
+        assert m.store.get(sb.id).end_reason.startswith("died")
+        await wait_for(lambda: not sb.restored.workdir.exists(), 3)
+        with pytest.raises(SandboxNotFound, match="exited on its own"):
+            m.get(sb.id)
+        assert m.admission.total == 0
+
+
+async def test_limits_per_host_and_per_template_even_for_concurrent_creates(cfg, upstream) -> None:
+    cfg = make_config(cfg.data_root, max_sandboxes=3, max_sandboxes_per_template=2)
+    async with fake_manager(cfg, upstream.port, delay_s=0.2) as m:
+        results = await asyncio.gather(*(m.create("tpl") for _ in range(4)), return_exceptions=True)
+        ok = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, LimitReached)]
+        assert len(ok) == 2 and len(refused) == 2, results
+        assert "max_sandboxes_per_template" in str(refused[0])
+        make_template(cfg.data_root, "other")
+        await m.create("other")
+        with pytest.raises(LimitReached, match="maximum of 3 sandboxes"):
+            await m.create("other")
+        await m.kill(ok[0].id)
+        await m.create("tpl")  # a slot was freed
+
+
+async def test_memory_headroom_refuses_with_out_of_memory(cfg, upstream) -> None:
+    free = 1024 << 20
+    adm = Admission(Limits(100, 100, headroom_mb=512), available=lambda: free)
+    async with fake_manager(cfg, upstream.port, admission=adm, delay_s=0.1) as m:
+        with pytest.raises(OutOfMemory, match="4096 MiB"):
+            await m.create("big")
+        # two concurrent 256 MiB creates fit in 1024 - 512 headroom, a third is refused while they start
+        results = await asyncio.gather(*(m.create("tpl") for _ in range(3)), return_exceptions=True)
+        assert sum(isinstance(r, OutOfMemory) for r in results) == 1, results
+
+
+async def test_restore_failure_releases_the_slot(cfg, upstream) -> None:
+    cfg = make_config(cfg.data_root, max_sandboxes=1)
+    async with fake_manager(cfg, upstream.port) as m:
+        m.restorer.fail_next = RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"):
+            await m.create("tpl")
+        await m.create("tpl")
+
+
+async def test_ports_agent_then_forwarded_once_and_cached(cfg, upstream) -> None:
+    async with fake_manager(cfg, upstream.port, forwards={8000: 41000}) as m:
+        sb = await m.create("tpl")
+        assert await m.port_address(sb.id, 49983) == ("127.0.0.1", upstream.port)
+        got = await asyncio.gather(*(m.port_address(sb.id, 8000) for _ in range(5)))
+        assert set(got) == {("127.0.0.1", 41000)}
+        assert sb.restored.vm.forward_calls == [8000]
+        assert m.store.get(sb.id).ports == {8000: 41000}
+        with pytest.raises(PortUnavailable):
+            await m.port_address(sb.id, 9999)
+        with pytest.raises(PortUnavailable):
+            await m.port_address(sb.id, 70000)
+        with pytest.raises(SandboxNotFound):
+            await m.port_address("nosuch", 8000)
+
+
+async def test_pause_resume_conflicts(cfg, upstream) -> None:
+    async with fake_manager(cfg, upstream.port) as m:
+        sb = await m.create("tpl")
+        await m.pause(sb.id)
+        assert sb.state == "paused" and m.store.get(sb.id).state == "paused"
+        with pytest.raises(SandboxConflict):
+            await m.pause(sb.id)
+        with pytest.raises(SandboxConflict, match="paused"):
+            await m.port_address(sb.id, 49983)
+        await m.resume(sb.id)
+        with pytest.raises(SandboxConflict):
+            await m.resume(sb.id)
+
+
+async def test_close_kills_everything_and_refuses_new_creates(cfg, upstream) -> None:
+    m = fake_manager(cfg, upstream.port)
+    sbs = [await m.create("tpl") for _ in range(3)]
+    await m.close()
+    assert all(pid_gone(s.pid) for s in sbs)
+    assert list((cfg.data_root / "sandboxes").iterdir()) == []
+    with pytest.raises(ManagerClosed):
+        await m.create("tpl")
+    store = StateStore(cfg.data_root / "run" / "state.sqlite")
+    assert {r.end_reason for r in store.all()} == {"shutdown"}
+    store.close()
+
+
+async def test_restart_adopts_running_vms_and_cleans_dead_ones(cfg, upstream, monkeypatch) -> None:
+    monkeypatch.setattr(adopt, "attach_qemu", fake_attach)
+    first = fake_manager(cfg, upstream.port, keep=True)
+    a = await first.create("tpl", metadata={"n": "a"}, timeout_s=100)
+    b = await first.create("tpl", metadata={"n": "b"})
+    assert first.restorer.kill_with_owner == [False, False], "keep mode must start VMs that outlive the server"
+    await first.close()
+    del first
+    a_pid, b_pid = a.pid, b.pid
+    a.restored.vm.process = b.restored.vm.process = None  # drop every reference to the asyncio transports
+    gc.collect()
+    await asyncio.sleep(0.1)
+    assert not pid_gone(a_pid) and not pid_gone(b_pid), "--keep leaves the VMs running (even after GC)"
+    os.kill(b_pid, signal.SIGKILL)  # one VMM dies while no server runs
+    await wait_for(lambda: pid_gone(b_pid))
+
+    second = fake_manager(cfg, upstream.port)
+    await second.start()
+    try:
+        assert second.adopted == [a.id] and second.cleaned == [b.id]
+        sa = second.get(a.id)
+        assert sa.adopted and sa.pid == a_pid and sa.metadata == {"n": "a"}
+        assert sa.access_token == a.access_token and sa.agent_port == upstream.port
+        assert 95 < sa.timeout_left <= 100
+        assert not b.restored.workdir.exists()
+        with pytest.raises(SandboxNotFound, match="while the server was not running"):
+            second.get(b.id)
+        # death of an adopted VM (not our child) is still noticed, through its pidfd
+        os.kill(a_pid, signal.SIGKILL)
+        await wait_for(lambda: not second.list(), 3)
+        await wait_for(lambda: not a.restored.workdir.exists(), 3)
+    finally:
+        await second.close()
+
+
+async def test_restart_kills_adopted_vms_on_a_normal_stop(cfg, upstream, monkeypatch) -> None:
+    monkeypatch.setattr(adopt, "attach_qemu", fake_attach)
+    first = fake_manager(cfg, upstream.port, keep=True)
+    a = await first.create("tpl")
+    await first.close()
+    second = fake_manager(cfg, upstream.port)
+    await second.start()
+    assert second.adopted == [a.id]
+    await second.close()
+    await wait_for(lambda: pid_gone(a.pid))
+    assert not a.restored.workdir.exists()
+
+
+async def test_a_recycled_pid_is_not_adopted(cfg, upstream, monkeypatch) -> None:
+    monkeypatch.setattr(adopt, "attach_qemu", fake_attach)
+    first = fake_manager(cfg, upstream.port, keep=True)
+    a = await first.create("tpl")
+    await first.close()
+    store = StateStore(cfg.data_root / "run" / "state.sqlite")
+    rec = store.get(a.id)
+    rec.pid_started_at -= 1000  # as if the pid now belonged to a process started later
+    store.put(rec)
+    store.close()
+    second = fake_manager(cfg, upstream.port)
+    await second.start()
+    try:
+        assert second.adopted == [] and second.cleaned == [a.id]
+    finally:
+        await second.close()
+        os.kill(a.pid, signal.SIGKILL)
+
+
+async def test_orphaned_sandbox_dirs_are_swept_only_when_dead_and_old(cfg, upstream) -> None:
+    sandboxes = cfg.data_root / "sandboxes"
+    dead = sandboxes / "deadorphan"
+    (dead / "vm").mkdir(parents=True)
+    (dead / "vm" / "vmm.pid").write_text("999999999")
+    young = sandboxes / "youngorphan"
+    (young / "vm").mkdir(parents=True)
+    (young / "vm" / "vmm.pid").write_text("999999999")
+    alive = sandboxes / "aliveorphan"
+    (alive / "vm").mkdir(parents=True)
+    (alive / "vm" / "vmm.pid").write_text(str(os.getpid()))
+    old = time.time() - 3600
+    for d in (dead, alive):
+        os.utime(d, (old, old))
+    async with fake_manager(cfg, upstream.port):
+        pass
+    assert not dead.exists() and young.exists() and alive.exists()

@@ -1,0 +1,144 @@
+"""The proxy to sandbox ports over a real socket (uvicorn), against a stand-in upstream server:
+streaming both ways, websockets, client disconnects reaching the upstream, errors E2B's SDKs
+recognise. No VMs: the "agent" and the "web server in the sandbox" are the upstream test app."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from trenvx.server.app import create_app
+
+from .server_fakes import ThreadedServer, UpstreamState, fake_manager, make_config, make_template, upstream_app
+
+
+@pytest.fixture(scope="module")
+def upstream_state() -> UpstreamState:
+    return UpstreamState()
+
+
+@pytest.fixture(scope="module")
+def upstream(upstream_state):
+    with ThreadedServer(upstream_app(upstream_state)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, upstream):
+    root: Path = tmp_path_factory.mktemp("proxy")
+    make_template(root, "tpl")
+    cfg = make_config(root, domain="sbx.test")
+    m = fake_manager(cfg, upstream.port, forwards={8000: upstream.port})
+    with ThreadedServer(create_app(cfg, manager=m), lifespan="on") as s:
+        s.url = f"http://127.0.0.1:{s.port}"  # type: ignore[attr-defined]
+        yield s
+
+
+@pytest.fixture(scope="module")
+def sandbox(server) -> str:
+    r = httpx.post(f"{server.url}/sandboxes", json={"templateID": "tpl"})
+    assert r.status_code == 201
+    return r.json()["sandboxID"]
+
+
+def hdr(sid: str, port: int = 49983) -> dict[str, str]:
+    return {"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": str(port)}
+
+
+def test_headers_route_to_the_agent_port(server, sandbox) -> None:
+    r = httpx.get(f"{server.url}/headers?x=1&y=%2F", headers={**hdr(sandbox), "X-Access-Token": "tok"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["query"] == "x=1&y=%2F" and body["path"] == "/headers"
+    assert body["headers"]["x-access-token"] == "tok"
+    assert "e2b-sandbox-id" not in body["headers"]
+    assert body["headers"]["x-forwarded-for"] == "127.0.0.1"
+    assert httpx.get(f"{server.url}/health", headers=hdr(sandbox)).status_code == 204
+
+
+def test_host_routing_to_another_port(server, sandbox) -> None:
+    r = httpx.get(f"{server.url}/headers", headers={"Host": f"8000-{sandbox}.sbx.test:{server.port}"})
+    assert r.status_code == 200 and r.json()["path"] == "/headers"
+    r = httpx.get(f"{server.url}/headers", headers={"Host": f"8000-{sandbox}.other.domain"})
+    assert r.status_code == 404  # not for a sandbox: the API has no /headers
+
+
+def test_unknown_sandbox_and_closed_port_give_e2b_502s(server, sandbox) -> None:
+    r = httpx.get(f"{server.url}/health", headers=hdr("nosuchsandbox"))
+    assert r.status_code == 502 and "was not found" in r.json()["message"]
+    r = httpx.get(f"{server.url}/health", headers=hdr(sandbox, 9999))
+    assert r.status_code == 502 and "port is not open" in r.json()["message"] and r.json()["code"] == 502
+    r = httpx.get(f"{server.url}/health", headers={"E2b-Sandbox-Id": sandbox})
+    assert r.status_code == 400 and "E2b-Sandbox-Port" in r.json()["message"]
+    r = httpx.get(f"{server.url}/health", headers=hdr(sandbox, 0))
+    assert r.status_code == 400
+
+
+def test_large_upload_streams_through_intact(server, sandbox) -> None:
+    data = os.urandom(24 * 2**20)
+
+    def gen():
+        for i in range(0, len(data), 1 << 20):
+            yield data[i:i + (1 << 20)]
+
+    for content in (data, gen()):  # with Content-Length, and chunked
+        r = httpx.post(f"{server.url}/echo", headers=hdr(sandbox), content=content, timeout=60)
+        assert r.status_code == 200
+        assert hashlib.sha256(r.content).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_server_stream_chunks_arrive_as_they_are_produced(server, sandbox) -> None:
+    arrivals = []
+    t0 = time.monotonic()
+    with httpx.stream("GET", f"{server.url}/stream?n=4&delay=0.3", headers=hdr(sandbox)) as r:
+        for line in r.iter_lines():
+            arrivals.append((line, time.monotonic() - t0))
+    assert [a[0] for a in arrivals] == [f"chunk-{i}" for i in range(4)]
+    assert arrivals[0][1] < 0.25, f"first chunk was buffered: {arrivals}"
+    assert arrivals[-1][1] > 0.8
+
+
+def test_client_disconnect_closes_the_upstream_stream(server, sandbox, upstream_state) -> None:
+    before = upstream_state.stream_cancelled
+    with httpx.stream("GET", f"{server.url}/forever", headers=hdr(sandbox)) as r:
+        it = r.iter_lines()
+        assert next(it) == "tick-0"
+    deadline = time.time() + 5
+    while upstream_state.stream_cancelled == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert upstream_state.stream_cancelled > before, "the upstream never saw the client leave"
+
+
+async def test_websocket_relay(server, sandbox) -> None:
+    from websockets.asyncio.client import connect
+
+    url = f"ws://127.0.0.1:{server.port}/ws"
+    async with connect(url, additional_headers=hdr(sandbox, 8000), subprotocols=["chat"]) as ws:
+        assert ws.subprotocol == "chat"
+        await ws.send("hi")
+        assert await ws.recv() == "echo:hi"
+        await ws.send(b"\x00\xff")
+        assert await ws.recv() == b"echo:\x00\xff"
+    async with connect(f"ws://8000-{sandbox}.sbx.test:{server.port}/ws", host="127.0.0.1", port=server.port) as ws:
+        await ws.send("host-routed")
+        assert await ws.recv() == "echo:host-routed"
+    with pytest.raises(Exception) as ei:
+        async with connect(url, additional_headers=hdr("nosuchsandbox")):
+            pass
+    assert "502" in str(ei.value)
+
+
+async def test_many_concurrent_streams(server, sandbox) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        async def one(i: int) -> bytes:
+            r = await c.post("/echo", headers=hdr(sandbox), content=f"payload-{i}".encode() * 1000)
+            return r.content
+
+        outs = await asyncio.gather(*(one(i) for i in range(50)))
+    assert all(o == f"payload-{i}".encode() * 1000 for i, o in enumerate(outs))
