@@ -49,7 +49,7 @@ async def main() -> None:
           f"/{extra.get('accelerator', '?')})")
     print(f"  create -> ready (SDK call)           {t_create * 1000:8.1f} ms")
     if stages:
-        print("    restore stages on the server:    " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in stages.items()) + " ms")
+        print("    restore stages on the server:    " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + " ms")
     print(f"  first  python -c print('Hello World') {t_hello * 1000:8.1f} ms")
     print(f"  second python -c print('Hello World') {t_again * 1000:8.1f} ms")
     print(f"  total                                {(time.perf_counter() - t0) * 1000:8.1f} ms (sandbox killed)")

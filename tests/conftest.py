@@ -4,12 +4,13 @@
                      so unchanged inputs are not rebuilt: see the input digest in the manifest)
 - ``test_template``: the name of the built end-to-end template (built on first use)
 - ``manager``:      a SandboxManager for the test session; kills what is left at the end
+- ``backend_url``:  a real ``trenvx serve`` for the session; ``keyed_backend_url`` one with an API key
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psutil
@@ -57,6 +58,30 @@ async def manager(e2e_config: Config, test_template: str) -> AsyncIterator["Sand
 
     async with SandboxManager(e2e_config) as m:
         yield m
+
+
+@pytest.fixture(scope="session")
+def backend(e2e_config: Config, test_template: str, tmp_path_factory: pytest.TempPathFactory) -> "Iterator[ServerProc]":  # noqa: F821
+    """A real ``trenvx serve`` for the session (own data_root, sharing the built templates)."""
+    from tests.e2e.server_helpers import running_server
+
+    with running_server(tmp_path_factory.mktemp("backend"), e2e_config, template=test_template) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def backend_url(backend: "ServerProc") -> str:  # noqa: F821
+    """The session backend's base URL, e.g. ``http://127.0.0.1:40123``."""
+    return backend.url
+
+
+@pytest.fixture(scope="session")
+def keyed_backend_url(e2e_config: Config, test_template: str, tmp_path_factory: pytest.TempPathFactory) -> "Iterator[str]":  # noqa: F821
+    """A second backend that requires the API key ``right-key``."""
+    from tests.e2e.server_helpers import running_server
+
+    with running_server(tmp_path_factory.mktemp("keyed"), e2e_config, template=test_template, api_key="right-key") as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="session", autouse=True)

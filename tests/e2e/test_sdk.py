@@ -1,22 +1,19 @@
 """sandbox_sdk end to end, TrEnv-X surface: a real backend, real VMs restored from the test template.
 
-The backend comes from the ``backend_url`` fixture of ``tests/conftest.py`` when it exists;
-otherwise :func:`sdk_backend` starts ``trenvx serve`` on the end-to-end config itself.
+The backend is the session's ``trenvx serve`` (``backend_url`` in ``tests/conftest.py``).
 ``tests/e2e/test_sdk_e2b.py`` covers the E2B-style surface and reuses these fixtures.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from tests.e2e.server_helpers import free_port
 
 import httpx
 import pytest
@@ -29,113 +26,6 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E_CONFIG = ROOT / "tests" / "e2e" / "e2e_config.toml"
-SERVE = "from trenvx.cli.admin import main; main()"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(config: Path, port: int, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """``trenvx serve`` in a subprocess; returns once ``/health`` answers."""
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = f"{ROOT / 'src'}{os.pathsep}{full_env.get('PYTHONPATH', '')}"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE, "serve", "--config", str(config), "--port", str(port)],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            cwd=ROOT,
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc)
-            raise RuntimeError(f"the backend did not start:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()  # the server kills its sandboxes on SIGTERM
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-# Servers this module started, shared by every module that imports its fixtures (pytest makes
-# one fixture instance per importing module): name -> [url, process, users].
-_SERVERS: dict[str, list] = {}
-
-
-@contextlib.contextmanager
-def shared_server(name: str, start: Callable[[], tuple[str, subprocess.Popen[bytes]]]) -> Iterator[str]:
-    if name not in _SERVERS:
-        url, proc = start()
-        _SERVERS[name] = [url, proc, 0]
-    entry = _SERVERS[name]
-    entry[2] += 1
-    try:
-        yield entry[0]
-    finally:
-        entry[2] -= 1
-        if entry[2] == 0:
-            del _SERVERS[name]
-            stop_server(entry[1])
-
-
-@pytest.fixture(scope="session")
-def sdk_backend(
-    request: pytest.FixtureRequest, test_template: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """The backend's base URL, e.g. ``http://127.0.0.1:5099``."""
-    try:
-        yield request.getfixturevalue("backend_url")
-        return
-    except pytest.FixtureLookupError:
-        pass
-
-    def start() -> tuple[str, subprocess.Popen[bytes]]:
-        port = free_port()
-        proc = start_server(E2E_CONFIG, port, tmp_path_factory.mktemp("backend") / "server.log")
-        return f"http://127.0.0.1:{port}", proc
-
-    with shared_server("backend", start) as url:
-        yield url
-
-
-@pytest.fixture(scope="session")
-def backend_port(sdk_backend: str) -> int:
-    return httpx.URL(sdk_backend).port or 80
-
-
-@pytest.fixture(scope="session")
-def keyed_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A second backend that requires the API key ``right-key`` (own, empty data_root)."""
-
-    def start() -> tuple[str, subprocess.Popen[bytes]]:
-        tmp = tmp_path_factory.mktemp("keyed")
-        port = free_port()
-        cfg = tmp / "config.toml"
-        cfg.write_text(
-            f'data_root = "{tmp / "data"}"\n[orchestrator]\nhost = "127.0.0.1"\nport = {port}\napi_key = "right-key"\n'
-        )
-        return f"http://127.0.0.1:{port}", start_server(cfg, port, tmp / "server.log")
-
-    with shared_server("keyed", start) as url:
-        yield url
-
-
 async def _kill_new(backend: str, before: set[str]) -> None:
     for s in await AsyncSandbox.list(api_url=backend):
         if s.sandbox_id not in before:

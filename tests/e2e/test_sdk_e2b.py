@@ -14,7 +14,6 @@ import pytest
 
 from sandbox_sdk import exceptions
 from sandbox_sdk.e2b import AsyncSandbox, FileType, PtySize, Sandbox
-from tests.e2e.test_sdk import backend_port, keyed_backend, sdk_backend  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.e2e
 

@@ -186,18 +186,6 @@ class Sandbox:
         )
 
 
-def _disown(process: object) -> None:
-    """Make sure asyncio never kills a VMM left running for the next server.
-
-    asyncio's subprocess transport kills a child that is still running when the transport is
-    closed or garbage-collected (at loop or interpreter shutdown). Marking it closed turns that
-    into a no-op; the process keeps running and a restarted server adopts it.
-    """
-    transport = getattr(getattr(process, "_proc", None), "_transport", None)
-    if transport is not None and hasattr(transport, "_closed"):
-        transport._closed = True
-
-
 def _disk_mb(build: TemplateBuild) -> int:
     try:
         return int(build.rootfs.stat().st_size // (1 << 20))
@@ -287,7 +275,6 @@ class SandboxManager:
         detach = getattr(process, "detach", None)
         if detach is not None:
             detach()
-        _disown(process)
         if self.store is not None:
             self.store.put(sb.record())
 

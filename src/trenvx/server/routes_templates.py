@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 
-from ..template.store import MANIFEST, TemplateBuild, TemplateManifest, TemplateNotFound
+from ..template.store import TemplateBuild, TemplateManifest, TemplateNotFound
 from .auth import require_api_key
 from .errors import ApiError
 from .models import TEMPLATE_ID_RE, Error, Template, TemplateBuildInfo, TemplateWithBuilds
@@ -60,15 +59,7 @@ def _template(request: Request, build: TemplateBuild, builds: list[TemplateBuild
 
 
 def _builds(request: Request, name: str) -> list[TemplateBuild]:
-    out = []
-    for path in request.app.state.manager.templates.builds(name):
-        if path.is_symlink():  # TemplateStore.builds() also yields the `current` symlink
-            continue
-        try:
-            out.append(TemplateBuild(Path(path), TemplateManifest.model_validate_json((path / MANIFEST).read_text())))
-        except (OSError, ValueError):
-            continue
-    return out
+    return request.app.state.manager.templates.published(name)
 
 
 @router.get("/templates", response_model=list[Template], summary="Built templates")

@@ -8,7 +8,6 @@ older build keep working while a new one is built.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import shutil
 from pathlib import Path
@@ -162,7 +161,20 @@ class TemplateStore:
         d = self.data_root.template_dir(name)
         if not d.is_dir():
             return []
-        return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists())
+        return sorted(
+            p for p in d.iterdir()
+            if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and (p / MANIFEST).exists()
+        )
+
+    def published(self, name: str) -> list[TemplateBuild]:
+        """Every readable build of ``name``, oldest first."""
+        out = []
+        for p in self.builds(name):
+            try:
+                out.append(TemplateBuild(p, TemplateManifest.model_validate_json((p / MANIFEST).read_text())))
+            except (OSError, ValueError):
+                continue
+        return out
 
     def prune(self, name: str, in_use: set[str]) -> list[str]:
         """Delete builds of ``name`` that are neither current nor in ``in_use`` (build ids)."""
@@ -177,6 +189,3 @@ class TemplateStore:
                 removed.append(p.name)
         return removed
 
-
-def manifest_json(manifest: TemplateManifest) -> str:
-    return json.dumps(manifest.model_dump(), indent=2)

@@ -94,6 +94,17 @@ class VmmProcess:
             pass
         await self._proc.wait()
 
+    def detach(self) -> None:
+        """Give up ownership: the process keeps running after we exit (a restarted server adopts it).
+
+        asyncio's subprocess transport kills a child that is still running when the transport is
+        closed or garbage-collected (at loop or interpreter shutdown); marking it closed turns
+        that into a no-op.
+        """
+        transport = getattr(self._proc, "_transport", None)
+        if transport is not None and hasattr(transport, "_closed"):
+            transport._closed = True
+
     def output_tail(self, lines: int = 20) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

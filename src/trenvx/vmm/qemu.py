@@ -38,6 +38,7 @@ GUEST_DNS = "10.0.2.3"
 
 _HOSTFWD_RE = re.compile(rf"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+{re.escape(GUEST_IP)}\s+{AGENT_PORT}")
 QMP_TIMEOUT_S = 30.0
+_UNIX_PATH_MAX = 108  # sun_path, including the terminating NUL
 MIGRATION_TIMEOUT_S = 120.0
 
 
@@ -160,6 +161,12 @@ class QemuDriver(VmmDriver):
         self.binary = binary
 
     async def _spawn(self, spec: VmSpec, *, incoming: bool) -> QemuVm:
+        qmp_path = str(spec.workdir / "qmp.sock")
+        if len(qmp_path.encode()) >= _UNIX_PATH_MAX:
+            raise VmmError(
+                f"the VM's control socket path {qmp_path} is {len(qmp_path.encode())} bytes, over the "
+                f"{_UNIX_PATH_MAX - 1}-byte limit of UNIX sockets; choose a shorter data_root"
+            )
         spec.workdir.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
