@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import httpx
 
+from .channel import forwarded_port_transport
+
 __all__ = [
     "AgentClient",
     "AgentError",
@@ -211,7 +213,7 @@ class AgentClient:
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=32),
+            transport=forwarded_port_transport(httpx.Limits(max_connections=200, max_keepalive_connections=32)),
         )
 
     async def __aenter__(self) -> AgentClient:

@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from ..guest.channel import forwarded_port_transport
+
 from ..sandbox.manager import PortUnavailable, SandboxConflict, SandboxManager, SandboxNotFound
 from .errors import error_body
 
@@ -107,7 +109,9 @@ class SandboxProxy:
         if self._client is None:
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(connect=10.0, read=None, write=None, pool=None),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
+                transport=forwarded_port_transport(
+                    httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30)
+                ),
                 follow_redirects=False,
             )
         return self._client
@@ -192,6 +196,8 @@ class SandboxProxy:
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
             if disconnected.is_set():
                 return
+            log.warning("proxy %s %s to sandbox %s port %d failed: %r (cause %r)", scope["method"],
+                        scope["path"], sid, port, e, e.__cause__ or e.__context__)
             try:
                 self.manager.get(sid)
             except SandboxNotFound as nf:
