@@ -2,7 +2,6 @@
 
     trenvx serve  --config configs/example_config.toml [--keep] [--host H] [--port P]
     trenvx doctor --config configs/example_config.toml [--json]
-    trenvx demo   --config configs/example_config.toml [--wait SECONDS]
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from ..config import Config, ConfigError, load_config
 
 err = Console(stderr=True)
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Run and check the trenvx backend: serve (foreground), doctor, demo.")
+                  help="Run and check the trenvx backend: serve (foreground), doctor.")
 
 DEFAULT_CONFIG = "configs/example_config.toml"
 ConfigOpt = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="TOML config file", envvar="TRENVX_CONFIG")
@@ -120,69 +119,6 @@ def doctor(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json"
             t.add_row(mark, escape(c), escape(d))
         Console().print(t)
     raise typer.Exit(1 if failed else 0)
-
-
-@app.command()
-def demo(
-    config: str = ConfigOpt,
-    template: Optional[str] = typer.Option(None, "--template", "-t", help="template (default: the config's)"),
-    wait: float = typer.Option(0.0, "--wait", help="wait this long for the backend to come up"),
-) -> None:
-    """Against a running backend: create a sandbox, run Hello World in it, print output and timings, kill it."""
-    import asyncio
-    import time
-
-    import httpx
-
-    from .envd_client import EnvdClient
-
-    cfg = _load(config)
-    orch = cfg.orchestrator
-    url = f"http://{orch.host}:{orch.port}"
-    headers = {"X-API-Key": orch.api_key} if orch.api_key else {}
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            httpx.get(f"{url}/health", timeout=2).raise_for_status()
-            break
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                err.print(f"[red]error:[/] no trenvx backend answers at {url}; start it: scripts/start.sh run",
-                          highlight=False, soft_wrap=True)
-                raise typer.Exit(1) from None
-            time.sleep(0.5)
-    with httpx.Client(base_url=url, headers=headers, timeout=120) as c:
-        t0 = time.perf_counter()
-        r = c.post("/sandboxes", json={"templateID": template or cfg.default_template})
-        create_ms = (time.perf_counter() - t0) * 1000
-        if r.status_code != 201:
-            err.print(f"[red]error:[/] create failed: {escape(str(r.json().get('message', r.text)))}", highlight=False,
-                      soft_wrap=True)
-            raise typer.Exit(1)
-        sb = r.json()
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in sb.get("startTimes", {}).items())
-        print(f"sandbox {sb['sandboxID']} ({sb['templateID']}) created in {create_ms:.1f} ms  [{stages} ms]")
-
-        async def hello() -> tuple[bytes, int, float]:
-            out, code = b"", -1
-            t = time.perf_counter()
-            async with EnvdClient(url, sb["sandboxID"], sb["envdAccessToken"]) as ec:
-                async for ev in ec.start("python3", ["-c", "print('Hello World')"]):
-                    if ev.kind in ("stdout", "stderr"):
-                        out += ev.data
-                    elif ev.kind == "end":
-                        code = ev.exit_code
-            return out, code, (time.perf_counter() - t) * 1000
-
-        try:
-            out, code, run_ms = asyncio.run(hello())
-            print(f"$ python3 -c \"print('Hello World')\"   ({run_ms:.1f} ms, exit {code})")
-            print(out.decode(errors="replace"), end="")
-        finally:
-            t1 = time.perf_counter()
-            c.delete(f"/sandboxes/{sb['sandboxID']}")
-            print(f"sandbox {sb['sandboxID']} killed in {(time.perf_counter() - t1) * 1000:.1f} ms")
-    raise typer.Exit(0 if code == 0 else 1)
 
 
 def main() -> None:
