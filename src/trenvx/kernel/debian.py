@@ -20,7 +20,6 @@ Version selection for ``"auto"``:
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from trenvx.filelock import AsyncFileLock
 from trenvx.layout import DataRoot
 from trenvx.template.errors import CommandError, KernelError, run
 
@@ -163,35 +163,6 @@ async def resolve_version(data_root: DataRoot, kernel_version: str, log: Callabl
     return known[-1]
 
 
-class _FileLock:
-    """An exclusive flock held across an async section (polled, so the event loop keeps running)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: int | None = None
-
-    async def __aenter__(self) -> "_FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await asyncio.sleep(0.2)
-            except BaseException:
-                os.close(fd)
-                raise
-        self.fd = fd
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
 async def ensure_kernel(data_root: DataRoot, kernel_version: str = "auto", log=print) -> GuestKernel:
     """Return the unpacked guest kernel, downloading and unpacking it first if needed."""
     if kernel_version and kernel_version != "auto":
@@ -204,7 +175,7 @@ async def ensure_kernel(data_root: DataRoot, kernel_version: str = "auto", log=p
         if cached:
             return cached[-1]
 
-    async with _FileLock(data_root.kernels / ".lock"):
+    async with AsyncFileLock(data_root.kernels / ".lock"):
         version = await resolve_version(data_root, kernel_version, log)
         k = GuestKernel.at(data_root.kernels / version, version)
         if k.is_complete():  # another process finished it while we waited for the lock

@@ -20,7 +20,6 @@ Dockerfile ``FROM debian:bookworm`` builds offline.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hashlib
 import json
 import os
@@ -34,8 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trenvx.config import TemplateConfig
+from trenvx.filelock import AsyncFileLock
 from trenvx.layout import DataRoot
 from trenvx.template.errors import CommandError, RootfsError, run
+from trenvx.vmm.process import pid_alive
 
 Log = Callable[[str], object]
 
@@ -266,34 +267,6 @@ async def _remove_tree(path: Path) -> None:
     await asyncio.to_thread(shutil.rmtree, path, True)
 
 
-class _FileLock:
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: int | None = None
-
-    async def __aenter__(self) -> "_FileLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.2)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
-
-
 async def ensure_debootstrap(data_root: DataRoot, log: Log) -> Path:
     """The debootstrap'd base tree under ``cache/debootstrap/<hash>/`` (built once, then reused).
     Treat it as read-only: it is shared by every later import."""
@@ -302,7 +275,7 @@ async def ensure_debootstrap(data_root: DataRoot, log: Log) -> Path:
     final = top / digest
     if final.is_dir():
         return final
-    async with _FileLock(top / ".lock"):
+    async with AsyncFileLock(top / ".lock"):
         if final.is_dir():
             return final
         for stale in top.glob(".tmp-*"):
@@ -439,20 +412,10 @@ class Buildah:
         """Remove our containers left by processes that died (their pid is in the name)."""
         for cid, name in await self.containers():
             m = re.match(rf"{CONTAINER_PREFIX}(\d+)-", name)
-            if m and not _pid_alive(int(m.group(1))):
+            if m and not pid_alive(int(m.group(1))):
                 self.log(f"rootfs: removing stale buildah container {name}")
                 await self("umount", cid, check=False)
                 await self("rm", cid, check=False)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _container_name() -> str:
@@ -482,7 +445,7 @@ async def ensure_base_image_buildah(bh: Buildah, data_root: DataRoot, log: Log) 
     if info is not None and bh.labels(info).get(BASE_LABEL) == digest:
         await _tag_base_aliases(bh, digest)
         return BASE_IMAGE
-    async with _FileLock(data_root.cache / "buildah-base.lock"):
+    async with AsyncFileLock(data_root.cache / "buildah-base.lock"):
         await _import_base_buildah(bh, data_root, log, digest)
         await _tag_base_aliases(bh, digest)
     return BASE_IMAGE
