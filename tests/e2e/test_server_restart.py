@@ -8,17 +8,23 @@ import signal
 import httpx
 import pytest
 
-from trenvx.cli.envd_client import EnvdClient
+from trenvx.config import AGENT_PORT
+from trenvx.guest.client import AgentClient
 
 from .server_helpers import kill_pid, make_server, pid_running, vm_pid, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
+def through_proxy(url: str, sandbox: dict) -> AgentClient:
+    proxy = {"E2b-Sandbox-Id": sandbox["sandboxID"], "E2b-Sandbox-Port": str(AGENT_PORT)}
+    return AgentClient(url, access_token=sandbox["envdAccessToken"], headers=proxy)
+
+
 async def echo(url: str, sandbox: dict, text: str) -> bytes:
     out = b""
-    async with EnvdClient(url, sandbox["sandboxID"], sandbox["envdAccessToken"]) as c:
-        async for ev in c.start("/bin/sh", ["-c", f"echo {text}; cat /root/marker 2>/dev/null"]):
+    async with through_proxy(url, sandbox) as c:
+        async for ev in c.start(["/bin/sh", "-c", f"echo {text}; cat /root/marker 2>/dev/null"]):
             if ev.kind == "stdout":
                 out += ev.data
     return out
@@ -32,8 +38,8 @@ async def test_restart_adopts_running_vms_and_cleans_dead_ones(tmp_path, e2e_con
             keep = c.post("/sandboxes", json={"templateID": "base", "timeout": 200, "metadata": {"role": "keep"}}).json()
             dies = c.post("/sandboxes", json={"templateID": "base", "metadata": {"role": "dies"}}).json()
         pids = [vm_pid(srv, keep["sandboxID"]), vm_pid(srv, dies["sandboxID"])]
-        async with EnvdClient(srv.url, keep["sandboxID"], keep["envdAccessToken"]) as ec:
-            async for _ in ec.start("/bin/sh", ["-c", "echo state-before-restart > /root/marker"]):
+        async with through_proxy(srv.url, keep) as ec:
+            async for _ in ec.start(["/bin/sh", "-c", "echo state-before-restart > /root/marker"]):
                 pass
 
         assert srv.stop(signal.SIGTERM) == 0

@@ -31,7 +31,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .envd_client import EnvdClient, EnvdError
+from ..config import AGENT_PORT
+from ..guest.client import AgentClient, AgentError
 
 DEFAULT_IP = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -291,9 +292,11 @@ def set_timeout(sandbox_id: str, seconds: int, ip: Optional[str] = IpOpt, port: 
     Api(t).call("POST", f"/sandboxes/{sandbox_id}/timeout", json={"timeout": seconds})
 
 
-def _connect(t: Target, sandbox_id: str) -> EnvdClient:
+def _connect(t: Target, sandbox_id: str, user: str = "root") -> AgentClient:
+    """The sandbox's agent, reached through the server's proxy."""
     detail = Api(t).call("GET", f"/sandboxes/{sandbox_id}").json()
-    return EnvdClient(t.url, sandbox_id, detail.get("envdAccessToken"))
+    proxy = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(AGENT_PORT)}
+    return AgentClient(t.url, access_token=detail.get("envdAccessToken"), user=user, headers=proxy)
 
 
 def _exit_code(code: int) -> int:
@@ -330,12 +333,10 @@ def exec_(
 
 async def _exec(t: Target, sandbox_id: str, argv: list[str], envs: dict[str, str], cwd: str | None, user: str,
                 forward_stdin: bool) -> int:
-    client = _connect(t, sandbox_id)
-    if user != "root":
-        client._http.headers["Authorization"] = "Basic " + __import__("base64").b64encode(f"{user}:".encode()).decode()
+    client = _connect(t, sandbox_id, user)
     stdin_task: asyncio.Task[None] | None = None
     try:
-        async for ev in client.start("/bin/sh", argv, envs=envs, cwd=cwd, stdin=forward_stdin):
+        async for ev in client.start(["/bin/sh", *argv], envs=envs, cwd=cwd, stdin=forward_stdin):
             if ev.kind == "start" and forward_stdin:
                 stdin_task = asyncio.ensure_future(_pump_stdin(client, ev.pid))
             elif ev.kind == "stdout":
@@ -350,7 +351,7 @@ async def _exec(t: Target, sandbox_id: str, argv: list[str], envs: dict[str, str
                     return 1
                 return _exit_code(ev.exit_code)
         return 1
-    except EnvdError as e:
+    except AgentError as e:
         err.print(f"[red]error:[/] {escape(str(e.message or e))}", markup=True)
         return 1
     except httpx.HTTPError as e:
@@ -362,7 +363,7 @@ async def _exec(t: Target, sandbox_id: str, argv: list[str], envs: dict[str, str
         await client.aclose()
 
 
-async def _pump_stdin(client: EnvdClient, pid: int) -> None:
+async def _pump_stdin(client: AgentClient, pid: int) -> None:
     loop = asyncio.get_running_loop()
     fd = sys.stdin.fileno()
     try:
@@ -372,7 +373,7 @@ async def _pump_stdin(client: EnvdClient, pid: int) -> None:
                 break
             await client.send_input(pid, data)
         await client.close_stdin(pid)
-    except (EnvdError, httpx.HTTPError, OSError):
+    except (AgentError, httpx.HTTPError, OSError):
         pass
 
 
@@ -423,7 +424,7 @@ async def _shell(t: Target, sandbox_id: str, command: str) -> int:
     def on_resize() -> None:
         if pid:
             s = os.get_terminal_size(fd)
-            asyncio.ensure_future(client.resize(pid, s.columns, s.lines))
+            asyncio.ensure_future(client.resize_pty(pid, s.columns, s.lines))
 
     send_task: asyncio.Task[None] | None = None
     code = 1
@@ -431,7 +432,7 @@ async def _shell(t: Target, sandbox_id: str, command: str) -> int:
         tty.setraw(fd, termios.TCSANOW)  # TCSANOW: keep what was typed ahead
         shell_cmd, *shell_args = shlex.split(command)
         envs = {"TERM": os.environ.get("TERM", "xterm-256color")}
-        async for ev in client.start(shell_cmd, shell_args or ["-l"], envs=envs, cwd="/root",
+        async for ev in client.start([shell_cmd, *(shell_args or ["-l"])], envs=envs, cwd="/root",
                                      pty=(size.columns, size.lines)):
             if ev.kind == "start":
                 pid = ev.pid
@@ -443,7 +444,7 @@ async def _shell(t: Target, sandbox_id: str, command: str) -> int:
             elif ev.kind == "end":
                 code = _exit_code(ev.exit_code)
                 break
-    except (EnvdError, httpx.HTTPError) as e:
+    except (AgentError, httpx.HTTPError) as e:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
         err.print(f"\n[red]error:[/] {escape(str(e))}", markup=True)
     finally:

@@ -205,13 +205,16 @@ class AgentClient:
     """An async client of one agent. Not bound to a loop until first used; call :meth:`aclose`."""
 
     def __init__(self, base_url: str, access_token: str | None = None, user: str = "root",
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, headers: dict[str, str] | None = None) -> None:
+        """``headers`` go with every request: e.g. ``E2b-Sandbox-Id``/``E2b-Sandbox-Port`` to reach
+        the agent through the server's proxy instead of directly."""
         self.base_url = base_url.rstrip("/")
         self.access_token = access_token
         self.user = user
         self.timeout = timeout
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
+            headers=headers,
             timeout=httpx.Timeout(timeout),
             transport=forwarded_port_transport(httpx.Limits(max_connections=200, max_keepalive_connections=32)),
         )
