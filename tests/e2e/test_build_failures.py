@@ -8,7 +8,7 @@ import pytest
 
 from trenvx.config import load_config
 from trenvx.template.builder import TemplateBuilder
-from trenvx.template.errors import BuildError
+from trenvx.build_errors import BuildError
 
 from ..conftest import qemu_pids
 

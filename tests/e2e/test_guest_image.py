@@ -22,7 +22,7 @@ from trenvx.config import TemplateConfig
 from trenvx.kernel import ensure_initramfs, ensure_kernel
 from trenvx.kernel import debian as kdebian
 from trenvx.layout import DataRoot
-from trenvx.template.errors import BuildError, RootfsError
+from trenvx.build_errors import BuildError, RootfsError
 from trenvx.template.image import make_ext4_image
 from trenvx.template.inject import INIT_MARKER, check_python, inject_guest_files
 from trenvx.template.rootfs import CONTAINER_PREFIX, Buildah, prepared_rootfs

@@ -27,7 +27,7 @@ from trenvx.kernel.initramfs import (
     parse_softdeps,
     resolve_load_order,
 )
-from trenvx.template.errors import InitramfsError, KernelError
+from trenvx.build_errors import InitramfsError, KernelError
 
 MODULES_DEP = """\
 kernel/drivers/virtio/virtio_ring.ko:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trenvx.config import TemplateConfig
-from trenvx.template.errors import BuildError, ImageError, InjectError
+from trenvx.build_errors import BuildError, ImageError, InjectError
 from trenvx.template.image import make_ext4_image, plan_size, tree_usage
 from trenvx.template.inject import (
     INIT_MARKER,
@@ -294,7 +294,7 @@ async def test_make_ext4_image_missing_tree(tmp_path: Path):
 
 
 async def test_run_collects_output_and_survives_long_lines():
-    from trenvx.template.errors import run
+    from trenvx.build_errors import run
 
     seen: list[str] = []
     code = 'import sys; sys.stdout.write("x" * 300000 + "\\r" + "done\\nl2\\nlast")'
@@ -303,7 +303,7 @@ async def test_run_collects_output_and_survives_long_lines():
 
 
 async def test_run_errors_name_the_command():
-    from trenvx.template.errors import CommandError, run
+    from trenvx.build_errors import CommandError, run
 
     with pytest.raises(CommandError) as ei:
         await run("stagex", ["sh", "-c", "echo boom; exit 3"], timeout=30, hint="do this")
@@ -318,7 +318,7 @@ async def test_run_errors_name_the_command():
 async def test_run_kills_its_process_group_on_cancel(tmp_path: Path):
     import asyncio
 
-    from trenvx.template.errors import run
+    from trenvx.build_errors import run
 
     pidfile = tmp_path / "pid"
     task = asyncio.create_task(run("t", ["sh", "-c", f"sleep 300 & echo $! > {pidfile}; wait"], timeout=60))

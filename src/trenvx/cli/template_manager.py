@@ -19,7 +19,7 @@ from rich.table import Table
 
 from ..config import ConfigError, load_config
 from ..template.builder import STAGES, BuildResult, TemplateBuilder
-from ..template.errors import BuildError
+from ..build_errors import BuildError
 
 err = Console(stderr=True)
 app = typer.Typer(add_completion=False, help=__doc__)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trenvx.config import DEFAULT_DATA_ROOT
 from trenvx.layout import DataRoot
-from trenvx.template.errors import BuildError
+from trenvx.build_errors import BuildError
 
 
 def main(argv: list[str] | None = None) -> int:

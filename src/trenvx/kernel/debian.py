@@ -30,7 +30,7 @@ from pathlib import Path
 
 from trenvx.filelock import AsyncFileLock
 from trenvx.layout import DataRoot
-from trenvx.template.errors import CommandError, KernelError, run
+from trenvx.build_errors import CommandError, KernelError, run
 
 FLAVOUR = "cloud-amd64"
 PKG_RE = re.compile(r"^linux-image-(\d+\.\d+[^\s]*)-cloud-amd64$")

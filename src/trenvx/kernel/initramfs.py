@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trenvx.kernel.debian import GuestKernel, module_name, read_module
-from trenvx.template.errors import InitramfsError
+from trenvx.build_errors import InitramfsError
 
 BUILDER_VERSION = "1"
 INIT_SCRIPT = Path(__file__).with_name("initramfs-init.sh")

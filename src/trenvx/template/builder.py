@@ -41,7 +41,7 @@ from ..vmm import DiskSpec, MachineSpec, VmSpec, driver_for
 from ..vmm.accel import choose_accelerator
 from ..vmm.base import Vm
 from ..vmm.qemu import GUEST_DNS, GUEST_NET
-from .errors import BuildError
+from ..build_errors import BuildError
 from .image import make_ext4_image
 from .inject import check_python, inject_guest_files
 from .rootfs import prepared_rootfs, rootfs_input_digest

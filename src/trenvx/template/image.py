@@ -14,7 +14,7 @@ import re
 import stat
 from pathlib import Path
 
-from trenvx.template.errors import CommandError, ImageError, run
+from trenvx.build_errors import CommandError, ImageError, run
 
 BLOCK = 4096
 MIB = 1024 * 1024

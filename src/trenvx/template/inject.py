@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from trenvx.config import AGENT_PORT
-from trenvx.template.errors import InjectError
+from trenvx.build_errors import InjectError
 
 TINI_SOURCE = Path("/usr/bin/tini-static")
 GUEST_DIR = "opt/trenvx"

@@ -35,7 +35,7 @@ from pathlib import Path
 from trenvx.config import TemplateConfig
 from trenvx.filelock import AsyncFileLock
 from trenvx.layout import DataRoot
-from trenvx.template.errors import CommandError, RootfsError, run
+from trenvx.build_errors import CommandError, RootfsError, run
 from trenvx.vmm.process import pid_alive
 
 Log = Callable[[str], object]
