@@ -30,6 +30,8 @@ def qemu_pids() -> set[int]:
     for p in psutil.process_iter(["name"]):
         if (p.info["name"] or "").startswith("qemu-system"):
             try:
+                if p.status() == psutil.STATUS_ZOMBIE:  # already dead, only not yet reaped by its parent
+                    continue
                 if me in {a.pid for a in p.parents()} or p.ppid() == 1:
                     pids.add(p.pid)
             except psutil.Error:

@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import psutil
 
-from trenvx.config import Config
+from trenvx.config import AGENT_PORT, Config
+from trenvx.guest.client import AgentClient
 
 
 def free_port() -> int:
@@ -185,3 +186,9 @@ def pid_running(pid: int) -> bool:
 def kill_pid(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def through_proxy(url: str, sandbox: dict, token: str | None = None) -> AgentClient:
+    """The agent of ``sandbox`` (a create response) reached through the server at ``url``."""
+    proxy = {"E2b-Sandbox-Id": sandbox["sandboxID"], "E2b-Sandbox-Port": str(AGENT_PORT)}
+    return AgentClient(url, access_token=token or sandbox["envdAccessToken"], headers=proxy)

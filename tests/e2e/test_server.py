@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from trenvx.cli.envd_client import EnvdClient, EnvdError
+from trenvx.guest.client import AgentError
 
-from .server_helpers import ServerProc, make_server, pid_running, running_server, vm_pid, wait_until
+from .server_helpers import ServerProc, make_server, pid_running, running_server, through_proxy, vm_pid, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -43,8 +43,8 @@ def create(srv: ServerProc, **body) -> dict:
 
 async def run(srv: ServerProc, created: dict, script: str, token: str | None = None) -> tuple[bytes, bytes, int]:
     out, err, code = b"", b"", -1
-    async with EnvdClient(srv.url, created["sandboxID"], token or created["envdAccessToken"]) as c:
-        async for ev in c.start("/bin/sh", ["-c", script]):
+    async with through_proxy(srv.url, created, token) as c:
+        async for ev in c.start(["/bin/sh", "-c", script]):
             if ev.kind == "stdout":
                 out += ev.data
             elif ev.kind == "stderr":
@@ -101,7 +101,7 @@ async def test_each_sandbox_token_drives_only_its_sandbox(server: ServerProc) ->
     a, b = create(server), create(server)
     try:
         assert (await run(server, a, "echo mine"))[0] == b"mine\n"
-        with pytest.raises(EnvdError) as ei:
+        with pytest.raises(AgentError) as ei:
             await run(server, b, "echo stolen", token=a["envdAccessToken"])
         assert "401" in str(ei.value) or "unauthenticated" in str(ei.value).lower()
     finally:

@@ -8,17 +8,10 @@ import signal
 import httpx
 import pytest
 
-from trenvx.config import AGENT_PORT
-from trenvx.guest.client import AgentClient
 
-from .server_helpers import kill_pid, make_server, pid_running, vm_pid, wait_until
+from .server_helpers import kill_pid, through_proxy, make_server, pid_running, vm_pid, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def through_proxy(url: str, sandbox: dict) -> AgentClient:
-    proxy = {"E2b-Sandbox-Id": sandbox["sandboxID"], "E2b-Sandbox-Port": str(AGENT_PORT)}
-    return AgentClient(url, access_token=sandbox["envdAccessToken"], headers=proxy)
 
 
 async def echo(url: str, sandbox: dict, text: str) -> bytes:
