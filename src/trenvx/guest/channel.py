@@ -1,4 +1,5 @@
-"""How the host reaches a guest: TCP to a port that the VMM forwards into the VM.
+"""How the host reaches a guest: TCP to a port that the VMM forwards into the VM, or a hybrid vsock
+socket (:mod:`trenvx.guest.vsock`); :func:`transport_for` picks the transport for an endpoint.
 
 With QEMU's user networking a forwarded port is a host socket that QEMU opens with
 ``listen(fd, 1)``: a backlog of one. A burst of new connections to it overflows the host's accept
@@ -19,6 +20,8 @@ from typing import Any
 
 import httpcore
 import httpx
+
+from .endpoint import AgentEndpoint, HybridVsockEndpoint
 
 
 class SerialConnectBackend(httpcore.AsyncNetworkBackend):
@@ -71,3 +74,12 @@ def forwarded_port_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
         network_backend=SerialConnectBackend(),
     )
     return transport
+
+
+def transport_for(endpoint: AgentEndpoint, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """The httpx transport that reaches ``endpoint`` (TCP forward or hybrid vsock)."""
+    if isinstance(endpoint, HybridVsockEndpoint):
+        from .vsock import hybrid_vsock_transport
+
+        return hybrid_vsock_transport(endpoint.uds_path, endpoint.port, limits)
+    return forwarded_port_transport(limits)

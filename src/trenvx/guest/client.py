@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 import httpx
 
-from .channel import forwarded_port_transport
+from .channel import forwarded_port_transport, transport_for
+from .endpoint import AgentEndpoint
 
 __all__ = [
     "AgentClient",
@@ -204,10 +205,14 @@ def _selector(pid: int) -> dict[str, Any]:
 class AgentClient:
     """An async client of one agent. Not bound to a loop until first used; call :meth:`aclose`."""
 
+    LIMITS = httpx.Limits(max_connections=200, max_keepalive_connections=32)
+
     def __init__(self, base_url: str, access_token: str | None = None, user: str = "root",
-                 timeout: float = 30.0, headers: dict[str, str] | None = None) -> None:
+                 timeout: float = 30.0, headers: dict[str, str] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``headers`` go with every request: e.g. ``E2b-Sandbox-Id``/``E2b-Sandbox-Port`` to reach
-        the agent through the server's proxy instead of directly."""
+        the agent through the server's proxy instead of directly. ``transport`` replaces the TCP
+        one (see :meth:`for_endpoint`)."""
         self.base_url = base_url.rstrip("/")
         self.access_token = access_token
         self.user = user
@@ -216,8 +221,13 @@ class AgentClient:
             base_url=self.base_url,
             headers=headers,
             timeout=httpx.Timeout(timeout),
-            transport=forwarded_port_transport(httpx.Limits(max_connections=200, max_keepalive_connections=32)),
+            transport=transport or forwarded_port_transport(self.LIMITS),
         )
+
+    @classmethod
+    def for_endpoint(cls, endpoint: AgentEndpoint, access_token: str | None = None, **kwargs: Any) -> AgentClient:
+        """A client of the agent at ``endpoint`` (a VM's ``agent_endpoint``: TCP or hybrid vsock)."""
+        return cls(endpoint.base_url, access_token, transport=transport_for(endpoint, cls.LIMITS), **kwargs)
 
     async def __aenter__(self) -> AgentClient:
         return self

@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..guest.endpoint import AgentEndpoint, HybridVsockEndpoint, TcpEndpoint
+
+__all__ = [
+    "AgentEndpoint", "DiskFormat", "DiskSpec", "HybridVsockEndpoint", "MachineSpec", "SnapshotFiles", "StageTimes",
+    "TcpEndpoint", "Vm", "VmSpec", "VmState", "VmStats", "VmmDriver", "VmmError",
+]
+
 DiskFormat = Literal["raw", "qcow2"]
 
 
@@ -63,6 +70,14 @@ class VmSpec:
     """Host TCP port (on 127.0.0.1) forwarded to the guest agent's port; 0 lets the kernel choose."""
     kill_with_owner: bool = True
     """Kill the VMM when the process that started it dies (off for servers that adopt VMs on restart)."""
+    net_tap: str = ""
+    """A host tap device for the guest's eth0 (Firecracker, Cloud Hypervisor); empty: no network
+    device, the agent is reached over vsock. QEMU uses its user networking instead."""
+    root_on_pmem: bool = False
+    """Cloud Hypervisor: attach ``root_disk`` as virtio-pmem with ``discard_writes`` (the guest maps
+    the shared image with DAX; its writes stay private and are dropped at exit) instead of virtio-blk."""
+    scratch_disk: DiskSpec | None = None
+    """A second, writable disk (the upper layer of the overlay mode) next to a pmem root."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,12 @@ class Vm(abc.ABC):
         return f"http://127.0.0.1:{self.agent_port}"
 
     @property
+    def agent_endpoint(self) -> AgentEndpoint:
+        """How the host reaches the guest agent: TCP to ``agent_port`` unless the driver says otherwise
+        (Firecracker and Cloud Hypervisor: hybrid vsock). Connect with ``AgentClient.for_endpoint``."""
+        return TcpEndpoint("127.0.0.1", self.agent_port)
+
+    @property
     def console_log(self) -> Path:
         return self.spec.workdir / "console.log"
 
@@ -143,6 +164,9 @@ class VmmDriver(abc.ABC):
     """Boot, snapshot, restore. One implementation per VMM."""
 
     name: str
+    disk_formats: tuple[DiskFormat, ...] = ("raw", "qcow2")
+    """Root disk formats this VMM opens. Drivers without qcow2 need a raw per-sandbox disk:
+    :func:`trenvx.vmm.hostfs.clone_file` makes one by reflink (or a full copy)."""
 
     @abc.abstractmethod
     async def boot(self, spec: VmSpec) -> Vm:

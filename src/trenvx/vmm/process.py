@@ -47,7 +47,13 @@ class VmmProcess:
         *,
         pass_fds: Sequence[int] = (),
         kill_with_owner: bool = True,
+        cwd: Path | None = None,
     ) -> "VmmProcess":
+        """Start ``argv`` with its output appended to ``log_path``.
+
+        ``cwd`` is the process's working directory (Firecracker resolves the relative device
+        paths recorded in a snapshot against it); default: ours.
+        """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
             try:
@@ -58,6 +64,7 @@ class VmmProcess:
                     stderr=asyncio.subprocess.STDOUT,
                     pass_fds=tuple(pass_fds),
                     start_new_session=True,
+                    cwd=cwd,
                     preexec_fn=_die_with_parent if kill_with_owner else None,
                 )
             except FileNotFoundError:
