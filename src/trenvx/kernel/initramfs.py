@@ -39,7 +39,11 @@ WANTED_MODULES: tuple[tuple[str, bool], ...] = (
     ("vmgenid", False),
     ("ext4", True),
     ("virtio_balloon", False),
+    # The agent's vsock listener (Firecracker and Cloud Hypervisor reach the agent over vsock).
+    ("vsock", False),
     ("vmw_vsock_virtio_transport", False),
+    # Firecracker's devices are virtio-mmio, found through ACPI (Debian builds virtio_mmio as a module).
+    ("virtio_mmio", False),
 )
 
 
