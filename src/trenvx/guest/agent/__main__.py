@@ -13,6 +13,7 @@ from types import FrameType
 from . import DEFAULT_PORT, __version__
 from .identity import SYSTEM_STEPS, SystemIdentity
 from .server import Agent, AgentHTTPServer
+from .vsock import start_vsock_listener, stop_vsock_listener
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +26,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--etc-dir", default="/etc", help="where hostname, hosts and machine-id live")
     parser.add_argument("--poll-watch", action="store_true", help="watch directories by polling instead of inotify")
+    parser.add_argument(
+        "--vsock", choices=("auto", "on", "off"), default="auto",
+        help="also listen on vsock port --port; auto: when listening on all addresses (in a VM), "
+             "not when bound to one address (host tests)",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     return parser.parse_args(argv)
 
@@ -40,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(system=SystemIdentity(skip=skip, etc=args.etc_dir), force_polling_watch=args.poll_watch)
     server = AgentHTTPServer((args.host, args.port), agent)
     log = logging.getLogger("trenvx_agent")
+    want_vsock = args.vsock == "on" or (args.vsock == "auto" and args.host in ("0.0.0.0", "::", ""))
+    vsock_server = start_vsock_listener(agent, args.port) if want_vsock else None
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)
@@ -52,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
+        stop_vsock_listener(vsock_server)
         agent.shutdown()
         server.server_close()
     return 0
