@@ -258,7 +258,7 @@ class TemplateBuilder:
         return BuildResult(build, skipped=False, stage_seconds=times)
 
     async def _wait_agent(self, vm: Vm, timeout_s: float) -> None:
-        client = AgentClient(vm.agent_url)
+        client = AgentClient.for_endpoint(vm.agent_endpoint)
         try:
             waiter = asyncio.ensure_future(client.wait_healthy(timeout_s))
             died = asyncio.ensure_future(vm.wait_exit())
@@ -273,7 +273,7 @@ class TemplateBuilder:
 
     async def _start_and_wait_ready(self, vm: Vm, tpl: TemplateConfig) -> None:
         """Start ``start_cmd`` in the background and run ``ready_cmd`` until it succeeds."""
-        client = AgentClient(vm.agent_url, timeout=tpl.ready_timeout_s)
+        client = AgentClient.for_endpoint(vm.agent_endpoint, timeout=tpl.ready_timeout_s)
         try:
             if tpl.start_cmd.cmd:
                 envs = _read_envfile(tpl.start_cmd.envfile_path) if tpl.start_cmd.envfile_path else {}

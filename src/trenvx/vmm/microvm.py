@@ -1,0 +1,55 @@
+"""What the Firecracker and Cloud Hypervisor drivers share: KVM only, an ELF kernel, the agent on
+hybrid vsock, and a kernel command line fitted to the devices actually attached.
+
+The template's command line is written for QEMU (``root=/dev/vda``, ``trenvx.net=`` for user
+networking). Without a tap device there is no eth0, and the initramfs would stop waiting for
+one; with the root on virtio-pmem the root device is ``/dev/pmem0`` mounted with DAX.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..config import AGENT_PORT
+from .base import HybridVsockEndpoint, VmmError, VmSpec
+
+GUEST_CID = 3
+"""The guest's vsock context id (every VM has its own vsock device, so one value serves all)."""
+VSOCK_SOCKET = "v.sock"
+"""The hybrid vsock socket, in the VM's workdir."""
+_NET_PARAMS = ("trenvx.net=", "trenvx.dns=")
+
+
+def require_kvm(spec: VmSpec, vmm: str) -> None:
+    if spec.machine.accelerator != "kvm":
+        raise VmmError(
+            f"{vmm} runs VMs only under KVM, but {spec.name} is a {spec.machine.accelerator} machine "
+            f"(this host: see `trenvx doctor`); build the template on a host with usable /dev/kvm, "
+            f"or use vmm_type = \"qemu\""
+        )
+
+
+def adapt_cmdline(cmdline: str, *, network: bool, root: str | None = None) -> str:
+    """``cmdline`` without the network parameters when there is no NIC, and with ``root`` (e.g.
+    ``/dev/pmem0 rootflags=dax``) in place of its ``root=`` (and ``rootflags=``) when given."""
+    words = cmdline.split()
+    if not network:
+        words = [w for w in words if not w.startswith(_NET_PARAMS)]
+    if root is not None:
+        words = [w for w in words if not w.startswith(("root=", "rootflags="))]
+        words += root.split()
+    return " ".join(words)
+
+
+def agent_endpoint(workdir: Path) -> HybridVsockEndpoint:
+    return HybridVsockEndpoint(workdir / VSOCK_SOCKET, AGENT_PORT)
+
+
+def link(target: Path, at: Path) -> None:
+    """Make ``at`` a symlink to ``target`` (replacing what was there)."""
+    try:
+        at.unlink()
+    except FileNotFoundError:
+        pass
+    os.symlink(target.resolve(), at)
