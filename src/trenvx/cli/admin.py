@@ -68,6 +68,7 @@ def _checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
     obstacle = kvm_obstacle()
     out.append(("kvm", None if obstacle else True,
                 obstacle + " -> sandboxes run under TCG (software emulation, slower)" if obstacle else "/dev/kvm usable"))
+    out += _vmm_checks(cfg)
     root = cfg.data_root
     try:
         dr = DataRoot(root).ensure()
@@ -78,6 +79,10 @@ def _checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
     except OSError as e:
         out.append(("data_root", False, f"{root}: {e.strerror}"))
         return out
+    from ..vmm.hostcheck import reflink_availability
+
+    rl = reflink_availability(root)
+    out.append(("reflink", True if rl.usable else None, rl.detail))
     kernels = sorted(p.name for p in dr.kernels.iterdir() if not p.name.startswith(".")) if dr.kernels.is_dir() else []
     out.append(("kernel", bool(kernels), ", ".join(kernels) or "none: run scripts/start.sh setup"))
     store = TemplateStore(dr)
@@ -104,9 +109,27 @@ def _checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
     return out
 
 
+def _vmm_checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
+    """Which VMMs and accelerators are usable here, and why not. A VMM that a configured template
+    names is a failure when unusable; any other is a warning."""
+    from ..vmm.hostcheck import accelerator_availability, vhost_vsock_availability, vmm_availability
+
+    wanted = {t.vmm_type.value for t in cfg.template.values()}
+    out: list[tuple[str, bool | None, str]] = []
+    for a in vmm_availability(cfg):
+        ok: bool | None = True if a.usable else (False if a.name in wanted else None)
+        out.append((f"vmm {a.name}", ok, a.detail))
+    for a in accelerator_availability(cfg):
+        out.append((f"accel {a.name}", True if a.usable else None, a.detail))
+    vs = vhost_vsock_availability()
+    out.append((vs.name, True if vs.usable else None, vs.detail))
+    return out
+
+
 @app.command()
 def doctor(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Check that this host can run sandboxes: QEMU, KVM or TCG, kernel, templates, server, memory."""
+    """Check that this host can run sandboxes: VMMs (QEMU, Firecracker, Cloud Hypervisor), KVM or TCG, vhost-vsock,
+    reflink, kernel, templates, server, memory."""
     cfg = _load(config)
     checks = _checks(cfg)
     failed = any(ok is False for _, ok, _ in checks)
