@@ -52,6 +52,12 @@ class VmmType(str, Enum):
     cloud_hypervisor = "cloud-hypervisor"
 
 
+class StartMode(str, Enum):
+    snapshot = "snapshot"
+    snapshot_private = "snapshot-private"
+    boot = "boot"
+
+
 class Accelerator(str, Enum):
     auto = "auto"
     kvm = "kvm"
@@ -122,8 +128,51 @@ class OrchestratorConfig(_Strict):
     """How often expired sandboxes are looked for."""
     ended_retention_s: int = Field(default=3600, ge=0)
     """How long ended sandboxes stay listed (``sandbox ls -a``) and explained in 404s."""
+    start_mode: StartMode = StartMode.snapshot
+    """How a sandbox starts. ``snapshot``: restored from the template's snapshot, guest RAM shared
+    copy-on-write (the product). The other two are baselines for ``benchmarks/``:
+    ``snapshot-private`` restores from a full snapshot into private memory (E2B-style: every
+    sandbox a copy of the guest RAM); ``boot`` boots the template's kernel and disk with no snapshot
+    (its ``start_cmd`` does not run). Pools are used only with ``snapshot``."""
     max_request_body_kb: int = Field(default=1024, ge=1)
     """Largest body of an API request (the proxy to sandboxes is not limited)."""
+
+
+class PoolConfig(_Strict):
+    """Pools of VMs made ahead of creates, per template (``[pool]``).
+
+    - **warm**: a VMM process started and waiting for the snapshot (``-incoming defer``), its QMP
+      connected and its disk overlay made; a create loads the snapshot, resumes and gives the
+      identity.
+    - **hot**: a sandbox already restored, resumed and warmed up (its agent has answered, the
+      ``hot_warmup_cmd`` has run once); a create only gives it its identity. Under TCG this skips
+      the ~200 ms a new QEMU process spends translating guest code on its first request, at the
+      memory cost of a running sandbox (measured in the README) for each one kept.
+
+    Each tier is refilled in the background to ``clamp(min, creates in the last
+    demand_window_s, max)``, and never while the host has less than ``memory_headroom_mb`` plus one
+    guest's RAM available. A create never waits for a refill: an empty pool means the slower path.
+    """
+
+    templates: list[str] | None = None
+    """Templates that get pools; unset: the default template (``template_manager.template_id``)."""
+    warm_min: int = Field(default=2, ge=0)
+    warm_max: int = Field(default=16, ge=0)
+    hot_min: int = Field(default=0, ge=0)
+    hot_max: int = Field(default=0, ge=0)
+    hot_warmup_cmd: str = "python3 -c pass"
+    """Run once in each hot sandbox before it is handed out (empty: only the agent's health)."""
+    demand_window_s: float = Field(default=60.0, gt=0)
+    refill_parallelism: int = Field(default=2, ge=1, le=64)
+    """VMs made at once while refilling."""
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "PoolConfig":
+        for tier in ("warm", "hot"):
+            lo, hi = getattr(self, f"{tier}_min"), getattr(self, f"{tier}_max")
+            if lo > hi:
+                raise ValueError(f"{tier}_min ({lo}) is larger than {tier}_max ({hi})")
+        return self
 
 
 class TemplateManagerConfig(_Strict):
@@ -134,7 +183,9 @@ class VmmConfig(_Strict):
     """Knobs of the VMM processes (all VMMs)."""
 
     accelerator: Accelerator = Accelerator.auto
-    tcg_tb_size_mb: int = Field(default=32, ge=1)
+    tcg_tb_size_mb: int = Field(default=64, ge=1)
+    """TCG's translation cache per VM (only the part used costs memory). Starting python3 in a
+    guest fills ~50 MiB of it; at 32 MiB the cache flushed and retranslated on every command."""
     qemu_binary: str = "qemu-system-x86_64"
 
 
@@ -145,6 +196,7 @@ class Config(_Strict):
     orchestrator: OrchestratorConfig = OrchestratorConfig()
     template_manager: TemplateManagerConfig = TemplateManagerConfig()
     vmm: VmmConfig = VmmConfig()
+    pool: PoolConfig = PoolConfig()
     template: dict[str, TemplateConfig] = Field(default_factory=dict)
     source_path: Path | None = Field(default=None, exclude=True)
 
