@@ -12,6 +12,7 @@ import base64
 import io
 import logging
 import random
+import ssl
 import urllib.parse
 from typing import IO, Any, AsyncIterable, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -34,6 +35,18 @@ _RETRY_IDEMPOTENT = _RETRY_ALWAYS + (httpx.ReadError, httpx.RemoteProtocolError,
 _RETRY_STATUS = frozenset({502, 504})
 
 
+_TLS: Optional[ssl.SSLContext] = None
+
+
+def _tls_context() -> ssl.SSLContext:
+    """One verifying TLS context for every client: httpx would load the CA bundle again for each
+    sandbox object (~20 ms, a large part of a create from a warm pool)."""
+    global _TLS
+    if _TLS is None:
+        _TLS = ssl.create_default_context()
+    return _TLS
+
+
 def make_client(config: ConnectionConfig) -> httpx.AsyncClient:
     """An httpx client for one sandbox object (connection pool shared by its calls)."""
     timeout = config.timeout(None)
@@ -49,6 +62,7 @@ def make_client(config: ConnectionConfig) -> httpx.AsyncClient:
         headers=headers,
         follow_redirects=False,
         trust_env=False,
+        verify=_tls_context(),
         **kwargs,
     )
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import httpx
 
+from .agent.identity import machine_id_for
 from .channel import forwarded_port_transport, transport_for
 from .endpoint import AgentEndpoint
 
@@ -222,6 +223,7 @@ class AgentClient:
             headers=headers,
             timeout=httpx.Timeout(timeout),
             transport=transport or forwarded_port_transport(self.LIMITS),
+            trust_env=False,  # no proxies from the environment: agents are reached directly
         )
 
     @classmethod
@@ -292,6 +294,8 @@ class AgentClient:
         ns = time.time_ns() if timestamp_ns is None else timestamp_ns
         body: dict[str, Any] = {
             "sandboxId": sandbox_id,
+            # Hashed here: the guest's first sha256 costs ~70 ms of translation under TCG.
+            "machineId": machine_id_for(sandbox_id),
             "envVars": dict(env_vars or {}),
             "hostname": hostname,
             "timestamp": _rfc3339_ns(ns),

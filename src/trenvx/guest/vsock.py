@@ -119,7 +119,9 @@ class HybridVsockBackend(httpcore.AsyncNetworkBackend):
 
 def hybrid_vsock_transport(uds_path: str | Path, port: int, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
     """An httpx transport whose requests reach guest vsock ``port`` behind ``uds_path``."""
-    transport = httpx.AsyncHTTPTransport(limits=limits)
+    from .channel import plain_http_ssl_context
+
+    transport = httpx.AsyncHTTPTransport(limits=limits, verify=plain_http_ssl_context())
     # httpx takes no network backend, so the connection pool is rebuilt with one, same limits.
     transport._pool = httpcore.AsyncConnectionPool(
         max_connections=limits.max_connections,

@@ -6,7 +6,7 @@ fixes that in one request::
 
     {"sandboxId": "...", "envVars": {...}, "accessToken": "...",
      "timestamp": "2024-05-01T12:00:00.123456789Z" | <unix ns or s>,
-     "hostname": "...", "entropy": "<base64>",
+     "hostname": "...", "entropy": "<base64>", "machineId": "<32 hex digits>",
      "defaultUser": "root", "defaultWorkdir": "/home/user"}
 
 The system changes are best effort (each failure is logged, the request still succeeds);
@@ -143,9 +143,9 @@ class SystemIdentity:
         with open(hosts_path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
 
-    def write_machine_id(self, sandbox_id: str) -> None:
+    def write_machine_id(self, machine_id: str) -> None:
         with open(os.path.join(self.etc, "machine-id"), "w", encoding="ascii") as f:
-            f.write(machine_id_for(sandbox_id) + "\n")
+            f.write(machine_id + "\n")
 
     def seed_rng(self, entropy: bytes) -> None:
         """Mix ``entropy`` into the kernel pool (credited), then force a CRNG reseed."""
@@ -193,6 +193,9 @@ class InitApi:
         timestamp_ns = parse_timestamp(pbjson.raw(body, "timestamp")) if pbjson.has(body, "timestamp") else None
         entropy = pbjson.get_bytes(body, "entropy")
         sandbox_id = pbjson.get_str(body, "sandboxId")
+        machine_id = pbjson.get_str(body, "machineId")
+        if machine_id and not re.fullmatch(r"[0-9a-f]{32}", machine_id):
+            raise ConnectError("invalid_argument", f"machineId must be 32 lowercase hex digits, not {machine_id!r}")
         default_user = pbjson.get_str(body, "defaultUser")
         default_workdir = pbjson.get_str(body, "defaultWorkdir")
 
@@ -202,7 +205,8 @@ class InitApi:
         if hostname:
             warnings.append(self.system._step("hostname", self.system.set_hostname, hostname) or "")
         if sandbox_id:
-            warnings.append(self.system._step("machine_id", self.system.write_machine_id, sandbox_id) or "")
+            machine_id = machine_id or machine_id_for(sandbox_id)
+            warnings.append(self.system._step("machine_id", self.system.write_machine_id, machine_id) or "")
             self.state.sandbox_id = sandbox_id
         if entropy:
             warnings.append(self.system._step("rng", self.system.seed_rng, entropy) or "")
