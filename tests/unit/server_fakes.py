@@ -79,6 +79,12 @@ class FakeVm:
         self.qmp = None
 
     @property
+    def agent_endpoint(self) -> Any:
+        from trenvx.guest.endpoint import TcpEndpoint
+
+        return TcpEndpoint("127.0.0.1", self.agent_port)
+
+    @property
     def pid(self) -> int:
         return self.process.pid
 
@@ -161,7 +167,8 @@ def fake_manager(config: Config, agent_port: int, *, state: bool = True, keep: b
     from trenvx.sandbox.manager import SandboxManager
 
     dr = DataRoot(config.data_root).ensure()
-    m = SandboxManager(config, state_path=dr.run / "state.sqlite" if state else None, keep=keep, admission=admission)
+    m = SandboxManager(config, state_path=dr.run / "state.sqlite" if state else None, keep=keep, admission=admission,
+                       pools=False)
     m.restorer = FakeRestorer(dr, agent_port, forwards, delay_s)  # type: ignore[assignment]
     return m
 

@@ -6,9 +6,10 @@ Two kinds of refusal, which the HTTP layer maps to different status codes:
   reached. Retrying later, after sandboxes end, helps.
 - :class:`OutOfMemory` (503): starting the sandbox could push the host into swap or the OOM
   killer. A restored sandbox shares its template's memory copy-on-write, so it costs little at
-  first, but nothing stops its guest from touching all of its RAM; admission therefore reserves
-  the template's whole ``mem_mb`` and requires ``memory_headroom_mb`` to stay available after
-  that (and after what concurrent, not yet finished creates have reserved).
+  first. Each starting sandbox reserves 1.5x the measured cost (PSS) of its template's sandboxes
+  (its whole ``mem_mb`` until one was measured), and ``memory_headroom_mb`` must stay available
+  after that and after what concurrent, not yet finished creates have reserved. The headroom is
+  what absorbs sandboxes that grow later.
 
 Slots are reserved before the (asynchronous) restore starts and released when it ends, so a
 burst of concurrent creates cannot overshoot the limits.
@@ -59,6 +60,7 @@ class Admission:
         self._running: Counter[str] = Counter()
         self._starting: Counter[str] = Counter()
         self._reserved_bytes = 0
+        self._cost: dict[str, float] = {}
 
     @property
     def total(self) -> int:
@@ -68,6 +70,10 @@ class Admission:
         return self._running[template] + self._starting[template]
 
     def check(self, template: str, mem_mb: int) -> None:
+        """``mem_mb``: what the sandbox reserves (see :meth:`reserve_mb`)."""
+        self._check(template, mem_mb)
+
+    def _check(self, template: str, mem_mb: int) -> None:
         """Raise :class:`LimitReached` or :class:`OutOfMemory` if the sandbox may not start."""
         lim = self.limits
         if self.total >= lim.max_sandboxes:
@@ -89,9 +95,30 @@ class Admission:
                 f"{max(available, 0) // MiB} MiB are available; kill sandboxes or free memory"
             )
 
+    def observe_cost(self, template: str, pss_bytes: int) -> None:
+        """A measured memory cost (PSS) of one sandbox of ``template``; kept as a moving average."""
+        if pss_bytes <= 0:
+            return
+        old = self._cost.get(template)
+        self._cost[template] = float(pss_bytes) if old is None else 0.8 * old + 0.2 * pss_bytes
+
+    def reserve_mb(self, template: str, mem_mb: int) -> int:
+        """What a starting sandbox reserves: 1.5x its template's measured cost (at least 64 MiB),
+        or its whole guest RAM until a cost was measured. A restored sandbox shares its template's
+        pages, so reserving the whole RAM refused bursts that fit easily (100 x 256 MiB > 24 GiB)."""
+        cost = self._cost.get(template)
+        if cost is None:
+            return mem_mb
+        return int(min(mem_mb, max(64, 1.5 * cost / MiB)))
+
+    def has_memory_for(self, mem_mb: int) -> bool:
+        """Whether ``mem_mb`` more can be used while keeping the headroom (for pools: no slot is taken)."""
+        return self._available() - self._reserved_bytes - self.limits.headroom_mb * MiB >= mem_mb * MiB
+
     @contextlib.contextmanager
     def starting(self, template: str, mem_mb: int) -> Iterator[None]:
         """Check, then hold a slot and the memory reservation while the sandbox starts."""
+        mem_mb = self.reserve_mb(template, mem_mb)
         self.check(template, mem_mb)
         self._starting[template] += 1
         self._reserved_bytes += mem_mb * MiB

@@ -14,6 +14,10 @@ What it adds to a bare restore:
   :meth:`set_timeout`, :meth:`refresh` and :meth:`connect` move it; a reaper kills expired ones.
 - **Admission.** Limits per host and per template (429) and a memory headroom (503), checked
   before any work (see :mod:`.limits`).
+- **Pools** (``[pool]`` in the config, :mod:`.pool`): a create takes a hot or warm VM made
+  ahead of time when one is ready and otherwise restores into a new VMM process; it never waits
+  for a refill. ``Sandbox.restored.source`` and ``start_times`` say which path a create took and
+  what each stage on it cost; :attr:`SandboxManager.observers` hear of every create (metrics).
 - **Death detection.** A task awaits each VMM process; a VMM that exits on its own is noticed at
   once, its files are removed and the sandbox is reported as ended (reason ``died``).
 - **Persistence** (when ``state_path`` is given, as the server does): every sandbox is recorded
@@ -34,9 +38,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from ..config import AGENT_PORT, Config
+from ..config import AGENT_PORT, Config, StartMode
 from ..guest.client import AgentClient, CommandResult
 from ..layout import DataRoot
 from ..template.store import MANIFEST, TemplateBuild, TemplateManifest, TemplateNotFound, TemplateStore
@@ -44,13 +49,14 @@ from ..vmm.process import memory_of, pid_alive
 from . import adopt
 from .lifecycle import InvalidTimeout, Reaper, check_timeout, deadline_after, extended_deadline
 from .limits import Admission, AdmissionError, Limits, LimitReached, OutOfMemory
+from .pool import PoolStats, TemplatePool, reap_stale_pooled
 from .restore import RestoredVm, SnapshotRestore
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "AdmissionError", "InvalidTimeout", "LimitReached", "ManagerClosed", "OutOfMemory", "PortUnavailable",
+    "AdmissionError", "CreateEvent", "InvalidTimeout", "LimitReached", "ManagerClosed", "OutOfMemory", "PortUnavailable",
     "Sandbox", "SandboxConflict", "SandboxManager", "SandboxNotFound", "TemplateNotFound",
 ]
 
@@ -193,6 +199,20 @@ def _disk_mb(build: TemplateBuild) -> int:
         return int(build.manifest.config.get("disk_mb", 0) or 0)
 
 
+@dataclass(frozen=True)
+class CreateEvent:
+    """One create attempt, as the metrics see it."""
+
+    template: str
+    source: str
+    """``hot``, ``warm`` (pools) or ``cold`` (a new VMM process)."""
+    stages: dict[str, float]
+    """Seconds per stage on the create path: disk, spawn, load, resume, init (the agent's first reply)."""
+    total_s: float
+    outcome: str
+    """``ok``, or the exception's class name."""
+
+
 class SandboxManager:
     def __init__(
         self,
@@ -201,6 +221,7 @@ class SandboxManager:
         state_path: Path | None = None,
         keep: bool | None = None,
         admission: Admission | None = None,
+        pools: bool = True,
     ) -> None:
         self.config = config
         orch = config.orchestrator
@@ -221,6 +242,12 @@ class SandboxManager:
         self.reaper = Reaper(orch.reaper_interval_s, self._due, self._expire, self._housekeeping)
         self.adopted: list[str] = []
         self.cleaned: list[str] = []
+        self.pools: dict[str, TemplatePool] = {}
+        self._use_pools = (
+            pools and (config.pool.warm_max > 0 or config.pool.hot_max > 0) and orch.start_mode is StartMode.snapshot
+        )
+        self.observers: list[Callable[[CreateEvent], None]] = []
+        """Called after every create attempt (success or failure), e.g. by the server's metrics."""
 
     async def __aenter__(self) -> "SandboxManager":
         await self.start()
@@ -238,7 +265,19 @@ class SandboxManager:
         self._started = True
         if self.store is not None:
             await self._recover()
+            reap_stale_pooled(self.data_root)
         self.reaper.start()
+        if self._use_pools:
+            for name in self.config.pool.templates or [self.config.default_template]:
+                pool = TemplatePool(
+                    name, self.restorer, self.templates, self.config.pool,
+                    has_room=self.admission.has_memory_for, kill_with_owner=not self.keep,
+                )
+                self.pools[name] = pool
+                pool.start()
+
+    def pool_stats(self) -> list[PoolStats]:
+        return [p.stats() for p in self.pools.values()]
 
     async def close(self) -> None:
         """Stop the reaper; kill every sandbox and remove its files (or leave them, with ``keep``)."""
@@ -246,6 +285,7 @@ class SandboxManager:
             return
         self._closed = True
         await self.reaper.stop()
+        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
         if self._creating:
             await asyncio.gather(*self._creating, return_exceptions=True)
         if self.keep:
@@ -314,8 +354,15 @@ class SandboxManager:
     async def _create(
         self, build: TemplateBuild, name: str, env_vars: dict[str, str], metadata: dict[str, str], timeout: float
     ) -> Sandbox:
-        with self.admission.starting(name, build.machine.mem_mb):
-            restored = await self.restorer.restore(build, env_vars=env_vars, kill_with_owner=not self.keep)
+        t0 = time.perf_counter()
+        source = "cold"
+        try:
+            with self.admission.starting(name, build.machine.mem_mb):
+                restored = await self._restore(build, name, env_vars)
+                source = restored.source
+        except BaseException as e:
+            self._observe(CreateEvent(name, source, {}, time.perf_counter() - t0, type(e).__name__))
+            raise
         now = time.time()
         sb = Sandbox(
             restored, template=name, created_at=now, metadata=metadata, env_vars=env_vars,
@@ -323,13 +370,40 @@ class SandboxManager:
             pid_started_at=adopt.process_started_at(restored.vm.pid) or time.time(),
         )
         self._register(sb)
+        total = time.perf_counter() - t0
+        self._observe(CreateEvent(name, source, dict(restored.times), total, "ok"))
         log.info(
-            "sandbox %s created from %s/%s in %.1f ms %s", sb.id, name, build.build_id,
-            sum(restored.times.values()) * 1000, {k: round(v * 1000, 1) for k, v in restored.times.items()},
+            "sandbox %s created from %s/%s (%s) in %.1f ms %s", sb.id, name, build.build_id, source,
+            total * 1000, {k: round(v * 1000, 1) for k, v in restored.times.items()},
         )
         if self._closed and not self.keep:
             await self.kill(sb.id, reason="shutdown")
         return sb
+
+    async def _restore(self, build: TemplateBuild, name: str, env_vars: dict[str, str]) -> RestoredVm:
+        """From the pool (hot: identity only; warm: load, resume, identity) or, when empty, from scratch."""
+        pool = self.pools.get(name)
+        item = pool.take(build) if pool is not None else None
+        if item is not None:
+            item.prepared[2].clear()  # stages done ahead of the create are not on its path
+            try:
+                if item.tier == "warm":
+                    await self.restorer.start(build, item.prepared)
+                restored = await self.restorer.activate(build, item.sandbox_id, item.prepared, env_vars)
+                restored.source = item.tier
+                return restored
+            except Exception as e:  # noqa: BLE001 - the slow path still gives the caller a sandbox
+                log.warning("a %s pooled VM of %s failed (%s); restoring into a new VMM process", item.tier, name, e)
+                with contextlib.suppress(Exception):
+                    await item.discard()
+        return await self.restorer.restore(build, env_vars=env_vars, kill_with_owner=not self.keep)
+
+    def _observe(self, event: CreateEvent) -> None:
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:  # noqa: BLE001 - metrics must never break a create
+                log.exception("create observer failed")
 
     def _register(self, sb: Sandbox) -> None:
         self._sandboxes[sb.id] = sb
@@ -487,6 +561,8 @@ class SandboxManager:
 
     async def _destroy(self, sb: Sandbox) -> None:
         """Kill the VM and remove the sandbox's files."""
+        with contextlib.suppress(Exception):
+            self.admission.observe_cost(sb.template, sb.memory()[1])
         try:
             current = asyncio.current_task()
             if sb._watcher is not None and sb._watcher is not current:
@@ -544,7 +620,7 @@ class SandboxManager:
         spec = dataclasses.replace(spec, agent_host_port=rec.agent_port)
         vm = await adopt.attach_qemu(spec, rec.pid, rec.agent_port)
         try:
-            async with AgentClient(vm.agent_url, timeout=ADOPT_HEALTH_TIMEOUT_S) as probe:
+            async with AgentClient.for_endpoint(vm.agent_endpoint, timeout=ADOPT_HEALTH_TIMEOUT_S) as probe:
                 if not await probe.health():
                     raise RuntimeError(f"its agent does not answer /health on port {rec.agent_port}")
         except BaseException:
@@ -553,8 +629,8 @@ class SandboxManager:
             vm.process.detach()
             raise
         restored = RestoredVm(
-            sandbox_id=rec.id, build=build, vm=vm, agent=AgentClient(vm.agent_url, access_token=rec.access_token),
-            access_token=rec.access_token, workdir=workdir, times=dict(rec.start_times),
+            sandbox_id=rec.id, build=build, vm=vm, agent=AgentClient.for_endpoint(vm.agent_endpoint, access_token=rec.access_token),
+            access_token=rec.access_token, workdir=workdir, times=dict(rec.start_times), source="adopted",
         )
         return Sandbox(
             restored, template=rec.template, created_at=rec.created_at, metadata=dict(rec.metadata),

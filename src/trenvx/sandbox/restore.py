@@ -1,12 +1,17 @@
 """SnapshotRestore: from a published template build to a running sandbox whose agent has answered.
 
-Steps of one restore (each timed): ``disk`` (qcow2 overlay), ``spawn`` (a VMM process waiting for
-the snapshot, skipped when a prestarted one is handed in), ``load`` (device state), ``resume``,
-``init`` (the agent receives the sandbox's identity: id, env vars, token, clock, fresh entropy).
+Steps of one restore (each timed), in three calls that a pool can run at different times:
+
+- :meth:`SnapshotRestore.prepare`: ``disk`` (qcow2 overlay), ``spawn`` (a VMM process waiting
+  for the snapshot);
+- :meth:`SnapshotRestore.start`: ``load`` (device state), ``resume``;
+- :meth:`SnapshotRestore.activate`: ``init`` (the agent's first reply: it receives the
+  sandbox's identity: id, env vars, token, clock, fresh entropy).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
@@ -14,21 +19,30 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, StartMode
+from ..filelock import AsyncFileLock
 from ..guest.client import AgentClient
 from ..layout import DataRoot
 from ..template.store import TemplateBuild
-from ..vmm import DiskSpec, StageTimes, Vm, VmmDriver, VmSpec, driver_for
+from ..vmm import (
+    DiskSpec, SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, check_template_vmm, driver_for,
+)
+from ..vmm.hostfs import clone_file
 from ..config import VmmType
 from .disk import create_overlay
 
 OVERLAY = "disk.qcow2"
+RAW_COPY = "disk.raw"
 
 
 def new_sandbox_id() -> str:
     """An id like E2B's: 20 lowercase letters and digits, starting with a letter."""
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     return secrets.choice(alphabet[:26]) + "".join(secrets.choice(alphabet) for _ in range(19))
+
+
+PreparedVm = tuple[Vm, Path, dict[str, float]]
+"""A VMM process with its disk, before identity: (vm, sandbox workdir, stage seconds so far)."""
 
 
 @dataclass
@@ -40,6 +54,9 @@ class RestoredVm:
     access_token: str
     workdir: Path
     times: dict[str, float] = field(default_factory=dict)
+    """Seconds of each stage done on the create path (stages a pool did earlier are not in it)."""
+    source: str = "cold"
+    """Where the VM came from: ``hot`` or ``warm`` pool, ``cold`` (a new VMM process), or adopted."""
 
 
 class SnapshotRestore:
@@ -52,27 +69,50 @@ class SnapshotRestore:
 
     def driver(self, build: TemplateBuild) -> VmmDriver:
         kind = build.manifest.vmm_type
+        configured = self.config.template.get(build.manifest.name)
+        if configured is not None:
+            check_template_vmm(build.manifest.name, kind, configured.vmm_type.value)
         if kind not in self._drivers:
             self._drivers[kind] = driver_for(VmmType(kind), self.config)
         return self._drivers[kind]
+
+    @property
+    def mode(self) -> StartMode:
+        return self.config.orchestrator.start_mode
 
     def vm_spec(self, build: TemplateBuild, sandbox_id: str, workdir: Path, *, kill_with_owner: bool = True) -> VmSpec:
         return VmSpec(
             name=sandbox_id, workdir=workdir / "vm", machine=build.machine,
             memory_file=build.snapshot.memory_file, memory_shared=False,
-            root_disk=DiskSpec(workdir / OVERLAY, "qcow2"), kill_with_owner=kill_with_owner,
+            anonymous_memory=self.mode is not StartMode.snapshot,
+            root_disk=self._disk(build, workdir), kill_with_owner=kill_with_owner,
         )
 
-    async def prepare(self, build: TemplateBuild, sandbox_id: str, *, kill_with_owner: bool = True) -> tuple[Vm, Path, dict[str, float]]:
-        """Everything that can happen before the request: the disk and a VMM process waiting."""
+    def _disk(self, build: TemplateBuild, workdir: Path) -> DiskSpec:
+        """The sandbox's own disk: a qcow2 overlay over the template's image, or (for VMMs without
+        qcow2: Firecracker, Cloud Hypervisor) a reflinked copy of it."""
+        if "qcow2" in self.driver(build).disk_formats:
+            return DiskSpec(workdir / OVERLAY, "qcow2")
+        return DiskSpec(workdir / RAW_COPY, "raw")
+
+    async def prepare(self, build: TemplateBuild, sandbox_id: str, *, kill_with_owner: bool = True) -> PreparedVm:
+        """Everything that can happen before the request: the disk and a VMM process waiting.
+
+        With ``start_mode = "boot"`` the process boots the template's kernel instead.
+        """
         times: dict[str, float] = {}
         workdir = self.data_root.sandbox_dir(sandbox_id)
         workdir.mkdir(parents=True)
         try:
             t0 = time.perf_counter()
-            await create_overlay(build.rootfs, workdir / OVERLAY)
+            spec = self.vm_spec(build, sandbox_id, workdir, kill_with_owner=kill_with_owner)
+            if spec.root_disk.format == "qcow2":
+                await create_overlay(build.rootfs, spec.root_disk.path)
+            else:
+                await clone_file(build.rootfs, spec.root_disk.path)
             t1 = time.perf_counter()
-            vm = await self.driver(build).prestart(self.vm_spec(build, sandbox_id, workdir, kill_with_owner=kill_with_owner))
+            driver = self.driver(build)
+            vm = await (driver.boot(spec) if self.mode is StartMode.boot else driver.prestart(spec))
             times["disk"] = t1 - t0
             times["spawn"] = time.perf_counter() - t1
         except BaseException:
@@ -80,23 +120,57 @@ class SnapshotRestore:
             raise
         return vm, workdir, times
 
-    async def restore(
-        self,
-        build: TemplateBuild,
-        *,
-        sandbox_id: str | None = None,
-        env_vars: dict[str, str] | None = None,
-        prepared: tuple[Vm, Path, dict[str, float]] | None = None,
-        kill_with_owner: bool = True,
-    ) -> RestoredVm:
-        sandbox_id = sandbox_id or new_sandbox_id()
-        vm, workdir, times = prepared or await self.prepare(build, sandbox_id, kill_with_owner=kill_with_owner)
-        token = secrets.token_urlsafe(24)
-        agent = AgentClient(vm.agent_url)
+    async def full_snapshot(self, build: TemplateBuild) -> SnapshotFiles:
+        """The build's snapshot with guest RAM in the stream (made once, cached by build id)."""
+        dest = self.data_root.cache / "full-snapshots" / f"{build.manifest.name}-{build.build_id}"
+        files = SnapshotFiles(vmstate=dest / "vmstate-full", memory_file=build.snapshot.memory_file)
+        if files.vmstate.exists():
+            return files
+        driver = self.driver(build)
+        make = getattr(driver, "full_snapshot", None)
+        if make is None:
+            raise VmmError(f"start_mode snapshot-private is not available with {driver.name}")
+        async with AsyncFileLock(dest.parent / f".{dest.name}.lock"):
+            if files.vmstate.exists():
+                return files
+            workdir = self.data_root.sandbox_dir(f"full-{new_sandbox_id()}")
+            workdir.mkdir(parents=True)
+            try:
+                spec = dataclasses.replace(self.vm_spec(build, workdir.name, workdir), anonymous_memory=False,
+                                           root_disk=DiskSpec(build.rootfs, "raw", read_only=True))
+                return await make(spec, build.snapshot, dest)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    async def start(self, build: TemplateBuild, prepared: PreparedVm) -> None:
+        """Load the snapshot into a prepared VMM process and resume it (no identity yet)."""
+        vm, workdir, times = prepared
         try:
+            if self.mode is StartMode.boot:
+                t0 = time.perf_counter()
+                async with AgentClient.for_endpoint(vm.agent_endpoint) as agent:
+                    await agent.wait_healthy(float(build.manifest.config.get("boot_timeout_s", 300)))
+                times["boot"] = time.perf_counter() - t0
+                return
+            snapshot = build.snapshot
+            if self.mode is StartMode.snapshot_private:
+                snapshot = await self.full_snapshot(build)
             st = StageTimes()
-            await self.driver(build).restore(vm, build.snapshot, st)
+            await self.driver(build).restore(vm, snapshot, st)
             times.update(st.steps)
+        except BaseException:
+            await vm.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+    async def activate(
+        self, build: TemplateBuild, sandbox_id: str, prepared: PreparedVm, env_vars: dict[str, str] | None = None,
+    ) -> RestoredVm:
+        """Give a running guest its identity (the agent's first reply of this sandbox)."""
+        vm, workdir, times = prepared
+        token = secrets.token_urlsafe(24)
+        agent = AgentClient.for_endpoint(vm.agent_endpoint)
+        try:
             t0 = time.perf_counter()
             await agent.init(
                 sandbox_id=sandbox_id, env_vars=dict(env_vars or {}), access_token=token,
@@ -110,9 +184,24 @@ class SnapshotRestore:
             raise
         await agent.aclose()
         return RestoredVm(
-            sandbox_id=sandbox_id, build=build, vm=vm, agent=AgentClient(vm.agent_url, access_token=token),
+            sandbox_id=sandbox_id, build=build, vm=vm, agent=AgentClient.for_endpoint(vm.agent_endpoint, access_token=token),
             access_token=token, workdir=workdir, times=times,
         )
+
+    async def restore(
+        self,
+        build: TemplateBuild,
+        *,
+        sandbox_id: str | None = None,
+        env_vars: dict[str, str] | None = None,
+        prepared: PreparedVm | None = None,
+        kill_with_owner: bool = True,
+    ) -> RestoredVm:
+        """prepare (unless ``prepared`` is given) + start + activate."""
+        sandbox_id = sandbox_id or new_sandbox_id()
+        prepared = prepared or await self.prepare(build, sandbox_id, kill_with_owner=kill_with_owner)
+        await self.start(build, prepared)
+        return await self.activate(build, sandbox_id, prepared, env_vars)
 
     @staticmethod
     async def destroy(restored: RestoredVm) -> None:

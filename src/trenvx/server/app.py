@@ -25,6 +25,8 @@ from ..config import Config
 from ..sandbox.manager import SandboxManager
 from . import errors, routes_sandboxes, routes_templates
 from .errors import error_body
+from .metrics import ServerMetrics
+from .metrics import router as metrics_router
 from .models import Error, Health
 from .proxy import SandboxProxy
 
@@ -162,6 +164,8 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
     errors.install(app)
     app.include_router(routes_sandboxes.router)
     app.include_router(routes_templates.router)
+    app.state.metrics = ServerMetrics(manager)
+    app.include_router(metrics_router)
 
     @app.get("/health", response_model=Health, tags=["health"], summary="Liveness (no API key needed)")
     async def health(request: Request) -> Health:

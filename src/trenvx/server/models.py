@@ -137,6 +137,9 @@ class CreatedSandbox(BaseModel):
     startTimes: dict[str, float] = Field(
         default_factory=dict, description="trenvx: milliseconds spent in each stage of the restore."
     )
+    startSource: str | None = Field(
+        default=None, description="trenvx: hot or warm (taken from a pool) or cold (a new VMM process)."
+    )
 
 
 class TrenvxSandboxInfo(BaseModel):
@@ -153,6 +156,7 @@ class TrenvxSandboxInfo(BaseModel):
     vmm: str | None = None
     accelerator: str | None = None
     startTimes: dict[str, float] = Field(default_factory=dict, description="Milliseconds per restore stage.")
+    startSource: str | None = Field(default=None, description="hot / warm (pool) or cold (new VMM process).")
 
 
 class ListedSandbox(BaseModel):

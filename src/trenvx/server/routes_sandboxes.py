@@ -70,6 +70,7 @@ def _info_of_running(request: Request, sb: Sandbox, with_memory: bool) -> dict:
             pid=sb.pid, rssBytes=rss, pssBytes=pss, timeoutLeft=round(sb.timeout_left, 3), adopted=sb.adopted,
             buildID=m.build_id, vmm=m.vmm_type, accelerator=m.machine.accelerator,
             startTimes={k: round(v * 1000, 3) for k, v in sb.start_times.items()},
+            startSource=sb.restored.source,
         ),
     )
 
@@ -92,6 +93,7 @@ def _created(request: Request, sb: Sandbox) -> CreatedSandbox:
         templateID=sb.template, sandboxID=sb.id, alias=sb.template, clientID=request.app.state.client_id,
         envdVersion=request.app.state.envd_version, envdAccessToken=sb.access_token,
         domain=request.app.state.domain, startTimes={k: round(v * 1000, 3) for k, v in sb.start_times.items()},
+        startSource=sb.restored.source,
     )
 
 
@@ -135,6 +137,7 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
     stats["last"] = _ts(sb.created_at)
     created = _created(request, sb)
     response.headers["X-Trenvx-Timings"] = json.dumps(created.startTimes, separators=(",", ":"))
+    response.headers["X-Trenvx-Start-Source"] = created.startSource or ""
     response.headers["Location"] = f"/sandboxes/{sb.id}"
     return created
 

@@ -66,6 +66,10 @@ class VmSpec:
     """Guest RAM. Shared (written back to the file) while building, private (copy-on-write) on restore."""
     memory_shared: bool
     root_disk: DiskSpec
+    anonymous_memory: bool = False
+    """Guest RAM is the VM's own anonymous memory, not ``memory_file``: for a cold boot, or filled
+    from a full snapshot's stream (every VM a private copy, as E2B restores). Only the baselines of
+    the benchmarks use it."""
     agent_host_port: int = 0
     """Host TCP port (on 127.0.0.1) forwarded to the guest agent's port; 0 lets the kernel choose."""
     kill_with_owner: bool = True

@@ -50,6 +50,9 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
     else:
         accel = ["-accel", f"tcg,tb-size={m.tcg_tb_size_mb}", "-cpu", "max"]
     share = "on" if spec.memory_shared else "off"
+    memory = f"memory-backend-file,id=mem,size={m.mem_mb}M,mem-path={spec.memory_file},share={share}"
+    if spec.anonymous_memory:
+        memory = f"memory-backend-ram,id=mem,size={m.mem_mb}M"
     disk = spec.root_disk
     drive = f"file={disk.path},format={disk.format},if=none,id=root,cache=unsafe,discard=unmap"
     if disk.read_only:
@@ -61,7 +64,7 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
         *accel,
         "-smp", str(m.vcpu),
         "-m", f"{m.mem_mb}M",
-        "-object", f"memory-backend-file,id=mem,size={m.mem_mb}M,mem-path={spec.memory_file},share={share}",
+        "-object", memory,
         "-machine", "q35,memory-backend=mem,smbus=off,sata=off,vmport=off",
         "-serial", f"file:{spec.workdir / 'console.log'}",
         "-drive", drive, "-device", "virtio-blk-pci,drive=root,id=rootdev",
@@ -255,6 +258,34 @@ class QemuDriver(VmmDriver):
         if times is not None:
             times.steps["load"] = t1 - t0
             times.steps["resume"] = time.perf_counter() - t1
+
+    async def full_snapshot(self, spec: VmSpec, snapshot: SnapshotFiles, dest: Path) -> SnapshotFiles:
+        """A snapshot with the guest RAM inside its stream, made from ``snapshot`` (RAM in a file).
+
+        The VM of ``spec`` (private RAM mapped from the file) loads ``snapshot`` without running
+        and migrates everything, RAM included, into ``dest/vmstate-full``. Restoring it with
+        ``anonymous_memory`` copies all of the guest RAM into each VM: the E2B-style baseline.
+        """
+        dest.mkdir(parents=True, exist_ok=True)
+        vm = await self.prestart(spec)
+        try:
+            fd = os.open(snapshot.vmstate, os.O_RDONLY)
+            try:
+                await self._send_fd(vm, fd, "restore")
+            finally:
+                os.close(fd)
+            await self._migrate_and_wait(vm, "migrate-incoming", {"uri": "fd:restore"})
+            part = dest / "vmstate-full.part"
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                await self._send_fd(vm, fd, "full")
+            finally:
+                os.close(fd)
+            await self._migrate_and_wait(vm, "migrate", {"uri": "fd:full"})
+            os.replace(part, dest / "vmstate-full")
+        finally:
+            await vm.kill()
+        return SnapshotFiles(vmstate=dest / "vmstate-full", memory_file=snapshot.memory_file)
 
     async def _send_fd(self, vm: QemuVm, fd: int, name: str) -> None:
         vm.qmp.send_fd_scm(fd)

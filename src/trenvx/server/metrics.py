@@ -1,0 +1,103 @@
+"""Prometheus metrics at ``GET /metrics`` (text exposition format).
+
+Counters and histograms of creates come from the manager's create events
+(:class:`trenvx.sandbox.manager.CreateEvent`); gauges (sandboxes running, pool sizes) are read at
+scrape time. Every series is labelled with the template; create series also with ``source``:
+``hot`` / ``warm`` (taken from a pool) or ``cold`` (restored into a new VMM process).
+
+- ``trenvx_creates_total{template,source,outcome}``
+- ``trenvx_create_seconds{template,source}``: create -> agent answered (histogram)
+- ``trenvx_create_stage_seconds{stage,source}``: disk, spawn, load, resume, init (histogram)
+- ``trenvx_sandboxes_running{template}``
+- ``trenvx_pool_ready{template,tier}``, ``trenvx_pool_target{template,tier}``
+- ``trenvx_pool_takes_total{template,result}``: hot, warm or miss
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..sandbox.manager import CreateEvent, SandboxManager
+from .auth import require_api_key
+from .models import Error
+
+# Seconds: from a hot pool (a few ms) up to a cold boot (several seconds under TCG).
+BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class _StateCollector(Collector):
+    """Gauges read from the manager when scraped."""
+
+    def __init__(self, manager: SandboxManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily("trenvx_sandboxes_running", "Sandboxes running now.", labels=["template"])
+        for template, n in sorted(Tally(sb.template for sb in self.manager.list()).items()):
+            running.add_metric([template], n)
+        yield running
+        ready = GaugeMetricFamily("trenvx_pool_ready", "Pooled VMs ready to be taken.", labels=["template", "tier"])
+        target = GaugeMetricFamily("trenvx_pool_target", "Size each pool tier is refilled to.", labels=["template", "tier"])
+        takes = CounterMetricFamily("trenvx_pool_takes", "Creates served by a pool tier, or missed.",
+                                    labels=["template", "result"])
+        made = CounterMetricFamily("trenvx_pool_made", "VMs made by pool refills.", labels=["template", "tier"])
+        for s in self.manager.pool_stats():
+            ready.add_metric([s.template, "warm"], s.warm)
+            ready.add_metric([s.template, "hot"], s.hot)
+            target.add_metric([s.template, "warm"], s.target_warm)
+            target.add_metric([s.template, "hot"], s.target_hot)
+            for tier, n in s.hits.items():
+                takes.add_metric([s.template, tier], n)
+            takes.add_metric([s.template, "miss"], s.misses)
+            for tier, n in s.made.items():
+                made.add_metric([s.template, tier], n)
+        yield ready
+        yield target
+        yield takes
+        yield made
+
+
+class ServerMetrics:
+    """The server's registry; :meth:`observe` is registered as a create observer of the manager."""
+
+    def __init__(self, manager: SandboxManager) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.creates = Counter("trenvx_creates", "Sandbox creates, by how they ended.",
+                               ["template", "source", "outcome"], registry=self.registry)
+        self.create_seconds = Histogram("trenvx_create_seconds", "Create -> agent answered, in seconds.",
+                                        ["template", "source"], buckets=BUCKETS, registry=self.registry)
+        self.stage_seconds = Histogram("trenvx_create_stage_seconds", "Seconds per stage on the create path.",
+                                       ["stage", "source"], buckets=BUCKETS, registry=self.registry)
+        self.registry.register(_StateCollector(manager))
+        manager.observers.append(self.observe)
+
+    def observe(self, event: CreateEvent) -> None:
+        self.creates.labels(event.template, event.source, event.outcome).inc()
+        if event.outcome != "ok":
+            return
+        self.create_seconds.labels(event.template, event.source).observe(event.total_s)
+        for stage, seconds in event.stages.items():
+            self.stage_seconds.labels(stage, event.source).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get(
+    "/metrics", dependencies=[Depends(require_api_key)], response_class=Response,
+    summary="Prometheus metrics: creates, stage timings, sandboxes, pools",
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+               401: {"model": Error, "description": "Missing or invalid X-API-Key"}},
+)
+async def metrics(request: Request) -> Response:
+    m: ServerMetrics = request.app.state.metrics
+    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
