@@ -389,6 +389,10 @@ class SandboxManager:
             try:
                 if item.tier == "warm":
                     await self.restorer.start(build, item.prepared)
+                else:
+                    t0 = time.perf_counter()
+                    await item.vm.resume()
+                    item.prepared[2]["resume"] = time.perf_counter() - t0
                 restored = await self.restorer.activate(build, item.sandbox_id, item.prepared, env_vars)
                 restored.source = item.tier
                 return restored
