@@ -56,6 +56,45 @@ def test_state_store_roundtrip_end_and_prune(tmp_path: Path) -> None:
     s2.close()
 
 
+SCHEMA_V1 = """
+CREATE TABLE sandboxes (
+    id TEXT PRIMARY KEY, template TEXT NOT NULL, build_id TEXT NOT NULL, build_path TEXT NOT NULL,
+    state TEXT NOT NULL, end_reason TEXT NOT NULL DEFAULT '', pid INTEGER NOT NULL, pid_started_at REAL NOT NULL,
+    agent_port INTEGER NOT NULL, access_token TEXT NOT NULL, workdir TEXT NOT NULL, created_at REAL NOT NULL,
+    end_at REAL NOT NULL, ended_at REAL, vcpu INTEGER NOT NULL, mem_mb INTEGER NOT NULL, disk_mb INTEGER NOT NULL,
+    metadata TEXT NOT NULL, env_vars TEXT NOT NULL, start_times TEXT NOT NULL, ports TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX sandboxes_state ON sandboxes(state);
+INSERT INTO sandboxes VALUES ('old', 't', 'b', '/p', 'running', '', 1, 1.0, 2, 'tok', '/w', 1.0, 2.0, NULL,
+                              1, 256, 10, '{}', '{}', '{}', '{}');
+PRAGMA user_version=1;
+"""
+
+
+def test_state_store_records_the_vmm_and_migrates_a_version_1_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "state.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(SCHEMA_V1)
+    db.close()
+    s = StateStore(path)
+    assert s.get("old").vmm_type == "qemu", "rows of version 1 are QEMU sandboxes"
+    s.put(rec("fc", vmm_type="firecracker"))
+    assert s.get("fc").vmm_type == "firecracker" and {r.id for r in s.running()} == {"old", "fc"}
+    s.close()
+    s = StateStore(path)  # a migrated database reopens as it is
+    assert s.get("fc").vmm_type == "firecracker" and s.get("old").vmm_type == "qemu"
+    s.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="schema version 3, newer than this trenvx's 2; run the newer trenvx"):
+        StateStore(path)
+
+
 def test_admission_counts_slots_and_memory() -> None:
     free = [2048 << 20]
     a = Admission(Limits(max_sandboxes=3, max_per_template=2, headroom_mb=1024), available=lambda: free[0])

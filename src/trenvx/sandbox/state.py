@@ -2,9 +2,11 @@
 
 Every sandbox the server starts is written here before it is handed to a client, with what a
 restarted server needs to find it again: the VMM's pid (and that process's start time, so a
-recycled pid is never mistaken for it), the host port of its agent, its access token, its
-build and workdir, its deadline. Ended sandboxes stay for a while (``ended_retention_s``) so
-that ``sandbox ls -a`` can show them and a 404 can say why a sandbox is gone.
+recycled pid is never mistaken for it), which VMM it is (QEMU is re-attached through its QMP
+socket, Firecracker and Cloud Hypervisor through their API sockets), the host port of its agent
+(QEMU), its access token, its build and workdir, its deadline. Ended sandboxes stay for a while
+(``ended_retention_s``) so that ``sandbox ls -a`` can show them and a 404 can say why a sandbox
+is gone. An older database is migrated when opened (columns added with defaults for its rows).
 
 Writes are tiny and synchronous (a few hundred microseconds with WAL); the database is owned by
 one server at a time (the server holds ``run/server.lock``).
@@ -20,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first schema; 2: column ``vmm_type`` (rows of version 1 are QEMU sandboxes)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -44,10 +47,16 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     metadata        TEXT NOT NULL,
     env_vars        TEXT NOT NULL,
     start_times     TEXT NOT NULL,
-    ports           TEXT NOT NULL DEFAULT '{}'
+    ports           TEXT NOT NULL DEFAULT '{}',
+    vmm_type        TEXT NOT NULL DEFAULT 'qemu'
 );
 CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
 """
+
+_ADDED_COLUMNS = {
+    "vmm_type": "TEXT NOT NULL DEFAULT 'qemu'",
+}
+"""Columns added after version 1, with the definition that fills them in existing rows."""
 
 RUNNING = "running"
 PAUSED = "paused"
@@ -79,6 +88,8 @@ class SandboxRecord:
     state: str = RUNNING
     end_reason: str = ""
     ended_at: float | None = None
+    vmm_type: str = "qemu"
+    """The VMM running the sandbox (``VmmType`` value: qemu, firecracker, cloud-hypervisor)."""
 
     _JSON = ("metadata", "env_vars", "start_times", "ports")
 
@@ -111,13 +122,21 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version > SCHEMA_VERSION:
             raise RuntimeError(
-                f"state database {path} has schema version {version}, this trenvx knows {SCHEMA_VERSION}; "
-                "stop every sandbox and remove the file"
+                f"state database {path} has schema version {version}, newer than this trenvx's {SCHEMA_VERSION}; "
+                "run the newer trenvx, or stop every sandbox and remove the file"
             )
         self._db.executescript(_SCHEMA)
+        self._migrate()
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        """Add the columns an older database lacks (their defaults describe its existing rows)."""
+        have = {row["name"] for row in self._db.execute("PRAGMA table_info(sandboxes)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE sandboxes ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         self._db.close()
