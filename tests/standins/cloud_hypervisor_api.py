@@ -57,8 +57,11 @@ class ChError(Exception):
 class CloudHypervisorApi:
     """The state of one Cloud Hypervisor process as its API shows it."""
 
-    def __init__(self, version: str = "v54.0.0", known_restore_modes: tuple[str, ...] = ("Copy", "OnDemand", "CopyOnWrite")) -> None:
+    def __init__(self, version: str = "v54.0.0", known_restore_modes: tuple[str, ...] = ("Copy", "OnDemand", "CopyOnWrite"),
+                 pid: int = 1) -> None:
         self.version = version
+        self.pid = pid
+        """What ``vmm.ping`` reports as the VMM's process id."""
         self.known_restore_modes = known_restore_modes
         self.state: str | None = None  # None: no VM; Created, Running, Paused, Shutdown
         self.config: dict[str, Any] | None = None
@@ -103,7 +106,7 @@ class CloudHypervisorApi:
         if (method == "GET") != (ep in gets):
             return 400, ["Bad Request"]
         if ep == "vmm.ping":
-            return 200, {"build_version": self.version, "version": self.version.lstrip("v"), "pid": 1, "features": ["kvm"]}
+            return 200, {"build_version": self.version, "version": self.version.lstrip("v"), "pid": self.pid, "features": ["kvm"]}
         if ep == "vm.info":
             if self.config is None:
                 raise ChError(404, "Error from API", "The VM information could not be retrieved", "VM is not created")

@@ -3,6 +3,9 @@
 - a template build on disk (a real manifest, tiny files) so the real TemplateStore is used;
 - a "VM" that is a real process (``sleep``, named ``trenvx-<id>`` like QEMU's ``-name``), started
   through the real :class:`VmmProcess`, so death detection, kill and adoption are exercised;
+- with ``vmm="firecracker"`` or ``"cloud-hypervisor"``, a "VM" reached like those VMMs': its agent
+  behind a stand-in hybrid vsock socket, its VMM's API answered by the stand-in of tests/standins
+  on the socket in its workdir (what a restarted manager re-attaches through);
 - an upstream HTTP/websocket server standing in for the guest agent and guest web servers.
 """
 
@@ -27,24 +30,25 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from trenvx.config import Config, OrchestratorConfig
+from trenvx.config import AGENT_PORT, Config, OrchestratorConfig
 from trenvx.guest.client import AgentClient
 from trenvx.layout import DataRoot
 from trenvx.sandbox.restore import RestoredVm, new_sandbox_id
 from trenvx.template.store import MANIFEST, MachineRecord, TemplateManifest
 from trenvx.vmm.base import VmState
+from trenvx.vmm.microvm import VSOCK_SOCKET
 from trenvx.vmm.process import VmmProcess
 
 BUILD_ID = "20260101T000000-deadbeef"
 
 
-def make_template(data_root: Path, name: str = "tpl", mem_mb: int = 256, vcpu: int = 1) -> Path:
+def make_template(data_root: Path, name: str = "tpl", mem_mb: int = 256, vcpu: int = 1, vmm_type: str = "qemu") -> Path:
     d = data_root / "templates" / name / BUILD_ID
     d.mkdir(parents=True, exist_ok=True)
     for f in ("rootfs.ext4", "memory", "vmstate"):
         (d / f).write_bytes(b"\0" * 1024)
     m = TemplateManifest(
-        name=name, build_id=BUILD_ID, created_at=dt.datetime.now(dt.UTC).isoformat(), vmm_type="qemu",
+        name=name, build_id=BUILD_ID, created_at=dt.datetime.now(dt.UTC).isoformat(), vmm_type=vmm_type,
         input_digest="0" * 64, inputs={}, config={"name": name, "disk_mb": 64, "mem_mb": mem_mb},
         machine=MachineRecord(vcpu=vcpu, mem_mb=mem_mb, accelerator="tcg", kernel="/nonexistent/vmlinuz",
                               initrd="/nonexistent/initrd", cmdline="", tcg_tb_size_mb=32),
@@ -67,21 +71,26 @@ def make_config(data_root: Path, **orch: Any) -> Config:
 
 
 class FakeVm:
-    """A process standing in for a VMM; the agent is the upstream test server."""
+    """A process standing in for a VMM; the agent is the upstream test server (over TCP, or with
+    ``vsock`` through the hybrid vsock socket ``workdir/v.sock``)."""
 
-    def __init__(self, sandbox_id: str, workdir: Path, process: Any, agent_port: int, forwards: dict[int, int]) -> None:
+    def __init__(self, sandbox_id: str, workdir: Path, process: Any, agent_port: int, forwards: dict[int, int],
+                 vsock: bool = False) -> None:
         self.spec = type("Spec", (), {"name": sandbox_id, "workdir": workdir})()
         self.process = process
         self.agent_port = agent_port
         self.forwards = forwards
+        self.vsock = vsock
         self.state = VmState.running
         self.forward_calls: list[int] = []
         self.qmp = None
 
     @property
     def agent_endpoint(self) -> Any:
-        from trenvx.guest.endpoint import TcpEndpoint
+        from trenvx.guest.endpoint import HybridVsockEndpoint, TcpEndpoint
 
+        if self.vsock:
+            return HybridVsockEndpoint(self.spec.workdir / VSOCK_SOCKET, AGENT_PORT)
         return TcpEndpoint("127.0.0.1", self.agent_port)
 
     @property
@@ -120,17 +129,22 @@ class FakeVm:
 
 
 class FakeRestorer:
-    """Stands in for SnapshotRestore: 'restores' by starting a named sleep process."""
+    """Stands in for SnapshotRestore: 'restores' by starting a named sleep process. With ``vmm`` set to
+    firecracker or cloud-hypervisor, every "VM" also gets the stand-ins of that VMM's sockets
+    (``standins``, still serving after the manager closes, as a VMM outlives a ``--keep`` server)."""
 
     def __init__(self, data_root: DataRoot, agent_port: int, forwards: dict[int, int] | None = None,
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, vmm: str = "qemu") -> None:
         self.data_root = data_root
         self.agent_port = agent_port
         self.forwards = forwards or {}
         self.delay_s = delay_s
+        self.vmm = vmm
         self.fail_next: Exception | None = None
         self.restored: list[RestoredVm] = []
         self.kill_with_owner: list[bool] = []
+        self.standins: dict[str, list[Any]] = {}
+        """Sandbox id -> its VMM's stand-ins: [hybrid vsock socket, API]."""
 
     def vm_spec(self, build: Any, sandbox_id: str, workdir: Path, *, kill_with_owner: bool = True) -> Any:
         from trenvx.vmm.base import DiskSpec, VmSpec
@@ -154,22 +168,56 @@ class FakeRestorer:
         proc = await VmmProcess.spawn(["bash", "-c", f"exec -a trenvx-{sid} sleep 3600"], workdir / "vm" / "vmm.log",
                                       kill_with_owner=kill_with_owner)
         self.kill_with_owner.append(kill_with_owner)
-        vm = FakeVm(sid, workdir / "vm", proc, self.agent_port, self.forwards)
+        vm = FakeVm(sid, workdir / "vm", proc, self.agent_port, self.forwards, vsock=self.vmm != "qemu")
+        if self.vmm != "qemu":
+            self.standins[sid] = await start_microvm_standins(self.vmm, workdir / "vm", proc.pid, self.agent_port)
         token = secrets.token_urlsafe(8)
-        r = RestoredVm(sandbox_id=sid, build=build, vm=vm, agent=AgentClient(vm.agent_url, access_token=token),  # type: ignore[arg-type]
+        r = RestoredVm(sandbox_id=sid, build=build, vm=vm, agent=AgentClient.for_endpoint(vm.agent_endpoint, access_token=token),  # type: ignore[arg-type]
                        access_token=token, workdir=workdir, times={"spawn": time.perf_counter() - t0, "init": 0.001})
         self.restored.append(r)
         return r
 
 
+    async def close_standins(self) -> None:
+        for standins in self.standins.values():
+            for s in standins:
+                await s.close()
+        self.standins.clear()
+
+
+async def start_microvm_standins(vmm: str, workdir: Path, pid: int, agent_port: int) -> list[Any]:
+    """The sockets of a running Firecracker / Cloud Hypervisor VM in ``workdir``: the hybrid vsock socket
+    (port 49983 piped to ``127.0.0.1:agent_port``) and the VMM's API stand-in, its VM running."""
+    from tests.standins.cloud_hypervisor_api import CloudHypervisorApi
+    from tests.standins.firecracker_api import FirecrackerApi
+    from tests.standins.hybrid_vsock import HybridVsockStandIn
+    from trenvx.vmm import cloud_hypervisor, firecracker
+
+    vsock = HybridVsockStandIn(workdir / VSOCK_SOCKET, {AGENT_PORT: ("127.0.0.1", agent_port)})
+    await vsock.start()
+    api: Any
+    if vmm == "firecracker":
+        api = FirecrackerApi(workdir)
+        api.state = "Running"
+        await api.start(workdir / firecracker.API_SOCKET)
+    elif vmm == "cloud-hypervisor":
+        api = CloudHypervisorApi(pid=pid)
+        api.state, api.config = "Running", {"vsock": {"socket": str(workdir / VSOCK_SOCKET)}}
+        await api.start(workdir / cloud_hypervisor.API_SOCKET)
+    else:
+        raise ValueError(f"no stand-ins for vmm {vmm!r}")
+    return [vsock, api]
+
+
 def fake_manager(config: Config, agent_port: int, *, state: bool = True, keep: bool | None = None,
-                 forwards: dict[int, int] | None = None, delay_s: float = 0.0, admission: Any = None):
+                 forwards: dict[int, int] | None = None, delay_s: float = 0.0, admission: Any = None,
+                 vmm: str = "qemu"):
     from trenvx.sandbox.manager import SandboxManager
 
     dr = DataRoot(config.data_root).ensure()
     m = SandboxManager(config, state_path=dr.run / "state.sqlite" if state else None, keep=keep, admission=admission,
                        pools=False)
-    m.restorer = FakeRestorer(dr, agent_port, forwards, delay_s)  # type: ignore[assignment]
+    m.restorer = FakeRestorer(dr, agent_port, forwards, delay_s, vmm=vmm)  # type: ignore[assignment]
     return m
 
 

@@ -17,7 +17,7 @@ from trenvx.guest.agent.server import Agent, AgentHTTPServer
 from trenvx.guest.agent.identity import SYSTEM_STEPS, SystemIdentity
 from trenvx.guest.client import AgentClient
 from trenvx.guest.endpoint import HybridVsockEndpoint, TcpEndpoint
-from trenvx.guest.vsock import VsockHandshakeError, vsock_connect
+from trenvx.guest.vsock import VsockHandshakeError, vsock_connect, vsock_socket
 
 
 @pytest.fixture
@@ -106,3 +106,26 @@ def test_agent_vsock_listener_absent_or_present(monkeypatch: pytest.MonkeyPatch,
             agent_vsock.stop_vsock_listener(server)
     finally:
         agent.shutdown()
+
+
+async def test_vsock_socket_hands_over_a_plain_connected_socket(tmp_path: Path, agent_tcp) -> None:  # noqa: ANN001
+    standin = HybridVsockStandIn(tmp_path / "v.sock", {49983: agent_tcp})
+    await standin.start()
+    try:
+        sock = await vsock_socket(tmp_path / "v.sock", 49983)
+        reader, writer = await asyncio.open_connection(sock=sock)  # as websockets' connect(sock=...) does
+        writer.write(b"GET /health HTTP/1.1\r\nHost: vsock\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        assert (await reader.read()).startswith(b"HTTP/1.")
+        writer.close()
+        with pytest.raises(VsockHandshakeError, match="nothing listens on guest vsock port 7"):
+            await vsock_socket(tmp_path / "v.sock", 7)
+    finally:
+        await standin.close()
+    chatty = HybridVsockStandIn(tmp_path / "c.sock", {49983: agent_tcp}, extra_after_ok=b"hello")
+    await chatty.start()
+    try:
+        with pytest.raises(VsockHandshakeError, match="spoke before the client did"):
+            await vsock_socket(tmp_path / "c.sock", 49983)
+    finally:
+        await chatty.close()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from trenvx.sandbox import adopt
 from trenvx.sandbox.lifecycle import InvalidTimeout
 from trenvx.sandbox.limits import Admission, LimitReached, Limits, OutOfMemory
 from trenvx.sandbox.manager import ManagerClosed, PortUnavailable, SandboxConflict, SandboxNotFound
+from trenvx.guest.endpoint import HybridVsockEndpoint, TcpEndpoint
 from trenvx.sandbox.state import StateStore
 from trenvx.template.store import TemplateNotFound
 
@@ -33,6 +36,17 @@ def cfg(tmp_path: Path):
     make_template(tmp_path, "tpl")
     make_template(tmp_path, "big", mem_mb=4096)
     return make_config(tmp_path)
+
+
+@pytest.fixture
+def short_root():
+    """A data_root short enough for the unix sockets of sandbox workdirs (108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="tx", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+MICROVMS = ("firecracker", "cloud-hypervisor")
 
 
 async def wait_for(cond, timeout: float = 5.0) -> None:
@@ -142,17 +156,18 @@ async def test_restore_failure_releases_the_slot(cfg, upstream) -> None:
 async def test_ports_agent_then_forwarded_once_and_cached(cfg, upstream) -> None:
     async with fake_manager(cfg, upstream.port, forwards={8000: 41000}) as m:
         sb = await m.create("tpl")
-        assert await m.port_address(sb.id, 49983) == ("127.0.0.1", upstream.port)
-        got = await asyncio.gather(*(m.port_address(sb.id, 8000) for _ in range(5)))
-        assert set(got) == {("127.0.0.1", 41000)}
+        assert await m.port_endpoint(sb.id, 49983) == TcpEndpoint("127.0.0.1", upstream.port)
+        got = await asyncio.gather(*(m.port_endpoint(sb.id, 8000) for _ in range(5)))
+        assert set(got) == {TcpEndpoint("127.0.0.1", 41000)}
         assert sb.restored.vm.forward_calls == [8000]
         assert m.store.get(sb.id).ports == {8000: 41000}
+        assert m.store.get(sb.id).vmm_type == "qemu"
         with pytest.raises(PortUnavailable):
-            await m.port_address(sb.id, 9999)
+            await m.port_endpoint(sb.id, 9999)
         with pytest.raises(PortUnavailable):
-            await m.port_address(sb.id, 70000)
+            await m.port_endpoint(sb.id, 70000)
         with pytest.raises(SandboxNotFound):
-            await m.port_address("nosuch", 8000)
+            await m.port_endpoint("nosuch", 8000)
 
 
 async def test_pause_resume_conflicts(cfg, upstream) -> None:
@@ -163,7 +178,7 @@ async def test_pause_resume_conflicts(cfg, upstream) -> None:
         with pytest.raises(SandboxConflict):
             await m.pause(sb.id)
         with pytest.raises(SandboxConflict, match="paused"):
-            await m.port_address(sb.id, 49983)
+            await m.port_endpoint(sb.id, 49983)
         await m.resume(sb.id)
         with pytest.raises(SandboxConflict):
             await m.resume(sb.id)
@@ -266,3 +281,24 @@ async def test_orphaned_sandbox_dirs_are_swept_only_when_dead_and_old(cfg, upstr
     async with fake_manager(cfg, upstream.port):
         pass
     assert not dead.exists() and young.exists() and alive.exists()
+
+
+# -- Firecracker / Cloud Hypervisor sandboxes (agent over hybrid vsock, VMM behind its API socket) -----------
+
+
+@pytest.mark.parametrize("vmm", list(MICROVMS))
+async def test_a_vsock_sandbox_reaches_only_its_agent(short_root, upstream, vmm) -> None:
+    make_template(short_root, "tpl", vmm_type=vmm)
+    m = fake_manager(make_config(short_root), upstream.port, vmm=vmm)
+    try:
+        sb = await m.create("tpl")
+        endpoint = await m.port_endpoint(sb.id, 49983)
+        assert endpoint == HybridVsockEndpoint(sb.restored.workdir / "vm" / "v.sock", 49983)
+        assert await sb.agent.health()
+        with pytest.raises(PortUnavailable, match=f"runs on {vmm}.*no tap networking.*vmm_type = \"qemu\""):
+            await m.port_endpoint(sb.id, 8080)
+        assert sb.restored.vm.forward_calls == []
+        assert m.store.get(sb.id).vmm_type == vmm
+    finally:
+        await m.close()
+        await m.restorer.close_standins()

@@ -1,12 +1,15 @@
 """The proxy to sandbox ports over a real socket (uvicorn), against a stand-in upstream server:
 streaming both ways, websockets, client disconnects reaching the upstream, errors E2B's SDKs
-recognise. No VMs: the "agent" and the "web server in the sandbox" are the upstream test app."""
+recognise. No VMs: the "agent" and the "web server in the sandbox" are the upstream test app; for
+Firecracker / Cloud Hypervisor sandboxes the agent is behind a stand-in hybrid vsock socket."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,3 +145,74 @@ async def test_many_concurrent_streams(server, sandbox) -> None:
 
         outs = await asyncio.gather(*(one(i) for i in range(50)))
     assert all(o == f"payload-{i}".encode() * 1000 for i, o in enumerate(outs))
+
+
+# -- a sandbox whose agent is reached over hybrid vsock (Firecracker, Cloud Hypervisor) ------------
+
+
+@pytest.fixture(scope="module")
+def vsock_server(upstream):
+    root = Path(tempfile.mkdtemp(prefix="tx", dir="/tmp"))  # short: sockets live in sandbox workdirs
+    make_template(root, "tpl", vmm_type="firecracker")
+    cfg = make_config(root, domain="sbx.test")
+    m = fake_manager(cfg, upstream.port, vmm="firecracker")
+    with ThreadedServer(create_app(cfg, manager=m), lifespan="on") as s:
+        s.url = f"http://127.0.0.1:{s.port}"  # type: ignore[attr-defined]
+        s.manager = m  # type: ignore[attr-defined]
+        yield s
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def vsock_sandbox(vsock_server) -> str:
+    r = httpx.post(f"{vsock_server.url}/sandboxes", json={"templateID": "tpl"})
+    assert r.status_code == 201
+    return r.json()["sandboxID"]
+
+
+def test_vsock_agent_port_is_proxied_through_the_vsock_socket(vsock_server, vsock_sandbox) -> None:
+    vsock = vsock_server.manager.restorer.standins[vsock_sandbox][0]
+    before = len(vsock.connects)
+    r = httpx.get(f"{vsock_server.url}/headers?x=1", headers={**hdr(vsock_sandbox), "X-Access-Token": "tok"})
+    assert r.status_code == 200
+    assert r.json()["query"] == "x=1" and r.json()["headers"]["x-access-token"] == "tok"
+    assert vsock.connects[before:] == [49983]
+    data = os.urandom(3 * 2**20)
+    r = httpx.post(f"{vsock_server.url}/echo", headers=hdr(vsock_sandbox), content=data, timeout=60)
+    assert r.status_code == 200 and r.content == data
+    with httpx.stream("GET", f"{vsock_server.url}/stream?n=3&delay=0.05", headers=hdr(vsock_sandbox)) as r:
+        assert list(r.iter_lines()) == ["chunk-0", "chunk-1", "chunk-2"]
+
+
+async def test_vsock_websocket_and_other_ports(vsock_server, vsock_sandbox) -> None:
+    from websockets.asyncio.client import connect
+
+    async with connect(f"ws://127.0.0.1:{vsock_server.port}/ws", additional_headers=hdr(vsock_sandbox)) as ws:
+        await ws.send("over vsock")
+        assert await ws.recv() == "echo:over vsock"
+    r = httpx.get(f"{vsock_server.url}/headers", headers=hdr(vsock_sandbox, 8000))
+    assert r.status_code == 502
+    assert "port is not open" in r.json()["message"] and "no tap networking" in r.json()["message"]
+
+
+def test_vsock_clients_are_dropped_with_their_sandbox(vsock_server, vsock_sandbox) -> None:
+    other = httpx.post(f"{vsock_server.url}/sandboxes", json={"templateID": "tpl"}).json()["sandboxID"]
+    assert httpx.get(f"{vsock_server.url}/health", headers=hdr(other)).status_code == 204
+    assert httpx.delete(f"{vsock_server.url}/sandboxes/{other}").status_code == 204
+    r = httpx.get(f"{vsock_server.url}/health", headers=hdr(other))
+    assert r.status_code == 502 and "was not found" in r.json()["message"]
+    third = httpx.post(f"{vsock_server.url}/sandboxes", json={"templateID": "tpl"}).json()["sandboxID"]
+    assert httpx.get(f"{vsock_server.url}/health", headers=hdr(third)).status_code == 204
+    upstreams = proxy_of(vsock_server).upstreams
+    assert other not in upstreams.vsock_clients().values()
+    assert {vsock_sandbox, third} <= set(upstreams.vsock_clients().values())
+
+
+def proxy_of(server) -> "SandboxProxy":  # noqa: F821
+    """The SandboxProxy of a ThreadedServer's app (the outermost middleware)."""
+    from trenvx.server.proxy import SandboxProxy
+
+    app = server.server.config.loaded_app
+    while not isinstance(app, SandboxProxy):
+        app = getattr(app, "middleware_stack", None) or app.app  # FastAPI, then each middleware
+    return app

@@ -8,11 +8,13 @@ on that guest port. After the ``OK`` line the connection carries the guest port'
 :class:`HybridVsockBackend` is an httpcore network backend doing that handshake in place of a
 TCP connect, and :func:`hybrid_vsock_transport` an httpx transport built on it: an
 ``httpx.AsyncClient`` with it speaks HTTP to the guest agent as if over TCP (keep-alive and
-connection pooling included).
+connection pooling included). :func:`vsock_socket` hands a handshaken connection over as a plain
+socket (for websockets).
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -90,6 +92,29 @@ async def vsock_connect(
     return _PrefixedStream(stream, rest) if rest else stream
 
 
+async def vsock_socket(uds_path: str | Path, port: int, *, timeout: float | None = HANDSHAKE_TIMEOUT_S) -> socket.socket:
+    """A connected plain socket to guest vsock ``port`` (handshake done), for libraries that take a
+    socket rather than a stream (``websockets``: ``connect(..., sock=...)``). The caller owns it.
+
+    Refuses a guest port that sent bytes right after the ``OK`` line: they would be lost in the handover.
+    """
+    stream = await vsock_connect(uds_path, port, timeout=timeout)
+    try:
+        if isinstance(stream, _PrefixedStream):
+            raise VsockHandshakeError(
+                f"guest vsock port {port} behind {uds_path} spoke before the client did; cannot hand the "
+                f"connection over as a plain socket"
+            )
+        raw = stream.get_extra_info("socket")
+        if not isinstance(raw, socket.socket):
+            raise httpcore.ConnectError(f"no socket under the stream to {uds_path}: {type(stream).__name__}")
+        sock = raw.dup()  # closing the stream closes its descriptor, not the connection
+    finally:
+        await stream.aclose()
+    sock.setblocking(False)
+    return sock
+
+
 class HybridVsockBackend(httpcore.AsyncNetworkBackend):
     """Every "TCP" connection httpcore opens goes to guest vsock ``port`` through ``uds_path``."""
 
@@ -132,4 +157,4 @@ def hybrid_vsock_transport(uds_path: str | Path, port: int, limits: httpx.Limits
     return transport
 
 
-__all__ = ["HybridVsockBackend", "VsockHandshakeError", "hybrid_vsock_transport", "vsock_connect"]
+__all__ = ["HybridVsockBackend", "VsockHandshakeError", "hybrid_vsock_transport", "vsock_connect", "vsock_socket"]

@@ -37,12 +37,14 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 from ..config import AGENT_PORT, Config, StartMode
 from ..guest.client import AgentClient, CommandResult
+from ..guest.endpoint import AgentEndpoint, HybridVsockEndpoint, TcpEndpoint
 from ..layout import DataRoot
 from ..template.store import MANIFEST, TemplateBuild, TemplateManifest, TemplateNotFound, TemplateStore
 from ..vmm.process import memory_of, pid_alive
@@ -154,6 +156,16 @@ class Sandbox:
     def agent_url(self) -> str:
         return self.restored.vm.agent_url
 
+    @cached_property
+    def agent_endpoint(self) -> AgentEndpoint:
+        """How the host reaches the agent: TCP (QEMU's forward) or hybrid vsock (Firecracker, Cloud Hypervisor)."""
+        return self.restored.vm.agent_endpoint
+
+    @property
+    def vmm_type(self) -> str:
+        """The VMM running this sandbox: the one its template was built with."""
+        return self.build.manifest.vmm_type
+
     @property
     def access_token(self) -> str:
         return self.restored.access_token
@@ -188,7 +200,7 @@ class Sandbox:
             access_token=self.access_token, workdir=str(self.restored.workdir), created_at=self.created_at,
             end_at=self.end_at, vcpu=m.machine.vcpu, mem_mb=m.machine.mem_mb, disk_mb=_disk_mb(self.build),
             metadata=dict(self.metadata), env_vars=dict(self.env_vars), start_times=dict(self.start_times),
-            ports=dict(self.ports), state=self.state,
+            ports=dict(self.ports), state=self.state, vmm_type=self.vmm_type,
         )
 
 
@@ -504,21 +516,30 @@ class SandboxManager:
 
     # -- ports ----------------------------------------------------------------------------
 
-    async def port_address(self, sandbox_id: str, port: int) -> tuple[str, int]:
-        """Host address (on 127.0.0.1) that reaches ``port`` inside the sandbox.
+    async def port_endpoint(self, sandbox_id: str, port: int) -> AgentEndpoint:
+        """Where the host reaches ``port`` inside the sandbox.
 
-        The agent's port is forwarded from the start; any other port is forwarded on first use
-        (QEMU ``hostfwd_add``) and the forward is reused afterwards.
+        The agent's port: the VM's agent endpoint (QEMU: the host port forwarded to it from the
+        start; Firecracker, Cloud Hypervisor: the hybrid vsock socket). Any other port: a QEMU
+        forward on 127.0.0.1 added on first use (``hostfwd_add``) and reused afterwards. VMs reached
+        over vsock have no network device yet (no tap networking), so their other ports raise
+        :class:`PortUnavailable`.
         """
         sb = self.get(sandbox_id)
         if sb.paused:
             raise SandboxConflict(f"sandbox {sandbox_id} is paused; resume it (POST /sandboxes/{sandbox_id}/resume)")
         if port == AGENT_PORT:
-            return "127.0.0.1", sb.agent_port
+            return sb.agent_endpoint
         if not 1 <= port <= 65535:
             raise PortUnavailable(f"port {port} is not a TCP port (1-65535)")
         if port in sb.ports:
-            return "127.0.0.1", sb.ports[port]
+            return TcpEndpoint("127.0.0.1", sb.ports[port])
+        if isinstance(sb.agent_endpoint, HybridVsockEndpoint):
+            raise PortUnavailable(
+                f"sandbox {sandbox_id} runs on {sb.vmm_type}, whose VMs have no network device yet (no tap "
+                f"networking): only the agent's port {AGENT_PORT} is reachable, over vsock. To reach other ports, "
+                f"use a template with vmm_type = \"qemu\""
+            )
         forward = getattr(sb.restored.vm, "forward_port", None)
         if forward is None:
             raise PortUnavailable(f"the VMM of sandbox {sandbox_id} cannot forward ports at runtime")
@@ -530,7 +551,7 @@ class SandboxManager:
                     raise PortUnavailable(f"cannot reach port {port} of sandbox {sandbox_id}: {e}") from e
                 if self.store is not None and sb.id in self._sandboxes:
                     self.store.set_ports(sb.id, sb.ports)
-        return "127.0.0.1", sb.ports[port]
+        return TcpEndpoint("127.0.0.1", sb.ports[port])
 
     # -- kill and death -------------------------------------------------------------------
 

@@ -8,8 +8,12 @@ streams) and response bodies (downloads, Connect server streams) are forwarded c
 and websockets are relayed message by message. When the client goes away the upstream
 connection is closed, so a command stream nobody reads is not kept open.
 
-The agent's port (49983) is forwarded to the host when the sandbox starts; another port is
-forwarded on first use (see :meth:`SandboxManager.port_address`).
+Where a port is reached comes from :meth:`SandboxManager.port_endpoint`: on QEMU, a TCP port
+on 127.0.0.1 (the agent's port 49983 is forwarded when the sandbox starts, another port on first
+use); on Firecracker and Cloud Hypervisor, the agent's port through the VM's hybrid vsock socket
+(other ports are not reachable there until tap networking exists). HTTP goes through the clients
+of :mod:`.upstreams`; a websocket opens its own connection (a TCP connect, or
+:func:`~trenvx.guest.vsock.vsock_socket` for vsock).
 
 Errors follow E2B's proxy, whose messages E2B's SDKs recognise: 502 ``The sandbox ... was not
 found`` (killed, timed out or never existed) and 502 ``... port is not open``.
@@ -24,12 +28,13 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpcore
 import httpx
 
-from ..guest.channel import forwarded_port_transport
-
+from ..guest.endpoint import AgentEndpoint, HybridVsockEndpoint
 from ..sandbox.manager import PortUnavailable, SandboxConflict, SandboxManager, SandboxNotFound
 from .errors import error_body
+from .upstreams import UpstreamClients
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +100,7 @@ class SandboxProxy:
         self._manager = manager
         self._manager_getter = manager_getter
         self.domain = domain
-        self._client: httpx.AsyncClient | None = None
+        self.upstreams = UpstreamClients(self._is_running)
 
     @property
     def manager(self) -> SandboxManager:
@@ -104,22 +109,15 @@ class SandboxProxy:
         assert self._manager_getter is not None
         return self._manager_getter()
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=10.0, read=None, write=None, pool=None),
-                transport=forwarded_port_transport(
-                    httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30)
-                ),
-                follow_redirects=False,
-            )
-        return self._client
+    def _is_running(self, sandbox_id: str) -> bool:
+        try:
+            self.manager.get(sandbox_id)
+        except SandboxNotFound:
+            return False
+        return True
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self.upstreams.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -134,7 +132,7 @@ class SandboxProxy:
             return await self.app(scope, receive, send)
         sid, port = target
         try:
-            host, hport = await self.manager.port_address(sid, port)
+            endpoint = await self.manager.port_endpoint(sid, port)
         except SandboxNotFound as e:
             msg = f"The sandbox {sid} was not found" + (f": {e.reason}" if e.reason else "")
             return await self._refuse(scope, receive, send, 502, msg, sandboxId=sid)
@@ -144,9 +142,9 @@ class SandboxProxy:
             return await self._refuse(scope, receive, send, 502,
                                       f"The sandbox {sid} is running but port is not open (port {port}: {e})", sandboxId=sid)
         if scope["type"] == "http":
-            await self._http(scope, receive, send, sid, port, host, hport)
+            await self._http(scope, receive, send, sid, port, endpoint)
         else:
-            await self._websocket(scope, receive, send, sid, port, host, hport)
+            await self._websocket(scope, receive, send, sid, port, endpoint)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str, **extra: Any) -> None:
         if scope["type"] == "http":
@@ -156,7 +154,7 @@ class SandboxProxy:
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send, sid: str, port: int, host: str, hport: int) -> None:
+    async def _http(self, scope: Scope, receive: Receive, send: Send, sid: str, port: int, endpoint: AgentEndpoint) -> None:
         headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
         has_body = any(
             (k == b"content-length" and v.strip() not in (b"", b"0")) or (k == b"transfer-encoding")
@@ -186,11 +184,11 @@ class SandboxProxy:
         raw_path = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             raw_path += b"?" + scope["query_string"]
-        url = httpx.URL(f"http://{host}:{hport}", raw_path=raw_path)
-        request = self.client.build_request(scope["method"], url, headers=headers,
-                                            content=body() if has_body else None)
+        client = self.upstreams.client_for(sid, endpoint)
+        url = httpx.URL(endpoint.base_url, raw_path=raw_path)
+        request = client.build_request(scope["method"], url, headers=headers, content=body() if has_body else None)
         try:
-            upstream = await self.client.send(request, stream=True)
+            upstream = await client.send(request, stream=True)
         except ClientDisconnected:
             return
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
@@ -239,8 +237,8 @@ class SandboxProxy:
 
     # -- websockets ----------------------------------------------------------------------
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send, sid: str, port: int, host: str,
-                         hport: int) -> None:
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, sid: str, port: int,
+                         endpoint: AgentEndpoint) -> None:
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
@@ -251,13 +249,21 @@ class SandboxProxy:
         if scope.get("query_string"):
             path += b"?" + scope["query_string"]
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in WS_REQUEST_DROP]
+        uri = "ws" + endpoint.base_url.removeprefix("http") + path.decode("latin-1")
+        sock = None
+        transport: dict[str, Any] = {}
         try:
+            if isinstance(endpoint, HybridVsockEndpoint):
+                from ..guest.vsock import vsock_socket
+
+                sock = transport["sock"] = await vsock_socket(endpoint.uds_path, endpoint.port, timeout=10)
             upstream = await connect(
-                f"ws://{host}:{hport}{path.decode('latin-1')}", additional_headers=headers,
-                subprotocols=scope.get("subprotocols") or None, open_timeout=10, max_size=None,
-                ping_interval=None, compression=None,
+                uri, additional_headers=headers, subprotocols=scope.get("subprotocols") or None, open_timeout=10,
+                max_size=None, ping_interval=None, compression=None, **transport,
             )
-        except (OSError, InvalidHandshake, asyncio.TimeoutError) as e:
+        except (OSError, InvalidHandshake, asyncio.TimeoutError, httpcore.ConnectError) as e:
+            if sock is not None:
+                sock.close()
             await _ws_deny(scope, send, 502, f"The sandbox {sid} is running but port is not open (websocket to port {port}: {e})")
             return
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
