@@ -20,6 +20,8 @@ from trenvx.sandbox.limits import Admission, LimitReached, Limits, OutOfMemory
 from trenvx.sandbox.manager import ManagerClosed, PortUnavailable, SandboxConflict, SandboxNotFound
 from trenvx.guest.endpoint import HybridVsockEndpoint, TcpEndpoint
 from trenvx.sandbox.state import StateStore
+from trenvx.vmm.cloud_hypervisor import CloudHypervisorVm
+from trenvx.vmm.firecracker import FirecrackerVm
 from trenvx.template.store import TemplateNotFound
 
 from .server_fakes import UpstreamState, ThreadedServer, fake_attach, fake_manager, make_config, make_template, pid_gone, upstream_app
@@ -46,7 +48,7 @@ def short_root():
     shutil.rmtree(d, ignore_errors=True)
 
 
-MICROVMS = ("firecracker", "cloud-hypervisor")
+MICROVMS = {"firecracker": (FirecrackerVm, "fc.sock"), "cloud-hypervisor": (CloudHypervisorVm, "ch.sock")}
 
 
 async def wait_for(cond, timeout: float = 5.0) -> None:
@@ -302,3 +304,102 @@ async def test_a_vsock_sandbox_reaches_only_its_agent(short_root, upstream, vmm)
     finally:
         await m.close()
         await m.restorer.close_standins()
+
+
+@pytest.mark.parametrize("vmm", list(MICROVMS))
+async def test_restart_adopts_a_microvm_through_its_api_socket(short_root, upstream, vmm) -> None:
+    make_template(short_root, "tpl", vmm_type=vmm)
+    cfg = make_config(short_root)
+    first = fake_manager(cfg, upstream.port, keep=True, vmm=vmm)
+    second = None
+    try:
+        a = await first.create("tpl", timeout_s=100)
+        await first.close()
+        _, api = first.restorer.standins[a.id]
+        second = fake_manager(cfg, upstream.port, vmm=vmm)
+        await second.start()
+        assert second.adopted == [a.id] and second.cleaned == []
+        sa = second.get(a.id)
+        cls, sock = MICROVMS[vmm]
+        assert isinstance(sa.restored.vm, cls) and sa.pid == a.pid and sa.adopted
+        assert sa.restored.vm.api.socket_path == a.restored.workdir / "vm" / sock
+        assert await second.port_endpoint(a.id, 49983) == a.restored.vm.agent_endpoint
+        assert await sa.agent.health() and sa.access_token == a.access_token
+        # pause and resume go through the VMM's API
+        await second.pause(a.id)
+        assert api.state == "Paused"
+        await second.resume(a.id)
+        assert api.state == "Running"
+        await second.kill(a.id)
+        assert pid_gone(a.pid) and not a.restored.workdir.exists()
+    finally:
+        if second is not None:
+            await second.close()
+        await first.restorer.close_standins()
+
+
+@pytest.mark.parametrize("vmm", list(MICROVMS))
+async def test_a_microvm_whose_api_socket_is_gone_is_not_adopted(short_root, upstream, vmm) -> None:
+    make_template(short_root, "tpl", vmm_type=vmm)
+    cfg = make_config(short_root)
+    first = fake_manager(cfg, upstream.port, keep=True, vmm=vmm)
+    try:
+        a = await first.create("tpl")
+        await first.close()
+        await first.restorer.standins[a.id][1].close()
+        (a.restored.workdir / "vm" / MICROVMS[vmm][1]).unlink()
+        second = fake_manager(cfg, upstream.port, vmm=vmm)
+        await second.start()
+        try:
+            assert second.adopted == [] and second.cleaned == [a.id]
+            with pytest.raises(SandboxNotFound, match="could not re-attach.*API socket .* is gone"):
+                second.get(a.id)
+            await wait_for(lambda: pid_gone(a.pid))
+        finally:
+            await second.close()
+    finally:
+        await first.restorer.close_standins()
+
+
+async def test_a_cloud_hypervisor_socket_answering_for_another_pid_is_not_adopted(short_root, upstream) -> None:
+    make_template(short_root, "tpl", vmm_type="cloud-hypervisor")
+    cfg = make_config(short_root)
+    first = fake_manager(cfg, upstream.port, keep=True, vmm="cloud-hypervisor")
+    try:
+        a = await first.create("tpl")
+        await first.close()
+        first.restorer.standins[a.id][1].pid = 1
+        second = fake_manager(cfg, upstream.port, vmm="cloud-hypervisor")
+        await second.start()
+        try:
+            assert second.adopted == [] and second.cleaned == [a.id]
+            with pytest.raises(SandboxNotFound, match=f"pid 1, not the recorded pid {a.pid}"):
+                second.get(a.id)
+        finally:
+            await second.close()
+    finally:
+        await first.restorer.close_standins()
+
+
+async def test_a_record_whose_vmm_disagrees_with_its_build_is_not_adopted(short_root, upstream, monkeypatch) -> None:
+    monkeypatch.setattr(adopt, "attach_qemu", fake_attach)
+    make_template(short_root, "tpl")
+    cfg = make_config(short_root)
+    first = fake_manager(cfg, upstream.port, keep=True)
+    a = await first.create("tpl")
+    await first.close()
+    store = StateStore(cfg.data_root / "run" / "state.sqlite")
+    rec = store.get(a.id)
+    rec.vmm_type = "firecracker"
+    store.put(rec)
+    store.close()
+    second = fake_manager(cfg, upstream.port)
+    await second.start()
+    try:
+        assert second.adopted == [] and second.cleaned == [a.id]
+        with pytest.raises(SandboxNotFound, match="recorded as a firecracker VM but its template build .* qemu"):
+            second.get(a.id)
+    finally:
+        await second.close()
+        if not pid_gone(a.pid):
+            os.kill(a.pid, signal.SIGKILL)

@@ -21,8 +21,9 @@ What it adds to a bare restore:
 - **Death detection.** A task awaits each VMM process; a VMM that exits on its own is noticed at
   once, its files are removed and the sandbox is reported as ended (reason ``died``).
 - **Persistence** (when ``state_path`` is given, as the server does): every sandbox is recorded
-  in SQLite; a restarted manager adopts the VMs still running (pidfd + the VM's QMP socket + its
-  recorded agent port) and cleans up the files of those that died. With ``keep=True``, VMs are
+  in SQLite with the VMM that runs it; a restarted manager adopts the VMs still running (pidfd +
+  the VM's control socket: QMP for QEMU, the API socket for Firecracker and Cloud Hypervisor) and
+  cleans up the files of those that died. With ``keep=True``, VMs are
   started so that they survive this process, and :meth:`close` leaves them running.
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -316,17 +316,9 @@ class SandboxManager:
     async def _detach(self, sb: Sandbox) -> None:
         if sb._watcher is not None:
             sb._watcher.cancel()
-        vm = sb.restored.vm
         with contextlib.suppress(Exception):
             await sb.agent.aclose()
-        qmp = getattr(vm, "qmp", None)
-        if qmp is not None:
-            with contextlib.suppress(Exception):
-                await qmp.disconnect()
-        process = getattr(vm, "process", None)
-        detach = getattr(process, "detach", None)
-        if detach is not None:
-            detach()
+        await adopt.release(sb.restored.vm)
         if self.store is not None:
             self.store.put(sb.record())
 
@@ -618,8 +610,7 @@ class SandboxManager:
     async def _recover(self) -> None:
         assert self.store is not None
         for rec in self.store.running():
-            name = f"trenvx-{rec.id}"
-            if not adopt.is_our_vmm(rec.pid, rec.pid_started_at, name):
+            if not adopt.is_our_vmm(rec.pid, rec.pid_started_at, adopt.process_marker(rec.vmm_type, rec.id)):
                 self._cleanup_record(rec, "died_while_down")
                 continue
             try:
@@ -632,26 +623,28 @@ class SandboxManager:
                 continue
             self._register(sb)
             self.adopted.append(sb.id)
-            log.info("sandbox %s adopted (pid %d, agent port %d, %.0f s left)", sb.id, sb.pid, sb.agent_port,
-                     sb.timeout_left)
+            log.info("sandbox %s adopted (%s pid %d, agent at %s, %.0f s left)", sb.id, rec.vmm_type, sb.pid,
+                     sb.agent_endpoint.describe(), sb.timeout_left)
         self._sweep_orphans()
 
     async def _adopt(self, rec: SandboxRecord) -> Sandbox:
         path = Path(rec.build_path)
         manifest = TemplateManifest.model_validate_json((path / MANIFEST).read_text())
         build = TemplateBuild(path, manifest)
+        vmm = adopt.recorded_vmm(rec.vmm_type)
+        if manifest.vmm_type != vmm.value:
+            raise RuntimeError(
+                f"it is recorded as a {vmm.value} VM but its template build {path} was made with {manifest.vmm_type}"
+            )
         workdir = Path(rec.workdir)
         spec = self.restorer.vm_spec(build, rec.id, workdir, kill_with_owner=False)
-        spec = dataclasses.replace(spec, agent_host_port=rec.agent_port)
-        vm = await adopt.attach_qemu(spec, rec.pid, rec.agent_port)
+        vm = await adopt.attach(vmm, spec, rec.pid, rec.agent_port)
         try:
             async with AgentClient.for_endpoint(vm.agent_endpoint, timeout=ADOPT_HEALTH_TIMEOUT_S) as probe:
                 if not await probe.health():
-                    raise RuntimeError(f"its agent does not answer /health on port {rec.agent_port}")
+                    raise RuntimeError(f"its agent does not answer /health at {vm.agent_endpoint.describe()}")
         except BaseException:
-            with contextlib.suppress(Exception):
-                await vm.qmp.disconnect()
-            vm.process.detach()
+            await adopt.release(vm)
             raise
         restored = RestoredVm(
             sandbox_id=rec.id, build=build, vm=vm, agent=AgentClient.for_endpoint(vm.agent_endpoint, access_token=rec.access_token),
