@@ -50,8 +50,10 @@ class UpstreamClients:
         if not isinstance(endpoint, HybridVsockEndpoint):
             return self.tcp
         entry = self._vsock.get(endpoint)
-        if entry is not None and entry[0] == sandbox_id:
-            return entry[1]
+        if entry is not None:
+            if entry[0] == sandbox_id:
+                return entry[1]
+            self._close_later(entry[1])  # the endpoint of an ended sandbox, now another's
         self._sweep()
         client = httpx.AsyncClient(
             timeout=TIMEOUT, transport=transport_for(endpoint, VSOCK_LIMITS), follow_redirects=False,
@@ -68,9 +70,12 @@ class UpstreamClients:
         for ep, (sid, client) in list(self._vsock.items()):
             if not self._is_running(sid):
                 del self._vsock[ep]
-                task = asyncio.get_running_loop().create_task(_close(client))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                self._close_later(client)
+
+    def _close_later(self, client: httpx.AsyncClient) -> None:
+        task = asyncio.get_running_loop().create_task(_close(client))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         clients = [c for _, c in self._vsock.values()]
