@@ -18,6 +18,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 from qemu.qmp import QMPClient
@@ -26,6 +27,11 @@ from ..config import VmmType
 from ..vmm.base import Vm, VmmError, VmSpec, VmState
 from ..vmm.binaries import VmmBinary, parse_version
 from ..vmm.uds_api import UdsApi
+
+if TYPE_CHECKING:
+    from ..vmm.cloud_hypervisor import CloudHypervisorVm
+    from ..vmm.firecracker import FirecrackerVm
+    from ..vmm.qemu import QemuVm
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +168,7 @@ async def release(vm: Vm) -> None:
         detach()
 
 
-async def attach_qemu(spec: VmSpec, pid: int, agent_port: int):  # -> QemuVm
+async def attach_qemu(spec: VmSpec, pid: int, agent_port: int) -> QemuVm:
     """A :class:`~trenvx.vmm.qemu.QemuVm` for a running QEMU of ``spec`` started by another process."""
     from ..vmm.qemu import QemuVm
 
@@ -202,7 +208,7 @@ def _vm_state(vmm: str, name: str, state: object) -> VmState:
     raise VmmError(f"{vmm} of {name} reports its VM as {state!r}, not running or paused: nothing to re-attach to")
 
 
-async def attach_firecracker(spec: VmSpec, pid: int):  # -> FirecrackerVm
+async def attach_firecracker(spec: VmSpec, pid: int) -> FirecrackerVm:
     """A :class:`~trenvx.vmm.firecracker.FirecrackerVm` for a running Firecracker of ``spec``, through
     its API socket in ``spec.workdir`` (``GET /`` says whether its VM runs)."""
     from ..vmm.firecracker import API_SOCKET, FirecrackerVm, describe_error
@@ -219,7 +225,7 @@ async def attach_firecracker(spec: VmSpec, pid: int):  # -> FirecrackerVm
     return FirecrackerVm(spec, process, api, state)  # type: ignore[arg-type]
 
 
-async def attach_cloud_hypervisor(spec: VmSpec, pid: int):  # -> CloudHypervisorVm
+async def attach_cloud_hypervisor(spec: VmSpec, pid: int) -> CloudHypervisorVm:
     """A :class:`~trenvx.vmm.cloud_hypervisor.CloudHypervisorVm` for a running Cloud Hypervisor of
     ``spec``, through its API socket in ``spec.workdir`` (``vmm.ping``: its version and pid;
     ``vm.info``: whether its VM runs)."""
