@@ -118,6 +118,13 @@ $B mount -t ext4 -o "$opts" "$dev" /newroot || fail "mount -t ext4 -o $opts $dev
 	fail "$init is missing or not executable in the root filesystem on $dev (was the image built by trenvx?)"
 [ -d /newroot/dev ] || $B mkdir -p /newroot/dev || fail "no /dev directory in the root filesystem"
 $B mount --move /dev /newroot/dev || fail "mount --move /dev /newroot/dev failed"
+# Fewer wakeups of an idle guest: under TCG each one is emulated work, and a host holding a
+# hundred idle sandboxes paid whole cores for them (measured ~15 wakeups/s and 5.5% of a core per
+# idle sandbox). No proactive compaction (2/s), vm statistics every 60 s instead of every second,
+# dirty-page writeback every 15 s instead of 5 s.
+echo 0 >/proc/sys/vm/compaction_proactiveness 2>/dev/null
+echo 60 >/proc/sys/vm/stat_interval 2>/dev/null
+echo 1500 >/proc/sys/vm/dirty_writeback_centisecs 2>/dev/null
 $B umount /sys
 $B umount /proc
 echo "trenvx-initramfs: switching to $init on $dev" >/newroot/dev/console

@@ -40,6 +40,7 @@ from ..guest.client import AgentClient
 from ..layout import DataRoot
 from ..template.store import TemplateBuild, TemplateNotFound, TemplateStore
 from . import adopt
+from ..vmm.process import set_priority
 from .restore import PreparedVm, SnapshotRestore, new_sandbox_id
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ HOT_HEALTH_TIMEOUT_S = 30.0
 WARMUP_TIMEOUT_S = 60.0
 RETRY_AFTER_FAILURE_S = 5.0
 REFILL_DELAY_S = 0.1
+REFILL_NICE = 10
+"""Pooled VMs are made (and hot ones warmed up) at this ``nice``: under load, creates come first.
+Measured: with refills at normal priority, hot creates during a sequential run took 84 ms at p50
+instead of ~30 ms."""
 
 
 @dataclass(eq=False)
@@ -146,6 +151,7 @@ class TemplatePool:
                     self._discard_later(item)
                     continue
                 item.unmark()
+                set_priority(item.vm.pid, 0)
                 self.hits[tier] += 1
                 self._last_take = time.monotonic()
                 self._wake.set()
@@ -239,6 +245,7 @@ class TemplatePool:
         try:
             sid = new_sandbox_id()
             prepared = await self.restorer.prepare(build, sid, kill_with_owner=self.kill_with_owner)
+            set_priority(prepared[0].pid, REFILL_NICE)
             item = PooledVm(build, sid, prepared, "warm")
             try:
                 item.mark()

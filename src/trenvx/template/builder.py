@@ -131,6 +131,7 @@ class TemplateBuilder:
             "template": _digest(settings),
             "vmm": _digest(self.config.vmm.model_dump(mode="json")),
             "boot": _digest([kernel_cmdline("kvm"), kernel_cmdline("tcg")]),
+            "devices": driver_for(tpl.vmm_type, self.config).device_layout,
             "trenvx": __version__,
         }
         return _digest(inputs), inputs

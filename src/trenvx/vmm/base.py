@@ -169,6 +169,9 @@ class VmmDriver(abc.ABC):
 
     name: str
     disk_formats: tuple[DiskFormat, ...] = ("raw", "qcow2")
+    device_layout: str = "1"
+    """Changes whenever the devices of this driver's VMs change: a snapshot restores only into the
+    same devices, so it is part of a template build's inputs (a change rebuilds templates)."""
     """Root disk formats this VMM opens. Drivers without qcow2 need a raw per-sandbox disk:
     :func:`trenvx.vmm.hostfs.clone_file` makes one by reflink (or a full copy)."""
 

@@ -144,3 +144,20 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def set_priority(pid: int, nice: int) -> None:
+    """Set the scheduling priority of every thread of ``pid`` (Linux applies ``nice`` per thread).
+
+    Pools make VMs at a low priority (a refill must not slow the creates it serves) and give a VM
+    the normal priority back when a create takes it. Best effort: a thread that is gone is skipped.
+    """
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:
+            pass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 import threading
 from types import FrameType
@@ -14,6 +15,23 @@ from . import DEFAULT_PORT, __version__
 from .identity import SYSTEM_STEPS, SystemIdentity
 from .server import Agent, AgentHTTPServer
 from .vsock import start_vsock_listener, stop_vsock_listener
+
+
+IDLE_POLL_S = 3600.0
+"""How often the idle accept loop wakes on its own. Under TCG every guest wakeup costs emulated
+work, and idle sandboxes' wakeups added up to whole cores on a host holding a hundred of them; the
+loop wakes for connections, and :func:`_wake` makes a shutdown prompt."""
+
+
+def _wake(address: tuple[str, int] | tuple[str, int, int, int]) -> None:
+    """Connect to our own listening socket so that ``serve_forever`` sees a shutdown request now."""
+    host, port = str(address[0]), int(address[1])
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1" if host != "::" else "::1"
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        pass
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     def stop(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: shutting down", signum)
         threading.Thread(target=server.shutdown, daemon=True).start()
+        threading.Thread(target=_wake, args=(server.server_address,), daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     host, port = server.server_address[:2]
     log.info("trenvx agent %s listening on %s:%d", __version__, host, port)
     try:
-        server.serve_forever(poll_interval=0.5)
+        server.serve_forever(poll_interval=IDLE_POLL_S)
     finally:
         stop_vsock_listener(vsock_server)
         agent.shutdown()

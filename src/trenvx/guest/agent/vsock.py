@@ -50,7 +50,9 @@ def start_vsock_listener(agent: Agent, port: int) -> AgentVsockServer | None:
     except OSError as e:
         log.info("no vsock listener on port %d: %s (no vsock device or module; TCP only)", port, e.strerror or e)
         return None
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.5},
+    # No periodic wakeups while idle (see __main__.IDLE_POLL_S); the thread is a daemon, so the
+    # agent's exit does not wait for it.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 3600.0},
                               name="vsock-listener", daemon=True)
     thread.start()
     log.info("listening on vsock port %d", port)
@@ -59,5 +61,4 @@ def start_vsock_listener(agent: Agent, port: int) -> AgentVsockServer | None:
 
 def stop_vsock_listener(server: Any) -> None:
     if server is not None:
-        server.shutdown()
         server.server_close()

@@ -1,0 +1,243 @@
+"""Density: host memory per sandbox with trenvx's sharing against an E2B-style baseline, in one run.
+
+    python benchmarks/density.py [--config configs/example_config.toml] [--template code-interpreter]
+                                 [--counts 10,50,100] [--max-idle 400] [--quick]
+
+For each N in ``--counts`` and each mode it starts N sandboxes of the template (through the
+sandbox manager, pools off so that only sandboxes are measured), runs the same small agent
+workload in each (import numpy and pandas, build a DataFrame, compute, write a file), lets them
+idle ``--settle-s`` seconds, and reports host memory per sandbox three ways:
+
+- **PSS**: the sum of the VMM processes' proportional set size (shared pages split between users);
+- **page cache**: what the template's files (memory file, root image) hold in the host page cache,
+  divided by N (shared by all sandboxes of the template);
+- **MemAvailable**: the drop of the host's MemAvailable from before the first create, divided by N.
+
+Modes: ``trenvx`` (guest RAM mapped copy-on-write from the template's memory file) and ``e2b``
+(E2B-style: guest RAM copied into private memory from a full snapshot, as Firecracker restores
+without a shared file; root disk on virtio-blk with the guest page cache and a qcow2 overlay).
+A mode/N whose private RAM cannot fit in this host's memory is skipped and said so.
+
+``--max-idle`` then finds how many idle sandboxes (trenvx mode) this host holds before
+MemAvailable falls under 10% while creates still succeed.
+
+Table on stdout, JSON in benchmarks/results/. Everything started is killed and removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from trenvx.config import Config, PoolConfig, StartMode, load_config
+from trenvx.layout import DataRoot
+from trenvx.sandbox.limits import Admission, Limits
+from trenvx.sandbox.manager import Sandbox, SandboxManager
+from trenvx.template.store import TemplateStore
+from trenvx.vmm.process import memory_of
+
+MiB = 2**20
+WORKLOAD = (
+    "python3 -c \"import numpy, pandas; df = pandas.DataFrame(numpy.random.rand(2000, 8), columns=list('abcdefgh')); "
+    "df['s'] = df.sum(axis=1); r = df.describe(); df.to_csv('/tmp/out.csv'); print(len(r))\""
+)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def mode_config(base: Config, mode: str) -> Config:
+    start = StartMode.snapshot if mode == "trenvx" else StartMode.snapshot_private
+    orch = base.orchestrator.model_copy(update={
+        "start_mode": start, "max_sandboxes": 5000, "max_sandboxes_per_template": 5000, "default_timeout_s": 3600,
+    })
+    no_pool = PoolConfig(warm_min=0, warm_max=0, hot_min=0, hot_max=0)
+    return base.model_copy(update={"orchestrator": orch, "pool": no_pool})
+
+
+def page_cache_bytes(paths: list[Path]) -> int:
+    """Bytes of ``paths`` resident in the host page cache (util-linux ``fincore``)."""
+    files = [str(p) for p in paths if p.exists()]
+    if not files:
+        return 0
+    r = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *files],
+                       capture_output=True, text=True, timeout=30)
+    return sum(int(x) for x in r.stdout.split() if x.isdigit())
+
+
+async def start_many(m: SandboxManager, template: str, n: int, parallel: int) -> list[Sandbox]:
+    sem = asyncio.Semaphore(parallel)
+    out: list[Sandbox] = []
+
+    async def one() -> None:
+        async with sem:
+            out.append(await m.create(template, timeout_s=3600))
+
+    results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} creates failed, first: {errors[0]!r}")
+    return out
+
+
+async def measure(base: Config, template: str, mode: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    cfg = mode_config(base, mode)
+    dr = DataRoot(cfg.data_root)
+    build = TemplateStore(dr).current(template)
+    files = [build.snapshot.memory_file, build.rootfs]
+    admission = Admission(Limits(5000, 5000, 0))  # the benchmark measures; it does not refuse
+    avail0 = psutil.virtual_memory().available
+    t0 = time.perf_counter()
+    async with SandboxManager(cfg, admission=admission, pools=False) as m:
+        sandboxes = await start_many(m, template, n, args.parallel)
+        try:
+            sem = asyncio.Semaphore(args.parallel)
+
+            async def work(sb: Sandbox) -> None:
+                async with sem:
+                    r = await sb.run(args.workload, timeout=600)
+                    if r.exit_code != 0:
+                        raise RuntimeError(f"workload failed in {sb.id}: {r.stderr[-300:]!r}")
+
+            if not args.idle_only:
+                await asyncio.gather(*(work(sb) for sb in sandboxes))
+            await asyncio.sleep(args.settle_s)
+            mem = [memory_of(sb.pid) for sb in sandboxes]
+            avail1 = psutil.virtual_memory().available
+            cache = page_cache_bytes(files)
+        finally:
+            await asyncio.gather(*(m.kill(sb.id) for sb in sandboxes), return_exceptions=True)
+    pss = sum(p for _, p in mem) / n / MiB
+    return {
+        "mode": mode, "n": n, "seconds": round(time.perf_counter() - t0, 1),
+        "pss_mib": pss, "rss_mib": sum(r for r, _ in mem) / n / MiB,
+        "page_cache_mib": cache / n / MiB, "pss_plus_cache_mib": pss + cache / n / MiB,
+        "memavailable_drop_mib": (avail0 - avail1) / n / MiB,
+    }
+
+
+async def max_idle(base: Config, template: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Create idle sandboxes until MemAvailable < 10% of RAM (or --max-idle, or a create fails)."""
+    cfg = mode_config(base, "trenvx")
+    total = psutil.virtual_memory().total
+    admission = Admission(Limits(5000, 5000, 0))
+    sandboxes: list[Sandbox] = []
+    stop_reason = f"reached --max-idle {args.max_idle}"
+    t0 = time.perf_counter()
+    last_create_ms = 0.0
+    async with SandboxManager(cfg, admission=admission, pools=False) as m:
+        try:
+            while len(sandboxes) < args.max_idle:
+                if psutil.virtual_memory().available < 0.10 * total:
+                    stop_reason = "MemAvailable fell under 10%"
+                    break
+                batch = min(args.parallel, args.max_idle - len(sandboxes))
+                t = time.perf_counter()
+                try:
+                    sandboxes += await start_many(m, template, batch, batch)
+                except RuntimeError as e:
+                    stop_reason = f"a create failed: {e}"
+                    break
+                last_create_ms = (time.perf_counter() - t) * 1000
+                if len(sandboxes) % 50 < batch:
+                    print(f"   {len(sandboxes)} idle sandboxes, MemAvailable "
+                          f"{psutil.virtual_memory().available / MiB:.0f} MiB", flush=True)
+            probe = await m.create(template)  # a create is still answered at this density
+            ok = (await probe.run("echo ok")).stdout == b"ok\n"
+            await m.kill(probe.id)
+            mem = [memory_of(sb.pid) for sb in sandboxes]
+            held = len(sandboxes)
+        finally:
+            await asyncio.gather(*(m.kill(sb.id) for sb in sandboxes), return_exceptions=True)
+    return {
+        "idle_sandboxes": held, "stop_reason": stop_reason, "create_still_answered": ok,
+        "last_batch_ms": last_create_ms, "pss_mib_avg": sum(p for _, p in mem) / max(held, 1) / MiB,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], idle: dict[str, Any] | None) -> None:
+    print(f"\ndensity, {meta['template']} ({meta['mem_mb']} MiB guest) on {meta['host']}: {meta['cpus']} CPUs, "
+          f"{meta['ram_gib']:.0f} GiB, accelerator {meta['accelerator']}; workload, then idle: {meta['workload']}")
+    head = f"{'N':>4} {'mode':7} {'PSS':>8} {'+cache':>8} {'MemAvail':>9} {'RSS':>8}   (MiB per sandbox)"
+    print(head)
+    print("-" * len(head))
+    by = {(r["n"], r["mode"]): r for r in rows if "pss_mib" in r}
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['n']:>4} {r['mode']:7} skipped: {r['skipped']}")
+            continue
+        print(f"{r['n']:>4} {r['mode']:7} {r['pss_mib']:>8.1f} {r['pss_plus_cache_mib']:>8.1f} "
+              f"{r['memavailable_drop_mib']:>9.1f} {r['rss_mib']:>8.1f}")
+    for n in sorted({n for n, _ in by}):
+        a, b = by.get((n, "trenvx")), by.get((n, "e2b"))
+        if a and b:
+            red = 100 * (1 - a["pss_plus_cache_mib"] / b["pss_plus_cache_mib"])
+            red_avail = 100 * (1 - a["memavailable_drop_mib"] / b["memavailable_drop_mib"]) if b["memavailable_drop_mib"] > 0 else float("nan")
+            print(f"N={n}: trenvx uses {red:.0f}% less memory per sandbox than E2B-style (PSS + page cache), "
+                  f"{red_avail:.0f}% less by MemAvailable")
+    if idle:
+        print(f"\nidle sandboxes held: {idle['idle_sandboxes']} ({idle['stop_reason']}); a create still answered: "
+              f"{idle['create_still_answered']}; PSS {idle['pss_mib_avg']:.1f} MiB each")
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=os.environ.get("TRENVX_CONFIG", "configs/example_config.toml"))
+    ap.add_argument("--template", default="code-interpreter")
+    ap.add_argument("--counts", default="10,50,100")
+    ap.add_argument("--modes", default="trenvx,e2b")
+    ap.add_argument("--parallel", type=int, default=4, help="creates/workloads at once (default 4)")
+    ap.add_argument("--settle-s", type=float, default=10.0)
+    ap.add_argument("--max-idle", type=int, default=0, help="find how many idle sandboxes fit, up to this many")
+    ap.add_argument("--idle-only", action="store_true", help="no workload: measure idle sandboxes")
+    ap.add_argument("--workload", default=WORKLOAD, help="command run in every sandbox (default: numpy + pandas)")
+    ap.add_argument("--quick", action="store_true", help="CI: N=3, no max-idle search")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    if args.quick:
+        args.counts, args.settle_s, args.max_idle = "3", 2.0, 0
+    counts = [int(c) for c in args.counts.split(",") if c.strip()]
+    base = load_config(args.config)
+    build = TemplateStore(DataRoot(base.data_root)).current(args.template)
+    mem_mb = build.machine.mem_mb
+    vm = psutil.virtual_memory()
+    meta = {"template": args.template, "build_id": build.build_id, "mem_mb": mem_mb,
+            "accelerator": build.machine.accelerator, "host": platform.node(), "cpus": os.cpu_count(),
+            "ram_gib": vm.total / 2**30, "kernel": platform.release(), "workload": args.workload,
+            "settle_s": args.settle_s, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    rows: list[dict[str, Any]] = []
+    for n in counts:
+        for mode in [x.strip() for x in args.modes.split(",") if x.strip()]:
+            if mode == "e2b" and n * mem_mb * MiB > 0.8 * psutil.virtual_memory().available:
+                rows.append({"mode": mode, "n": n, "skipped": f"{n} private copies of {mem_mb} MiB do not fit in "
+                             f"{psutil.virtual_memory().available / 2**30:.1f} GiB available"})
+                print(f"== {mode} N={n}: skipped (does not fit)", flush=True)
+                continue
+            print(f"== {mode} N={n}", flush=True)
+            rows.append(await measure(base, args.template, mode, n, args))
+            r = rows[-1]
+            print(f"   PSS {r['pss_mib']:.1f} MiB, +cache {r['pss_plus_cache_mib']:.1f}, "
+                  f"MemAvailable -{r['memavailable_drop_mib']:.1f} MiB per sandbox ({r['seconds']} s)", flush=True)
+    idle = None
+    if args.max_idle:
+        print(f"== max idle (up to {args.max_idle})", flush=True)
+        idle = await max_idle(base, args.template, args)
+    print_table(rows, meta, idle)
+    out = Path(args.json) if args.json else RESULTS / f"density-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "max_idle": idle}, indent=2))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
