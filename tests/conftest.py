@@ -4,6 +4,9 @@
                      so unchanged inputs are not rebuilt: see the input digest in the manifest)
 - ``test_template``: the name of the built end-to-end template (built on first use)
 - ``manager``:      a SandboxManager for the test session; kills what is left at the end
+- ``vmm_managers``: SandboxManagers per VMM (``await vmm_managers.get(vmm_type)``; QEMU's is
+                     ``manager``), for tests parametrized with tests/vmm_matrix.py's ``vmm_params()``
+                     (a VMM unusable here is skipped with ``trenvx doctor``'s reason)
 - ``backend_url``:  a real ``trenvx serve`` for the session; ``keyed_backend_url`` one with an API key
 """
 
@@ -12,23 +15,30 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
 import pytest_asyncio
 
-from trenvx.config import Config, load_config
+from tests.vmm_matrix import config_for_vmm
+from trenvx.config import Config, VmmType, load_config
+
+if TYPE_CHECKING:
+    from trenvx.sandbox.manager import SandboxManager
 
 E2E_CONFIG = Path(__file__).resolve().parent / "e2e" / "e2e_config.toml"
 E2E_TEMPLATE = "e2e-test"
+VMM_PROCESS_NAMES = ("qemu-system", "firecracker", "cloud-hyperviso")  # comm is cut at 15 characters
 
 
 def qemu_pids() -> set[int]:
-    """VMM processes started by this process tree (other test runs on the machine are not ours)."""
+    """VMM processes (QEMU, Firecracker, Cloud Hypervisor) started by this process tree (other test
+    runs on the machine are not ours)."""
     me = os.getpid()
     pids = set()
     for p in psutil.process_iter(["name"]):
-        if (p.info["name"] or "").startswith("qemu-system"):
+        if (p.info["name"] or "").startswith(VMM_PROCESS_NAMES):
             try:
                 if p.status() == psutil.STATUS_ZOMBIE:  # already dead, only not yet reaped by its parent
                     continue
@@ -60,6 +70,48 @@ async def manager(e2e_config: Config, test_template: str) -> AsyncIterator["Sand
 
     async with SandboxManager(e2e_config) as m:
         yield m
+
+
+class VmmManagers:
+    """A SandboxManager per VMM for the session, made on first use: QEMU's is the session's
+    ``manager``; another VMM's runs the test template built for it (tests/vmm_matrix.py)."""
+
+    def __init__(self, e2e_config: Config, template: str, qemu: SandboxManager) -> None:
+        self.e2e_config = e2e_config
+        self.template = template
+        self._managers: dict[VmmType, SandboxManager] = {VmmType.qemu: qemu}
+        self._own: list[SandboxManager] = []
+
+    async def get(self, vmm: VmmType) -> SandboxManager:
+        from trenvx.sandbox.manager import SandboxManager
+        from trenvx.template.builder import TemplateBuilder
+
+        if vmm not in self._managers:
+            cfg = config_for_vmm(self.e2e_config, vmm, self.template)
+            result = await TemplateBuilder(cfg).build(
+                cfg.default_template, force=bool(os.environ.get("TRENVX_TEST_REBUILD"))
+            )
+            print(f"\ntest template {cfg.default_template}: {'reused' if result.skipped else 'built'} "
+                  f"{result.build.build_id} {result.build.manifest.stage_seconds}")
+            m = SandboxManager(cfg)
+            await m.start()
+            self._own.append(m)
+            self._managers[vmm] = m
+        return self._managers[vmm]
+
+    async def aclose(self) -> None:
+        for m in self._own:
+            await m.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def vmm_managers(e2e_config: Config, test_template: str, manager: SandboxManager) -> AsyncIterator[VmmManagers]:
+    """Use with ``@pytest.mark.parametrize("vmm_type", vmm_params())``: ``await vmm_managers.get(vmm_type)``."""
+    managers = VmmManagers(e2e_config, test_template, manager)
+    try:
+        yield managers
+    finally:
+        await managers.aclose()
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +151,6 @@ def nothing_left_behind() -> "Iterator[None]":  # noqa: F821
     sandboxes = cfg.data_root / "sandboxes"
     left_dirs = sorted(p.name for p in sandboxes.iterdir()) if sandboxes.is_dir() else []
     staging = sorted(str(p) for p in (cfg.data_root / "templates").glob("*/.*.partial"))
-    assert not left, f"qemu processes left running: {sorted(left)}"
+    assert not left, f"VMM processes left running: {sorted(left)}"
     assert not left_dirs, f"sandbox directories left behind: {left_dirs}"
     assert not staging, f"build staging directories left behind: {staging}"

@@ -1,7 +1,9 @@
 """Issue 2 end to end: a template built from a Dockerfile, sandboxes restored from its snapshot.
 
 Every test here boots real VMs (TCG on machines without usable KVM) through the real code path:
-TemplateBuilder -> QEMU snapshot -> SnapshotRestore -> guest agent.
+TemplateBuilder -> VMM snapshot -> SnapshotRestore -> guest agent. The sandbox-lifecycle tests run
+once per VMM (``vmm_params()``: QEMU, and Firecracker / Cloud Hypervisor where ``trenvx doctor``
+finds them usable; skipped with its reason otherwise), each on the test template built for it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import E2E_CONFIG
+from tests.vmm_matrix import vmm_params
+from trenvx.config import VmmType
 from trenvx.guest.client import AgentError
 from trenvx.sandbox.manager import SandboxManager, SandboxNotFound
 from trenvx.template.store import TemplateStore
@@ -22,6 +27,9 @@ from trenvx.layout import DataRoot
 pytestmark = pytest.mark.e2e
 
 HELLO = "python3 -c \"print('Hello World')\""
+VMMS = vmm_params(str(E2E_CONFIG))
+"""QEMU, Firecracker, Cloud Hypervisor: skipped with ``trenvx doctor``'s reason where unusable (binaries
+from PATH or the e2e config's ``fc_binary_path`` / ``ch_binary_path``)."""
 
 
 async def test_build_produced_a_complete_manifest(e2e_config, test_template) -> None:
@@ -43,7 +51,9 @@ async def test_unchanged_inputs_skip_the_build(e2e_config, test_template) -> Non
     assert result.skipped and time.perf_counter() - t0 < 10
 
 
-async def test_restore_runs_hello_world_and_the_start_cmd_is_running(manager: SandboxManager) -> None:
+@pytest.mark.parametrize("vmm_type", VMMS)
+async def test_restore_runs_hello_world_and_the_start_cmd_is_running(vmm_managers, vmm_type: VmmType) -> None:
+    manager = await vmm_managers.get(vmm_type)
     sb = await manager.create()
     try:
         assert {"load", "resume", "init"} <= set(sb.start_times)
@@ -59,7 +69,9 @@ async def test_restore_runs_hello_world_and_the_start_cmd_is_running(manager: Sa
         manager.get(sb.id)
 
 
-async def test_five_sandboxes_at_once_each_see_only_their_own_writes(manager: SandboxManager) -> None:
+@pytest.mark.parametrize("vmm_type", VMMS)
+async def test_five_sandboxes_at_once_each_see_only_their_own_writes(vmm_managers, vmm_type: VmmType) -> None:
+    manager = await vmm_managers.get(vmm_type)
     sbs = await asyncio.gather(*(manager.create() for _ in range(5)))
     try:
         async def write_then_read(i: int) -> bytes:
