@@ -54,8 +54,28 @@ WORKLOAD = (
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def ksm_set(**values: int) -> dict[str, int]:
+    """Write KSM knobs; the previous values (to put back)."""
+    old = {}
+    for k, v in values.items():
+        old[k] = int((KSM / k).read_text())
+        (KSM / k).write_text(str(v))
+    return old
+
+
+def ksmd_cpu_s() -> float:
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] == "ksmd":
+            t = p.cpu_times()
+            return t.user + t.system
+    return 0.0
+
+
 def mode_config(base: Config, mode: str) -> Config:
-    start = StartMode.snapshot if mode == "trenvx" else StartMode.snapshot_private
+    start = StartMode.snapshot_private if mode == "e2b" else StartMode.snapshot
     orch = base.orchestrator.model_copy(update={
         "start_mode": start, "max_sandboxes": 5000, "max_sandboxes_per_template": 5000, "default_timeout_s": 3600,
     })
@@ -109,6 +129,17 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
 
             if not args.idle_only:
                 await asyncio.gather(*(work(sb) for sb in sandboxes))
+            ksm: dict[str, Any] = {}
+            if mode == "trenvx+ksm":
+                old = ksm_set(pages_to_scan=4000, sleep_millisecs=20, run=1)
+                cpu0, t_ksm = ksmd_cpu_s(), time.perf_counter()
+                try:
+                    await asyncio.sleep(args.ksm_s)
+                    ksm = {"pages_sharing": int((KSM / "pages_sharing").read_text()),
+                           "ksmd_cpu_share": (ksmd_cpu_s() - cpu0) / (time.perf_counter() - t_ksm),
+                           "seconds": args.ksm_s}
+                finally:
+                    ksm_set(run=0, **{k: v for k, v in old.items() if k != "run"})
             await asyncio.sleep(args.settle_s)
             mem = [memory_of(sb.pid) for sb in sandboxes]
             avail1 = psutil.virtual_memory().available
@@ -120,7 +151,7 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
         "mode": mode, "n": n, "seconds": round(time.perf_counter() - t0, 1),
         "pss_mib": pss, "rss_mib": sum(r for r, _ in mem) / n / MiB,
         "page_cache_mib": cache / n / MiB, "pss_plus_cache_mib": pss + cache / n / MiB,
-        "memavailable_drop_mib": (avail0 - avail1) / n / MiB,
+        "memavailable_drop_mib": (avail0 - avail1) / n / MiB, **({"ksm": ksm} if ksm else {}),
     }
 
 
@@ -147,6 +178,10 @@ async def max_idle(base: Config, template: str, args: argparse.Namespace) -> dic
                     stop_reason = f"a create failed: {e}"
                     break
                 last_create_ms = (time.perf_counter() - t) * 1000
+                if last_create_ms > args.max_batch_s * 1000:
+                    stop_reason = (f"creates became too slow: a batch of {batch} took {last_create_ms / 1000:.0f} s "
+                                   f"(> --max-batch-s {args.max_batch_s:.0f}); the host's CPUs are the limit")
+                    break
                 if len(sandboxes) % 50 < batch:
                     print(f"   {len(sandboxes)} idle sandboxes, MemAvailable "
                           f"{psutil.virtual_memory().available / MiB:.0f} MiB", flush=True)
@@ -178,12 +213,19 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], idle: dict[str
         print(f"{r['n']:>4} {r['mode']:7} {r['pss_mib']:>8.1f} {r['pss_plus_cache_mib']:>8.1f} "
               f"{r['memavailable_drop_mib']:>9.1f} {r['rss_mib']:>8.1f}")
     for n in sorted({n for n, _ in by}):
-        a, b = by.get((n, "trenvx")), by.get((n, "e2b"))
-        if a and b:
+        for name in ("trenvx", "trenvx+ksm"):
+            a, b = by.get((n, name)), by.get((n, "e2b"))
+            if not (a and b):
+                continue
             red = 100 * (1 - a["pss_plus_cache_mib"] / b["pss_plus_cache_mib"])
             red_avail = 100 * (1 - a["memavailable_drop_mib"] / b["memavailable_drop_mib"]) if b["memavailable_drop_mib"] > 0 else float("nan")
-            print(f"N={n}: trenvx uses {red:.0f}% less memory per sandbox than E2B-style (PSS + page cache), "
+            print(f"N={n}: {name} uses {red:.0f}% less memory per sandbox than E2B-style (PSS + page cache), "
                   f"{red_avail:.0f}% less by MemAvailable")
+    for r in rows:
+        if "ksm" in r:
+            k = r["ksm"]
+            print(f"N={r['n']} KSM: {k['pages_sharing'] * 4 / 1024:.0f} MiB deduplicated after {k['seconds']:.0f} s, "
+                  f"ksmd used {100 * k['ksmd_cpu_share']:.0f}% of a core")
     if idle:
         print(f"\nidle sandboxes held: {idle['idle_sandboxes']} ({idle['stop_reason']}); a create still answered: "
               f"{idle['create_still_answered']}; PSS {idle['pss_mib_avg']:.1f} MiB each")
@@ -194,10 +236,13 @@ async def main() -> int:
     ap.add_argument("--config", default=os.environ.get("TRENVX_CONFIG", "configs/example_config.toml"))
     ap.add_argument("--template", default="code-interpreter")
     ap.add_argument("--counts", default="10,50,100")
-    ap.add_argument("--modes", default="trenvx,e2b")
+    ap.add_argument("--modes", default="trenvx,e2b", help="trenvx, e2b, trenvx+ksm (KSM on while measured)")
+    ap.add_argument("--ksm-s", type=float, default=60.0, help="how long KSM scans in the trenvx+ksm mode")
     ap.add_argument("--parallel", type=int, default=4, help="creates/workloads at once (default 4)")
     ap.add_argument("--settle-s", type=float, default=10.0)
     ap.add_argument("--max-idle", type=int, default=0, help="find how many idle sandboxes fit, up to this many")
+    ap.add_argument("--max-batch-s", type=float, default=60.0,
+                    help="max-idle search stops when a batch of --parallel creates takes longer (default 60 s)")
     ap.add_argument("--idle-only", action="store_true", help="no workload: measure idle sandboxes")
     ap.add_argument("--workload", default=WORKLOAD, help="command run in every sandbox (default: numpy + pandas)")
     ap.add_argument("--quick", action="store_true", help="CI: N=3, no max-idle search")
@@ -217,9 +262,11 @@ async def main() -> int:
     rows: list[dict[str, Any]] = []
     for n in counts:
         for mode in [x.strip() for x in args.modes.split(",") if x.strip()]:
-            if mode == "e2b" and n * mem_mb * MiB > 0.8 * psutil.virtual_memory().available:
-                rows.append({"mode": mode, "n": n, "skipped": f"{n} private copies of {mem_mb} MiB do not fit in "
-                             f"{psutil.virtual_memory().available / 2**30:.1f} GiB available"})
+            measured = [r["memavailable_drop_mib"] for r in rows if r.get("mode") == mode and "pss_mib" in r]
+            per_sandbox_mib = 1.2 * max(measured) if measured else mem_mb  # private copies: the non-zero pages
+            if mode == "e2b" and n * per_sandbox_mib * MiB > 0.85 * psutil.virtual_memory().available:
+                rows.append({"mode": mode, "n": n, "skipped": f"{n} private copies of ~{per_sandbox_mib:.0f} MiB do not "
+                             f"fit in {psutil.virtual_memory().available / 2**30:.1f} GiB available"})
                 print(f"== {mode} N={n}: skipped (does not fit)", flush=True)
                 continue
             print(f"== {mode} N={n}", flush=True)
@@ -239,5 +286,20 @@ async def main() -> int:
     return 0
 
 
+async def _main_cancellable() -> int:
+    """main(), cancelled on SIGINT/SIGTERM so that its managers kill every sandbox on the way out."""
+    import signal
+
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+    try:
+        return await main()
+    except asyncio.CancelledError:
+        print("interrupted: everything started was stopped", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(asyncio.run(_main_cancellable()))

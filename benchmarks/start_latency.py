@@ -353,5 +353,18 @@ async def main() -> int:
     return 1 if any(r.failures or any(b["failures"] for b in r.bursts) for r in results) else 0
 
 
+async def _main_cancellable() -> int:
+    """main(), cancelled on SIGINT/SIGTERM so that the running backend is stopped on the way out."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
+    try:
+        return await main()
+    except asyncio.CancelledError:
+        print("interrupted: the backend was stopped", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(asyncio.run(_main_cancellable()))

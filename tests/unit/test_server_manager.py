@@ -24,7 +24,7 @@ from trenvx.vmm.cloud_hypervisor import CloudHypervisorVm
 from trenvx.vmm.firecracker import FirecrackerVm
 from trenvx.template.store import TemplateNotFound
 
-from .server_fakes import UpstreamState, ThreadedServer, fake_attach, fake_manager, make_config, make_template, pid_gone, upstream_app
+from .server_fakes import UpstreamState, ThreadedServer, fake_attach, fake_manager, free_port, make_config, make_template, pid_gone, upstream_app
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +230,21 @@ async def test_restart_adopts_running_vms_and_cleans_dead_ones(cfg, upstream, mo
         os.kill(a_pid, signal.SIGKILL)
         await wait_for(lambda: not second.list(), 3)
         await wait_for(lambda: not a.restored.workdir.exists(), 3)
+    finally:
+        await second.close()
+
+
+async def test_restart_adopts_a_paused_sandbox_without_asking_its_agent(cfg, monkeypatch) -> None:
+    """A paused VM's agent cannot answer; it is adopted (still paused) on its VMM's word alone."""
+    monkeypatch.setattr(adopt, "attach_qemu", fake_attach)
+    first = fake_manager(cfg, free_port(), keep=True)  # no agent listens there: any /health would fail
+    a = await first.create("tpl")
+    await first.pause(a.id)
+    await first.close()
+    second = fake_manager(cfg, a.agent_port)
+    await second.start()
+    try:
+        assert second.adopted == [a.id] and second.get(a.id).state == "paused"
     finally:
         await second.close()
 

@@ -640,9 +640,12 @@ class SandboxManager:
         spec = self.restorer.vm_spec(build, rec.id, workdir, kill_with_owner=False)
         vm = await adopt.attach(vmm, spec, rec.pid, rec.agent_port)
         try:
-            async with AgentClient.for_endpoint(vm.agent_endpoint, timeout=ADOPT_HEALTH_TIMEOUT_S) as probe:
-                if not await probe.health():
-                    raise RuntimeError(f"its agent does not answer /health at {vm.agent_endpoint.describe()}")
+            # A paused sandbox's agent cannot answer (its vCPUs are stopped): the VMM answering its
+            # control socket (attach) is the check for it.
+            if rec.state != PAUSED:
+                async with AgentClient.for_endpoint(vm.agent_endpoint, timeout=ADOPT_HEALTH_TIMEOUT_S) as probe:
+                    if not await probe.health():
+                        raise RuntimeError(f"its agent does not answer /health at {vm.agent_endpoint.describe()}")
         except BaseException:
             await adopt.release(vm)
             raise

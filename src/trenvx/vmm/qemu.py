@@ -191,12 +191,14 @@ class QemuDriver(VmmDriver):
         qmp = QMPClient(spec.name)
         try:
             await asyncio.wait_for(qmp.connect(ours), QMP_TIMEOUT_S)
-        except (asyncio.TimeoutError, QMPError, OSError) as e:
+        except BaseException as e:  # incl. cancellation (a pool closing): the process must not outlive us
             ours.close()
             await process.kill()
-            raise VmmError(
-                f"QEMU for {spec.name} did not come up (exit {process.returncode}): {process.output_tail(10) or e}"
-            ) from None
+            if isinstance(e, (asyncio.TimeoutError, QMPError, OSError)):
+                raise VmmError(
+                    f"QEMU for {spec.name} did not come up (exit {process.returncode}): {process.output_tail(10) or e}"
+                ) from None
+            raise
         vm = QemuVm(spec, process, qmp, VmState.incoming if incoming else VmState.running)
         if not spec.agent_host_port:
             try:
@@ -253,12 +255,7 @@ class QemuDriver(VmmDriver):
         if vm.state is not VmState.incoming:
             raise VmmError(f"VM {vm.spec.name} is {vm.state.value}, not waiting for a snapshot")
         t0 = time.perf_counter()
-        fd = os.open(snapshot.vmstate, os.O_RDONLY)
-        try:
-            await self._send_fd(vm, fd, "restore")
-        finally:
-            os.close(fd)
-        await self._migrate_and_wait(vm, "migrate-incoming", {"uri": "fd:restore"})
+        await self._load(vm, snapshot.vmstate)
         t1 = time.perf_counter()
         await vm.resume()
         if times is not None:
@@ -275,12 +272,7 @@ class QemuDriver(VmmDriver):
         dest.mkdir(parents=True, exist_ok=True)
         vm = await self.prestart(spec)
         try:
-            fd = os.open(snapshot.vmstate, os.O_RDONLY)
-            try:
-                await self._send_fd(vm, fd, "restore")
-            finally:
-                os.close(fd)
-            await self._migrate_and_wait(vm, "migrate-incoming", {"uri": "fd:restore"})
+            await self._load(vm, snapshot.vmstate)
             part = dest / "vmstate-full.part"
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
@@ -292,6 +284,15 @@ class QemuDriver(VmmDriver):
         finally:
             await vm.kill()
         return SnapshotFiles(vmstate=dest / "vmstate-full", memory_file=snapshot.memory_file)
+
+    async def _load(self, vm: QemuVm, vmstate: Path) -> None:
+        """Load device state (and RAM, if the stream has it) into a VM waiting with ``-incoming defer``."""
+        fd = os.open(vmstate, os.O_RDONLY)
+        try:
+            await self._send_fd(vm, fd, "restore")
+        finally:
+            os.close(fd)
+        await self._migrate_and_wait(vm, "migrate-incoming", {"uri": "fd:restore"})
 
     async def _send_fd(self, vm: QemuVm, fd: int, name: str) -> None:
         vm.qmp.send_fd_scm(fd)
