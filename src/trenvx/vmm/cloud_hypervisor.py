@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..guest.endpoint import AgentEndpoint
 from ..kernel.vmlinux import ensure_vmlinux
 from .base import DiskFormat, SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, VmState
 from .binaries import BinaryRequirement, VmmBinary, check_binary
-from .microvm import GUEST_CID, VSOCK_SOCKET, adapt_cmdline, agent_endpoint, require_kvm
+from .microvm import GUEST_CID, ApiSocketVm, VSOCK_SOCKET, adapt_cmdline, require_kvm
 from .process import VmmProcess
 from .uds_api import UdsApi, check_socket_path
 
@@ -72,28 +71,10 @@ def describe_error(status: int, body: bytes) -> str:
     return text
 
 
-class CloudHypervisorVm(Vm):
+class CloudHypervisorVm(ApiSocketVm):
     def __init__(self, spec: VmSpec, process: VmmProcess, api: UdsApi, binary: VmmBinary, state: VmState) -> None:
-        self.spec = spec
-        self.agent_port = 0
-        self.process = process
-        self.api = api
+        super().__init__(spec, process, api, state)
         self.binary = binary
-        self.state = state
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def agent_endpoint(self) -> AgentEndpoint:
-        return agent_endpoint(self.spec.workdir)
-
-    def is_alive(self) -> bool:
-        return self.process.is_alive()
-
-    async def wait_exit(self) -> int:
-        return await self.process.wait()
 
     async def pause(self) -> None:
         await self.api.request("PUT", "/vm.pause")
@@ -116,11 +97,6 @@ class CloudHypervisorVm(Vm):
             await self.api.aclose()
             await self.process.kill(grace_s=timeout)
             self.state = VmState.exited
-
-    async def kill(self) -> None:
-        await self.api.aclose()
-        await self.process.kill()
-        self.state = VmState.exited
 
 
 def _rewrite_config(config: dict[str, Any], spec: VmSpec) -> dict[str, Any]:

@@ -29,11 +29,10 @@ import re
 import time
 from pathlib import Path
 
-from ..guest.endpoint import AgentEndpoint
 from ..kernel.vmlinux import ensure_vmlinux
 from .base import DiskFormat, SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, VmState
 from .binaries import BinaryRequirement, VmmBinary, check_binary
-from .microvm import GUEST_CID, VSOCK_SOCKET, adapt_cmdline, agent_endpoint, link, require_kvm
+from .microvm import GUEST_CID, ApiSocketVm, VSOCK_SOCKET, adapt_cmdline, link, require_kvm
 from .process import VmmProcess
 from .uds_api import UdsApi, check_socket_path
 
@@ -68,31 +67,10 @@ def describe_error(status: int, body: bytes) -> str:
     return body.decode(errors="replace").strip() or f"HTTP {status} without a body"
 
 
-class FirecrackerVm(Vm):
-    def __init__(self, spec: VmSpec, process: VmmProcess, api: UdsApi, state: VmState) -> None:
-        self.spec = spec
-        self.agent_port = 0
-        self.process = process
-        self.api = api
-        self.state = state
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def agent_endpoint(self) -> AgentEndpoint:
-        return agent_endpoint(self.spec.workdir)
-
+class FirecrackerVm(ApiSocketVm):
     @property
     def console_log(self) -> Path:
-        return self.process.log_path
-
-    def is_alive(self) -> bool:
-        return self.process.is_alive()
-
-    async def wait_exit(self) -> int:
-        return await self.process.wait()
+        return Path(self.process.log_path)
 
     async def pause(self) -> None:
         await self.api.request("PATCH", "/vm", {"state": "Paused"})
@@ -106,10 +84,6 @@ class FirecrackerVm(Vm):
         """Merge ``data`` into the guest's MMDS store (``PATCH /mmds``; needs a tap device)."""
         await self.api.request("PATCH", "/mmds", dict(data))
 
-    async def kill(self) -> None:
-        await self.api.aclose()
-        await self.process.kill()
-        self.state = VmState.exited
 
 
 class FirecrackerDriver(VmmDriver):

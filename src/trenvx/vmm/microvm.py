@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Any
+
 from ..config import AGENT_PORT
-from .base import HybridVsockEndpoint, VmmError, VmSpec
+from .base import HybridVsockEndpoint, Vm, VmmError, VmSpec, VmState
 
 GUEST_CID = 3
 """The guest's vsock context id (every VM has its own vsock device, so one value serves all)."""
@@ -53,3 +55,36 @@ def link(target: Path, at: Path) -> None:
     except FileNotFoundError:
         pass
     os.symlink(target.resolve(), at)
+
+
+class ApiSocketVm(Vm):
+    """A Firecracker or Cloud Hypervisor VM: its process, the API client on its socket, its agent
+    on the hybrid vsock socket in its workdir. Subclasses say how to pause and resume."""
+
+    def __init__(self, spec: VmSpec, process: Any, api: Any, state: VmState) -> None:
+        self.spec = spec
+        self.agent_port = 0
+        self.process = process
+        """A :class:`trenvx.vmm.process.VmmProcess` (or an adopted process with its interface)."""
+        self.api = api
+        """A :class:`trenvx.vmm.uds_api.UdsApi` on the VMM's API socket."""
+        self.state = state
+
+    @property
+    def pid(self) -> int:
+        return int(self.process.pid)
+
+    @property
+    def agent_endpoint(self) -> HybridVsockEndpoint:
+        return agent_endpoint(self.spec.workdir)
+
+    def is_alive(self) -> bool:
+        return bool(self.process.is_alive())
+
+    async def wait_exit(self) -> int:
+        return int(await self.process.wait())
+
+    async def kill(self) -> None:
+        await self.api.aclose()
+        await self.process.kill()
+        self.state = VmState.exited
