@@ -113,6 +113,9 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
     dr = DataRoot(cfg.data_root)
     build = TemplateStore(dr).current(template)
     files = [build.snapshot.memory_file, build.rootfs]
+    if mode == "e2b":  # its guest RAM comes from the full snapshot file (made on first use)
+        full = dr.cache / "full-snapshots" / f"{build.manifest.name}-{build.build_id}" / "vmstate-full"
+        files = [full, build.rootfs]
     admission = Admission(Limits(5000, 5000, 0))  # the benchmark measures; it does not refuse
     avail0 = psutil.virtual_memory().available
     t0 = time.perf_counter()
@@ -202,15 +205,15 @@ async def max_idle(base: Config, template: str, args: argparse.Namespace) -> dic
 def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], idle: dict[str, Any] | None) -> None:
     print(f"\ndensity, {meta['template']} ({meta['mem_mb']} MiB guest) on {meta['host']}: {meta['cpus']} CPUs, "
           f"{meta['ram_gib']:.0f} GiB, accelerator {meta['accelerator']}; workload, then idle: {meta['workload']}")
-    head = f"{'N':>4} {'mode':7} {'PSS':>8} {'+cache':>8} {'MemAvail':>9} {'RSS':>8}   (MiB per sandbox)"
+    head = f"{'N':>4} {'mode':10} {'PSS':>8} {'+cache':>8} {'MemAvail':>9} {'RSS':>8}   (MiB per sandbox)"
     print(head)
     print("-" * len(head))
     by = {(r["n"], r["mode"]): r for r in rows if "pss_mib" in r}
     for r in rows:
         if "skipped" in r:
-            print(f"{r['n']:>4} {r['mode']:7} skipped: {r['skipped']}")
+            print(f"{r['n']:>4} {r['mode']:10} skipped: {r['skipped']}")
             continue
-        print(f"{r['n']:>4} {r['mode']:7} {r['pss_mib']:>8.1f} {r['pss_plus_cache_mib']:>8.1f} "
+        print(f"{r['n']:>4} {r['mode']:10} {r['pss_mib']:>8.1f} {r['pss_plus_cache_mib']:>8.1f} "
               f"{r['memavailable_drop_mib']:>9.1f} {r['rss_mib']:>8.1f}")
     for n in sorted({n for n, _ in by}):
         for name in ("trenvx", "trenvx+ksm"):
