@@ -32,6 +32,9 @@ from ..config import VmmType
 from .disk import create_overlay
 
 OVERLAY = "disk.qcow2"
+INIT_TIMEOUT_S = 120.0
+"""How long the agent's first reply may take. Under TCG, bursts of 50-100 new VMMs on 2 cores
+spent over 30 s (the client's default) translating and failed 1 create in 100 with ReadTimeout."""
 RAW_COPY = "disk.raw"
 
 
@@ -169,7 +172,7 @@ class SnapshotRestore:
         """Give a running guest its identity (the agent's first reply of this sandbox)."""
         vm, workdir, times = prepared
         token = secrets.token_urlsafe(24)
-        agent = AgentClient.for_endpoint(vm.agent_endpoint)
+        agent = AgentClient.for_endpoint(vm.agent_endpoint, timeout=INIT_TIMEOUT_S)
         try:
             t0 = time.perf_counter()
             await agent.init(
