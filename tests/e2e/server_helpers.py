@@ -133,7 +133,10 @@ class ServerProc:
         return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
 
-def make_server(base: Path, shared: Config, *, template: str, api_key: str = "", **orch: Any) -> ServerProc:
+def make_server(base: Path, shared: Config, *, template: str, api_key: str = "", pools: bool = True,
+                **orch: Any) -> ServerProc:
+    """A server on its own data_root. ``pools``: the shared config's ``[pool]`` (else none, for tests
+    that count the sandbox directories while the server runs: pooled VMs have directories too)."""
     base.mkdir(parents=True, exist_ok=True)
     root = linked_data_root(base, shared)
     port = free_port()
@@ -142,6 +145,10 @@ def make_server(base: Path, shared: Config, *, template: str, api_key: str = "",
         lines.append(f"api_key = {toml_value(api_key)}")
     for k, v in orch.items():
         lines.append(f"{k} = {toml_value(v)}")
+    pool = shared.pool
+    sizes = (pool.warm_min, pool.warm_max, pool.hot_min, pool.hot_max) if pools else (0, 0, 0, 0)
+    lines += ["", "[pool]", *(f"{k} = {v}" for k, v in zip(("warm_min", "warm_max", "hot_min", "hot_max"), sizes)),
+              f"hot_warmup_cmd = {toml_value(pool.hot_warmup_cmd)}"]
     lines += ["", "[template_manager]", f"template_id = {toml_value(template)}", ""]
     cfg = base / "server.toml"
     cfg.write_text("\n".join(lines))

@@ -24,7 +24,7 @@ async def echo(url: str, sandbox: dict, text: str) -> bytes:
 
 
 async def test_restart_adopts_running_vms_and_cleans_dead_ones(tmp_path, e2e_config, test_template) -> None:
-    srv = make_server(tmp_path, e2e_config, template=test_template).start(keep=True)
+    srv = make_server(tmp_path, e2e_config, template=test_template, pools=False).start(keep=True)
     pids: list[int] = []
     try:
         with srv.client() as c:
@@ -72,7 +72,7 @@ async def test_restart_adopts_running_vms_and_cleans_dead_ones(tmp_path, e2e_con
 
 
 async def test_keep_then_normal_stop_kills_adopted_vms(tmp_path, e2e_config, test_template) -> None:
-    srv = make_server(tmp_path, e2e_config, template=test_template).start(keep=True)
+    srv = make_server(tmp_path, e2e_config, template=test_template, pools=False).start(keep=True)
     pid = 0
     try:
         with srv.client() as c:

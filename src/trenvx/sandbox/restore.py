@@ -136,6 +136,10 @@ class SnapshotRestore:
         async with AsyncFileLock(dest.parent / f".{dest.name}.lock"):
             if files.vmstate.exists():
                 return files
+            # Earlier builds' full snapshots (hundreds of MiB each); build ids start with a date.
+            for old in dest.parent.glob(f"{build.manifest.name}-{'[0-9]' * 8}T*"):
+                if old.is_dir() and old != dest:
+                    shutil.rmtree(old, ignore_errors=True)
             workdir = self.data_root.sandbox_dir(f"full-{new_sandbox_id()}")
             workdir.mkdir(parents=True)
             try:
