@@ -39,6 +39,8 @@ from typing import Any
 
 import psutil
 
+from _common import run_cancellable  # benchmarks/ is on sys.path when run as a script
+
 from trenvx.config import Config, PoolConfig, StartMode, load_config
 from trenvx.layout import DataRoot
 from trenvx.sandbox.limits import Admission, Limits
@@ -289,20 +291,5 @@ async def main() -> int:
     return 0
 
 
-async def _main_cancellable() -> int:
-    """main(), cancelled on SIGINT/SIGTERM so that its managers kill every sandbox on the way out."""
-    import signal
-
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
-    try:
-        return await main()
-    except asyncio.CancelledError:
-        print("interrupted: everything started was stopped", file=sys.stderr)
-        return 130
-
-
 if __name__ == "__main__":
-    sys.exit(asyncio.run(_main_cancellable()))
+    sys.exit(run_cancellable(main))

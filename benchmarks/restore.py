@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import pct  # benchmarks/ is on sys.path when run as a script
 from trenvx.config import load_config
 from trenvx.layout import DataRoot
 from trenvx.sandbox.restore import SnapshotRestore, new_sandbox_id
@@ -26,16 +27,6 @@ from trenvx.template.store import TemplateStore
 from trenvx.vmm.process import memory_of
 
 HELLO = "python3 -c \"print('Hello World')\""
-
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * p / 100
-    f = int(k)
-    c = min(f + 1, len(xs) - 1)
-    return xs[f] + (xs[c] - xs[f]) * (k - f)
 
 
 async def run_mode(restorer: SnapshotRestore, build: Any, mode: str, n: int) -> dict[str, Any]:

@@ -44,6 +44,8 @@ from typing import Any
 import httpx
 import tomli_w
 
+from _common import pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
+
 from sandbox_sdk.sandbox import Sandbox
 from trenvx.config import Config, PoolConfig, StartMode, load_config
 from trenvx.layout import DataRoot
@@ -53,16 +55,6 @@ from trenvx.vmm.process import memory_of
 HELLO = "python3 -c \"print('Hello World')\""
 MODES = ("hot", "warm", "cold", "e2b", "boot")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p / 100
-    f = int(k)
-    c = min(f + 1, len(xs) - 1)
-    return xs[f] + (xs[c] - xs[f]) * (k - f)
 
 
 def summary(xs: list[float]) -> dict[str, float]:
@@ -353,18 +345,5 @@ async def main() -> int:
     return 1 if any(r.failures or any(b["failures"] for b in r.bursts) for r in results) else 0
 
 
-async def _main_cancellable() -> int:
-    """main(), cancelled on SIGINT/SIGTERM so that the running backend is stopped on the way out."""
-    task = asyncio.current_task()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)  # type: ignore[union-attr]
-    try:
-        return await main()
-    except asyncio.CancelledError:
-        print("interrupted: the backend was stopped", file=sys.stderr)
-        return 130
-
-
 if __name__ == "__main__":
-    sys.exit(asyncio.run(_main_cancellable()))
+    sys.exit(run_cancellable(main))

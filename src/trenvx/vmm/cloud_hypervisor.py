@@ -31,9 +31,9 @@ from typing import Any
 from ..kernel.vmlinux import ensure_vmlinux
 from .base import DiskFormat, SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, VmState
 from .binaries import BinaryRequirement, VmmBinary, check_binary
-from .microvm import GUEST_CID, ApiSocketVm, VSOCK_SOCKET, adapt_cmdline, require_kvm
+from .microvm import GUEST_CID, ApiSocketVm, socket_workdir, VSOCK_SOCKET, adapt_cmdline, require_kvm
 from .process import VmmProcess
-from .uds_api import UdsApi, check_socket_path
+from .uds_api import UdsApi
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,7 @@ class CloudHypervisorDriver(VmmDriver):
                     f"this driver gives Cloud Hypervisor raw images only, but {disk.path} is {disk.format}; "
                     f"give it a raw copy (trenvx.vmm.hostfs.clone_file)"
                 )
-        sock = spec.workdir / API_SOCKET
-        check_socket_path(sock)
-        check_socket_path(spec.workdir / VSOCK_SOCKET)
-        spec.workdir.mkdir(parents=True, exist_ok=True)
-        for stale in (sock, spec.workdir / VSOCK_SOCKET):
-            stale.unlink(missing_ok=True)
+        sock = socket_workdir(spec.workdir, API_SOCKET)
         argv = [binary.path, "--api-socket", f"path={sock}"]
         process = await VmmProcess.spawn(
             argv, spec.workdir / "vmm.log", kill_with_owner=spec.kill_with_owner, cwd=spec.workdir

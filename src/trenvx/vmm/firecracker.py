@@ -32,9 +32,9 @@ from pathlib import Path
 from ..kernel.vmlinux import ensure_vmlinux
 from .base import DiskFormat, SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, VmState
 from .binaries import BinaryRequirement, VmmBinary, check_binary
-from .microvm import GUEST_CID, ApiSocketVm, VSOCK_SOCKET, adapt_cmdline, link, require_kvm
+from .microvm import GUEST_CID, ApiSocketVm, socket_workdir, VSOCK_SOCKET, adapt_cmdline, link, require_kvm
 from .process import VmmProcess
-from .uds_api import UdsApi, check_socket_path
+from .uds_api import UdsApi
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +107,7 @@ class FirecrackerDriver(VmmDriver):
                 f"Firecracker opens raw disk images only, but {spec.name}'s root disk {spec.root_disk.path} is "
                 f"{spec.root_disk.format}; give it a raw copy (trenvx.vmm.hostfs.clone_file)"
             )
-        sock = spec.workdir / API_SOCKET
-        check_socket_path(sock)
-        check_socket_path(spec.workdir / VSOCK_SOCKET)
-        spec.workdir.mkdir(parents=True, exist_ok=True)
-        for stale in (sock, spec.workdir / VSOCK_SOCKET):
-            stale.unlink(missing_ok=True)
+        sock = socket_workdir(spec.workdir, API_SOCKET)
         link(spec.root_disk.path, spec.workdir / ROOT_LINK)
         argv = [binary.path, "--api-sock", str(sock), "--id", _ID_RE.sub("-", spec.name)[:64] or "vm"]
         process = await VmmProcess.spawn(

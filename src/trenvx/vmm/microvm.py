@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import AGENT_PORT
 from .base import HybridVsockEndpoint, Vm, VmmError, VmSpec, VmState
+from .uds_api import check_socket_path
 
 GUEST_CID = 3
 """The guest's vsock context id (every VM has its own vsock device, so one value serves all)."""
@@ -42,6 +43,18 @@ def adapt_cmdline(cmdline: str, *, network: bool, root: str | None = None) -> st
         words = [w for w in words if not w.startswith(("root=", "rootflags="))]
         words += root.split()
     return " ".join(words)
+
+
+def socket_workdir(workdir: Path, api_socket: str) -> Path:
+    """Make ``workdir`` ready for a new VMM process: socket paths within the UNIX limit, stale
+    sockets of an earlier process gone. The API socket's path."""
+    sock = workdir / api_socket
+    check_socket_path(sock)
+    check_socket_path(workdir / VSOCK_SOCKET)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for stale in (sock, workdir / VSOCK_SOCKET):
+        stale.unlink(missing_ok=True)
+    return sock
 
 
 def agent_endpoint(workdir: Path) -> HybridVsockEndpoint:
