@@ -77,17 +77,22 @@ def plain_http_ssl_context() -> ssl.SSLContext:
     return _PLAIN_HTTP
 
 
-def forwarded_port_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-    """An httpx transport for ports forwarded into VMs (see the module's docstring)."""
+def transport_on(backend: httpcore.AsyncNetworkBackend, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """A plain-HTTP httpx transport whose connections ``backend`` opens."""
     transport = httpx.AsyncHTTPTransport(limits=limits, verify=plain_http_ssl_context())
     # httpx takes no network backend, so the connection pool is rebuilt with one, same limits.
     transport._pool = httpcore.AsyncConnectionPool(
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,
-        network_backend=SerialConnectBackend(),
+        network_backend=backend,
     )
     return transport
+
+
+def forwarded_port_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """An httpx transport for ports forwarded into VMs (see the module's docstring)."""
+    return transport_on(SerialConnectBackend(), limits)
 
 
 def transport_for(endpoint: AgentEndpoint, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:

@@ -144,17 +144,9 @@ class HybridVsockBackend(httpcore.AsyncNetworkBackend):
 
 def hybrid_vsock_transport(uds_path: str | Path, port: int, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
     """An httpx transport whose requests reach guest vsock ``port`` behind ``uds_path``."""
-    from .channel import plain_http_ssl_context
+    from .channel import transport_on
 
-    transport = httpx.AsyncHTTPTransport(limits=limits, verify=plain_http_ssl_context())
-    # httpx takes no network backend, so the connection pool is rebuilt with one, same limits.
-    transport._pool = httpcore.AsyncConnectionPool(
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=HybridVsockBackend(uds_path, port),
-    )
-    return transport
+    return transport_on(HybridVsockBackend(uds_path, port), limits)
 
 
 __all__ = ["HybridVsockBackend", "VsockHandshakeError", "hybrid_vsock_transport", "vsock_connect", "vsock_socket"]
