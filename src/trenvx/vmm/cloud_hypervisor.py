@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from ..kernel.vmlinux import ensure_vmlinux
-from .base import DiskFormat, SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, VmState
-from .binaries import BinaryRequirement, VmmBinary, check_binary
-from .microvm import GUEST_CID, ApiSocketVm, socket_workdir, VSOCK_SOCKET, adapt_cmdline, require_kvm
+from .base import SnapshotFiles, StageTimes, Vm, VmmError, VmSpec, VmState
+from .binaries import BinaryRequirement, VmmBinary
+from .microvm import GUEST_CID, ApiSocketDriver, ApiSocketVm, socket_workdir, VSOCK_SOCKET, adapt_cmdline, require_kvm
 from .process import VmmProcess
 from .uds_api import UdsApi
 
@@ -125,19 +125,13 @@ def _rewrite_config(config: dict[str, Any], spec: VmSpec) -> dict[str, Any]:
     return out
 
 
-class CloudHypervisorDriver(VmmDriver):
+class CloudHypervisorDriver(ApiSocketDriver):
     name = "cloud-hypervisor"
-    disk_formats: tuple[DiskFormat, ...] = ("raw",)
+    requirement = REQUIREMENT
 
     def __init__(self, binary: str = "", *, cache_dir: Path) -> None:
-        """``binary``: the configured ``ch_binary_path`` (empty: ``cloud-hypervisor`` on PATH);
-        ``cache_dir``: where extracted vmlinux files are kept (``data_root/cache/vmlinux``)."""
-        self.configured = binary
-        self.cache_dir = cache_dir
+        super().__init__(binary, cache_dir=cache_dir)
         self._restore_modes: dict[str, tuple[str, ...]] = {}
-
-    async def binary(self) -> VmmBinary:
-        return await check_binary(self.configured, REQUIREMENT)
 
     async def _spawn(self, spec: VmSpec, state: VmState) -> CloudHypervisorVm:
         require_kvm(spec, "Cloud Hypervisor")

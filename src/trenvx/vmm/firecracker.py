@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 from ..kernel.vmlinux import ensure_vmlinux
-from .base import DiskFormat, SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, VmState
-from .binaries import BinaryRequirement, VmmBinary, check_binary
-from .microvm import GUEST_CID, ApiSocketVm, socket_workdir, VSOCK_SOCKET, adapt_cmdline, link, require_kvm
+from .base import SnapshotFiles, StageTimes, Vm, VmmError, VmSpec, VmState
+from .binaries import BinaryRequirement
+from .microvm import GUEST_CID, ApiSocketDriver, ApiSocketVm, socket_workdir, VSOCK_SOCKET, adapt_cmdline, link, require_kvm
 from .process import VmmProcess
 from .uds_api import UdsApi
 
@@ -86,18 +86,9 @@ class FirecrackerVm(ApiSocketVm):
 
 
 
-class FirecrackerDriver(VmmDriver):
+class FirecrackerDriver(ApiSocketDriver):
     name = "firecracker"
-    disk_formats: tuple[DiskFormat, ...] = ("raw",)
-
-    def __init__(self, binary: str = "", *, cache_dir: Path) -> None:
-        """``binary``: the configured ``fc_binary_path`` (empty: ``firecracker`` on PATH);
-        ``cache_dir``: where extracted vmlinux files are kept (``data_root/cache/vmlinux``)."""
-        self.configured = binary
-        self.cache_dir = cache_dir
-
-    async def binary(self) -> VmmBinary:
-        return await check_binary(self.configured, REQUIREMENT)
+    requirement = REQUIREMENT
 
     async def _spawn(self, spec: VmSpec, state: VmState) -> FirecrackerVm:
         require_kvm(spec, "Firecracker")

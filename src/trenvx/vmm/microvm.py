@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import AGENT_PORT
-from .base import HybridVsockEndpoint, Vm, VmmError, VmSpec, VmState
+from .base import DiskFormat, HybridVsockEndpoint, Vm, VmmDriver, VmmError, VmSpec, VmState
+from .binaries import BinaryRequirement, VmmBinary, check_binary
 from .uds_api import check_socket_path
 
 GUEST_CID = 3
@@ -101,3 +102,21 @@ class ApiSocketVm(Vm):
         await self.api.aclose()
         await self.process.kill()
         self.state = VmState.exited
+
+
+class ApiSocketDriver(VmmDriver):
+    """What the Firecracker and Cloud Hypervisor drivers share: raw disks only, a binary checked
+    against ``requirement``, a cache of extracted vmlinux files."""
+
+    disk_formats: tuple[DiskFormat, ...] = ("raw",)
+    requirement: BinaryRequirement
+
+    def __init__(self, binary: str = "", *, cache_dir: Path) -> None:
+        """``binary``: the configured path (``fc_binary_path`` / ``ch_binary_path``; empty: the
+        requirement's name on PATH); ``cache_dir``: where extracted vmlinux files are kept
+        (``data_root/cache/vmlinux``)."""
+        self.configured = binary
+        self.cache_dir = cache_dir
+
+    async def binary(self) -> VmmBinary:
+        return await check_binary(self.configured, self.requirement)
