@@ -209,7 +209,10 @@ async def test_default_user_from_init(fresh_agent: AgentProcess) -> None:
 async def test_concurrent_streams_and_requests(client: AgentClient) -> None:
     async def stream_one(i: int) -> bytes:
         out = b""
-        async with aclosing(client.start(f"for j in 1 2 3; do echo {i}-$j; sleep 0.1; done")) as events:
+        # Not a login shell: on a host whose root profile runs `pyenv init`, 25 concurrent login
+        # shells race in pyenv's rehash and print its errors (the flake this test used to have).
+        script = f"for j in 1 2 3; do echo {i}-$j; sleep 0.1; done"
+        async with aclosing(client.start(["/bin/sh", "-c", script])) as events:
             async for event in events:
                 out += event.data
         return out
