@@ -13,9 +13,12 @@ idle ``--settle-s`` seconds, and reports host memory per sandbox three ways:
   divided by N (shared by all sandboxes of the template);
 - **MemAvailable**: the drop of the host's MemAvailable from before the first create, divided by N.
 
-Modes: ``trenvx`` (guest RAM mapped copy-on-write from the template's memory file) and ``e2b``
-(E2B-style: guest RAM copied into private memory from a full snapshot, as Firecracker restores
-without a shared file; root disk on virtio-blk with the guest page cache and a qcow2 overlay).
+Modes: ``trenvx`` (guest RAM mapped copy-on-write from the template's memory file; with
+``overlay = true`` the root image on virtio-pmem with DAX, shared by all, under a per-sandbox
+writable layer) and ``e2b`` (E2B-style: guest RAM copied into private memory from a full snapshot,
+as Firecracker restores without a shared file; root disk on virtio-blk with the guest page cache
+and a qcow2 overlay). When the template is in overlay mode, the baseline uses the same template
+with ``overlay = false`` (``<name>-blk``, built here if it is not up to date).
 A mode/N whose private RAM cannot fit in this host's memory is skipped and said so.
 
 ``--max-idle`` then finds how many idle sandboxes (trenvx mode) this host holds before
@@ -85,6 +88,21 @@ def mode_config(base: Config, mode: str) -> Config:
     return base.model_copy(update={"orchestrator": orch, "pool": no_pool})
 
 
+async def baseline_template(base: Config, template: str) -> tuple[Config, str]:
+    """The E2B-style baseline's template: ``template`` itself, or when it is in overlay mode the same
+    template with its root on virtio-blk (``<name>-blk``), built now unless up to date."""
+    tpl = base.get_template(template)
+    if not tpl.overlay:
+        return base, template
+    name = f"{template}-blk"
+    cfg = base.model_copy(update={"template": {**base.template, name: tpl.model_copy(update={"name": name, "overlay": False})}})
+    from trenvx.template.builder import TemplateBuilder
+
+    print(f"== baseline template {name} (the root on virtio-blk)", flush=True)
+    await TemplateBuilder(cfg).build(name)
+    return cfg, name
+
+
 def page_cache_bytes(paths: list[Path]) -> int:
     """Bytes of ``paths`` resident in the host page cache (util-linux ``fincore``)."""
     files = [str(p) for p in paths if p.exists()]
@@ -114,7 +132,7 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
     cfg = mode_config(base, mode)
     dr = DataRoot(cfg.data_root)
     build = TemplateStore(dr).current(template)
-    files = [build.snapshot.memory_file, build.rootfs]
+    files = build.files()
     if mode == "e2b":  # its guest RAM comes from the full snapshot file (made on first use)
         full = dr.cache / "full-snapshots" / f"{build.manifest.name}-{build.build_id}" / "vmstate-full"
         files = [full, build.rootfs]
@@ -205,7 +223,8 @@ async def max_idle(base: Config, template: str, args: argparse.Namespace) -> dic
 
 
 def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], idle: dict[str, Any] | None) -> None:
-    print(f"\ndensity, {meta['template']} ({meta['mem_mb']} MiB guest) on {meta['host']}: {meta['cpus']} CPUs, "
+    root = "virtio-pmem + DAX root under a writable layer" if meta["overlay"] else "virtio-blk root"
+    print(f"\ndensity, {meta['template']} ({meta['mem_mb']} MiB guest, trenvx: {root}) on {meta['host']}: {meta['cpus']} CPUs, "
           f"{meta['ram_gib']:.0f} GiB, accelerator {meta['accelerator']}; workload, then idle: {meta['workload']}")
     head = f"{'N':>4} {'mode':10} {'PSS':>8} {'+cache':>8} {'MemAvail':>9} {'RSS':>8}   (MiB per sandbox)"
     print(head)
@@ -261,10 +280,11 @@ async def main() -> int:
     mem_mb = build.machine.mem_mb
     vm = psutil.virtual_memory()
     meta = {"template": args.template, "build_id": build.build_id, "mem_mb": mem_mb,
-            "accelerator": build.machine.accelerator, "host": platform.node(), "cpus": os.cpu_count(),
+            "accelerator": build.machine.accelerator, "overlay": build.overlay, "host": platform.node(), "cpus": os.cpu_count(),
             "ram_gib": vm.total / 2**30, "kernel": platform.release(), "workload": args.workload,
             "settle_s": args.settle_s, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     rows: list[dict[str, Any]] = []
+    baseline: tuple[Config, str] | None = None
     for n in counts:
         for mode in [x.strip() for x in args.modes.split(",") if x.strip()]:
             measured = [r["memavailable_drop_mib"] for r in rows if r.get("mode") == mode and "pss_mib" in r]
@@ -275,7 +295,12 @@ async def main() -> int:
                 print(f"== {mode} N={n}: skipped (does not fit)", flush=True)
                 continue
             print(f"== {mode} N={n}", flush=True)
-            rows.append(await measure(base, args.template, mode, n, args))
+            if mode == "e2b":
+                if baseline is None:
+                    baseline = await baseline_template(base, args.template)
+                rows.append(await measure(baseline[0], baseline[1], mode, n, args))
+            else:
+                rows.append(await measure(base, args.template, mode, n, args))
             r = rows[-1]
             print(f"   PSS {r['pss_mib']:.1f} MiB, +cache {r['pss_plus_cache_mib']:.1f}, "
                   f"MemAvailable -{r['memavailable_drop_mib']:.1f} MiB per sandbox ({r['seconds']} s)", flush=True)

@@ -8,6 +8,8 @@
 # Kernel command line:
 #   root=DEV            root device (default /dev/vda); LABEL=x / UUID=x also work
 #   rootflags=OPTS      extra ext4 mount options (e.g. dax for root=/dev/pmem0)
+#   trenvx.upper=DEV    overlay mode: root is mounted read-only as the lower layer, DEV (an ext4
+#                       disk) holds the writable upper layer, and / is an overlayfs of the two
 #   trenvx.net=IP/PREFIX,GATEWAY   configure eth0 (and lo)
 #   trenvx.probe=1      print TRENVX-PROBE-OK and power off (can this accelerator boot us?)
 #   trenvx.init=PATH    the init to switch to (default /opt/trenvx/init)
@@ -38,6 +40,7 @@ net=
 probe=
 init=/opt/trenvx/init
 rootwait=30
+upper=
 for a in $($B cat /proc/cmdline); do
 	case "$a" in
 	root=*) root=${a#root=} ;;
@@ -46,6 +49,7 @@ for a in $($B cat /proc/cmdline); do
 	trenvx.probe=*) probe=${a#trenvx.probe=} ;;
 	trenvx.init=*) init=${a#trenvx.init=} ;;
 	trenvx.rootwait=*) rootwait=${a#trenvx.rootwait=} ;;
+	trenvx.upper=*) upper=${a#trenvx.upper=} ;;
 	esac
 done
 case "$rootwait" in '' | *[!0-9]*) rootwait=30 ;; esac
@@ -96,24 +100,47 @@ if [ -n "$net" ]; then
 	fi
 fi
 
-# Wait (bounded) for the root device.
-dev=
-i=0
-limit=$((rootwait * 100))
-while :; do
-	case "$root" in
-	LABEL=* | UUID=*) dev=$($B findfs "$root" 2>/dev/null) ;;
-	*) [ -b "$root" ] && dev=$root ;;
-	esac
-	[ -n "$dev" ] && break
-	i=$((i + 1))
-	[ $i -gt $limit ] && fail "root device $root did not appear within ${rootwait} s (attach the image as virtio-blk for /dev/vda, or virtio-pmem for /dev/pmem0)"
-	$B usleep 10000
-done
+# Wait (bounded) for a block device named like root= (LABEL=x / UUID=x / a path); prints it.
+wait_dev() {
+	want=$1
+	found=
+	i=0
+	limit=$((rootwait * 100))
+	while :; do
+		case "$want" in
+		LABEL=* | UUID=*) found=$($B findfs "$want" 2>/dev/null) ;;
+		*) [ -b "$want" ] && found=$want ;;
+		esac
+		[ -n "$found" ] && break
+		i=$((i + 1))
+		[ $i -gt $limit ] && return 1
+		$B usleep 10000
+	done
+	echo "$found"
+}
 
-opts=rw,noatime
-[ -n "$rootflags" ] && opts="$opts,$rootflags"
-$B mount -t ext4 -o "$opts" "$dev" /newroot || fail "mount -t ext4 -o $opts $dev /newroot failed"
+dev=$(wait_dev "$root") ||
+	fail "root device $root did not appear within ${rootwait} s (attach the image as virtio-blk for /dev/vda, or virtio-pmem for /dev/pmem0)"
+
+if [ -z "$upper" ]; then
+	opts=rw,noatime
+	[ -n "$rootflags" ] && opts="$opts,$rootflags"
+	$B mount -t ext4 -o "$opts" "$dev" /newroot || fail "mount -t ext4 -o $opts $dev /newroot failed"
+else
+	# Overlay mode: the template's image is the read-only lower layer (on virtio-pmem with DAX,
+	# its pages are the host's page cache, shared by every sandbox and never copied into this
+	# guest's page cache); this sandbox's writes go to its own disk, the upper layer.
+	opts=ro,noatime
+	[ -n "$rootflags" ] && opts="$opts,$rootflags"
+	$B mkdir -p /lower /upper
+	$B mount -t ext4 -o "$opts" "$dev" /lower || fail "mount -t ext4 -o $opts $dev /lower (the overlay's lower layer) failed"
+	udev=$(wait_dev "$upper") || fail "upper layer device $upper did not appear within ${rootwait} s (attach the writable disk as virtio-blk)"
+	$B mount -t ext4 -o rw,noatime "$udev" /upper || fail "mount -t ext4 $udev /upper (the overlay's upper layer) failed"
+	$B mkdir -p /upper/root /upper/work || fail "cannot create the overlay's directories on $udev"
+	$B mount -t overlay overlay -o "lowerdir=/lower,upperdir=/upper/root,workdir=/upper/work" /newroot ||
+		fail "mount -t overlay (lower $dev, upper $udev) failed: is the overlay module in the initramfs?"
+	dev="overlay of $dev and $udev"
+fi
 [ -f "/newroot$init" ] && [ -x "/newroot$init" ] ||
 	fail "$init is missing or not executable in the root filesystem on $dev (was the image built by trenvx?)"
 [ -d /newroot/dev ] || $B mkdir -p /newroot/dev || fail "no /dev directory in the root filesystem"

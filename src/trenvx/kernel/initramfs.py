@@ -38,6 +38,8 @@ WANTED_MODULES: tuple[tuple[str, bool], ...] = (
     ("virtio_pmem", False),
     ("vmgenid", False),
     ("ext4", True),
+    # The root of overlay-mode templates: a read-only image (virtio-pmem, DAX) under a writable disk.
+    ("overlay", False),
     ("virtio_balloon", False),
     # The agent's vsock listener (Firecracker and Cloud Hypervisor reach the agent over vsock).
     ("vsock", False),

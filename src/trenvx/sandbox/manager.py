@@ -198,17 +198,11 @@ class Sandbox:
             id=self.id, template=self.template, build_id=m.build_id, build_path=str(self.build.path),
             pid=self.pid, pid_started_at=self.pid_started_at, agent_port=self.agent_port,
             access_token=self.access_token, workdir=str(self.restored.workdir), created_at=self.created_at,
-            end_at=self.end_at, vcpu=m.machine.vcpu, mem_mb=m.machine.mem_mb, disk_mb=_disk_mb(self.build),
+            end_at=self.end_at, vcpu=m.machine.vcpu, mem_mb=m.machine.mem_mb, disk_mb=self.build.disk_mb,
             metadata=dict(self.metadata), env_vars=dict(self.env_vars), start_times=dict(self.start_times),
             ports=dict(self.ports), state=self.state, vmm_type=self.vmm_type,
         )
 
-
-def _disk_mb(build: TemplateBuild) -> int:
-    try:
-        return int(build.rootfs.stat().st_size // (1 << 20))
-    except OSError:
-        return int(build.manifest.config.get("disk_mb", 0) or 0)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..config import Config, StartMode
 from ..filelock import AsyncFileLock
@@ -84,16 +85,25 @@ class SnapshotRestore:
         return self.config.orchestrator.start_mode
 
     def vm_spec(self, build: TemplateBuild, sandbox_id: str, workdir: Path, *, kill_with_owner: bool = True) -> VmSpec:
+        own = self._disk(build, workdir)
         return VmSpec(
             name=sandbox_id, workdir=workdir / "vm", machine=build.machine,
             memory_file=build.snapshot.memory_file, memory_shared=False,
             anonymous_memory=self.mode is not StartMode.snapshot,
-            root_disk=self._disk(build, workdir), kill_with_owner=kill_with_owner,
+            kill_with_owner=kill_with_owner, **self._disks(build, own),
         )
 
+    @staticmethod
+    def _disks(build: TemplateBuild, own: DiskSpec) -> dict[str, Any]:
+        """The VmSpec disk fields: ``own`` is the root, or in overlay mode the writable layer
+        under which the template's image is shared on virtio-pmem."""
+        if build.overlay:
+            return {"root_disk": DiskSpec(build.rootfs, "raw", read_only=True), "root_on_pmem": True, "scratch_disk": own}
+        return {"root_disk": own}
+
     def _disk(self, build: TemplateBuild, workdir: Path) -> DiskSpec:
-        """The sandbox's own disk: a qcow2 overlay over the template's image, or (for VMMs without
-        qcow2: Firecracker, Cloud Hypervisor) a reflinked copy of it."""
+        """The sandbox's own disk: a qcow2 overlay over the template's image (its upper layer in
+        overlay mode), or (for VMMs without qcow2: Firecracker, Cloud Hypervisor) a reflinked copy."""
         if "qcow2" in self.driver(build).disk_formats:
             return DiskSpec(workdir / OVERLAY, "qcow2")
         return DiskSpec(workdir / RAW_COPY, "raw")
@@ -108,11 +118,12 @@ class SnapshotRestore:
         workdir.mkdir(parents=True)
         try:
             t0 = time.perf_counter()
+            own = self._disk(build, workdir)
             spec = self.vm_spec(build, sandbox_id, workdir, kill_with_owner=kill_with_owner)
-            if spec.root_disk.format == "qcow2":
-                await create_overlay(build.rootfs, spec.root_disk.path)
+            if own.format == "qcow2":
+                await create_overlay(build.writable_base, own.path)
             else:
-                await clone_file(build.rootfs, spec.root_disk.path)
+                await clone_file(build.writable_base, own.path)
             t1 = time.perf_counter()
             driver = self.driver(build)
             vm = await (driver.boot(spec) if self.mode is StartMode.boot else driver.prestart(spec))
@@ -143,8 +154,10 @@ class SnapshotRestore:
             workdir = self.data_root.sandbox_dir(f"full-{new_sandbox_id()}")
             workdir.mkdir(parents=True)
             try:
-                spec = dataclasses.replace(self.vm_spec(build, workdir.name, workdir), anonymous_memory=False,
-                                           root_disk=DiskSpec(build.rootfs, "raw", read_only=True))
+                spec = dataclasses.replace(
+                    self.vm_spec(build, workdir.name, workdir), anonymous_memory=False,
+                    **self._disks(build, DiskSpec(build.writable_base, "raw", read_only=True)),
+                )
                 return await make(spec, build.snapshot, dest)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)

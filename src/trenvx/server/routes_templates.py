@@ -32,12 +32,6 @@ def _build_uuid(name: str, build_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"trenvx:{name}:{build_id}"))
 
 
-def _disk_mb(build: TemplateBuild) -> int:
-    try:
-        return int(build.rootfs.stat().st_size // (1 << 20))
-    except OSError:
-        return int(build.manifest.config.get("disk_mb", 0) or 0)
-
 
 def _template(request: Request, build: TemplateBuild, builds: list[TemplateBuild]) -> dict:
     m = build.manifest
@@ -46,7 +40,7 @@ def _template(request: Request, build: TemplateBuild, builds: list[TemplateBuild
     stats = request.app.state.spawns.get(m.name, {})
     return dict(
         templateID=m.name, buildID=m.build_id, cpuCount=m.machine.vcpu, memoryMB=m.machine.mem_mb,
-        diskSizeMB=_disk_mb(build), aliases=[m.name], names=[m.name], createdAt=first, updatedAt=created,
+        diskSizeMB=build.disk_mb, aliases=[m.name], names=[m.name], createdAt=first, updatedAt=created,
         lastSpawnedAt=stats.get("last"), spawnCount=stats.get("count", 0), buildCount=len(builds),
         envdVersion=request.app.state.envd_version, buildStatus="ready",
         isDefault=m.name == request.app.state.manager.config.default_template,
@@ -93,7 +87,7 @@ async def get_template(request: Request, templateID: str) -> dict:
         TemplateBuildInfo(
             buildID=_build_uuid(templateID, b.build_id), createdAt=_created_at(b.manifest),
             updatedAt=_created_at(b.manifest), finishedAt=_created_at(b.manifest), cpuCount=b.manifest.machine.vcpu,
-            memoryMB=b.manifest.machine.mem_mb, diskSizeMB=_disk_mb(b), envdVersion=request.app.state.envd_version,
+            memoryMB=b.manifest.machine.mem_mb, diskSizeMB=b.disk_mb, envdVersion=request.app.state.envd_version,
             trenvxBuildID=b.build_id,
         )
         for b in builds

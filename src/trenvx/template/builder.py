@@ -40,12 +40,12 @@ from ..layout import DataRoot
 from ..vmm import DiskSpec, MachineSpec, VmSpec, driver_for
 from ..vmm.accel import choose_accelerator
 from ..vmm.base import Vm
-from ..vmm.qemu import GUEST_DNS, GUEST_NET
+from ..vmm.qemu import GUEST_DNS, GUEST_NET, PMEM_ALIGN
 from ..build_errors import BuildError
-from .image import make_ext4_image
+from .image import make_empty_ext4, make_ext4_image, pad_to
 from .inject import check_python, inject_guest_files
 from .rootfs import prepared_rootfs, rootfs_input_digest
-from .store import MEMORY, ROOTFS, MachineRecord, TemplateBuild, TemplateManifest, TemplateStore, new_build_id
+from .store import MEMORY, ROOTFS, UPPER, MachineRecord, TemplateBuild, TemplateManifest, TemplateStore, new_build_id
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def agent_digest() -> str:
     return h.hexdigest()
 
 
-def kernel_cmdline(accelerator: str = "kvm") -> str:
+def kernel_cmdline(accelerator: str = "kvm", overlay: bool = False) -> str:
     """The guest kernel's command line.
 
     Under TCG, ``norandmaps`` turns the guest's address-space randomisation off. QEMU 7.2's TCG
@@ -102,8 +102,12 @@ def kernel_cmdline(accelerator: str = "kvm") -> str:
     ``bash -l -c true`` 450 -> 75 ms, ``python3 -c "print('Hello World')"`` 900 -> 190 ms.
     The guest is one tenant's machine, whose code is the untrusted party anyway; under KVM the
     guest keeps ASLR.
+
+    With ``overlay`` the root is the template's image on virtio-pmem, mounted read-only with DAX
+    under a writable layer on ``/dev/vda`` (see the initramfs).
     """
-    line = f"console=ttyS0 quiet panic=-1 root=/dev/vda rw trenvx.net={GUEST_NET} trenvx.dns={GUEST_DNS}"
+    root = "root=/dev/pmem0 rootflags=dax trenvx.upper=/dev/vda" if overlay else "root=/dev/vda rw"
+    line = f"console=ttyS0 quiet panic=-1 {root} trenvx.net={GUEST_NET} trenvx.dns={GUEST_DNS}"
     return line + " norandmaps" if accelerator == "tcg" else line
 
 
@@ -130,7 +134,7 @@ class TemplateBuilder:
             "agent": agent_digest(),
             "template": _digest(settings),
             "vmm": _digest(self.config.vmm.model_dump(mode="json")),
-            "boot": _digest([kernel_cmdline("kvm"), kernel_cmdline("tcg")]),
+            "boot": _digest([kernel_cmdline("kvm", tpl.overlay), kernel_cmdline("tcg", tpl.overlay)]),
             "devices": driver_for(tpl.vmm_type, self.config).device_layout,
             "trenvx": __version__,
         }
@@ -138,6 +142,11 @@ class TemplateBuilder:
 
     async def build(self, name: str, *, force: bool = False) -> BuildResult:
         tpl = self.config.get_template(name)
+        if tpl.overlay and not driver_for(tpl.vmm_type, self.config).root_on_pmem:
+            raise BuildError(
+                "config", f"template {name!r}: overlay = true needs virtio-pmem, which {tpl.vmm_type.value} "
+                "does not have; use vmm_type = \"qemu\" or \"cloud-hypervisor\", or overlay = false",
+            )
         digest, inputs = self.input_digest(tpl)
         if not force:
             try:
@@ -197,19 +206,27 @@ class TemplateBuilder:
             async with prepared_rootfs(tpl, self.data_root, say) as tree:
                 check_python(tree.path)
                 inject_guest_files(tree.path, AGENT_SRC)
-                size = await make_ext4_image(tree.path, staging / ROOTFS, tpl.disk_mb)
+                if not tpl.overlay:
+                    size = await make_ext4_image(tree.path, staging / ROOTFS, tpl.disk_mb)
+                    return tree.source, size
+                # Overlay mode: the image holds the content only (it is never written) and is
+                # padded for virtio-pmem; the free space is the writable layer's.
+                await make_ext4_image(tree.path, staging / ROOTFS, 0)
+                size = pad_to(staging / ROOTFS, PMEM_ALIGN)
+                await make_empty_ext4(staging / UPPER, max(tpl.disk_mb, 64))
                 return tree.source, size
 
         rootfs_source, rootfs_size = await self._stage(times, "rootfs", rootfs_stage)
 
         machine = MachineSpec(
             vcpu=tpl.vcpu, mem_mb=tpl.mem_mb, accelerator=accel.name, kernel=kernel.bzimage, initrd=initrd,
-            cmdline=kernel_cmdline(accel.name), tcg_tb_size_mb=self.config.vmm.tcg_tb_size_mb,
+            cmdline=kernel_cmdline(accel.name, tpl.overlay), tcg_tb_size_mb=self.config.vmm.tcg_tb_size_mb,
         )
         spec = VmSpec(
             name=f"build-{tpl.name}", workdir=staging / "vm", machine=machine,
             memory_file=staging / MEMORY, memory_shared=True,
-            root_disk=DiskSpec(staging / ROOTFS, "raw"),
+            root_disk=DiskSpec(staging / ROOTFS, "raw", read_only=tpl.overlay),
+            root_on_pmem=tpl.overlay, scratch_disk=DiskSpec(staging / UPPER, "raw") if tpl.overlay else None,
         )
         driver = driver_for(tpl.vmm_type, self.config)
         vm: Vm | None = None
@@ -244,7 +261,7 @@ class TemplateBuilder:
 
         async def publish_stage() -> TemplateBuild:
             shutil.rmtree(staging / "vm", ignore_errors=True)
-            for f in (staging / ROOTFS, staging / MEMORY):
+            for f in (staging / ROOTFS, staging / MEMORY, *([staging / UPPER] if tpl.overlay else [])):
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
                 f.chmod(0o444)
@@ -262,6 +279,7 @@ class TemplateBuilder:
                     "rootfs_bytes": rootfs_size,
                     "memory_bytes": (staging / MEMORY).stat().st_size,
                     "vmstate_bytes": (staging / "vmstate").stat().st_size,
+                    **({"upper_bytes": (staging / UPPER).stat().st_size} if tpl.overlay else {}),
                 },
                 stage_seconds=times, rootfs_source=rootfs_source,
             )

@@ -19,6 +19,7 @@ from trenvx.build_errors import CommandError, ImageError, run
 BLOCK = 4096
 MIB = 1024 * 1024
 LABEL = "trenvx-root"
+UPPER_LABEL = "trenvx-upper"
 INODE_SIZE = 256
 MKFS_TIMEOUT = 1800.0
 
@@ -140,4 +141,37 @@ async def make_ext4_image(tree: Path, out: Path, extra_mb: int) -> int:
     return out.stat().st_size
 
 
-__all__ = ["make_ext4_image", "plan_size", "tree_usage"]
+async def make_empty_ext4(out: Path, size_mb: int) -> int:
+    """An empty ext4 image of ``size_mb`` MiB (sparse) at ``out``: the writable layer of overlay mode."""
+    out = Path(out)
+    if size_mb < 16:
+        raise ImageError(f"an ext4 image needs at least 16 MiB, got {size_mb}")
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.truncate(size_mb * MIB)
+        argv = [
+            "mkfs.ext4", "-q", "-F", "-b", str(BLOCK), "-I", str(INODE_SIZE), "-m", "0",
+            "-L", UPPER_LABEL, "-E", "lazy_itable_init=0,lazy_journal_init=0", str(tmp),
+        ]  # fmt: skip
+        try:
+            await run("image", argv, timeout=MKFS_TIMEOUT)
+        except CommandError as e:
+            raise ImageError(f"mkfs.ext4 {out} failed: {e.message}") from None
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out.stat().st_size
+
+
+def pad_to(path: Path, multiple: int) -> int:
+    """Extend ``path`` (sparse) to a multiple of ``multiple`` bytes; the new size."""
+    size = path.stat().st_size
+    padded = -(-size // multiple) * multiple
+    if padded != size:
+        os.truncate(path, padded)
+    return padded
+
+
+__all__ = ["make_empty_ext4", "make_ext4_image", "pad_to", "plan_size", "tree_usage"]

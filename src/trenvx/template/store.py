@@ -21,6 +21,8 @@ from ..vmm.base import MachineSpec, SnapshotFiles
 
 MANIFEST = "manifest.json"
 ROOTFS = "rootfs.ext4"
+UPPER = "upper.ext4"
+"""Overlay mode: the writable layer the template's VM left behind, base of each sandbox's disk."""
 MEMORY = "memory"
 VMSTATE = "vmstate"
 
@@ -94,6 +96,32 @@ class TemplateBuild:
     @property
     def rootfs(self) -> Path:
         return self.path / ROOTFS
+
+    @property
+    def overlay(self) -> bool:
+        """The root is the image on virtio-pmem (DAX) under a writable layer on a disk."""
+        return bool(self.manifest.config.get("overlay", False))
+
+    @property
+    def upper(self) -> Path:
+        return self.path / UPPER
+
+    @property
+    def writable_base(self) -> Path:
+        """The image a sandbox's own disk starts from: the upper layer in overlay mode, else the root."""
+        return self.upper if self.overlay else self.rootfs
+
+    @property
+    def disk_mb(self) -> int:
+        """The sandbox's disk size in MiB: the root image, plus the writable layer in overlay mode."""
+        try:
+            return sum(p.stat().st_size for p in (self.rootfs, *([self.upper] if self.overlay else []))) >> 20
+        except OSError:
+            return int(self.manifest.config.get("disk_mb", 0) or 0)
+
+    def files(self) -> list[Path]:
+        """The build's images and memory, all read-only once published."""
+        return [self.rootfs, self.snapshot.memory_file, *([self.upper] if self.overlay else [])]
 
     @property
     def snapshot(self) -> SnapshotFiles:

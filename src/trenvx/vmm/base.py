@@ -78,10 +78,11 @@ class VmSpec:
     """A host tap device for the guest's eth0 (Firecracker, Cloud Hypervisor); empty: no network
     device, the agent is reached over vsock. QEMU uses its user networking instead."""
     root_on_pmem: bool = False
-    """Cloud Hypervisor: attach ``root_disk`` as virtio-pmem with ``discard_writes`` (the guest maps
-    the shared image with DAX; its writes stay private and are dropped at exit) instead of virtio-blk."""
+    """Attach ``root_disk`` as virtio-pmem, read-only and shared (the guest maps the one image with
+    DAX, no copy in its page cache), instead of virtio-blk. The guest's writes go to ``scratch_disk``
+    (the overlay mode's upper layer)."""
     scratch_disk: DiskSpec | None = None
-    """A second, writable disk (the upper layer of the overlay mode) next to a pmem root."""
+    """The writable disk (the upper layer of the overlay mode) next to a pmem root."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,8 @@ class VmmDriver(abc.ABC):
 
     name: str
     disk_formats: tuple[DiskFormat, ...] = ("raw", "qcow2")
+    root_on_pmem: bool = False
+    """This VMM can attach an image as virtio-pmem (``VmSpec.root_on_pmem``: the overlay mode)."""
     device_layout: str = "1"
     """Changes whenever the devices of this driver's VMs change: a snapshot restores only into the
     same devices, so it is part of a template build's inputs (a change rebuilds templates)."""

@@ -128,6 +128,7 @@ def _rewrite_config(config: dict[str, Any], spec: VmSpec) -> dict[str, Any]:
 class CloudHypervisorDriver(ApiSocketDriver):
     name = "cloud-hypervisor"
     requirement = REQUIREMENT
+    root_on_pmem = True
 
     def __init__(self, binary: str = "", *, cache_dir: Path) -> None:
         super().__init__(binary, cache_dir=cache_dir)

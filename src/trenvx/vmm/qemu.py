@@ -42,6 +42,23 @@ _UNIX_PATH_MAX = 108  # sun_path, including the terminating NUL
 MIGRATION_TIMEOUT_S = 120.0
 
 
+MIB = 1 << 20
+PMEM_ALIGN = 128 * MIB
+"""virtio-pmem regions are hot-plugged memory: the guest maps them in memory-block units (128 MiB
+on x86), so an image on virtio-pmem is sized to a multiple of that."""
+
+
+def pmem_size(path: Path) -> int:
+    """The size of an image attached as virtio-pmem; it must be a multiple of :data:`PMEM_ALIGN`."""
+    size = path.stat().st_size
+    if size == 0 or size % PMEM_ALIGN:
+        raise VmmError(
+            f"{path} is {size} bytes; an image on virtio-pmem must be a non-zero multiple of "
+            f"{PMEM_ALIGN // MIB} MiB (rebuild the template: its builder pads the image)"
+        )
+    return size
+
+
 def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list[str]:
     """The QEMU command line for ``spec``. Build and restore differ only in share= and -incoming."""
     m = spec.machine
@@ -53,17 +70,33 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
     memory = f"memory-backend-file,id=mem,size={m.mem_mb}M,mem-path={spec.memory_file},share={share}"
     if spec.anonymous_memory:
         memory = f"memory-backend-ram,id=mem,size={m.mem_mb}M"
-    disk = spec.root_disk
+    # The writable disk is the guest's /dev/vda: the root itself, or in overlay mode (root on
+    # virtio-pmem) the upper layer.
+    disk = spec.scratch_disk if spec.root_on_pmem else spec.root_disk
+    if disk is None:
+        raise VmmError(f"VM {spec.name}: a root on virtio-pmem needs a scratch disk for its writable layer")
     drive = f"file={disk.path},format={disk.format},if=none,id=root,cache=unsafe,discard=unmap"
     if disk.read_only:
         drive += ",read-only=on"
+    memory_size = f"{m.mem_mb}M"
+    pmem: list[str] = []
+    if spec.root_on_pmem:
+        # The template's image, mapped read-only and shared: with DAX in the guest its pages are
+        # the host's page cache pages of that one file, whatever the number of sandboxes.
+        # x-ignore-shared leaves it out of snapshots, like the guest RAM file.
+        size = pmem_size(spec.root_disk.path)
+        memory_size += f",slots=2,maxmem={m.mem_mb + size // MIB}M"
+        pmem = [
+            "-object", f"memory-backend-file,id=pmem0,size={size},mem-path={spec.root_disk.path},share=on,readonly=on",
+            "-device", "virtio-pmem-pci,memdev=pmem0,id=pmemdev0",
+        ]
     argv = [
         binary,
         "-name", f"trenvx-{spec.name}",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         *accel,
         "-smp", str(m.vcpu),
-        "-m", f"{m.mem_mb}M",
+        "-m", memory_size,
         "-object", memory,
         "-machine", "q35,memory-backend=mem,smbus=off,sata=off,vmport=off",
         "-serial", f"file:{spec.workdir / 'console.log'}",
@@ -75,6 +108,7 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
         "-chardev", f"socket,id=qmpfd,fd={qmp_fd}",
         "-mon", "chardev=qmpfd,mode=control",
         "-qmp", f"unix:{spec.workdir / 'qmp.sock'},server=on,wait=off",
+        *pmem,
     ]
     if incoming:
         # The kernel and initrd are already in the snapshot's RAM: loading them again would only
@@ -160,6 +194,7 @@ class QemuVm(Vm):
 class QemuDriver(VmmDriver):
     name = "qemu"
     device_layout = "3: no virtio-balloon"
+    root_on_pmem = True
     # Not virtio-balloon free page reporting: QEMU 7.2 discards a reported page of a file-backed
     # RAM block with fallocate(PUNCH_HOLE) on the file even when the mapping is private, so one
     # sandbox's freed pages became holes in the template's memory file, and every later sandbox
