@@ -92,7 +92,7 @@ async def baseline_template(base: Config, template: str) -> tuple[Config, str]:
     """The E2B-style baseline's template: ``template`` itself, or when it is in overlay mode the same
     template with its root on virtio-blk (``<name>-blk``), built now unless up to date."""
     tpl = base.get_template(template)
-    if not tpl.overlay:
+    if not TemplateStore(DataRoot(base.data_root)).current(template).overlay:
         return base, template
     name = f"{template}-blk"
     cfg = base.model_copy(update={"template": {**base.template, name: tpl.model_copy(update={"name": name, "overlay": False})}})

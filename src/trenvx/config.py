@@ -93,7 +93,11 @@ class TemplateConfig(_Strict):
     """Build context of the Dockerfile; defaults to the Dockerfile's directory."""
     no_pull: bool = False
     huge_pages: bool = False
-    overlay: bool = False
+    overlay: bool | None = None
+    """The root filesystem as TrEnv-X's overlay mode: the template's image on virtio-pmem, mapped
+    with DAX and shared by every sandbox (no copy in any guest's page cache), under a writable
+    layer on each sandbox's own disk. ``None`` (the default): on where the VMM has virtio-pmem
+    (QEMU, Cloud Hypervisor), off for Firecracker."""
     vmm_type: VmmType = VmmType.qemu
     start_cmd: StartCommand = StartCommand()
     ready_cmd: str = ""

@@ -35,7 +35,8 @@ from .. import __version__
 from ..config import Config, TemplateConfig
 from ..guest.client import AgentClient
 from ..kernel.debian import ensure_kernel
-from ..kernel.initramfs import ensure_initramfs
+from ..kernel.initramfs import BUILDER_VERSION as INITRAMFS_VERSION
+from ..kernel.initramfs import INIT_SCRIPT, WANTED_MODULES, ensure_initramfs
 from ..layout import DataRoot
 from ..vmm import DiskSpec, MachineSpec, VmSpec, driver_for
 from ..vmm.accel import choose_accelerator
@@ -126,8 +127,15 @@ class TemplateBuilder:
         self.store = TemplateStore(self.data_root)
         self.reporter = reporter or LogReporter()
 
+    def resolved(self, tpl: TemplateConfig) -> TemplateConfig:
+        """``tpl`` with its defaults that depend on the VMM decided (``overlay``: where it has virtio-pmem)."""
+        if tpl.overlay is not None:
+            return tpl
+        return tpl.model_copy(update={"overlay": driver_for(tpl.vmm_type, self.config).root_on_pmem})
+
     def input_digest(self, tpl: TemplateConfig) -> tuple[str, dict[str, str]]:
         """A hash of everything that changes the build's result, without building anything."""
+        tpl = self.resolved(tpl)
         settings = tpl.model_dump(mode="json", exclude={"name", "boot_timeout_s", "ready_timeout_s"})
         inputs = {
             "rootfs": rootfs_input_digest(tpl),
@@ -135,6 +143,8 @@ class TemplateBuilder:
             "template": _digest(settings),
             "vmm": _digest(self.config.vmm.model_dump(mode="json")),
             "boot": _digest([kernel_cmdline("kvm", tpl.overlay), kernel_cmdline("tcg", tpl.overlay)]),
+            # The guest's early setup (overlay root, memory reporting) is in the snapshot's RAM.
+            "initramfs": _digest([INITRAMFS_VERSION, INIT_SCRIPT.read_text(), WANTED_MODULES]),
             "devices": driver_for(tpl.vmm_type, self.config).device_layout,
             "trenvx": __version__,
         }
@@ -142,6 +152,7 @@ class TemplateBuilder:
 
     async def build(self, name: str, *, force: bool = False) -> BuildResult:
         tpl = self.config.get_template(name)
+        tpl = self.resolved(tpl)
         if tpl.overlay and not driver_for(tpl.vmm_type, self.config).root_on_pmem:
             raise BuildError(
                 "config", f"template {name!r}: overlay = true needs virtio-pmem, which {tpl.vmm_type.value} "

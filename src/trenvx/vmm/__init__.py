@@ -16,7 +16,7 @@ def driver_for(vmm_type: VmmType, config: Config) -> VmmDriver:
     if vmm_type is VmmType.qemu:
         from .qemu import QemuDriver
 
-        return QemuDriver(config.vmm.qemu_binary)
+        return QemuDriver(config.vmm.qemu_binary, cache_dir=config.data_root / "cache")
     cache = config.data_root / "cache" / "vmlinux"
     if vmm_type is VmmType.firecracker:
         from .firecracker import FirecrackerDriver

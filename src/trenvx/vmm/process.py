@@ -48,11 +48,12 @@ class VmmProcess:
         pass_fds: Sequence[int] = (),
         kill_with_owner: bool = True,
         cwd: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> "VmmProcess":
         """Start ``argv`` with its output appended to ``log_path``.
 
         ``cwd`` is the process's working directory (Firecracker resolves the relative device
-        paths recorded in a snapshot against it); default: ours.
+        paths recorded in a snapshot against it); default: ours. ``env`` is added to our environment.
         """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
@@ -65,6 +66,7 @@ class VmmProcess:
                     pass_fds=tuple(pass_fds),
                     start_new_session=True,
                     cwd=cwd,
+                    env={**os.environ, **env} if env else None,
                     preexec_fn=_die_with_parent if kill_with_owner else None,
                 )
             except FileNotFoundError:

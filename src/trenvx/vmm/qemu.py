@@ -27,6 +27,7 @@ from qemu.qmp.error import QMPError
 
 from ..config import AGENT_PORT
 from .base import SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, VmState
+from .preload import ensure_keep_readonly_files
 from .process import VmmProcess
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
         "-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56",
         "-device", "vmgenid,id=vmgen0,guid=auto",
         "-device", "virtio-rng-pci,id=rng0",
+        # The guest gives the host back memory it freed (free page reporting, in 2 MiB blocks).
+        "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
         "-chardev", f"socket,id=qmpfd,fd={qmp_fd}",
         "-mon", "chardev=qmpfd,mode=control",
         "-qmp", f"unix:{spec.workdir / 'qmp.sock'},server=on,wait=off",
@@ -193,16 +196,33 @@ class QemuVm(Vm):
 
 class QemuDriver(VmmDriver):
     name = "qemu"
-    device_layout = "3: no virtio-balloon"
+    device_layout = "4: virtio-balloon free page reporting"
     root_on_pmem = True
-    # Not virtio-balloon free page reporting: QEMU 7.2 discards a reported page of a file-backed
-    # RAM block with fallocate(PUNCH_HOLE) on the file even when the mapping is private, so one
-    # sandbox's freed pages became holes in the template's memory file, and every later sandbox
-    # read zeros there (measured: numpy failed to import in all restores after one sandbox dropped
-    # its page cache). Newer QEMU releases leave the file of a private mapping alone.
+    # Free page reporting under QEMU 7.2 needs preload/keep_readonly_files.c: QEMU 7.2 discards a
+    # reported page of a file-backed RAM block with fallocate(PUNCH_HOLE) on the file even when
+    # the mapping is private, so one sandbox's freed pages became holes in the template's memory
+    # file and every later sandbox read zeros there (measured: numpy failed to import in all
+    # restores after one sandbox dropped its page cache). The library turns hole punches into
+    # read-only files into no-ops; the driver refuses a private RAM file that is writable.
 
-    def __init__(self, binary: str = "qemu-system-x86_64") -> None:
+    def __init__(self, binary: str = "qemu-system-x86_64", *, cache_dir: Path | None = None) -> None:
         self.binary = binary
+        self.cache_dir = cache_dir or Path("/var/lib/trenvx/cache")
+
+    async def _environment(self, spec: VmSpec) -> dict[str, str]:
+        """QEMU's environment: the library that keeps template files intact (see above)."""
+        if not spec.memory_shared and not spec.anonymous_memory:
+            try:
+                writable = spec.memory_file.stat().st_mode & 0o222
+            except OSError as e:
+                raise VmmError(f"cannot read the memory file {spec.memory_file} of {spec.name}: {e}") from None
+            if writable:
+                raise VmmError(
+                    f"the memory file {spec.memory_file} is writable; a sandbox maps its template's memory "
+                    "privately, and only a read-only file (chmod a-w; published templates are) is safe from "
+                    "QEMU's discards of freed guest pages"
+                )
+        return {"LD_PRELOAD": str(await ensure_keep_readonly_files(self.cache_dir))}
 
     async def _spawn(self, spec: VmSpec, *, incoming: bool) -> QemuVm:
         qmp_path = str(spec.workdir / "qmp.sock")
@@ -216,7 +236,8 @@ class QemuDriver(VmmDriver):
         try:
             argv = qemu_argv(spec, binary=self.binary, incoming=incoming, qmp_fd=theirs.fileno())
             process = await VmmProcess.spawn(
-                argv, spec.workdir / "vmm.log", pass_fds=[theirs.fileno()], kill_with_owner=spec.kill_with_owner
+                argv, spec.workdir / "vmm.log", pass_fds=[theirs.fileno()], kill_with_owner=spec.kill_with_owner,
+                env=await self._environment(spec),
             )
         except BaseException:
             ours.close()
