@@ -4,6 +4,7 @@ measured cost; the density benchmark in its short mode."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ async def test_sandboxes_share_template_pages_and_keep_writes_private(e2e_config
     async with SandboxManager(no_pool(e2e_config), pools=False) as m:
         sbs = [await m.create(test_template) for _ in range(4)]
         build = sbs[0].build
-        before = {p: sha256(p) for p in (build.snapshot.memory_file, build.rootfs)}
+        before = {p: sha256(p) for p in build.files()}
         try:
             for i, sb in enumerate(sbs):
                 assert (await sb.run(f"echo secret-{i} > /root/mine; sync")).exit_code == 0
@@ -66,7 +67,7 @@ async def test_large_write_goes_to_disk_not_host_memory(e2e_config: Config, test
         sb = await m.create(test_template)
         try:
             pss0 = memory_of(sb.pid)[1]
-            overlay = sb.restored.vm.spec.root_disk.path
+            overlay = sb.restored.vm.spec.own_disk.path
             size0 = overlay.stat().st_blocks * 512
             # 3 x 150 MiB written (450 MiB, more than the 256 MiB guest): host memory grows by at
             # most the guest's RAM (its page cache), not by what was written; the data is on disk.
@@ -78,6 +79,62 @@ async def test_large_write_goes_to_disk_not_host_memory(e2e_config: Config, test
             mem_mb = sb.build.machine.mem_mb
             assert grown_disk >= 140 * MiB, grown_disk
             assert grown_mem < (mem_mb + 48) * MiB, grown_mem
+        finally:
+            await m.kill(sb.id)
+
+
+async def test_overlay_root_reads_the_shared_image_without_guest_page_cache(e2e_config: Config, test_template: str) -> None:
+    async with SandboxManager(no_pool(e2e_config), pools=False) as m:
+        sb = await m.create(test_template)
+        try:
+            assert sb.build.overlay, "QEMU templates default to overlay mode"
+            mounts = (await sb.run("cat /proc/mounts")).stdout.decode()
+            assert any(line.split()[1] == "/" and line.split()[0] == "overlay" for line in mounts.splitlines()), mounts
+            cached = "grep '^Cached:' /proc/meminfo | tr -s ' ' | cut -d' ' -f2"
+            # Read every file of /usr (over 100 MiB): with DAX the guest's page cache stays flat,
+            # the pages are the host's cache of the template's image, shared by all sandboxes.
+            r = await sb.run(f"a=$({cached}); find /usr -xdev -type f -size +0 -exec cat {{}} + | wc -c; {cached}; echo $a",
+                             timeout=300)
+            read, after, before = (int(x) for x in r.stdout.split())
+            assert read > 100 * MiB, r.stdout
+            assert after - before < 8 * 1024, f"guest page cache grew {after - before} KiB after reading {read >> 20} MiB"
+            # A file of the image can be changed (copied up into the sandbox's layer; that the image
+            # itself never changes is checked by the sharing test above).
+            r = await sb.run("echo changed > /etc/motd && cat /etc/motd")
+            assert r.stdout == b"changed\n", r.stderr
+        finally:
+            await m.kill(sb.id)
+
+
+def private_guest_ram(pid: int, memory_file: Path) -> int:
+    """Bytes of the guest RAM mapping that are the VMM's own copies (written by the guest)."""
+    total, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[5] == str(memory_file)
+        elif inside and fields[0] in ("Private_Dirty:", "Private_Clean:"):
+            total += int(fields[1]) * 1024
+    return total
+
+
+async def test_freed_guest_memory_goes_back_to_the_host(e2e_config: Config, test_template: str) -> None:
+    async with SandboxManager(no_pool(e2e_config), pools=False) as m:
+        sb = await m.create(test_template)
+        try:
+            memory_file = sb.build.snapshot.memory_file
+            own0 = private_guest_ram(sb.pid, memory_file)
+            # 64 MiB written by a process that then exits: without free page reporting the sandbox
+            # would keep every page of it as its own copy.
+            r = await sb.run("python3 -c \"b = b'x' * (64 << 20); print(len(b) >> 20)\"")
+            assert r.exit_code == 0 and r.stdout == b"64\n", r.stderr
+            grown = []
+            for _ in range(30):
+                grown.append((private_guest_ram(sb.pid, memory_file) - own0) / MiB)
+                if grown[-1] < 24:
+                    break
+                await asyncio.sleep(0.5)
+            assert grown[-1] < 24, f"guest RAM copies still {grown[-1]:.0f} MiB above the start after 15 s: {grown}"
         finally:
             await m.kill(sb.id)
 

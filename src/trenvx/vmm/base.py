@@ -84,6 +84,11 @@ class VmSpec:
     scratch_disk: DiskSpec | None = None
     """The writable disk (the upper layer of the overlay mode) next to a pmem root."""
 
+    @property
+    def own_disk(self) -> DiskSpec:
+        """The disk this VM writes to: the writable layer in overlay mode, else the root disk."""
+        return self.scratch_disk if self.root_on_pmem and self.scratch_disk is not None else self.root_disk
+
 
 @dataclass(frozen=True)
 class SnapshotFiles:
