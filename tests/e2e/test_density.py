@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from trenvx.config import Config, PoolConfig
 from trenvx.sandbox.manager import SandboxManager
 from trenvx.vmm.process import memory_of
@@ -135,6 +137,38 @@ async def test_freed_guest_memory_goes_back_to_the_host(e2e_config: Config, test
                     break
                 await asyncio.sleep(0.5)
             assert grown[-1] < 24, f"guest RAM copies still {grown[-1]:.0f} MiB above the start after 15 s: {grown}"
+        finally:
+            await m.kill(sb.id)
+
+
+async def test_reclaim_gives_back_the_guest_page_cache(e2e_config: Config, test_template: str) -> None:
+    async with SandboxManager(no_pool(e2e_config), pools=False) as m:
+        sb = await m.create(test_template)
+        try:
+            # 64 MiB of a file in the sandbox's own layer (not DAX): it stays in the guest's page cache.
+            r = await sb.run("head -c $((64 << 20)) /dev/urandom > /root/data && sync && cat /root/data > /dev/null")
+            assert r.exit_code == 0, r.stderr
+            result = await m.reclaim(sb.id)
+            assert result.freed > 40 * MiB, result
+            assert sb.reclaimed_at > 0
+            assert (await sb.run("wc -c < /root/data")).stdout == b"67108864\n", "a reclaim loses no data"
+        finally:
+            await m.kill(sb.id)
+
+
+async def test_memory_is_reclaimed_before_a_create_is_refused(e2e_config: Config, test_template: str) -> None:
+    from trenvx.sandbox.limits import Admission, Limits, OutOfMemory
+
+    free = [64 << 30]
+    admission = Admission(Limits(100, 100, 0), available=lambda: free[0])
+    async with SandboxManager(no_pool(e2e_config), pools=False, admission=admission) as m:
+        sb = await m.create(test_template)
+        try:
+            free[0] = 0  # the host is out of memory from now on
+            with pytest.raises(OutOfMemory, match="not enough free memory"):
+                await m.create(test_template)
+            assert sb.reclaimed_at > 0, "running sandboxes were reclaimed before the create was refused"
+            assert len(m.list()) == 1
         finally:
             await m.kill(sb.id)
 

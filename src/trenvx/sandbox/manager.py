@@ -51,6 +51,9 @@ from ..vmm.process import memory_of, pid_alive
 from . import adopt
 from .lifecycle import InvalidTimeout, Reaper, check_timeout, deadline_after, extended_deadline
 from .limits import Admission, AdmissionError, Limits, LimitReached, OutOfMemory
+from .reclaim import RECLAIM_AGAIN_S, Reclaimed, reclaim
+
+MiB = 1 << 20
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
 from .restore import RestoredVm, SnapshotRestore
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
@@ -128,6 +131,8 @@ class Sandbox:
     """Guest port -> host port of the forwards added at runtime (besides the agent's)."""
     ending: bool = False
     paused: bool = False
+    reclaimed_at: float = 0.0
+    """``time.monotonic()`` of the last memory reclaim (0: never)."""
     _port_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
     _ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -242,6 +247,7 @@ class SandboxManager:
         self._sandboxes: dict[str, Sandbox] = {}
         self._ended: dict[str, SandboxRecord] = {}
         self._creating: set[asyncio.Task[Sandbox]] = set()
+        self._reclaiming = asyncio.Lock()
         self._finishing: set[asyncio.Task[None]] = set()
         self._started = False
         self._closed = False
@@ -354,6 +360,12 @@ class SandboxManager:
     ) -> Sandbox:
         t0 = time.perf_counter()
         source = "cold"
+        try:
+            self.admission.check(name, self.admission.reserve_mb(name, build.machine.mem_mb))
+        except OutOfMemory:
+            await self.reclaim_for_memory()  # then admission decides again, below
+        except AdmissionError:
+            pass  # refused below, with its event recorded
         try:
             with self.admission.starting(name, build.machine.mem_mb):
                 restored = await self._restore(build, name, env_vars)
@@ -499,6 +511,43 @@ class SandboxManager:
             if self.store is not None:
                 self.store.set_state(sb.id, RUNNING)
         return sb
+
+    # -- memory -----------------------------------------------------------------------------
+
+    async def reclaim(self, sandbox_id: str) -> Reclaimed:
+        """Give back the memory a running sandbox holds in caches (see :mod:`.reclaim`). 409 if paused."""
+        sb = self.get(sandbox_id)
+        if sb.paused:
+            raise SandboxConflict(f"sandbox {sandbox_id} is paused; resume it to reclaim its memory")
+        result = await reclaim(sb)
+        sb.reclaimed_at = time.monotonic()
+        log.info("reclaimed %.1f MiB from sandbox %s in %.1f s", result.freed / MiB, sb.id, result.seconds)
+        return result
+
+    async def reclaim_for_memory(self, parallel: int = 4) -> int:
+        """Reclaim every running sandbox not reclaimed in the last ``RECLAIM_AGAIN_S``; bytes freed.
+
+        Called before a create is refused for memory. Concurrent callers wait for one pass.
+        """
+        async with self._reclaiming:
+            now = time.monotonic()
+            due = [sb for sb in self._sandboxes.values()
+                   if not sb.paused and not sb.ending and now - sb.reclaimed_at > RECLAIM_AGAIN_S]
+            if not due:
+                return 0
+            sem = asyncio.Semaphore(parallel)
+
+            async def one(sb: Sandbox) -> int:
+                async with sem:
+                    try:
+                        return (await self.reclaim(sb.id)).freed
+                    except Exception as e:  # noqa: BLE001 - a sandbox that ended or does not answer
+                        log.info("could not reclaim memory of sandbox %s: %s", sb.id, e)
+                        return 0
+
+            freed = sum(await asyncio.gather(*(one(sb) for sb in due)))
+            log.warning("memory was short: reclaimed %.0f MiB from %d sandboxes", freed / MiB, len(due))
+            return freed
 
     # -- ports ----------------------------------------------------------------------------
 

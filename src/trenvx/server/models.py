@@ -198,6 +198,16 @@ class RefreshRequest(BaseModel):
     duration: JsonInt | None = Field(default=None, description="Seconds (default: the default timeout).")
 
 
+class ReclaimedMemory(BaseModel):
+    """POST /sandboxes/{sandboxID}/reclaim (trenvx): memory given back by the sandbox's guest."""
+
+    sandboxID: str
+    pssBeforeBytes: int = Field(description="PSS of the sandbox's VMM before the reclaim")
+    pssAfterBytes: int
+    freedBytes: int
+    seconds: float
+
+
 class ConnectRequest(BaseModel):
     """POST /sandboxes/{sandboxID}/connect: extends the timeout to at least ``timeout`` seconds."""
 

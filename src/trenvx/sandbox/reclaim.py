@@ -1,0 +1,67 @@
+"""MemoryReclaim: take back host memory that running sandboxes hold but do not need.
+
+Guests give back the memory they free on their own (virtio-balloon free page reporting, see
+``vmm/qemu.py``). What they keep is their page cache and reclaimable kernel caches. Reclaiming a
+sandbox asks its guest to drop them and compact its free memory; free page reporting then returns
+the freed blocks to the host within a few seconds. It is TrEnv-X's "deactivate" for a sandbox
+that keeps running: nothing is lost, files are read again from disk (the template's image is
+shared with DAX and never cached in a guest anyway) when the sandbox needs them.
+
+The server reclaims on demand (``POST /sandboxes/{id}/reclaim``) and before refusing a create
+for lack of memory (the sandboxes not reclaimed in the last ``RECLAIM_AGAIN_S``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+DROP_CACHES = ["/bin/sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory"]
+COMMAND_TIMEOUT_S = 60.0
+SETTLE_S = 4.0
+"""How long to watch the VMM's memory fall: the guest reports free blocks about 2 s after freeing."""
+RECLAIM_AGAIN_S = 60.0
+"""Before refusing a create, sandboxes reclaimed more recently than this are skipped."""
+
+
+class Reclaimable(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    def memory(self) -> tuple[int, int]: ...
+
+    async def run(self, cmd: str | list[str], **kwargs: Any) -> object: ...
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    sandbox_id: str
+    pss_before: int
+    pss_after: int
+    seconds: float
+
+    @property
+    def freed(self) -> int:
+        return max(0, self.pss_before - self.pss_after)
+
+
+async def reclaim(sb: Reclaimable, settle_s: float = SETTLE_S) -> Reclaimed:
+    """Drop the guest's caches, then wait (at most ``settle_s``) until its VMM's PSS stops falling."""
+    t0 = time.perf_counter()
+    before = sb.memory()[1]
+    await sb.run(DROP_CACHES, timeout=COMMAND_TIMEOUT_S, user="root")
+    last, steady_since = sb.memory()[1], time.perf_counter()
+    deadline = time.perf_counter() + settle_s
+    while time.perf_counter() < deadline:
+        await asyncio.sleep(0.25)
+        now = sb.memory()[1]
+        if now < last - (256 << 10):
+            last, steady_since = now, time.perf_counter()
+        elif time.perf_counter() - steady_since > 2.5:
+            break
+    return Reclaimed(sb.id, before, sb.memory()[1], time.perf_counter() - t0)
+
+
+__all__ = ["RECLAIM_AGAIN_S", "Reclaimed", "reclaim"]
