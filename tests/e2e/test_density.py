@@ -180,7 +180,9 @@ async def test_admission_reserves_the_measured_cost(e2e_config: Config, test_tem
         sb = await m.create(test_template)
         pss = memory_of(sb.pid)[1]
         await m.kill(sb.id)
-        assert m.admission.reserve_mb(test_template, mem_mb) == int(min(mem_mb, max(64, 1.5 * pss / MiB)))
+        # The cost is measured again at the kill; the guest may have given memory back meanwhile.
+        expected = min(mem_mb, max(64, 1.5 * pss / MiB))
+        assert abs(m.admission.reserve_mb(test_template, mem_mb) - expected) <= 0.1 * expected
         assert pss < mem_mb * MiB / 2  # so the reservation is well below the whole guest RAM
 
 

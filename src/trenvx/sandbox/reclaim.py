@@ -35,6 +35,10 @@ class Reclaimable(Protocol):
     async def run(self, cmd: str | list[str], **kwargs: Any) -> object: ...
 
 
+class ReclaimFailed(RuntimeError):
+    """The guest did not carry out the reclaim (its agent failed or did not answer)."""
+
+
 @dataclass(frozen=True)
 class Reclaimed:
     sandbox_id: str
@@ -51,7 +55,14 @@ async def reclaim(sb: Reclaimable, settle_s: float = SETTLE_S) -> Reclaimed:
     """Drop the guest's caches, then wait (at most ``settle_s``) until its VMM's PSS stops falling."""
     t0 = time.perf_counter()
     before = sb.memory()[1]
-    await sb.run(DROP_CACHES, timeout=COMMAND_TIMEOUT_S, user="root")
+    try:
+        result = await sb.run(DROP_CACHES, timeout=COMMAND_TIMEOUT_S, user="root")
+    except Exception as e:  # noqa: BLE001 - the agent's errors, timeouts, connection failures
+        raise ReclaimFailed(f"the guest agent of sandbox {sb.id} did not drop its caches: {type(e).__name__}: {e}") from e
+    code = getattr(result, "exit_code", 0)
+    if code != 0:
+        raise ReclaimFailed(f"dropping the caches in sandbox {sb.id} failed with exit code {code}: "
+                            f"{getattr(result, 'stderr', b'')!r:.300}")
     last, steady_since = sb.memory()[1], time.perf_counter()
     deadline = time.perf_counter() + settle_s
     while time.perf_counter() < deadline:
@@ -64,4 +75,4 @@ async def reclaim(sb: Reclaimable, settle_s: float = SETTLE_S) -> Reclaimed:
     return Reclaimed(sb.id, before, sb.memory()[1], time.perf_counter() - t0)
 
 
-__all__ = ["RECLAIM_AGAIN_S", "Reclaimed", "reclaim"]
+__all__ = ["RECLAIM_AGAIN_S", "ReclaimFailed", "Reclaimed", "reclaim"]

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse
 
 from ..sandbox.lifecycle import InvalidTimeout
 from ..sandbox.limits import LimitReached, OutOfMemory
+from ..sandbox.reclaim import ReclaimFailed
 from ..sandbox.manager import ManagerClosed, PortUnavailable, SandboxConflict, SandboxNotFound
 from ..template.store import TemplateNotFound
 
@@ -56,6 +57,7 @@ STATUS_OF: list[tuple[type[BaseException], int, dict[str, str] | None]] = [
     (OutOfMemory, 503, {"Retry-After": "10"}),
     (ManagerClosed, 503, None),
     (PortUnavailable, 502, None),
+    (ReclaimFailed, 502, None),
 ]
 
 

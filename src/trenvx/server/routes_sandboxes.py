@@ -284,7 +284,8 @@ async def pause(request: Request, sandboxID: str) -> Response:
 
 
 @router.post("/sandboxes/{sandboxID}/reclaim", response_model=ReclaimedMemory,
-             responses={404: ERRORS[404], 409: {"model": Error, "description": "Paused"}},
+             responses={404: ERRORS[404], 409: {"model": Error, "description": "Paused"},
+                        502: {"model": Error, "description": "The guest did not carry out the reclaim"}},
              summary="Give back the memory the sandbox's guest holds in caches (trenvx; it keeps running)")
 async def reclaim(request: Request, sandboxID: str) -> ReclaimedMemory:
     r = await manager_of(request).reclaim(sandboxID)
