@@ -49,7 +49,7 @@ from trenvx.layout import DataRoot
 from trenvx.sandbox.limits import Admission, Limits
 from trenvx.sandbox.manager import Sandbox, SandboxManager
 from trenvx.template.store import TemplateStore
-from trenvx.vmm.process import memory_of
+from trenvx.vmm.process import memory_of, translated_code_of
 
 MiB = 2**20
 WORKLOAD = (
@@ -165,6 +165,7 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
                     ksm_set(run=0, **{k: v for k, v in old.items() if k != "run"})
             await asyncio.sleep(args.settle_s)
             mem = [memory_of(sb.pid) for sb in sandboxes]
+            tcg = sum(translated_code_of(sb.pid) for sb in sandboxes)
             avail1 = psutil.virtual_memory().available
             cache = page_cache_bytes(files)
         finally:
@@ -172,7 +173,7 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
     pss = sum(p for _, p in mem) / n / MiB
     return {
         "mode": mode, "n": n, "seconds": round(time.perf_counter() - t0, 1),
-        "pss_mib": pss, "rss_mib": sum(r for r, _ in mem) / n / MiB,
+        "pss_mib": pss, "rss_mib": sum(r for r, _ in mem) / n / MiB, "tcg_code_mib": tcg / n / MiB,
         "page_cache_mib": cache / n / MiB, "pss_plus_cache_mib": pss + cache / n / MiB,
         "memavailable_drop_mib": (avail0 - avail1) / n / MiB, **({"ksm": ksm} if ksm else {}),
     }
@@ -226,7 +227,7 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], idle: dict[str
     root = "virtio-pmem + DAX root under a writable layer" if meta["overlay"] else "virtio-blk root"
     print(f"\ndensity, {meta['template']} ({meta['mem_mb']} MiB guest, trenvx: {root}) on {meta['host']}: {meta['cpus']} CPUs, "
           f"{meta['ram_gib']:.0f} GiB, accelerator {meta['accelerator']}; workload, then idle: {meta['workload']}")
-    head = f"{'N':>4} {'mode':10} {'PSS':>8} {'+cache':>8} {'MemAvail':>9} {'RSS':>8}   (MiB per sandbox)"
+    head = f"{'N':>4} {'mode':10} {'PSS':>8} {'+cache':>8} {'MemAvail':>9} {'RSS':>8} {'TCG code':>9}   (MiB per sandbox)"
     print(head)
     print("-" * len(head))
     by = {(r["n"], r["mode"]): r for r in rows if "pss_mib" in r}
@@ -235,7 +236,7 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], idle: dict[str
             print(f"{r['n']:>4} {r['mode']:10} skipped: {r['skipped']}")
             continue
         print(f"{r['n']:>4} {r['mode']:10} {r['pss_mib']:>8.1f} {r['pss_plus_cache_mib']:>8.1f} "
-              f"{r['memavailable_drop_mib']:>9.1f} {r['rss_mib']:>8.1f}")
+              f"{r['memavailable_drop_mib']:>9.1f} {r['rss_mib']:>8.1f} {r.get('tcg_code_mib', 0):>9.1f}")
     for n in sorted({n for n, _ in by}):
         for name in ("trenvx", "trenvx+ksm"):
             a, b = by.get((n, name)), by.get((n, "e2b"))
@@ -245,6 +246,10 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], idle: dict[str
             red_avail = 100 * (1 - a["memavailable_drop_mib"] / b["memavailable_drop_mib"]) if b["memavailable_drop_mib"] > 0 else float("nan")
             print(f"N={n}: {name} uses {red:.0f}% less memory per sandbox than E2B-style (PSS + page cache), "
                   f"{red_avail:.0f}% less by MemAvailable")
+            if a.get("tcg_code_mib") and b.get("tcg_code_mib"):
+                kvm = 100 * (1 - (a["pss_mib"] - a["tcg_code_mib"]) / (b["pss_mib"] - b["tcg_code_mib"]))
+                print(f"      without TCG's translated code (what a KVM host does not pay): {kvm:.0f}% less by PSS "
+                      f"({a['pss_mib'] - a['tcg_code_mib']:.1f} vs {b['pss_mib'] - b['tcg_code_mib']:.1f} MiB)")
     for r in rows:
         if "ksm" in r:
             k = r["ksm"]
@@ -281,7 +286,7 @@ async def main() -> int:
     vm = psutil.virtual_memory()
     meta = {"template": args.template, "build_id": build.build_id, "mem_mb": mem_mb,
             "accelerator": build.machine.accelerator, "overlay": build.overlay, "host": platform.node(), "cpus": os.cpu_count(),
-            "ram_gib": vm.total / 2**30, "kernel": platform.release(), "workload": args.workload,
+            "ram_gib": vm.total / 2**30, "kernel": platform.release(), "workload": "(none: idle only)" if args.idle_only else args.workload,
             "settle_s": args.settle_s, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     rows: list[dict[str, Any]] = []
     baseline: tuple[Config, str] | None = None
