@@ -80,7 +80,7 @@ def ksmd_cpu_s() -> float:
 
 
 def mode_config(base: Config, mode: str) -> Config:
-    start = StartMode.snapshot_private if mode == "e2b" else StartMode.snapshot
+    start = StartMode.snapshot_private if mode == "e2b" else StartMode.snapshot  # trenvx, +ksm, +reclaim
     orch = base.orchestrator.model_copy(update={
         "start_mode": start, "max_sandboxes": 5000, "max_sandboxes_per_template": 5000, "default_timeout_s": 3600,
     })
@@ -163,7 +163,19 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
                            "seconds": args.ksm_s}
                 finally:
                     ksm_set(run=0, **{k: v for k, v in old.items() if k != "run"})
-            await asyncio.sleep(args.settle_s)
+            reclaimed: dict[str, Any] = {}
+            if mode == "trenvx+reclaim":  # the server's reclaim of idle sandboxes, on every one
+                await asyncio.sleep(args.settle_s)
+                t_r = time.perf_counter()
+
+                async def reclaim_one(sb: Sandbox) -> int:
+                    async with sem:
+                        return (await m.reclaim(sb.id)).freed
+
+                freed = sum(await asyncio.gather(*(reclaim_one(sb) for sb in sandboxes)))
+                reclaimed = {"freed_mib_per_sandbox": freed / n / MiB, "seconds": time.perf_counter() - t_r}
+            else:
+                await asyncio.sleep(args.settle_s)
             mem = [memory_of(sb.pid) for sb in sandboxes]
             tcg = sum(translated_code_of(sb.pid) for sb in sandboxes)
             avail1 = psutil.virtual_memory().available
@@ -176,6 +188,7 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
         "pss_mib": pss, "rss_mib": sum(r for r, _ in mem) / n / MiB, "tcg_code_mib": tcg / n / MiB,
         "page_cache_mib": cache / n / MiB, "pss_plus_cache_mib": pss + cache / n / MiB,
         "memavailable_drop_mib": (avail0 - avail1) / n / MiB, **({"ksm": ksm} if ksm else {}),
+        **({"reclaim": reclaimed} if reclaimed else {}),
     }
 
 
@@ -227,18 +240,18 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], idle: dict[str
     root = "virtio-pmem + DAX root under a writable layer" if meta["overlay"] else "virtio-blk root"
     print(f"\ndensity, {meta['template']} ({meta['mem_mb']} MiB guest, trenvx: {root}) on {meta['host']}: {meta['cpus']} CPUs, "
           f"{meta['ram_gib']:.0f} GiB, accelerator {meta['accelerator']}; workload, then idle: {meta['workload']}")
-    head = f"{'N':>4} {'mode':10} {'PSS':>8} {'+cache':>8} {'MemAvail':>9} {'RSS':>8} {'TCG code':>9}   (MiB per sandbox)"
+    head = f"{'N':>4} {'mode':14} {'PSS':>8} {'+cache':>8} {'MemAvail':>9} {'RSS':>8} {'TCG code':>9}   (MiB per sandbox)"
     print(head)
     print("-" * len(head))
     by = {(r["n"], r["mode"]): r for r in rows if "pss_mib" in r}
     for r in rows:
         if "skipped" in r:
-            print(f"{r['n']:>4} {r['mode']:10} skipped: {r['skipped']}")
+            print(f"{r['n']:>4} {r['mode']:14} skipped: {r['skipped']}")
             continue
-        print(f"{r['n']:>4} {r['mode']:10} {r['pss_mib']:>8.1f} {r['pss_plus_cache_mib']:>8.1f} "
+        print(f"{r['n']:>4} {r['mode']:14} {r['pss_mib']:>8.1f} {r['pss_plus_cache_mib']:>8.1f} "
               f"{r['memavailable_drop_mib']:>9.1f} {r['rss_mib']:>8.1f} {r.get('tcg_code_mib', 0):>9.1f}")
     for n in sorted({n for n, _ in by}):
-        for name in ("trenvx", "trenvx+ksm"):
+        for name in ("trenvx", "trenvx+ksm", "trenvx+reclaim"):
             a, b = by.get((n, name)), by.get((n, "e2b"))
             if not (a and b):
                 continue
@@ -251,6 +264,9 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], idle: dict[str
                 print(f"      without TCG's translated code (what a KVM host does not pay): {kvm:.0f}% less by PSS "
                       f"({a['pss_mib'] - a['tcg_code_mib']:.1f} vs {b['pss_mib'] - b['tcg_code_mib']:.1f} MiB)")
     for r in rows:
+        if "reclaim" in r:
+            print(f"N={r['n']} reclaim: {r['reclaim']['freed_mib_per_sandbox']:.1f} MiB given back per sandbox "
+                  f"({r['reclaim']['seconds']:.0f} s for all)")
         if "ksm" in r:
             k = r["ksm"]
             print(f"N={r['n']} KSM: {k['pages_sharing'] * 4 / 1024:.0f} MiB deduplicated after {k['seconds']:.0f} s, "
@@ -265,7 +281,8 @@ async def main() -> int:
     ap.add_argument("--config", default=os.environ.get("TRENVX_CONFIG", "configs/example_config.toml"))
     ap.add_argument("--template", default="code-interpreter")
     ap.add_argument("--counts", default="10,50,100")
-    ap.add_argument("--modes", default="trenvx,e2b", help="trenvx, e2b, trenvx+ksm (KSM on while measured)")
+    ap.add_argument("--modes", default="trenvx,e2b", help="trenvx, e2b, trenvx+ksm (KSM on while measured), "
+                    "trenvx+reclaim (every sandbox reclaimed after the workload, as the server does to idle ones)")
     ap.add_argument("--ksm-s", type=float, default=60.0, help="how long KSM scans in the trenvx+ksm mode")
     ap.add_argument("--parallel", type=int, default=4, help="creates/workloads at once (default 4)")
     ap.add_argument("--settle-s", type=float, default=10.0)

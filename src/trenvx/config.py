@@ -84,7 +84,8 @@ class TemplateConfig(_Strict):
     vcpu: int = Field(default=1, ge=1, le=64)
     mem_mb: int = Field(default=256, ge=64, le=1024 * 1024)
     disk_mb: int = Field(default=512, ge=0, le=1024 * 1024)
-    """Free space added to the root filesystem on top of its content."""
+    """Free space added to the root filesystem on top of its content; in overlay mode the size of
+    the writable layer (at least 64 MiB)."""
     kernel_version: str = "auto"
     """Debian kernel ABI such as ``6.1.0-28``; ``auto`` takes the newest cloud kernel apt offers."""
     docker_img: str = ""
@@ -96,8 +97,8 @@ class TemplateConfig(_Strict):
     overlay: bool | None = None
     """The root filesystem as TrEnv-X's overlay mode: the template's image on virtio-pmem, mapped
     with DAX and shared by every sandbox (no copy in any guest's page cache), under a writable
-    layer on each sandbox's own disk. ``None`` (the default): on where the VMM has virtio-pmem
-    (QEMU, Cloud Hypervisor), off for Firecracker."""
+    layer on each sandbox's own disk. ``None`` (the default): on with QEMU, off with Firecracker
+    (no virtio-pmem: ``true`` is refused) and Cloud Hypervisor (supported, not yet run)."""
     vmm_type: VmmType = VmmType.qemu
     start_cmd: StartCommand = StartCommand()
     ready_cmd: str = ""

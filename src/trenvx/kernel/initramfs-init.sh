@@ -149,15 +149,15 @@ $B mount --move /dev /newroot/dev || fail "mount --move /dev /newroot/dev failed
 # hundred idle sandboxes paid whole cores for them (measured ~15 wakeups/s and 5.5% of a core per
 # idle sandbox). No proactive compaction (2/s), vm statistics every 60 s instead of every second,
 # dirty-page writeback every 15 s instead of 5 s.
-echo 0 >/proc/sys/vm/compaction_proactiveness 2>/dev/null
-echo 60 >/proc/sys/vm/stat_interval 2>/dev/null
-echo 1500 >/proc/sys/vm/dirty_writeback_centisecs 2>/dev/null
+echo 0 2>/dev/null >/proc/sys/vm/compaction_proactiveness
+echo 60 2>/dev/null >/proc/sys/vm/stat_interval
+echo 1500 2>/dev/null >/proc/sys/vm/dirty_writeback_centisecs
 # Free page reporting (virtio-balloon) gives the host back free blocks of 16 KiB and up, not only
 # of 2 MiB (the kernel's default, which suits hosts backing guests with huge pages): after a
 # numpy+pandas run the freed memory sat in smaller blocks, and a sandbox kept 53 MiB of private
 # guest RAM; with 16 KiB it keeps 15 MiB (measured). The kernel resets a command-line value when
 # the balloon driver registers, so it is set here, after the modules are loaded.
-echo 2 >/sys/module/page_reporting/parameters/page_reporting_order 2>/dev/null
+echo 2 2>/dev/null >/sys/module/page_reporting/parameters/page_reporting_order
 $B umount /sys
 $B umount /proc
 echo "trenvx-initramfs: switching to $init on $dev" >/newroot/dev/console

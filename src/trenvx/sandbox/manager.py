@@ -51,14 +51,13 @@ from ..vmm.process import memory_of, pid_alive
 from . import adopt
 from .lifecycle import InvalidTimeout, Reaper, check_timeout, deadline_after, extended_deadline
 from .limits import Admission, AdmissionError, Limits, LimitReached, OutOfMemory
-from .reclaim import RECLAIM_AGAIN_S, Reclaimed, reclaim
-
-MiB = 1 << 20
+from .reclaim import PASS_DEADLINE_S, RECLAIM_AGAIN_S, Reclaimed, reclaim
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
 from .restore import RestoredVm, SnapshotRestore
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
 
 log = logging.getLogger(__name__)
+MiB = 1 << 20
 
 __all__ = [
     "AdmissionError", "CreateEvent", "InvalidTimeout", "LimitReached", "ManagerClosed", "OutOfMemory", "PortUnavailable",
@@ -515,39 +514,52 @@ class SandboxManager:
     # -- memory -----------------------------------------------------------------------------
 
     async def reclaim(self, sandbox_id: str) -> Reclaimed:
-        """Give back the memory a running sandbox holds in caches (see :mod:`.reclaim`). 409 if paused."""
+        """Give back the memory a running sandbox holds in caches (see :mod:`.reclaim`).
+
+        409 if it is paused or ending, or if its VMM does not take freed guest memory back.
+        """
         sb = self.get(sandbox_id)
-        if sb.paused:
-            raise SandboxConflict(f"sandbox {sandbox_id} is paused; resume it to reclaim its memory")
+        if sb.paused or sb.ending:
+            raise SandboxConflict(f"sandbox {sandbox_id} is {'paused' if sb.paused else 'ending'}; "
+                                  "only a running sandbox can give memory back")
+        if not self.restorer.driver(sb.build).free_page_reporting:
+            raise SandboxConflict(f"sandbox {sandbox_id} runs on {sb.vmm_type}, whose guests do not give freed "
+                                  "memory back to the host (free page reporting is set up with QEMU only)")
+        sb.reclaimed_at = time.monotonic()  # also when it fails: a pass does not retry it at once
         result = await reclaim(sb)
-        sb.reclaimed_at = time.monotonic()
         log.info("reclaimed %.1f MiB from sandbox %s in %.1f s", result.freed / MiB, sb.id, result.seconds)
         return result
 
-    async def reclaim_for_memory(self, parallel: int = 4) -> int:
-        """Reclaim every running sandbox not reclaimed in the last ``RECLAIM_AGAIN_S``; bytes freed.
-
-        Called before a create is refused for memory. Concurrent callers wait for one pass.
+    async def reclaim_for_memory(self, parallel: int = 8) -> int:
+        """Reclaim the running sandboxes not reclaimed in the last ``RECLAIM_AGAIN_S``, for at most
+        ``PASS_DEADLINE_S``; bytes freed. Called before a create is refused for memory; concurrent
+        callers wait for one pass.
         """
         async with self._reclaiming:
             now = time.monotonic()
             due = [sb for sb in self._sandboxes.values()
-                   if not sb.paused and not sb.ending and now - sb.reclaimed_at > RECLAIM_AGAIN_S]
+                   if not sb.paused and not sb.ending and now - sb.reclaimed_at > RECLAIM_AGAIN_S
+                   and self.restorer.driver(sb.build).free_page_reporting]
             if not due:
                 return 0
             sem = asyncio.Semaphore(parallel)
+            freed: list[int] = []
 
-            async def one(sb: Sandbox) -> int:
+            async def one(sb: Sandbox) -> None:
                 async with sem:
                     try:
-                        return (await self.reclaim(sb.id)).freed
+                        freed.append((await self.reclaim(sb.id)).freed)
                     except Exception as e:  # noqa: BLE001 - a sandbox that ended or does not answer
                         log.info("could not reclaim memory of sandbox %s: %s", sb.id, e)
-                        return 0
 
-            freed = sum(await asyncio.gather(*(one(sb) for sb in due)))
-            log.warning("memory was short: reclaimed %.0f MiB from %d sandboxes", freed / MiB, len(due))
-            return freed
+            tasks = [asyncio.ensure_future(one(sb)) for sb in due]
+            _, late = await asyncio.wait(tasks, timeout=PASS_DEADLINE_S)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            log.warning("memory was short: reclaimed %.0f MiB from %d of %d sandboxes",
+                        sum(freed) / MiB, len(freed), len(due))
+            return sum(freed)
 
     # -- ports ----------------------------------------------------------------------------
 

@@ -20,8 +20,12 @@ from typing import Any, Protocol
 
 DROP_CACHES = ["/bin/sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches; echo 1 > /proc/sys/vm/compact_memory"]
 COMMAND_TIMEOUT_S = 60.0
-SETTLE_S = 4.0
-"""How long to watch the VMM's memory fall: the guest reports free blocks about 2 s after freeing."""
+SETTLE_S = 8.0
+"""At most this long to watch the VMM's memory fall: the guest reports free blocks ~2 s after freeing."""
+STEADY_S = 1.5
+"""After the first drop, PSS steady this long ends the wait."""
+PASS_DEADLINE_S = 20.0
+"""A reclaim pass before refusing a create stops after this long (creates wait for it)."""
 RECLAIM_AGAIN_S = 60.0
 """Before refusing a create, sandboxes reclaimed more recently than this are skipped."""
 
@@ -63,16 +67,18 @@ async def reclaim(sb: Reclaimable, settle_s: float = SETTLE_S) -> Reclaimed:
     if code != 0:
         raise ReclaimFailed(f"dropping the caches in sandbox {sb.id} failed with exit code {code}: "
                             f"{getattr(result, 'stderr', b'')!r:.300}")
-    last, steady_since = sb.memory()[1], time.perf_counter()
-    deadline = time.perf_counter() + settle_s
-    while time.perf_counter() < deadline:
+    # The guest reports free blocks about 2 s after freeing them, and then in batches: wait for
+    # the first drop, then until PSS has been steady for a while (or ``settle_s`` has passed).
+    t_cmd = time.perf_counter()
+    last, steady_since, dropped = sb.memory()[1], t_cmd, False
+    while time.perf_counter() - t_cmd < settle_s:
         await asyncio.sleep(0.25)
         now = sb.memory()[1]
         if now < last - (256 << 10):
-            last, steady_since = now, time.perf_counter()
-        elif time.perf_counter() - steady_since > 2.5:
+            last, steady_since, dropped = now, time.perf_counter(), True
+        elif dropped and time.perf_counter() - steady_since > STEADY_S:
             break
     return Reclaimed(sb.id, before, sb.memory()[1], time.perf_counter() - t0)
 
 
-__all__ = ["RECLAIM_AGAIN_S", "ReclaimFailed", "Reclaimed", "reclaim"]
+__all__ = ["PASS_DEADLINE_S", "RECLAIM_AGAIN_S", "ReclaimFailed", "Reclaimed", "reclaim"]

@@ -100,7 +100,9 @@ class TemplateBuild:
     @property
     def overlay(self) -> bool:
         """The root is the image on virtio-pmem (DAX) under a writable layer on a disk."""
-        return bool(self.manifest.config.get("overlay", False))
+        # Builds made before the overlay mode existed may say overlay = true (the key was ignored
+        # then) but have no writable layer: they are restored with their root on virtio-blk.
+        return bool(self.manifest.config.get("overlay", False)) and "upper_bytes" in self.manifest.sizes
 
     @property
     def upper(self) -> Path:

@@ -177,6 +177,8 @@ class VmmDriver(abc.ABC):
     disk_formats: tuple[DiskFormat, ...] = ("raw", "qcow2")
     root_on_pmem: bool = False
     """This VMM can attach an image as virtio-pmem (``VmSpec.root_on_pmem``: the overlay mode)."""
+    free_page_reporting: bool = False
+    """Its guests give the memory they free back to the host (virtio-balloon free page reporting)."""
     device_layout: str = "1"
     """Changes whenever the devices of this driver's VMs change: a snapshot restores only into the
     same devices, so it is part of a template build's inputs (a change rebuilds templates)."""

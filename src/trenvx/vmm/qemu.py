@@ -106,7 +106,8 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
         "-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56",
         "-device", "vmgenid,id=vmgen0,guid=auto",
         "-device", "virtio-rng-pci,id=rng0",
-        # The guest gives the host back memory it freed (free page reporting, in 2 MiB blocks).
+        # The guest gives the host back memory it freed (free page reporting; the initramfs sets
+        # 16 KiB blocks).
         "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
         "-chardev", f"socket,id=qmpfd,fd={qmp_fd}",
         "-mon", "chardev=qmpfd,mode=control",
@@ -198,6 +199,7 @@ class QemuDriver(VmmDriver):
     name = "qemu"
     device_layout = "4: virtio-balloon free page reporting"
     root_on_pmem = True
+    free_page_reporting = True
     # Free page reporting under QEMU 7.2 needs preload/keep_readonly_files.c: QEMU 7.2 discards a
     # reported page of a file-backed RAM block with fallocate(PUNCH_HOLE) on the file even when
     # the mapping is private, so one sandbox's freed pages became holes in the template's memory
@@ -210,19 +212,23 @@ class QemuDriver(VmmDriver):
         self.cache_dir = cache_dir or Path("/var/lib/trenvx/cache")
 
     async def _environment(self, spec: VmSpec) -> dict[str, str]:
-        """QEMU's environment: the library that keeps template files intact (see above)."""
-        if not spec.memory_shared and not spec.anonymous_memory:
-            try:
-                writable = spec.memory_file.stat().st_mode & 0o222
-            except OSError as e:
-                raise VmmError(f"cannot read the memory file {spec.memory_file} of {spec.name}: {e}") from None
-            if writable:
-                raise VmmError(
-                    f"the memory file {spec.memory_file} is writable; a sandbox maps its template's memory "
-                    "privately, and only a read-only file (chmod a-w; published templates are) is safe from "
-                    "QEMU's discards of freed guest pages"
-                )
-        return {"LD_PRELOAD": str(await ensure_keep_readonly_files(self.cache_dir))}
+        """QEMU's environment: for a RAM file mapped privately (a sandbox's restore), the library
+        that keeps the template's file intact (see above)."""
+        if spec.memory_shared or spec.anonymous_memory:
+            return {}
+        try:
+            writable = spec.memory_file.stat().st_mode & 0o222
+        except OSError as e:
+            raise VmmError(f"cannot read the memory file {spec.memory_file} of {spec.name}: {e}") from None
+        if writable:
+            raise VmmError(
+                f"the memory file {spec.memory_file} is writable; a sandbox maps its template's memory "
+                "privately, and only a read-only file (chmod a-w; published templates are) is safe from "
+                "QEMU's discards of freed guest pages"
+            )
+        library = str(await ensure_keep_readonly_files(self.cache_dir))
+        preloaded = os.environ.get("LD_PRELOAD", "")
+        return {"LD_PRELOAD": f"{preloaded}:{library}" if preloaded else library}
 
     async def _spawn(self, spec: VmSpec, *, incoming: bool) -> QemuVm:
         qmp_path = str(spec.workdir / "qmp.sock")

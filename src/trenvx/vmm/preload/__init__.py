@@ -41,15 +41,20 @@ async def ensure_keep_readonly_files(cache_dir: Path, compiler: str = "cc") -> P
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
         try:
-            text, _ = await asyncio.wait_for(proc.communicate(), COMPILE_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise VmmError(f"compiling {SOURCE.name} took over {COMPILE_TIMEOUT_S:.0f}s") from None
-        if proc.returncode != 0:
+            try:
+                text, _ = await asyncio.wait_for(proc.communicate(), COMPILE_TIMEOUT_S)
+            except TimeoutError:
+                raise VmmError(f"compiling {SOURCE.name} took over {COMPILE_TIMEOUT_S:.0f}s") from None
+            if proc.returncode != 0:
+                raise VmmError(
+                    f"compiling {SOURCE} with {compiler} failed: {text.decode(errors='replace').strip()[-800:]}"
+                )
+            os.replace(tmp, out)
+        finally:  # a timeout, a failure or a cancelled create: no compiler left running, no partial file
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
             tmp.unlink(missing_ok=True)
-            raise VmmError(f"compiling {SOURCE} with {compiler} failed: {text.decode(errors='replace').strip()[-800:]}")
-        os.replace(tmp, out)
     return out
 
 
