@@ -320,6 +320,13 @@ class AgentClient:
             raise _error_from_response(response.status_code, response.content)
         return dict(response.json())
 
+    async def metrics(self) -> dict[str, Any]:
+        """The guest's CPU, memory and disk figures (``mem_cache``: its page cache, in bytes)."""
+        response = await self._http.get("/metrics", headers=self._headers(rpc=False))
+        if response.status_code != 200:
+            raise _error_from_response(response.status_code, response.content)
+        return dict(response.json())
+
     # ------------------------------------------------------------------ Connect plumbing
     async def _unary(self, method: str, message: dict[str, Any], user: str | None = None,
                      timeout: float | None = None) -> dict[str, Any]:

@@ -23,14 +23,15 @@ class Metrics:
         return sum(fields), idle
 
     @staticmethod
-    def _memory() -> tuple[int, int]:
+    def _memory() -> tuple[int, int, int]:
         info: dict[str, int] = {}
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 key, _, rest = line.partition(":")
                 info[key] = int(rest.split()[0]) * 1024
         total = info.get("MemTotal", 0)
-        return total, total - info.get("MemAvailable", info.get("MemFree", 0))
+        cache = max(0, info.get("Cached", 0) - info.get("Shmem", 0))  # what dropping caches would free
+        return total, total - info.get("MemAvailable", info.get("MemFree", 0)), cache
 
     def snapshot(self) -> dict[str, Any]:
         cpu_pct = 0.0
@@ -44,9 +45,9 @@ class Metrics:
         except (OSError, ValueError, IndexError):
             pass
         try:
-            mem_total, mem_used = self._memory()
+            mem_total, mem_used, mem_cache = self._memory()
         except (OSError, ValueError):
-            mem_total = mem_used = 0
+            mem_total = mem_used = mem_cache = 0
         vfs = os.statvfs("/")
         return {
             "ts": int(time.time()),
@@ -54,6 +55,7 @@ class Metrics:
             "cpu_used_pct": cpu_pct,
             "mem_total": mem_total,
             "mem_used": mem_used,
+            "mem_cache": mem_cache,
             "disk_total": vfs.f_blocks * vfs.f_frsize,
             "disk_used": (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize,
         }
