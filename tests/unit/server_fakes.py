@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import uvicorn
@@ -145,6 +146,10 @@ class FakeRestorer:
         self.kill_with_owner: list[bool] = []
         self.standins: dict[str, list[Any]] = {}
         """Sandbox id -> its VMM's stand-ins: [hybrid vsock socket, API]."""
+
+    def driver(self, build: Any) -> Any:
+        """The fake "VMM": its sleep processes give no freed guest memory back."""
+        return SimpleNamespace(name=self.vmm, free_page_reporting=False)
 
     def vm_spec(self, build: Any, sandbox_id: str, workdir: Path, *, kill_with_owner: bool = True) -> Any:
         from trenvx.vmm.base import DiskSpec, VmSpec

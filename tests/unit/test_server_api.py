@@ -214,6 +214,13 @@ async def test_limits_map_to_429_and_503(tmp_path: Path, upstream) -> None:
         m.admission = Admission(Limits(10, 10, headroom_mb=10**6))
         r = await c.post("/sandboxes", json={"templateID": "tpl"})
         assert r.status_code == 503 and "memory" in r.json()["message"]
+
+        async def broken_reclaim(parallel: int = 8) -> int:
+            raise RuntimeError("agent gone")
+
+        m.reclaim_for_memory = broken_reclaim  # a failed reclaim still lets the refusal through
+        r = await c.post("/sandboxes", json={"templateID": "tpl"})
+        assert r.status_code == 503 and "memory" in r.json()["message"]
         m.restorer.fail_next = RuntimeError("qemu exploded")
         m.admission = Admission(Limits(10, 10, headroom_mb=0))
         r = await c.post("/sandboxes", json={"templateID": "tpl"})

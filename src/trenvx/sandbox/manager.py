@@ -362,7 +362,10 @@ class SandboxManager:
         try:
             self.admission.check(name, self.admission.reserve_mb(name, build.machine.mem_mb))
         except OutOfMemory:
-            await self.reclaim_for_memory()  # then admission decides again, below
+            try:
+                await self.reclaim_for_memory()  # then admission decides again, below
+            except Exception:  # noqa: BLE001 - the refusal below must still reach the client
+                log.exception("reclaiming memory before refusing a sandbox of %s failed", name)
         except AdmissionError:
             pass  # refused below, with its event recorded
         try:
