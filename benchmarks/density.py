@@ -49,7 +49,7 @@ from trenvx.layout import DataRoot
 from trenvx.sandbox.limits import Admission, Limits
 from trenvx.sandbox.manager import Sandbox, SandboxManager
 from trenvx.template.store import TemplateStore
-from trenvx.vmm.process import memory_of, translated_code_of
+from trenvx.vmm.process import GUEST_RAM, memory_of, memory_parts_of, translated_code_of
 
 MiB = 2**20
 WORKLOAD = (
@@ -178,6 +178,11 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
                 await asyncio.sleep(args.settle_s)
             mem = [memory_of(sb.pid) for sb in sandboxes]
             tcg = sum(translated_code_of(sb.pid) for sb in sandboxes)
+            named = {build.snapshot.memory_file: GUEST_RAM, build.rootfs: "root image"}
+            parts: dict[str, float] = {}
+            for sb in sandboxes:
+                for part, b in memory_parts_of(sb.pid, named, build.machine.mem_mb * MiB).items():
+                    parts[part] = parts.get(part, 0.0) + b / n / MiB
             avail1 = psutil.virtual_memory().available
             cache = page_cache_bytes(files)
         finally:
@@ -187,7 +192,8 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
         "mode": mode, "n": n, "seconds": round(time.perf_counter() - t0, 1),
         "pss_mib": pss, "rss_mib": sum(r for r, _ in mem) / n / MiB, "tcg_code_mib": tcg / n / MiB,
         "page_cache_mib": cache / n / MiB, "pss_plus_cache_mib": pss + cache / n / MiB,
-        "memavailable_drop_mib": (avail0 - avail1) / n / MiB, **({"ksm": ksm} if ksm else {}),
+        "memavailable_drop_mib": (avail0 - avail1) / n / MiB, "pss_parts_mib": parts,
+        **({"ksm": ksm} if ksm else {}),
         **({"reclaim": reclaimed} if reclaimed else {}),
     }
 
@@ -263,6 +269,15 @@ def print_table(rows: list[dict[str, Any]], meta: dict[str, Any], idle: dict[str
                 kvm = 100 * (1 - (a["pss_mib"] - a["tcg_code_mib"]) / (b["pss_mib"] - b["tcg_code_mib"]))
                 print(f"      without TCG's translated code (what a KVM host does not pay): {kvm:.0f}% less by PSS "
                       f"({a['pss_mib'] - a['tcg_code_mib']:.1f} vs {b['pss_mib'] - b['tcg_code_mib']:.1f} MiB)")
+    parts = sorted({p for r in rows for p in r.get("pss_parts_mib", {})},
+                   key=lambda p: -max(r.get("pss_parts_mib", {}).get(p, 0) for r in rows))
+    if parts:
+        print("\nwhere the PSS goes (MiB per sandbox):")
+        print(f"{'N':>4} {'mode':14} " + " ".join(f"{p:>12}" for p in parts))
+        for r in rows:
+            if "pss_parts_mib" in r:
+                print(f"{r['n']:>4} {r['mode']:14} "
+                      + " ".join(f"{r['pss_parts_mib'].get(p, 0.0):>12.1f}" for p in parts))
     for r in rows:
         if "reclaim" in r:
             print(f"N={r['n']} reclaim: {r['reclaim']['freed_mib_per_sandbox']:.1f} MiB given back per sandbox "

@@ -12,7 +12,7 @@ import ctypes
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -145,6 +145,51 @@ def translated_code_of(pid: int) -> int:
     except OSError:
         return 0
     return total
+
+
+TCG_CODE = "TCG code"
+GUEST_RAM = "guest RAM"
+VMM_FILES = "VMM binaries"
+VMM_HEAP = "VMM heap"
+VMM_OTHER = "VMM anon"
+
+
+def memory_parts_of(pid: int, named_files: Mapping[Path, str] | None = None, ram_bytes: int = 0) -> dict[str, int]:
+    """PSS of a VMM process in bytes, by part (``/proc/PID/smaps`` grouped by mapping).
+
+    ``named_files`` names the mappings of given files (e.g. the template's memory file as
+    :data:`GUEST_RAM`, its root image as "root image"); an anonymous mapping of at least
+    ``ram_bytes`` is guest RAM held privately (a VM restored from a full snapshot); anonymous
+    ``rwx`` mappings are TCG's translation buffer; other file mappings are the VMM's binary and
+    libraries. Empty if the process is gone.
+    """
+    names = {str(k): v for k, v in (named_files or {}).items()}
+    parts: dict[str, int] = {}
+    part = VMM_OTHER
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                fields = line.split(maxsplit=5)
+                if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    if path in names:
+                        part = names[path]
+                    elif path == "[heap]":
+                        part = VMM_HEAP
+                    elif not path and fields[1] == "rwxp":
+                        part = TCG_CODE
+                    elif not path and ram_bytes and end - start >= ram_bytes:
+                        part = GUEST_RAM
+                    elif path.startswith("/"):
+                        part = VMM_FILES
+                    else:
+                        part = VMM_OTHER
+                elif fields and fields[0] == "Pss:":
+                    parts[part] = parts.get(part, 0) + int(fields[1]) * 1024
+    except OSError:
+        return {}
+    return parts
 
 
 def cpu_seconds_of(pid: int) -> float:
