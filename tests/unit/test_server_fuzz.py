@@ -37,9 +37,6 @@ def test_schemathesis_finds_no_server_errors(tmp_path: Path, api_key: str) -> No
                 # scenario had DELETEd that sandbox ("it was killed, 0 s ago"): 404 is the right
                 # answer there, so that one check is off; every other check stays.
                 "--exclude-checks", "ensure_resource_availability",
-                # Reclaim runs a command in the guest, which the stand-in agent cannot (it answers
-                # 502 here, rightly); tests/e2e/test_density.py covers it with real VMs.
-                "--exclude-path", "/sandboxes/{sandboxID}/reclaim",
             ]
             if api_key:
                 argv += ["-H", f"X-API-Key: {api_key}"]
