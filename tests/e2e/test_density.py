@@ -216,5 +216,9 @@ def test_density_benchmark_short_mode(e2e_config: Config, test_template: str, tm
     rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"trenvx", "e2b"}
     assert rows["trenvx"]["pss_mib"] < rows["e2b"]["pss_mib"]  # shared beats private copies
+    for row in rows.values():  # the breakdown accounts for the whole PSS (measured a moment apart)
+        assert abs(sum(row["pss_parts_mib"].values()) - row["pss_mib"]) < 0.1 * row["pss_mib"]
+    assert rows["trenvx"]["pss_parts_mib"]["guest RAM"] < rows["e2b"]["pss_parts_mib"]["guest RAM"] / 2
+    assert "where the PSS goes" in r.stdout
     assert "less memory per sandbox" in r.stdout
     assert not list((root / "sandboxes").iterdir())
