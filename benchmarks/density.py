@@ -49,7 +49,7 @@ from trenvx.layout import DataRoot
 from trenvx.sandbox.limits import Admission, Limits
 from trenvx.sandbox.manager import Sandbox, SandboxManager
 from trenvx.template.store import TemplateStore
-from trenvx.vmm.process import GUEST_RAM, memory_of, memory_parts_of, translated_code_of
+from trenvx.vmm.process import GUEST_RAM, TCG_CODE, memory_of, memory_parts_of
 
 MiB = 2**20
 WORKLOAD = (
@@ -177,7 +177,6 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
             else:
                 await asyncio.sleep(args.settle_s)
             mem = [memory_of(sb.pid) for sb in sandboxes]
-            tcg = sum(translated_code_of(sb.pid) for sb in sandboxes)
             named = {build.snapshot.memory_file: GUEST_RAM, build.rootfs: "root image"}
             parts: dict[str, float] = {}
             for sb in sandboxes:
@@ -190,7 +189,7 @@ async def measure(base: Config, template: str, mode: str, n: int, args: argparse
     pss = sum(p for _, p in mem) / n / MiB
     return {
         "mode": mode, "n": n, "seconds": round(time.perf_counter() - t0, 1),
-        "pss_mib": pss, "rss_mib": sum(r for r, _ in mem) / n / MiB, "tcg_code_mib": tcg / n / MiB,
+        "pss_mib": pss, "rss_mib": sum(r for r, _ in mem) / n / MiB, "tcg_code_mib": parts.get(TCG_CODE, 0.0),
         "page_cache_mib": cache / n / MiB, "pss_plus_cache_mib": pss + cache / n / MiB,
         "memavailable_drop_mib": (avail0 - avail1) / n / MiB, "pss_parts_mib": parts,
         **({"ksm": ksm} if ksm else {}),

@@ -130,24 +130,8 @@ def memory_of(pid: int) -> tuple[int, int]:
         return 0, 0
 
 
-def translated_code_of(pid: int) -> int:
-    """Bytes resident in a QEMU process's TCG translation buffer (its anonymous ``rwx`` mappings;
-    0 under KVM). It is private to each VM, so it is what a KVM host would not pay."""
-    total, inside = 0, False
-    try:
-        with open(f"/proc/{pid}/smaps") as f:
-            for line in f:
-                fields = line.split()
-                if fields and "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-                    inside = fields[1] == "rwxp" and len(fields) == 5
-                elif inside and fields[0] == "Rss:":
-                    total += int(fields[1]) * 1024
-    except OSError:
-        return 0
-    return total
-
-
 TCG_CODE = "TCG code"
+"""QEMU's TCG translation buffer (anonymous ``rwx``): private to each VM, absent under KVM."""
 GUEST_RAM = "guest RAM"
 VMM_FILES = "VMM binaries"
 VMM_HEAP = "VMM heap"
