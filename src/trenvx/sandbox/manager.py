@@ -52,6 +52,7 @@ from . import adopt
 from .lifecycle import InvalidTimeout, Reaper, check_timeout, deadline_after, extended_deadline
 from .limits import Admission, AdmissionError, Limits, LimitReached, OutOfMemory
 from .reclaim import PASS_DEADLINE_S, RECLAIM_AGAIN_S, Reclaimed, reclaim
+from ..network.policy import DEFAULT_POLICY, EgressPolicy
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
 from .restore import RestoredVm, SnapshotRestore
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
@@ -60,7 +61,8 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 
 __all__ = [
-    "AdmissionError", "CreateEvent", "InvalidTimeout", "LimitReached", "ManagerClosed", "OutOfMemory", "PortUnavailable",
+    "AdmissionError", "CreateEvent", "InvalidTimeout", "LimitReached", "ManagerClosed", "NetworkUnavailable", "OutOfMemory",
+    "PortUnavailable",
     "Sandbox", "SandboxConflict", "SandboxManager", "SandboxNotFound", "TemplateNotFound",
 ]
 
@@ -92,6 +94,10 @@ class PortUnavailable(RuntimeError):
 
 class SandboxConflict(RuntimeError):
     """The sandbox is not in a state that allows this (e.g. pausing a paused sandbox)."""
+
+
+class NetworkUnavailable(RuntimeError):
+    """Egress rules cannot be enforced for this sandbox (e.g. ``network = "user"``: no egress at all)."""
 
 
 END_REASONS = {
@@ -132,6 +138,14 @@ class Sandbox:
     paused: bool = False
     reclaimed_at: float = 0.0
     """``time.monotonic()`` of the last memory reclaim (0: never)."""
+    egress: EgressPolicy = DEFAULT_POLICY
+    """What the sandbox may reach outside (E2B's allowOut/denyOut; enforced by its network slot)."""
+    allow_public_traffic: bool = True
+    """False: requests proxied to the sandbox's ports (not the agent's) must carry
+    ``traffic_access_token`` in the ``e2b-traffic-access-token`` header (E2B's
+    ``network.allowPublicTraffic``)."""
+    traffic_access_token: str = ""
+    """Set when ``allow_public_traffic`` is False; empty otherwise."""
     _port_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
     _ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -330,8 +344,14 @@ class SandboxManager:
         env_vars: dict[str, str] | None = None,
         metadata: dict[str, str] | None = None,
         timeout_s: float | None = None,
+        egress: EgressPolicy | None = None,
+        allow_public_traffic: bool = True,
     ) -> Sandbox:
         """Restore a new sandbox from the current build of ``template`` (default: the config's).
+
+        ``egress``: what it may reach outside (default: everything the operator does not block);
+        ``allow_public_traffic=False``: its ports answer only requests carrying its
+        ``traffic_access_token``.
 
         Raises :class:`TemplateNotFound`, :class:`InvalidTimeout`, :class:`LimitReached`,
         :class:`OutOfMemory`, :class:`ManagerClosed`, or the restore's error.
@@ -487,6 +507,21 @@ class SandboxManager:
             del self._ended[i]
         if self.store is not None:
             self.store.prune_ended(cutoff)
+
+    # -- network --------------------------------------------------------------------------
+
+    async def set_network(self, sandbox_id: str, egress: EgressPolicy) -> Sandbox:
+        """Replace the egress rules of a running (or paused) sandbox (``PUT /sandboxes/{id}/network``).
+
+        Raises :class:`SandboxNotFound`, or :class:`NetworkUnavailable` where rules cannot be enforced.
+        """
+        sb = self.get(sandbox_id)
+        await self._apply_egress(sb, egress)
+        sb.egress = egress
+        return sb
+
+    async def _apply_egress(self, sb: Sandbox, egress: EgressPolicy) -> None:
+        raise NetworkUnavailable("egress rules are not wired yet")  # replaced by the network slot integration
 
     # -- pause and resume -----------------------------------------------------------------
 
