@@ -48,7 +48,7 @@ async def run_mode(restorer: SnapshotRestore, build: Any, mode: str, n: int) -> 
             t_hello = time.perf_counter() - t1
             assert res.stdout == b"Hello World\n", res
         finally:
-            await SnapshotRestore.destroy(r)
+            await restorer.destroy(r)
         ready.append(t_ready * 1000)
         hello.append(t_hello * 1000)
         for k, v in r.times.items():
@@ -75,7 +75,7 @@ async def idle_memory(restorer: SnapshotRestore, build: Any, settle_s: float, co
             "pss_mib": sum(m[1] for m in mem) / count / 2**20,
         }
     finally:
-        await asyncio.gather(*(SnapshotRestore.destroy(r) for r in sandboxes))
+        await asyncio.gather(*(restorer.destroy(r) for r in sandboxes))
 
 
 async def main() -> None:

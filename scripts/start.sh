@@ -22,6 +22,7 @@ CONFIG="${TRENVX_CONFIG:-$REPO/configs/example_config.toml}"
 APT_PACKAGES=(
     qemu-system-x86 qemu-utils buildah debootstrap debian-archive-keyring e2fsprogs
     busybox-static cpio tini xz-utils zstd sqlite3 iproute2 python3-venv
+    nftables util-linux  # network slots: libnftables for sandbox rules, nsenter to start a VMM in its namespace
     gcc libc6-dev  # builds src/trenvx/vmm/preload (QEMU 7.2 must not punch holes in templates)
 )
 

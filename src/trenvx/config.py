@@ -181,6 +181,75 @@ class PoolConfig(_Strict):
         return self
 
 
+class NetworkMode(str, Enum):
+    auto = "auto"
+    netns = "netns"
+    user = "user"
+
+
+DEFAULT_BLOCKED_CIDRS = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
+)
+"""Never reachable from a sandbox: this host's own and neighbouring networks (private ranges,
+carrier-grade NAT, link-local with the cloud metadata address 169.254.169.254, multicast)."""
+
+
+class NetworkConfig(_Strict):
+    """How sandboxes are networked (``[network]``).
+
+    ``netns`` (the default wherever it can run: root, network namespaces, tap, nftables): every
+    sandbox's VMM runs in a network namespace of its own (a *slot*) with a tap device; the guest
+    keeps the address baked into the snapshot (10.0.2.15) and the namespace translates it to the
+    slot's own address. The host reaches the guest only through that address; the guest reaches
+    neither the host nor other sandboxes, and its egress follows its rules (E2B's allowOut /
+    denyOut) below ``blocked_cidrs``. ``user``: QEMU's user networking, restricted: the guest
+    reaches nothing at all (no egress), the host reaches it through port forwards on 127.0.0.1.
+    ``auto``: netns where it works, else user with a warning (``trenvx doctor`` says why).
+
+    A template is built for one mode (its snapshot holds the network device's backend): changing
+    the mode rebuilds templates.
+    """
+
+    mode: NetworkMode = NetworkMode.auto
+    slot_cidr: str = "10.200.0.0/16"
+    """Addresses of the slots as the host sees them: a /30 per slot (host end, slot end)."""
+    blocked_cidrs: list[str] = Field(default_factory=lambda: list(DEFAULT_BLOCKED_CIDRS))
+    """Destinations no sandbox reaches, whatever its rules (the operator's word wins over allowOut)."""
+    route_without_nat: list[str] = Field(default_factory=list)
+    """Destinations reached with the slot's own address (routed, not masqueraded): for an
+    upstream that routes ``slot_cidr`` back to this host. Everything else is masqueraded."""
+    dns_upstreams: list[str] = Field(default_factory=list)
+    """Resolvers the host asks for sandboxes (``IP`` or ``IP:PORT``); empty: /etc/resolv.conf's."""
+    slot_pool: int = Field(default=4, ge=0, le=256)
+    """Slots (namespace, veth, tap, rules) made ahead of creates."""
+
+    @field_validator("slot_cidr")
+    @classmethod
+    def _slot_cidr(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            net = ipaddress.IPv4Network(v)
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not an IPv4 network such as 10.200.0.0/16 ({e})") from None
+        if net.prefixlen > 28:
+            raise ValueError(f"{v} holds fewer than 4 slots; use a /28 or larger (e.g. /16)")
+        return v
+
+    @field_validator("blocked_cidrs", "route_without_nat")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for c in v:
+            try:
+                ipaddress.IPv4Network(c, strict=False)
+            except ValueError:
+                raise ValueError(f"{c!r} is not an IPv4 address or CIDR block") from None
+        return v
+
+
 class TemplateManagerConfig(_Strict):
     template_id: str = "default-sandbox"
 
@@ -203,6 +272,7 @@ class Config(_Strict):
     template_manager: TemplateManagerConfig = TemplateManagerConfig()
     vmm: VmmConfig = VmmConfig()
     pool: PoolConfig = PoolConfig()
+    network: NetworkConfig = NetworkConfig()
     template: dict[str, TemplateConfig] = Field(default_factory=dict)
     source_path: Path | None = Field(default=None, exclude=True)
 

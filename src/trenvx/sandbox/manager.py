@@ -32,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import json
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -52,9 +54,12 @@ from . import adopt
 from .lifecycle import InvalidTimeout, Reaper, check_timeout, deadline_after, extended_deadline
 from .limits import Admission, AdmissionError, Limits, LimitReached, OutOfMemory
 from .reclaim import PASS_DEADLINE_S, RECLAIM_AGAIN_S, Reclaimed, reclaim
-from ..network.policy import DEFAULT_POLICY, EgressPolicy
+from ..config import NetworkMode
+from ..network import mode as network_mode
+from ..network.policy import DEFAULT_POLICY, EgressPolicy, PolicyError
+from ..network.slot import HostNetwork, NetworkSlot
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
-from .restore import RestoredVm, SnapshotRestore
+from .restore import SLOT_FILE, RestoredVm, SnapshotRestore, new_sandbox_id
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
 
 log = logging.getLogger(__name__)
@@ -251,7 +256,11 @@ class SandboxManager:
         orch = config.orchestrator
         self.data_root = DataRoot(config.data_root).ensure()
         self.templates = TemplateStore(self.data_root)
-        self.restorer = SnapshotRestore(config, self.data_root)
+        self.network_mode, self.network_reason = network_mode.resolve(config.network)
+        self.network: HostNetwork | None = (
+            HostNetwork(config.network, config.data_root) if self.network_mode is NetworkMode.netns else None
+        )
+        self.restorer = SnapshotRestore(config, self.data_root, self.network)
         self.keep = orch.keep_on_exit if keep is None else keep
         self.admission = admission or Admission(
             Limits(orch.max_sandboxes, orch.max_sandboxes_per_template, orch.memory_headroom_mb)
@@ -288,9 +297,19 @@ class SandboxManager:
         if self._started:
             return
         self._started = True
+        network_mode.warn_if_user(self.network_mode, self.network_reason)
+        if self.store is not None:
+            reap_stale_pooled(self.data_root)
+        if self.network is not None:
+            # Slots of sandboxes a previous server left running are kept (and taken back by
+            # _recover); every other slot of this data_root is removed.
+            keep = {s for rec in (self.store.running() if self.store is not None else [])
+                    if (s := read_network_state(Path(rec.workdir)).slot) is not None}
+            await self.network.start(keep=keep)
         if self.store is not None:
             await self._recover()
-            reap_stale_pooled(self.data_root)
+            if self.network is not None:
+                await self.network.sweep()
         self.reaper.start()
         if self._use_pools:
             for name in self.config.pool.templates or [self.config.default_template]:
@@ -313,9 +332,12 @@ class SandboxManager:
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
         if self._creating:
             await asyncio.gather(*self._creating, return_exceptions=True)
+        kept_slots: set[int] = set()
         if self.keep:
             for sb in list(self._sandboxes.values()):
                 await self._detach(sb)
+                if sb.restored.slot is not None:
+                    kept_slots.add(sb.restored.slot.index)
             log.info("left %d sandboxes running for the next server (--keep)", len(self._sandboxes))
             self._sandboxes.clear()
         else:
@@ -323,6 +345,8 @@ class SandboxManager:
             await asyncio.gather(*(self.kill(i, reason="shutdown") for i in ids), return_exceptions=True)
         while self._finishing:  # kills in flight (reaper, death watchers) complete before we go
             await asyncio.gather(*list(self._finishing), return_exceptions=True)
+        if self.network is not None:
+            await self.network.close(keep=kept_slots)
         if self.store is not None:
             self.store.close()
 
@@ -367,15 +391,23 @@ class SandboxManager:
             self.config.orchestrator.max_timeout_s,
         )
         build = self.templates.current(name)
+        if self.network is None and egress is not None and (egress.allow_cidrs or egress.allow_domains):
+            raise NetworkUnavailable(
+                "this server runs sandboxes on QEMU user networking, isolated: they have no egress at all, so "
+                f"allowOut cannot be honoured (network namespaces are not available here: {self.network_reason}; "
+                "see trenvx doctor)"
+            )
         task = asyncio.get_running_loop().create_task(
-            self._create(build, name, dict(env_vars or {}), dict(metadata or {}), timeout)
+            self._create(build, name, dict(env_vars or {}), dict(metadata or {}), timeout,
+                         egress or DEFAULT_POLICY, allow_public_traffic)
         )
         self._creating.add(task)
         task.add_done_callback(self._creating.discard)
         return await asyncio.shield(task)
 
     async def _create(
-        self, build: TemplateBuild, name: str, env_vars: dict[str, str], metadata: dict[str, str], timeout: float
+        self, build: TemplateBuild, name: str, env_vars: dict[str, str], metadata: dict[str, str], timeout: float,
+        egress: EgressPolicy = DEFAULT_POLICY, allow_public_traffic: bool = True,
     ) -> Sandbox:
         t0 = time.perf_counter()
         source = "cold"
@@ -390,7 +422,7 @@ class SandboxManager:
             pass  # refused below, with its event recorded
         try:
             with self.admission.starting(name, build.machine.mem_mb):
-                restored = await self._restore(build, name, env_vars)
+                restored = await self._restore(build, name, env_vars, egress)
                 source = restored.source
         except BaseException as e:
             self._observe(CreateEvent(name, source, {}, time.perf_counter() - t0, type(e).__name__))
@@ -400,7 +432,10 @@ class SandboxManager:
             restored, template=name, created_at=now, metadata=metadata, env_vars=env_vars,
             end_at=deadline_after(timeout, now),
             pid_started_at=adopt.process_started_at(restored.vm.pid) or time.time(),
+            egress=egress, allow_public_traffic=allow_public_traffic,
+            traffic_access_token="" if allow_public_traffic else secrets.token_urlsafe(24),
         )
+        write_network_state(sb)
         self._register(sb)
         total = time.perf_counter() - t0
         self._observe(CreateEvent(name, source, dict(restored.times), total, "ok"))
@@ -412,19 +447,24 @@ class SandboxManager:
             await self.kill(sb.id, reason="shutdown")
         return sb
 
-    async def _restore(self, build: TemplateBuild, name: str, env_vars: dict[str, str]) -> RestoredVm:
-        """From the pool (hot: identity only; warm: load, resume, identity) or, when empty, from scratch."""
+    async def _restore(
+        self, build: TemplateBuild, name: str, env_vars: dict[str, str], egress: EgressPolicy = DEFAULT_POLICY,
+    ) -> RestoredVm:
+        """From the pool (hot: identity only; warm: load, resume, identity) or, when empty, from scratch.
+
+        The sandbox's egress rules are in place before its VM runs on the create path."""
         pool = self.pools.get(name)
         item = pool.take(build) if pool is not None else None
         if item is not None:
-            item.prepared[2].clear()  # stages done ahead of the create are not on its path
+            item.prepared.times.clear()  # stages done ahead of the create are not on its path
             try:
+                await self._apply_slot_egress(item.prepared.slot, egress, item.prepared.times)
                 if item.tier == "warm":
                     await self.restorer.start(build, item.prepared)
                 else:
                     t0 = time.perf_counter()
                     await item.vm.resume()
-                    item.prepared[2]["resume"] = time.perf_counter() - t0
+                    item.prepared.times["resume"] = time.perf_counter() - t0
                 restored = await self.restorer.activate(build, item.sandbox_id, item.prepared, env_vars)
                 restored.source = item.tier
                 return restored
@@ -432,7 +472,24 @@ class SandboxManager:
                 log.warning("a %s pooled VM of %s failed (%s); restoring into a new VMM process", item.tier, name, e)
                 with contextlib.suppress(Exception):
                     await item.discard()
-        return await self.restorer.restore(build, env_vars=env_vars, kill_with_owner=not self.keep)
+        sandbox_id = new_sandbox_id()
+        prepared = await self.restorer.prepare(build, sandbox_id, kill_with_owner=not self.keep)
+        try:
+            await self._apply_slot_egress(prepared.slot, egress, prepared.times)
+        except BaseException:
+            await prepared.vm.kill()
+            shutil.rmtree(prepared.workdir, ignore_errors=True)
+            await self.restorer.release_slot(prepared.slot)
+            raise
+        return await self.restorer.restore(build, sandbox_id=sandbox_id, env_vars=env_vars, prepared=prepared)
+
+    @staticmethod
+    async def _apply_slot_egress(slot: NetworkSlot | None, egress: EgressPolicy, times: dict[str, float]) -> None:
+        if slot is None or egress == slot.egress:
+            return
+        t0 = time.perf_counter()
+        await slot.apply(egress)
+        times["net_rules"] = time.perf_counter() - t0
 
     def _observe(self, event: CreateEvent) -> None:
         for observer in self.observers:
@@ -521,7 +578,18 @@ class SandboxManager:
         return sb
 
     async def _apply_egress(self, sb: Sandbox, egress: EgressPolicy) -> None:
-        raise NetworkUnavailable("egress rules are not wired yet")  # replaced by the network slot integration
+        slot = sb.restored.slot
+        if slot is None:
+            if egress.allow_cidrs or egress.allow_domains:
+                raise NetworkUnavailable(
+                    f"sandbox {sb.id} runs with QEMU user networking, isolated: it has no egress at all, so "
+                    "allowOut cannot be honoured (network namespaces are not available here: "
+                    f"{self.network_reason}; see trenvx doctor)"
+                )
+            return
+        await slot.apply(egress)
+        sb.egress = egress
+        write_network_state(sb)
 
     # -- pause and resume -----------------------------------------------------------------
 
@@ -617,6 +685,8 @@ class SandboxManager:
             return sb.agent_endpoint
         if not 1 <= port <= 65535:
             raise PortUnavailable(f"port {port} is not a TCP port (1-65535)")
+        if sb.restored.slot is not None:
+            return TcpEndpoint(sb.restored.slot.guest_address, port)  # DNAT to the guest in its namespace
         if port in sb.ports:
             return TcpEndpoint("127.0.0.1", sb.ports[port])
         if isinstance(sb.agent_endpoint, HybridVsockEndpoint):
@@ -677,7 +747,7 @@ class SandboxManager:
             current = asyncio.current_task()
             if sb._watcher is not None and sb._watcher is not current:
                 sb._watcher.cancel()
-            await SnapshotRestore.destroy(sb.restored)
+            await self.restorer.destroy(sb.restored)
         finally:
             sb._ended.set()
 
@@ -730,8 +800,23 @@ class SandboxManager:
                 f"it is recorded as a {vmm.value} VM but its template build {path} was made with {manifest.vmm_type}"
             )
         workdir = Path(rec.workdir)
-        spec = self.restorer.vm_spec(build, rec.id, workdir, kill_with_owner=False)
-        vm = await adopt.attach(vmm, spec, rec.pid, rec.agent_port)
+        net = read_network_state(workdir)
+        slot: NetworkSlot | None = None
+        if net.slot is not None:
+            if self.network is None:
+                raise RuntimeError(f"it runs in network slot {net.slot} but this server has no network namespaces")
+            slot = await self.network.adopt(net.slot)
+        elif self.network is not None:
+            raise RuntimeError("it runs on QEMU user networking but this server runs sandboxes in network namespaces")
+        try:
+            if slot is not None:
+                await slot.apply(net.egress)
+            spec = self.restorer.vm_spec(build, rec.id, workdir, kill_with_owner=False, slot=slot)
+            vm = await adopt.attach(vmm, spec, rec.pid, rec.agent_port)
+        except BaseException:
+            if slot is not None:
+                await slot.close_services()
+            raise
         try:
             # A paused sandbox's agent cannot answer (its vCPUs are stopped): the VMM answering its
             # control socket (attach) is the check for it.
@@ -741,15 +826,18 @@ class SandboxManager:
                         raise RuntimeError(f"its agent does not answer /health at {vm.agent_endpoint.describe()}")
         except BaseException:
             await adopt.release(vm)
+            if slot is not None:
+                await slot.close_services()
             raise
         restored = RestoredVm(
             sandbox_id=rec.id, build=build, vm=vm, agent=AgentClient.for_endpoint(vm.agent_endpoint, access_token=rec.access_token),
-            access_token=rec.access_token, workdir=workdir, times=dict(rec.start_times), source="adopted",
+            access_token=rec.access_token, workdir=workdir, slot=slot, times=dict(rec.start_times), source="adopted",
         )
         return Sandbox(
             restored, template=rec.template, created_at=rec.created_at, metadata=dict(rec.metadata),
             env_vars=dict(rec.env_vars), end_at=rec.end_at, pid_started_at=rec.pid_started_at, adopted=True,
-            ports=dict(rec.ports), paused=rec.state == PAUSED,
+            ports=dict(rec.ports), paused=rec.state == PAUSED, egress=net.egress,
+            allow_public_traffic=net.allow_public_traffic, traffic_access_token=net.traffic_access_token,
         )
 
     def _cleanup_record(self, rec: SandboxRecord, reason: str) -> None:
@@ -786,3 +874,44 @@ class SandboxManager:
                 continue
             shutil.rmtree(d, ignore_errors=True)
             log.info("removed orphaned sandbox directory %s", d)
+
+
+# -- a sandbox's network, on disk for a restarted server ---------------------------------------
+
+NETWORK_STATE = "network.json"
+
+
+@dataclass(frozen=True)
+class NetworkState:
+    slot: int | None = None
+    egress: EgressPolicy = DEFAULT_POLICY
+    allow_public_traffic: bool = True
+    traffic_access_token: str = ""
+
+
+def write_network_state(sb: Sandbox) -> None:
+    """Record the sandbox's egress rules and traffic token next to its VM (its slot number is in
+    SLOT_FILE, written when the slot was taken)."""
+    e = sb.egress
+    doc = {
+        "allowOut": list(e.allow_out), "denyOut": list(e.deny_out), "dnsServers": list(e.dns_servers),
+        "allowPublicTraffic": sb.allow_public_traffic, "trafficAccessToken": sb.traffic_access_token,
+    }
+    path = sb.restored.workdir / NETWORK_STATE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def read_network_state(workdir: Path) -> NetworkState:
+    slot: int | None = None
+    with contextlib.suppress(OSError, ValueError):
+        slot = int((workdir / SLOT_FILE).read_text().strip())
+    try:
+        doc = json.loads((workdir / NETWORK_STATE).read_text())
+        egress = EgressPolicy.from_e2b(
+            allow_out=doc.get("allowOut") or [], deny_out=doc.get("denyOut") or [], dns_servers=doc.get("dnsServers"),
+        )
+        return NetworkState(slot, egress, bool(doc.get("allowPublicTraffic", True)), str(doc.get("trafficAccessToken", "")))
+    except (OSError, ValueError, PolicyError):
+        return NetworkState(slot)

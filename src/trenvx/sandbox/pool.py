@@ -65,15 +65,16 @@ class PooledVm:
     sandbox_id: str
     prepared: PreparedVm
     tier: Tier
+    restorer: SnapshotRestore | None = None
     made_at: float = field(default_factory=time.monotonic)
 
     @property
     def vm(self):  # noqa: ANN201 - trenvx.vmm.Vm
-        return self.prepared[0]
+        return self.prepared.vm
 
     @property
     def workdir(self) -> Path:
-        return self.prepared[1]
+        return self.prepared.workdir
 
     def mark(self) -> None:
         """Write the ``pooled`` marker (pid and start time), so a crashed server's successor can reap it."""
@@ -85,8 +86,12 @@ class PooledVm:
             (self.workdir / POOLED_MARKER).unlink()
 
     async def discard(self) -> None:
-        await self.vm.kill()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            await self.vm.kill()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        finally:
+            if self.restorer is not None:
+                await self.restorer.release_slot(self.prepared.slot)
 
 
 @dataclass
@@ -245,8 +250,8 @@ class TemplatePool:
         try:
             sid = new_sandbox_id()
             prepared = await self.restorer.prepare(build, sid, kill_with_owner=self.kill_with_owner)
-            set_priority(prepared[0].pid, REFILL_NICE)
-            item = PooledVm(build, sid, prepared, "warm")
+            set_priority(prepared.vm.pid, REFILL_NICE)
+            item = PooledVm(build, sid, prepared, "warm", restorer=self.restorer)
             try:
                 item.mark()
                 if tier == "hot":

@@ -30,7 +30,19 @@ from ..vmm import (
 )
 from ..vmm.hostfs import clone_file
 from ..config import VmmType
+from ..network.slot import HostNetwork, NetworkSlot
 from .disk import create_overlay
+
+SLOT_FILE = "net-slot"
+"""In a sandbox's directory: the number of its network slot (for the server after a restart)."""
+
+
+def network_fields(slot: NetworkSlot | None) -> dict[str, Any]:
+    """The VmSpec fields of a VM in ``slot`` (a tap in its namespace) or, without one, of an
+    isolated sandbox on QEMU's user networking."""
+    if slot is None:
+        return {"isolated_user_net": True}
+    return slot.vm_fields()
 
 OVERLAY = "disk.qcow2"
 INIT_TIMEOUT_S = 120.0
@@ -45,8 +57,16 @@ def new_sandbox_id() -> str:
     return secrets.choice(alphabet[:26]) + "".join(secrets.choice(alphabet) for _ in range(19))
 
 
-PreparedVm = tuple[Vm, Path, dict[str, float]]
-"""A VMM process with its disk, before identity: (vm, sandbox workdir, stage seconds so far)."""
+@dataclass(eq=False)
+class PreparedVm:
+    """A VMM process with its disk (and network slot), before identity."""
+
+    vm: Vm
+    workdir: Path
+    times: dict[str, float] = field(default_factory=dict)
+    """Stage seconds so far."""
+    slot: NetworkSlot | None = None
+    """The sandbox's network namespace (``network = "netns"``); None with user networking."""
 
 
 @dataclass
@@ -57,6 +77,7 @@ class RestoredVm:
     agent: AgentClient
     access_token: str
     workdir: Path
+    slot: NetworkSlot | None = None
     times: dict[str, float] = field(default_factory=dict)
     """Seconds of each stage done on the create path (stages a pool did earlier are not in it)."""
     source: str = "cold"
@@ -66,9 +87,11 @@ class RestoredVm:
 class SnapshotRestore:
     """Restores sandboxes from template builds with the VMM each build was made with."""
 
-    def __init__(self, config: Config, data_root: DataRoot) -> None:
+    def __init__(self, config: Config, data_root: DataRoot, network: HostNetwork | None = None) -> None:
         self.config = config
         self.data_root = data_root
+        self.network = network
+        """Where sandboxes get their network slots; None: QEMU user networking, isolated."""
         self._drivers: dict[str, VmmDriver] = {}
 
     def driver(self, build: TemplateBuild) -> VmmDriver:
@@ -84,14 +107,28 @@ class SnapshotRestore:
     def mode(self) -> StartMode:
         return self.config.orchestrator.start_mode
 
-    def vm_spec(self, build: TemplateBuild, sandbox_id: str, workdir: Path, *, kill_with_owner: bool = True) -> VmSpec:
+    def vm_spec(
+        self, build: TemplateBuild, sandbox_id: str, workdir: Path, *, kill_with_owner: bool = True,
+        slot: NetworkSlot | None = None,
+    ) -> VmSpec:
         own = self._disk(build, workdir)
         return VmSpec(
             name=sandbox_id, workdir=workdir / "vm", machine=build.machine,
             memory_file=build.snapshot.memory_file, memory_shared=False,
             anonymous_memory=self.mode is not StartMode.snapshot,
-            kill_with_owner=kill_with_owner, **self._disks(build, own),
+            kill_with_owner=kill_with_owner, **self._disks(build, own), **network_fields(slot),
         )
+
+    def check_network(self, build: TemplateBuild) -> None:
+        """A build restores only with the network backend it was made with (see ``vmm.qemu.netdev_arg``)."""
+        want = "netns" if self.network is not None else "user"
+        built = build.manifest.inputs.get("network", "user")
+        if built != want:
+            raise VmmError(
+                f"template {build.manifest.name} (build {build.build_id}) was built for {built} networking and "
+                f"this server runs sandboxes with {want} networking; rebuild it: template-manager --config "
+                f"CONFIG -t {build.manifest.name}"
+            )
 
     @staticmethod
     def _disks(build: TemplateBuild, own: DiskSpec) -> dict[str, Any]:
@@ -114,12 +151,19 @@ class SnapshotRestore:
         With ``start_mode = "boot"`` the process boots the template's kernel instead.
         """
         times: dict[str, float] = {}
+        self.check_network(build)
         workdir = self.data_root.sandbox_dir(sandbox_id)
         workdir.mkdir(parents=True)
+        slot: NetworkSlot | None = None
         try:
             t0 = time.perf_counter()
+            if self.network is not None:
+                slot = await self.network.acquire()
+                times["net"] = time.perf_counter() - t0
+                (workdir / SLOT_FILE).write_text(str(slot.index))
+            t0 = time.perf_counter()
             own = self._disk(build, workdir)
-            spec = self.vm_spec(build, sandbox_id, workdir, kill_with_owner=kill_with_owner)
+            spec = self.vm_spec(build, sandbox_id, workdir, kill_with_owner=kill_with_owner, slot=slot)
             if own.format == "qcow2":
                 await create_overlay(build.writable_base, own.path)
             else:
@@ -131,8 +175,13 @@ class SnapshotRestore:
             times["spawn"] = time.perf_counter() - t1
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
+            await self.release_slot(slot)
             raise
-        return vm, workdir, times
+        return PreparedVm(vm, workdir, times, slot)
+
+    async def release_slot(self, slot: NetworkSlot | None) -> None:
+        if slot is not None and self.network is not None:
+            await self.network.release(slot)
 
     async def full_snapshot(self, build: TemplateBuild) -> SnapshotFiles:
         """The build's snapshot with guest RAM in the stream (made once, cached by build id)."""
@@ -153,18 +202,20 @@ class SnapshotRestore:
                     shutil.rmtree(old, ignore_errors=True)
             workdir = self.data_root.sandbox_dir(f"full-{new_sandbox_id()}")
             workdir.mkdir(parents=True)
+            slot = await self.network.acquire() if self.network is not None else None
             try:
                 spec = dataclasses.replace(
-                    self.vm_spec(build, workdir.name, workdir), anonymous_memory=False,
+                    self.vm_spec(build, workdir.name, workdir, slot=slot), anonymous_memory=False,
                     **self._disks(build, DiskSpec(build.writable_base, "raw", read_only=True)),
                 )
                 return await make(spec, build.snapshot, dest)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
+                await self.release_slot(slot)
 
     async def start(self, build: TemplateBuild, prepared: PreparedVm) -> None:
         """Load the snapshot into a prepared VMM process and resume it (no identity yet)."""
-        vm, workdir, times = prepared
+        vm, workdir, times = prepared.vm, prepared.workdir, prepared.times
         try:
             if self.mode is StartMode.boot:
                 t0 = time.perf_counter()
@@ -181,13 +232,14 @@ class SnapshotRestore:
         except BaseException:
             await vm.kill()
             shutil.rmtree(workdir, ignore_errors=True)
+            await self.release_slot(prepared.slot)
             raise
 
     async def activate(
         self, build: TemplateBuild, sandbox_id: str, prepared: PreparedVm, env_vars: dict[str, str] | None = None,
     ) -> RestoredVm:
         """Give a running guest its identity (the agent's first reply of this sandbox)."""
-        vm, workdir, times = prepared
+        vm, workdir, times = prepared.vm, prepared.workdir, prepared.times
         token = secrets.token_urlsafe(24)
         agent = AgentClient.for_endpoint(vm.agent_endpoint, timeout=INIT_TIMEOUT_S)
         try:
@@ -201,11 +253,12 @@ class SnapshotRestore:
             await agent.aclose()
             await vm.kill()
             shutil.rmtree(workdir, ignore_errors=True)
+            await self.release_slot(prepared.slot)
             raise
         await agent.aclose()
         return RestoredVm(
             sandbox_id=sandbox_id, build=build, vm=vm, agent=AgentClient.for_endpoint(vm.agent_endpoint, access_token=token),
-            access_token=token, workdir=workdir, times=times,
+            access_token=token, workdir=workdir, slot=prepared.slot, times=times,
         )
 
     async def restore(
@@ -223,11 +276,13 @@ class SnapshotRestore:
         await self.start(build, prepared)
         return await self.activate(build, sandbox_id, prepared, env_vars)
 
-    @staticmethod
-    async def destroy(restored: RestoredVm) -> None:
-        """Kill the VM and remove every file of the sandbox."""
+    async def destroy(self, restored: RestoredVm) -> None:
+        """Kill the VM, remove every file of the sandbox and its network slot."""
         try:
             await restored.agent.aclose()
         finally:
-            await restored.vm.kill()
-            shutil.rmtree(restored.workdir, ignore_errors=True)
+            try:
+                await restored.vm.kill()
+                shutil.rmtree(restored.workdir, ignore_errors=True)
+            finally:
+                await self.release_slot(restored.slot)

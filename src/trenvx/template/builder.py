@@ -38,6 +38,8 @@ from ..kernel.debian import ensure_kernel
 from ..kernel.initramfs import BUILDER_VERSION as INITRAMFS_VERSION
 from ..kernel.initramfs import INIT_SCRIPT, WANTED_MODULES, ensure_initramfs
 from ..layout import DataRoot
+from ..network import mode as network_mode
+from ..network.slot import HostNetwork, NetworkSlot
 from ..vmm import DiskSpec, MachineSpec, VmSpec, driver_for
 from ..vmm.accel import choose_accelerator
 from ..vmm.base import Vm
@@ -127,6 +129,14 @@ class TemplateBuilder:
         self.store = TemplateStore(self.data_root)
         self.reporter = reporter or LogReporter()
 
+    def network_kind(self, tpl: TemplateConfig) -> str:
+        """``netns`` (a tap in a network slot) or ``user`` (QEMU's user networking): what sandboxes of
+        this template will run with on this host. VMMs without a NIC (vsock only) are ``user``."""
+        if tpl.vmm_type is not VmmType.qemu:
+            return "user"
+        mode, _ = network_mode.resolve(self.config.network)
+        return mode.value
+
     def resolved(self, tpl: TemplateConfig) -> TemplateConfig:
         """``tpl`` with its defaults that depend on the VMM decided (``overlay``: on with QEMU, where
         it was measured; Cloud Hypervisor has virtio-pmem too, but has not run here)."""
@@ -147,6 +157,8 @@ class TemplateBuilder:
             # The guest's early setup (overlay root, memory reporting) is in the snapshot's RAM.
             "initramfs": _digest([INITRAMFS_VERSION, INIT_SCRIPT.read_text(), WANTED_MODULES]),
             "devices": driver_for(tpl.vmm_type, self.config).device_layout,
+            # The NIC's backend is in the snapshot: a tap in a network slot, or user networking.
+            "network": self.network_kind(tpl),
             "trenvx": __version__,
         }
         return _digest(inputs), inputs
@@ -234,11 +246,21 @@ class TemplateBuilder:
             vcpu=tpl.vcpu, mem_mb=tpl.mem_mb, accelerator=accel.name, kernel=kernel.bzimage, initrd=initrd,
             cmdline=kernel_cmdline(accel.name, tpl.overlay), tcg_tb_size_mb=self.config.vmm.tcg_tb_size_mb,
         )
+        network: HostNetwork | None = None
+        slot: NetworkSlot | None = None
+        if inputs["network"] == "netns":
+            # The build VM runs in a network slot of its own, so that the snapshot's NIC has the
+            # tap backend sandboxes restore into. Its egress is open (the start command is the
+            # operator's, and may install things).
+            network = HostNetwork(self.config.network, self.data_root.root, owner=f"build_{os.getpid()}")
+            await network.start(sweep=False)
+            slot = await network.acquire()
         spec = VmSpec(
             name=f"build-{tpl.name}", workdir=staging / "vm", machine=machine,
             memory_file=staging / MEMORY, memory_shared=True,
             root_disk=DiskSpec(staging / ROOTFS, "raw", read_only=tpl.overlay),
             root_on_pmem=tpl.overlay, scratch_disk=DiskSpec(staging / UPPER, "raw") if tpl.overlay else None,
+            **(slot.vm_fields() if slot is not None else {}),
         )
         driver = driver_for(tpl.vmm_type, self.config)
         vm: Vm | None = None
@@ -270,6 +292,8 @@ class TemplateBuilder:
         finally:
             if vm is not None:
                 await vm.kill()
+            if network is not None:
+                await network.close()
 
         async def publish_stage() -> TemplateBuild:
             shutil.rmtree(staging / "vm", ignore_errors=True)

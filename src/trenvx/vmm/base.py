@@ -75,8 +75,16 @@ class VmSpec:
     kill_with_owner: bool = True
     """Kill the VMM when the process that started it dies (off for servers that adopt VMs on restart)."""
     net_tap: str = ""
-    """A host tap device for the guest's eth0 (Firecracker, Cloud Hypervisor); empty: no network
-    device, the agent is reached over vsock. QEMU uses its user networking instead."""
+    """A tap device for the guest's eth0 (in ``netns`` when that is set); empty: QEMU's user
+    networking (Firecracker, Cloud Hypervisor: no network device, the agent over vsock)."""
+    netns: str = ""
+    """A named network namespace (``/run/netns/NAME``) the VMM process runs in; its tap is there."""
+    guest_address: str = ""
+    """Where the host reaches the guest's ports when it has a tap network (the slot's address);
+    empty: through the VMM's port forwards on 127.0.0.1."""
+    isolated_user_net: bool = False
+    """QEMU user networking with ``restrict=on``: the guest reaches nothing (only the port forwards
+    the host adds reach it). For sandboxes on hosts without network namespaces."""
     root_on_pmem: bool = False
     """Attach ``root_disk`` as virtio-pmem, read-only and shared (the guest maps the one image with
     DAX, no copy in its page cache), instead of virtio-blk. The guest's writes go to ``scratch_disk``

@@ -26,7 +26,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from ..config import AGENT_PORT
-from .base import SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, VmState
+from .base import AgentEndpoint, SnapshotFiles, StageTimes, TcpEndpoint, Vm, VmmDriver, VmmError, VmSpec, VmState
 from .preload import ensure_keep_readonly_files
 from .process import VmmProcess
 
@@ -102,7 +102,7 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
         "-machine", "q35,memory-backend=mem,smbus=off,sata=off,vmport=off",
         "-serial", f"file:{spec.workdir / 'console.log'}",
         "-drive", drive, "-device", "virtio-blk-pci,drive=root,id=rootdev",
-        "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{spec.agent_host_port}-:{AGENT_PORT}",
+        "-netdev", netdev_arg(spec),
         "-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56",
         "-device", "vmgenid,id=vmgen0,guid=auto",
         "-device", "virtio-rng-pci,id=rng0",
@@ -114,6 +114,10 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
         "-qmp", f"unix:{spec.workdir / 'qmp.sock'},server=on,wait=off",
         *pmem,
     ]
+    if spec.netns:
+        # QEMU runs inside the sandbox's network namespace (it opens the tap there, and a QEMU
+        # compromised by its guest sees only that namespace). nsenter execs QEMU: same pid.
+        argv = ["nsenter", f"--net=/run/netns/{spec.netns}", "--", *argv]
     if incoming:
         # The kernel and initrd are already in the snapshot's RAM: loading them again would only
         # cost each sandbox ~14 MiB of private memory (measured), so a restore omits them.
@@ -121,6 +125,18 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
     else:
         argv += ["-kernel", str(m.kernel), "-initrd", str(m.initrd), "-append", m.cmdline]
     return argv
+
+
+def netdev_arg(spec: VmSpec) -> str:
+    """The guest NIC's backend: the slot's tap, or user networking with the agent's port forward
+    (``restrict=on`` for isolated sandboxes: the guest reaches neither the host nor the outside).
+
+    The backend is part of the snapshot (user networking saves a ``slirp`` section): a template is
+    restored with the kind of backend it was built with."""
+    if spec.net_tap:
+        return f"tap,id=net0,ifname={spec.net_tap},script=no,downscript=no"
+    restrict = ",restrict=on" if spec.isolated_user_net else ""
+    return f"user,id=net0{restrict},hostfwd=tcp:127.0.0.1:{spec.agent_host_port}-:{AGENT_PORT}"
 
 
 def _find_forward(usernet: object, guest_port: int) -> int:
@@ -141,6 +157,12 @@ class QemuVm(Vm):
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def agent_endpoint(self) -> AgentEndpoint:
+        if self.spec.guest_address:
+            return TcpEndpoint(self.spec.guest_address, AGENT_PORT)
+        return TcpEndpoint("127.0.0.1", self.agent_port)
 
     def is_alive(self) -> bool:
         return self.process.is_alive()
@@ -170,7 +192,10 @@ class QemuVm(Vm):
         self.state = VmState.running
 
     async def forward_port(self, guest_port: int) -> int:
-        """A host port on 127.0.0.1 forwarded to ``guest_port`` of the guest (added once, then reused)."""
+        """A host port on 127.0.0.1 forwarded to ``guest_port`` of the guest (added once, then reused).
+        With a tap network there is no forward: the port is reached at the guest's address."""
+        if self.spec.guest_address:
+            return guest_port
         if guest_port == AGENT_PORT:
             return self.agent_port
         found = _find_forward(await self.execute("human-monitor-command", {"command-line": "info usernet"}), guest_port)
@@ -262,7 +287,9 @@ class QemuDriver(VmmDriver):
                 ) from None
             raise
         vm = QemuVm(spec, process, qmp, VmState.incoming if incoming else VmState.running)
-        if not spec.agent_host_port:
+        if spec.guest_address:
+            vm.agent_port = AGENT_PORT
+        elif not spec.agent_host_port:
             try:
                 vm.agent_port = await self._forwarded_port(vm)
             except BaseException:
