@@ -327,6 +327,33 @@ class AgentClient:
             raise _error_from_response(response.status_code, response.content)
         return dict(response.json())
 
+    async def forward_port(self, port: int, *, timeout: float | None = None) -> bool:
+        """Ask the agent to relay ``port``, bound to the guest's loopback, to the guest's address
+        (``POST /ports/forward``; idempotent, see :mod:`trenvx.guest.agent.ports`).
+
+        True: a relay carries the port now (made by this call or an earlier one), so connecting
+        again is worth it. False: nothing listens on the guest's loopback on that port, or the port
+        already listens on the guest's address (a relay would not help), or the agent predates
+        this endpoint (it answers 404 too). Raises :class:`AgentError` for other answers (401: a
+        wrong token; 429: too many relays) and ``httpx`` errors when the agent cannot be reached.
+        """
+        response = await self._http.post(
+            "/ports/forward", json={"port": port}, headers=self._headers(rpc=False),
+            timeout=timeout if timeout is not None else self.timeout,
+        )
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise _error_from_response(response.status_code, response.content)
+        return bool(response.json().get("forwarded"))
+
+    async def forwarded_ports(self) -> list[dict[str, Any]]:
+        """The agent's relays now: ``address``, ``port``, ``target``, ``connections`` each."""
+        response = await self._http.get("/ports/forward", headers=self._headers(rpc=False))
+        if response.status_code != 200:
+            raise _error_from_response(response.status_code, response.content)
+        return list(response.json().get("relays", []))
+
     # ------------------------------------------------------------------ Connect plumbing
     async def _unary(self, method: str, message: dict[str, Any], user: str | None = None,
                      timeout: float | None = None) -> dict[str, Any]:

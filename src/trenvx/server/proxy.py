@@ -15,6 +15,20 @@ use); on Firecracker and Cloud Hypervisor, the agent's port through the VM's hyb
 of :mod:`.upstreams`; a websocket opens its own connection (a TCP connect, or
 :func:`~trenvx.guest.vsock.vsock_socket` for vsock).
 
+Servers bound to the guest's loopback (``--bind 127.0.0.1``): the host's connections arrive on the
+guest's own address, where such a server does not listen. When a connection to a port other than
+the agent's fails before any answer (refused; or, behind QEMU's user networking, accepted by QEMU
+and closed), the proxy asks the sandbox's agent to relay that port
+(:meth:`~trenvx.guest.client.AgentClient.forward_port`, made once and kept by the agent, see
+:mod:`trenvx.guest.agent.ports`) and connects once more. The request body read by the first try
+is kept (up to :data:`REPLAY_LIMIT`) and sent again; a larger one is not retried. Nothing polls:
+the guest hears of it only when someone connects.
+
+Private sandboxes (created with ``network.allowPublicTraffic: false``): every port but the agent's
+answers only requests whose ``e2b-traffic-access-token`` header holds the sandbox's traffic access
+token, else 403 with E2B's messages (header missing / token invalid). That header is never passed
+into the sandbox.
+
 Errors follow E2B's proxy, whose messages E2B's SDKs recognise: 502 ``The sandbox ... was not
 found`` (killed, timed out or never existed) and 502 ``... port is not open``.
 """
@@ -23,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +46,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from ..config import AGENT_PORT
 from ..guest.endpoint import AgentEndpoint, HybridVsockEndpoint
 from ..sandbox.manager import PortUnavailable, SandboxConflict, SandboxManager, SandboxNotFound
 from .errors import error_body
@@ -44,15 +60,22 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SANDBOX_ID_HEADER = b"e2b-sandbox-id"
 SANDBOX_PORT_HEADER = b"e2b-sandbox-port"
+TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
+"""E2B's header for the traffic access token of a sandbox whose ports are not public."""
 HOST_RE = re.compile(r"^(\d{1,5})-([a-z0-9][a-z0-9-]{0,63})\.(.+)$")
 
 HOP_BY_HOP = {
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
 }
-REQUEST_DROP = HOP_BY_HOP | {SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER}
+REQUEST_DROP = HOP_BY_HOP | {SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOKEN_HEADER}
 WS_REQUEST_DROP = REQUEST_DROP | {b"host", b"sec-websocket-key", b"sec-websocket-version",
                                   b"sec-websocket-extensions", b"sec-websocket-protocol", b"content-length"}
+
+REPLAY_LIMIT = 1 << 20
+"""Request bodies up to this size are kept while sent, so that a try after a port relay can send them again."""
+FORWARD_TIMEOUT_S = 10.0
+"""How long the agent may take to answer a port relay request."""
 
 
 class BadTarget(Exception):
@@ -131,6 +154,10 @@ class SandboxProxy:
         if target is None:
             return await self.app(scope, receive, send)
         sid, port = target
+        if port != AGENT_PORT:
+            denied = self._traffic_denied(scope, sid)
+            if denied is not None:
+                return await self._refuse(scope, receive, send, 403, denied, sandboxId=sid)
         try:
             endpoint = await self.manager.port_endpoint(sid, port)
         except SandboxNotFound as e:
@@ -150,7 +177,43 @@ class SandboxProxy:
         if scope["type"] == "http":
             await _respond(send, status, message, **extra)
         else:
-            await _ws_refuse(scope, receive, send, status, message)
+            await _ws_refuse(scope, receive, send, status, message, **extra)
+
+    def _traffic_denied(self, scope: Scope, sid: str) -> str | None:
+        """Why a request to a port of a private sandbox is refused (E2B's words); None when it may pass.
+
+        An unknown sandbox passes here: :meth:`SandboxManager.port_endpoint` then says it was not found.
+        """
+        try:
+            sb = self.manager.get(sid)
+        except SandboxNotFound:
+            return None
+        if getattr(sb, "allow_public_traffic", True):
+            return None
+        header = TRAFFIC_TOKEN_HEADER.decode()
+        presented = next((v for k, v in scope.get("headers", ()) if k == TRAFFIC_TOKEN_HEADER), None)
+        if presented is None:
+            return f"Sandbox is secured with traffic access token. Token header '{header}' is missing"
+        token = str(getattr(sb, "traffic_access_token", "") or "").encode()
+        # An empty token never matches: a private sandbox without one answers nobody rather than everybody.
+        if not token or not hmac.compare_digest(presented.strip(), token):
+            return f"Sandbox is secured with traffic access token. Provided token in header '{header}' is invalid"
+        return None
+
+    async def _forward_port(self, sid: str, port: int) -> bool:
+        """Ask the sandbox's agent to relay ``port`` from its loopback; True when trying again is worth it."""
+        try:
+            agent = self.manager.get(sid).agent
+        except SandboxNotFound:
+            return False
+        try:
+            forwarded = await agent.forward_port(port, timeout=FORWARD_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - the caller reports the port as not open
+            log.info("sandbox %s: relaying port %d failed: %r", sid, port, e)
+            return False
+        if forwarded:
+            log.debug("sandbox %s: port %d relayed from the guest's loopback; connecting again", sid, port)
+        return forwarded
 
     # -- HTTP ------------------------------------------------------------------------------
 
@@ -163,54 +226,52 @@ class SandboxProxy:
         client_addr = scope.get("client") or ("", 0)
         headers.append((b"x-forwarded-for", str(client_addr[0]).encode()))
         headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
-        body_done = asyncio.Event()
-        disconnected = asyncio.Event()
-
-        async def body() -> AsyncIterator[bytes]:
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    disconnected.set()
-                    raise ClientDisconnected()
-                chunk = msg.get("body", b"")
-                if chunk:
-                    yield chunk
-                if not msg.get("more_body", False):
-                    break
-            body_done.set()
-
+        # The agent's own port is never retried: its uploads are not kept.
+        body = _ReplayableBody(receive, REPLAY_LIMIT if port != AGENT_PORT else 0)
         if not has_body:
-            body_done.set()
+            body.done.set()
         raw_path = scope.get("raw_path") or scope["path"].encode()
         if scope.get("query_string"):
             raw_path += b"?" + scope["query_string"]
         client = self.upstreams.client_for(sid, endpoint)
         url = httpx.URL(endpoint.base_url, raw_path=raw_path)
-        request = client.build_request(scope["method"], url, headers=headers, content=body() if has_body else None)
-        try:
-            upstream = await client.send(request, stream=True)
-        except ClientDisconnected:
-            return
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
-            if disconnected.is_set():
-                return
-            log.warning("proxy %s %s to sandbox %s port %d failed: %r (cause %r)", scope["method"],
-                        scope["path"], sid, port, e, e.__cause__ or e.__context__)
+        retried = False
+        while True:
+            request = client.build_request(scope["method"], url, headers=headers,
+                                           content=body.stream() if has_body else None)
             try:
-                self.manager.get(sid)
-            except SandboxNotFound as nf:
-                return await _respond(send, 502, f"The sandbox {sid} was not found" +
-                                      (f": {nf.reason}" if nf.reason else ""), sandboxId=sid)
-            return await _respond(send, 502, f"The sandbox {sid} is running but port is not open "
-                                  f"(nothing answered on port {port}: {type(e).__name__})", sandboxId=sid)
-        except httpx.HTTPError as e:
-            return await _respond(send, 502, f"proxying to port {port} of sandbox {sid} failed: {e}", sandboxId=sid)
+                upstream = await client.send(request, stream=True)
+                body.release()
+                break
+            except ClientDisconnected:
+                return
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+                if body.disconnected.is_set():
+                    return
+                note = ""
+                if not retried and port != AGENT_PORT and await self._forward_port(sid, port):
+                    if body.replayable:
+                        retried = True
+                        continue
+                    note = ("; it listens only on the sandbox's loopback and is relayed from now on, but this "
+                            f"request's body (over {REPLAY_LIMIT} bytes) was already sent: send it again")
+                log.warning("proxy %s %s to sandbox %s port %d failed: %r (cause %r)", scope["method"],
+                            scope["path"], sid, port, e, e.__cause__ or e.__context__)
+                try:
+                    self.manager.get(sid)
+                except SandboxNotFound as nf:
+                    return await _respond(send, 502, f"The sandbox {sid} was not found" +
+                                          (f": {nf.reason}" if nf.reason else ""), sandboxId=sid)
+                return await _respond(send, 502, f"The sandbox {sid} is running but port is not open "
+                                      f"(nothing answered on port {port}: {type(e).__name__}{note})", sandboxId=sid)
+            except httpx.HTTPError as e:
+                return await _respond(send, 502, f"proxying to port {port} of sandbox {sid} failed: {e}", sandboxId=sid)
 
         try:
             out_headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP]
             await send({"type": "http.response.start", "status": upstream.status_code, "headers": out_headers})
             pump = asyncio.ensure_future(self._pump(upstream, send))
-            watch = asyncio.ensure_future(_wait_disconnect(receive, body_done, disconnected))
+            watch = asyncio.ensure_future(_wait_disconnect(receive, body.done, body.disconnected))
             try:
                 await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
             finally:
@@ -240,7 +301,7 @@ class SandboxProxy:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, sid: str, port: int,
                          endpoint: AgentEndpoint) -> None:
         from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage
 
         first = await receive()
         if first["type"] != "websocket.connect":
@@ -250,22 +311,33 @@ class SandboxProxy:
             path += b"?" + scope["query_string"]
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in WS_REQUEST_DROP]
         uri = "ws" + endpoint.base_url.removeprefix("http") + path.decode("latin-1")
-        sock = None
-        transport: dict[str, Any] = {}
-        try:
-            if isinstance(endpoint, HybridVsockEndpoint):
-                from ..guest.vsock import vsock_socket
+        retried = False
+        while True:
+            sock = None
+            transport: dict[str, Any] = {}
+            try:
+                if isinstance(endpoint, HybridVsockEndpoint):
+                    from ..guest.vsock import vsock_socket
 
-                sock = transport["sock"] = await vsock_socket(endpoint.uds_path, endpoint.port, timeout=10)
-            upstream = await connect(
-                uri, additional_headers=headers, subprotocols=scope.get("subprotocols") or None, open_timeout=10,
-                max_size=None, ping_interval=None, compression=None, **transport,
-            )
-        except (OSError, InvalidHandshake, asyncio.TimeoutError, httpcore.ConnectError) as e:
-            if sock is not None:
-                sock.close()
-            await _ws_deny(scope, send, 502, f"The sandbox {sid} is running but port is not open (websocket to port {port}: {e})")
-            return
+                    sock = transport["sock"] = await vsock_socket(endpoint.uds_path, endpoint.port, timeout=10)
+                upstream = await connect(
+                    uri, additional_headers=headers, subprotocols=scope.get("subprotocols") or None, open_timeout=10,
+                    max_size=None, ping_interval=None, compression=None, **transport,
+                )
+                break
+            except (OSError, InvalidHandshake, asyncio.TimeoutError, httpcore.ConnectError) as e:
+                if sock is not None:
+                    sock.close()
+                # Refused, or closed before any answer: maybe a server on the guest's loopback. Not
+                # after a timeout (it would wait as long again) nor after a real HTTP answer.
+                nothing_answered = isinstance(e, (InvalidMessage, httpcore.ConnectError)) or (
+                    isinstance(e, OSError) and not isinstance(e, TimeoutError))
+                if not retried and port != AGENT_PORT and nothing_answered and await self._forward_port(sid, port):
+                    retried = True
+                    continue
+                await _ws_deny(scope, send, 502, f"The sandbox {sid} is running but port is not open "
+                                                 f"(websocket to port {port}: {e})", sandboxId=sid)
+                return
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
 
         async def client_to_upstream() -> None:
@@ -311,6 +383,59 @@ class ClientDisconnected(Exception):
     pass
 
 
+class _ReplayableBody:
+    """A request body read from the client as the upstream request sends it, kept for one more try.
+
+    :meth:`stream` is the upstream request's content; a second :meth:`stream` (the try after a
+    port relay) sends the kept chunks again and then goes on reading from the client. Bodies over
+    ``limit`` bytes are not kept: :attr:`replayable` turns False once one is.
+    """
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._kept: list[bytes] = []
+        self._kept_size = 0
+        self._ended = False
+        self.replayable = True
+        self.done = asyncio.Event()
+        """The client's whole body was read."""
+        self.disconnected = asyncio.Event()
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        if not self.replayable:
+            raise RuntimeError("the request body was not kept, it cannot be sent again")
+        for chunk in list(self._kept):
+            yield chunk
+        while not self._ended:
+            msg = await self._receive()
+            if msg["type"] == "http.disconnect":
+                self.disconnected.set()
+                raise ClientDisconnected()
+            chunk = msg.get("body", b"")
+            if not msg.get("more_body", False):
+                self._ended = True
+            if chunk:
+                self._keep(chunk)
+                yield chunk
+        self.done.set()
+
+    def release(self) -> None:
+        """The upstream answered: no more tries, the kept chunks can go."""
+        self.replayable = False
+        self._kept.clear()
+
+    def _keep(self, chunk: bytes) -> None:
+        if not self.replayable:
+            return
+        self._kept_size += len(chunk)
+        if self._kept_size > self._limit:
+            self.replayable = False
+            self._kept.clear()
+        else:
+            self._kept.append(chunk)
+
+
 async def _wait_disconnect(receive: Receive, body_done: asyncio.Event, disconnected: asyncio.Event) -> None:
     """Returns when the client disconnects (after its request body was read)."""
     await body_done.wait()
@@ -328,10 +453,10 @@ async def _respond(send: Send, status: int, message: str, **extra: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _ws_deny(scope: Scope, send: Send, status: int, message: str) -> None:
+async def _ws_deny(scope: Scope, send: Send, status: int, message: str, **extra: Any) -> None:
     """Refuse a websocket handshake with an HTTP error if the server supports it, else close."""
     if "websocket.http.response" in (scope.get("extensions") or {}):
-        body = error_body(status, message)
+        body = error_body(status, message, **extra)
         await send({"type": "websocket.http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "websocket.http.response.body", "body": body})
@@ -339,8 +464,8 @@ async def _ws_deny(scope: Scope, send: Send, status: int, message: str) -> None:
         await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008, "reason": message[:120]})
 
 
-async def _ws_refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+async def _ws_refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, **extra: Any) -> None:
     msg = await receive()
     if msg["type"] != "websocket.connect":
         return
-    await _ws_deny(scope, send, status, message)
+    await _ws_deny(scope, send, status, message, **extra)

@@ -178,6 +178,16 @@ class Exchange:
         except (OSError, ValueError):
             return True
 
+    def local_address(self) -> str | None:
+        """The IP address this request arrived on (the guest address the host used); None over vsock."""
+        try:
+            name = self._h.connection.getsockname()
+        except (OSError, AttributeError):
+            return None
+        if isinstance(name, tuple) and name and isinstance(name[0], str) and name[0]:
+            return name[0]
+        return None  # AF_VSOCK: (cid, port), both integers
+
     def close_after(self) -> None:
         """Close the connection after this response (instead of keeping it alive)."""
         self._h.close_connection = True

@@ -7,6 +7,8 @@ streams. Routes:
 * ``POST /init``, ``GET /envs``, ``GET /metrics``
 * ``GET|POST /files``
 * ``POST /process.Process/<Method>``, ``POST /filesystem.Filesystem/<Method>`` (Connect)
+* ``POST /ports/forward`` ``{"port": N}``: relay a port bound to the guest's loopback to the
+  address the request arrived on (:mod:`.ports`); ``GET /ports/forward`` lists the relays
 
 After ``/init`` set an access token, every other request must carry it in
 ``X-Access-Token``. No request, however malformed, takes the agent down: each failure
@@ -29,6 +31,7 @@ from .filesystem import FilesystemService
 from .httpio import BadRequest, BodyTooLarge, Exchange
 from .identity import InitApi, SystemIdentity
 from .metrics import Metrics
+from .ports import NoGuestAddress, NothingListens, PortForwarder, TooManyRelays
 from .process import ProcessService
 from .state import AgentState
 from .users import basic_auth_user
@@ -37,6 +40,7 @@ log = logging.getLogger("trenvx_agent.server")
 
 DEFAULT_KEEPALIVE_S = 30.0
 MAX_INIT_BYTES = 4 << 20
+MAX_FORWARD_BYTES = 4096
 
 
 class Agent:
@@ -49,6 +53,7 @@ class Agent:
         self.files = FilesApi(self.state)
         self.init_api = InitApi(self.state, system or SystemIdentity())
         self.metrics = Metrics()
+        self.ports = PortForwarder()
         p, f = self.processes, self.filesystem
         self.rpcs: dict[str, Rpc] = {
             "/process.Process/Start": Rpc("server_stream", p.start),
@@ -105,6 +110,8 @@ class Agent:
             self._simple_get(ex, lambda: self.state.env_snapshot())
         elif path == "/metrics":
             self._simple_get(ex, self.metrics.snapshot)
+        elif path == "/ports/forward":
+            self._forward_port(ex)
         else:
             ex.body.drain()
             if path.count("/") == 2 and path[1:].split("/")[0].count(".") >= 1:
@@ -160,7 +167,47 @@ class Agent:
         headers = {"X-Init-Warnings": "; ".join(warnings)[:1000]} if warnings else None
         ex.respond(204, headers=headers)
 
+    def _forward_port(self, ex: Exchange) -> None:
+        """``POST /ports/forward {"port": N}``: 200 with the relay (or why none is needed), 404 when
+        nothing listens on the guest's loopback port N. ``GET``: the relays alive."""
+        if ex.method == "GET":
+            ex.body.drain()
+            ex.respond_json(200, {"relays": [r.describe() for r in self.ports.relays()]})
+            return
+        if ex.method != "POST":
+            ex.body.drain()
+            ex.respond_json(405, {"code": 405, "message": f"method {ex.method} not allowed"},
+                            headers={"Allow": "GET, POST"})
+            return
+        try:
+            raw = ex.body.read_all(MAX_FORWARD_BYTES)
+        except BodyTooLarge as exc:
+            ex.close_after()
+            ex.respond_json(413, {"code": 413, "message": str(exc)})
+            return
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+            port = body.get("port") if isinstance(body, dict) else None
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ValueError('give {"port": N} with N a TCP port (1-65535)')
+        except (ValueError, UnicodeDecodeError) as exc:
+            ex.respond_json(400, {"code": 400, "message": f"invalid /ports/forward body: {exc}"})
+            return
+        try:
+            result = self.ports.forward(port, ex.local_address())
+        except NothingListens as exc:
+            ex.respond_json(404, {"code": 404, "message": str(exc)})
+            return
+        except TooManyRelays as exc:
+            ex.respond_json(429, {"code": 429, "message": str(exc)})
+            return
+        except (NoGuestAddress, OSError) as exc:
+            ex.respond_json(503, {"code": 503, "message": f"cannot relay port {port}: {exc}"})
+            return
+        ex.respond_json(200, result.as_json())
+
     def shutdown(self) -> None:
+        self.ports.shutdown()
         self.filesystem.shutdown()
         self.processes.shutdown()
 
