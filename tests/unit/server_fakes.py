@@ -34,7 +34,7 @@ from starlette.websockets import WebSocket
 from trenvx.config import AGENT_PORT, Config, OrchestratorConfig
 from trenvx.guest.client import AgentClient
 from trenvx.layout import DataRoot
-from trenvx.sandbox.restore import RestoredVm, new_sandbox_id
+from trenvx.sandbox.restore import RestoredVm, SnapshotRestore, new_sandbox_id
 from trenvx.template.store import MANIFEST, MachineRecord, TemplateManifest
 from trenvx.vmm.base import VmState
 from trenvx.vmm.microvm import VSOCK_SOCKET
@@ -151,7 +151,7 @@ class FakeRestorer:
         """The fake "VMM": its sleep processes give no freed guest memory back."""
         return SimpleNamespace(name=self.vmm, free_page_reporting=False)
 
-    def vm_spec(self, build: Any, sandbox_id: str, workdir: Path, *, kill_with_owner: bool = True) -> Any:
+    def vm_spec(self, build: Any, sandbox_id: str, workdir: Path, *, kill_with_owner: bool = True, slot: Any = None) -> Any:
         from trenvx.vmm.base import DiskSpec, VmSpec
 
         return VmSpec(name=sandbox_id, workdir=workdir / "vm", machine=build.machine, memory_file=workdir / "m",
@@ -159,7 +159,7 @@ class FakeRestorer:
                       kill_with_owner=kill_with_owner)
 
     async def restore(self, build: Any, *, sandbox_id: str | None = None, env_vars: dict[str, str] | None = None,
-                      prepared: Any = None, kill_with_owner: bool = True) -> RestoredVm:
+                      prepared: Any = None, kill_with_owner: bool = True, egress: Any = None) -> RestoredVm:
         if self.fail_next is not None:
             e, self.fail_next = self.fail_next, None
             raise e
@@ -182,6 +182,14 @@ class FakeRestorer:
         self.restored.append(r)
         return r
 
+
+    async def destroy(self, restored: RestoredVm) -> None:
+        await SnapshotRestore.destroy(self, restored)  # type: ignore[arg-type]
+
+    async def release_slot(self, slot: Any) -> None:
+        assert slot is None, "the fake restorer makes no network slots"
+
+    network = None
 
     async def close_standins(self) -> None:
         for standins in self.standins.values():
@@ -214,14 +222,55 @@ async def start_microvm_standins(vmm: str, workdir: Path, pid: int, agent_port: 
     return [vsock, api]
 
 
+def _network_fake_class() -> type:
+    """A manager whose network is a stand-in: egress rules are recorded (``egress_applied``), not
+    enforced; ``network_unavailable`` set to a message makes create (with rules) and set_network
+    raise NetworkUnavailable, as a host without network namespaces does. What create stores on the
+    Sandbox (egress, allow_public_traffic, a traffic token) is filled in when the manager has not."""
+    from trenvx.network.policy import DEFAULT_POLICY
+    from trenvx.sandbox.manager import NetworkUnavailable, SandboxManager
+
+    class NetworkFakeManager(SandboxManager):
+        network_unavailable: str | None = None
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.egress_applied: list[tuple[str, Any]] = []
+
+        async def create(self, template: str | None = None, *, egress: Any = None, allow_public_traffic: bool = True,
+                         **kw: Any) -> Any:
+            if egress is not None and self.network_unavailable:
+                raise NetworkUnavailable(self.network_unavailable)
+            sb = await super().create(template, egress=egress, allow_public_traffic=allow_public_traffic, **kw)
+            if egress is not None and sb.egress is DEFAULT_POLICY:
+                sb.egress = egress
+            sb.allow_public_traffic = allow_public_traffic
+            if not allow_public_traffic and not sb.traffic_access_token:
+                sb.traffic_access_token = secrets.token_urlsafe(16)
+            return sb
+
+        async def _apply_egress(self, sb: Any, egress: Any) -> None:
+            if self.network_unavailable:
+                raise NetworkUnavailable(self.network_unavailable)
+            self.egress_applied.append((sb.id, egress))
+
+    return NetworkFakeManager
+
+
 def fake_manager(config: Config, agent_port: int, *, state: bool = True, keep: bool | None = None,
                  forwards: dict[int, int] | None = None, delay_s: float = 0.0, admission: Any = None,
-                 vmm: str = "qemu"):
+                 vmm: str = "qemu", network: bool = False):
+    """The real manager over fake VMs; ``network=True``: with a stand-in network (see _network_fake_class)."""
     from trenvx.sandbox.manager import SandboxManager
 
+    from trenvx.config import NetworkConfig, NetworkMode
+
+    # Fake VMs have no network slots: the manager runs in user mode (no namespaces, no host rules).
+    config = config.model_copy(update={"network": NetworkConfig(mode=NetworkMode.user)})
     dr = DataRoot(config.data_root).ensure()
-    m = SandboxManager(config, state_path=dr.run / "state.sqlite" if state else None, keep=keep, admission=admission,
-                       pools=False)
+    cls = _network_fake_class() if network else SandboxManager
+    m = cls(config, state_path=dr.run / "state.sqlite" if state else None, keep=keep, admission=admission,
+            pools=False)
     m.restorer = FakeRestorer(dr, agent_port, forwards, delay_s, vmm=vmm)  # type: ignore[assignment]
     return m
 

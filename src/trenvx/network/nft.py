@@ -14,6 +14,10 @@ import threading
 
 _lib: ctypes.CDLL | None = None
 _lock = threading.Lock()
+_run_lock = threading.Lock()
+"""libnftables keeps process-wide caches (the interface cache among them) that are not safe to
+use from two threads at once: seen as a spurious "Interface does not exist" while slots were made
+in parallel. Runs are short (about a millisecond); one at a time."""
 
 
 class NftError(RuntimeError):
@@ -59,6 +63,11 @@ def available() -> str:
 def run(script: str) -> str:
     """Run an nft script in the calling thread's network namespace; its output (``list`` commands)."""
     lib = _library()
+    with _run_lock:
+        return _run_locked(lib, script)
+
+
+def _run_locked(lib: ctypes.CDLL, script: str) -> str:
     ctx = lib.nft_ctx_new(0)
     if not ctx:
         raise NftError("nft_ctx_new failed")

@@ -111,6 +111,10 @@ table ip trenvx {{
     set allow {{ type ipv4_addr; flags interval; auto-merge; }}
     set deny {{ type ipv4_addr; flags interval; auto-merge; }}
     chain domains {{ }}
+    chain refuse {{
+        meta l4proto tcp reject with tcp reset
+        reject with icmp type admin-prohibited
+    }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         iifname "{NS_UPLINK}" ip daddr {addr.slot_ip} dnat to {GUEST_IP}
@@ -126,22 +130,22 @@ table ip trenvx {{
         type filter hook forward priority filter; policy drop;
         ct state established,related accept
         iifname "{NS_UPLINK}" oifname "{TAP}" ct status dnat accept
-        iifname "{TAP}" oifname "{NS_UPLINK}" ip daddr @blocked reject with icmp type admin-prohibited
+        iifname "{TAP}" oifname "{NS_UPLINK}" ip daddr @blocked jump refuse
         iifname "{TAP}" oifname "{NS_UPLINK}" ip daddr @allow accept
-        iifname "{TAP}" oifname "{NS_UPLINK}" ip daddr @deny reject with icmp type admin-prohibited
+        iifname "{TAP}" oifname "{NS_UPLINK}" ip daddr @deny jump refuse
         iifname "{TAP}" oifname "{NS_UPLINK}" accept
     }}
     chain input {{
         type filter hook input priority filter; policy drop;
         ct state established,related accept
-        iif "lo" accept
+        iifname "lo" accept
         iifname "{TAP}" ip daddr {DNS_IP} udp dport 53 accept
         iifname "{TAP}" tcp dport {PROXY_PORT} ct status dnat accept
-        iifname "{TAP}" reject with icmp type admin-prohibited
+        iifname "{TAP}" jump refuse
     }}
     chain output {{
         type filter hook output priority filter; policy accept;
-        oifname "{NS_UPLINK}" ip daddr @blocked reject with icmp type admin-prohibited
+        oifname "{NS_UPLINK}" ip daddr @blocked jump refuse
     }}
 }}
 """
@@ -226,7 +230,7 @@ class NetworkSlot:
         await netns.call_in(self.netns, nft.run, policy_script(policy))
         self.egress = policy
 
-    async def open_services(self, upstreams: list[tuple[str, int]]) -> None:
+    async def open_services(self, upstreams: list[tuple[str, int]], forbidden: list[str] = []) -> None:  # noqa: B006
         """The DNS forwarder and the egress proxy of this slot: sockets inside its namespace,
         served by this process."""
         from .dns import DnsForwarder
@@ -247,8 +251,12 @@ class NetworkSlot:
             if proxy_sock is not None:
                 proxy_sock.close()
             raise
-        dns = DnsForwarder(dns_sock, self.current_egress, upstreams)
-        proxy = EgressProxy(proxy_sock, self.current_egress, self._connect_out, name=self.netns)
+        dns = DnsForwarder(dns_sock, self.current_egress, upstreams, name=self.netns)
+        # The proxy dials from inside the namespace: never the operator's blocked ranges, the slots
+        # (this host's), or the namespace's own addresses (the rules drop those before the
+        # redirect too; this is the second fence).
+        proxy = EgressProxy(proxy_sock, self.current_egress, self._connect_out, name=self.netns,
+                            forbidden=[*forbidden, self.address.host_ip, self.address.slot_ip])
         await dns.start()
         try:
             await proxy.start()
@@ -319,6 +327,7 @@ class HostNetwork:
         """Whose slots these are: a server's data_root, or ``build_<pid>`` for a template build."""
         self.table = f"trenvx_{self.owner}"
         self.blocked = list(cfg.blocked_cidrs)
+        self._forbidden = [*cfg.blocked_cidrs, cfg.slot_cidr]
         self._ready: deque[NetworkSlot] = deque()
         self._slots: dict[int, NetworkSlot] = {}
         self._upstreams: list[tuple[str, int]] = []
@@ -420,7 +429,7 @@ class HostNetwork:
             await netns.create(addr.netns)
             await netns.call_host(self._make_host_side, addr)
             await netns.call_in(addr.netns, self._make_inside, addr, self.blocked)
-            await slot.open_services(self._upstreams)
+            await slot.open_services(self._upstreams, self._forbidden)
         except BaseException as e:
             await slot.close_services()
             await self._teardown(addr)
@@ -526,7 +535,7 @@ class HostNetwork:
         if not netns.exists(addr.netns):
             raise SlotError(f"network slot {index} ({addr.netns}) does not exist anymore")
         slot = NetworkSlot(addr, egress=None)
-        await slot.open_services(self._upstreams)
+        await slot.open_services(self._upstreams, self._forbidden)
         self._slots[index] = slot
         return slot
 

@@ -59,7 +59,7 @@ from ..network import mode as network_mode
 from ..network.policy import DEFAULT_POLICY, EgressPolicy, PolicyError
 from ..network.slot import HostNetwork, NetworkSlot
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
-from .restore import SLOT_FILE, RestoredVm, SnapshotRestore, new_sandbox_id
+from .restore import SLOT_FILE, RestoredVm, SnapshotRestore
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
 
 log = logging.getLogger(__name__)
@@ -391,12 +391,8 @@ class SandboxManager:
             self.config.orchestrator.max_timeout_s,
         )
         build = self.templates.current(name)
-        if self.network is None and egress is not None and (egress.allow_cidrs or egress.allow_domains):
-            raise NetworkUnavailable(
-                "this server runs sandboxes on QEMU user networking, isolated: they have no egress at all, so "
-                f"allowOut cannot be honoured (network namespaces are not available here: {self.network_reason}; "
-                "see trenvx doctor)"
-            )
+        if egress is not None:
+            self._check_enforceable(egress)
         task = asyncio.get_running_loop().create_task(
             self._create(build, name, dict(env_vars or {}), dict(metadata or {}), timeout,
                          egress or DEFAULT_POLICY, allow_public_traffic)
@@ -472,24 +468,9 @@ class SandboxManager:
                 log.warning("a %s pooled VM of %s failed (%s); restoring into a new VMM process", item.tier, name, e)
                 with contextlib.suppress(Exception):
                     await item.discard()
-        sandbox_id = new_sandbox_id()
-        prepared = await self.restorer.prepare(build, sandbox_id, kill_with_owner=not self.keep)
-        try:
-            await self._apply_slot_egress(prepared.slot, egress, prepared.times)
-        except BaseException:
-            await prepared.vm.kill()
-            shutil.rmtree(prepared.workdir, ignore_errors=True)
-            await self.restorer.release_slot(prepared.slot)
-            raise
-        return await self.restorer.restore(build, sandbox_id=sandbox_id, env_vars=env_vars, prepared=prepared)
+        return await self.restorer.restore(build, env_vars=env_vars, kill_with_owner=not self.keep, egress=egress)
 
-    @staticmethod
-    async def _apply_slot_egress(slot: NetworkSlot | None, egress: EgressPolicy, times: dict[str, float]) -> None:
-        if slot is None or egress == slot.egress:
-            return
-        t0 = time.perf_counter()
-        await slot.apply(egress)
-        times["net_rules"] = time.perf_counter() - t0
+    _apply_slot_egress = staticmethod(SnapshotRestore.apply_egress)
 
     def _observe(self, event: CreateEvent) -> None:
         for observer in self.observers:
@@ -577,15 +558,22 @@ class SandboxManager:
         sb.egress = egress
         return sb
 
+    def _check_enforceable(self, egress: EgressPolicy) -> None:
+        """Without network slots sandboxes have no egress at all: rules that only take away are
+        kept (and true), an ``allowOut`` cannot be honoured (:class:`NetworkUnavailable`)."""
+        if self.network is None and (egress.allow_cidrs or egress.allow_domains):
+            raise NetworkUnavailable(
+                "this server runs sandboxes on QEMU user networking, isolated: they have no egress at all, so "
+                f"allowOut cannot be honoured (network namespaces are not available here: {self.network_reason}; "
+                "see trenvx doctor)"
+            )
+
     async def _apply_egress(self, sb: Sandbox, egress: EgressPolicy) -> None:
         slot = sb.restored.slot
         if slot is None:
-            if egress.allow_cidrs or egress.allow_domains:
-                raise NetworkUnavailable(
-                    f"sandbox {sb.id} runs with QEMU user networking, isolated: it has no egress at all, so "
-                    "allowOut cannot be honoured (network namespaces are not available here: "
-                    f"{self.network_reason}; see trenvx doctor)"
-                )
+            self._check_enforceable(egress)
+            sb.egress = egress
+            write_network_state(sb)
             return
         await slot.apply(egress)
         sb.egress = egress

@@ -30,6 +30,7 @@ from ..vmm import (
 )
 from ..vmm.hostfs import clone_file
 from ..config import VmmType
+from ..network.policy import EgressPolicy
 from ..network.slot import HostNetwork, NetworkSlot
 from .disk import create_overlay
 
@@ -179,6 +180,16 @@ class SnapshotRestore:
             raise
         return PreparedVm(vm, workdir, times, slot)
 
+    @staticmethod
+    async def apply_egress(slot: NetworkSlot | None, egress: EgressPolicy, times: dict[str, float]) -> None:
+        """Load ``egress`` into the slot before the guest runs (nothing to do for the default rules
+        of a fresh slot, or without a slot)."""
+        if slot is None or egress == slot.egress:
+            return
+        t0 = time.perf_counter()
+        await slot.apply(egress)
+        times["net_rules"] = time.perf_counter() - t0
+
     async def release_slot(self, slot: NetworkSlot | None) -> None:
         if slot is not None and self.network is not None:
             await self.network.release(slot)
@@ -269,10 +280,19 @@ class SnapshotRestore:
         env_vars: dict[str, str] | None = None,
         prepared: PreparedVm | None = None,
         kill_with_owner: bool = True,
+        egress: EgressPolicy | None = None,
     ) -> RestoredVm:
-        """prepare (unless ``prepared`` is given) + start + activate."""
+        """prepare (unless ``prepared`` is given) + egress rules into its slot + start + activate."""
         sandbox_id = sandbox_id or new_sandbox_id()
         prepared = prepared or await self.prepare(build, sandbox_id, kill_with_owner=kill_with_owner)
+        if egress is not None:
+            try:
+                await self.apply_egress(prepared.slot, egress, prepared.times)
+            except BaseException:
+                await prepared.vm.kill()
+                shutil.rmtree(prepared.workdir, ignore_errors=True)
+                await self.release_slot(prepared.slot)
+                raise
         await self.start(build, prepared)
         return await self.activate(build, sandbox_id, prepared, env_vars)
 
