@@ -47,13 +47,16 @@ import tomli_w
 from _common import pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
 
 from sandbox_sdk.sandbox import Sandbox
-from trenvx.config import Config, PoolConfig, StartMode, load_config
+from trenvx.config import Config, NetworkMode, PoolConfig, StartMode, load_config
 from trenvx.layout import DataRoot
 from trenvx.template.store import TemplateStore
 from trenvx.vmm.process import memory_of
 
 HELLO = "python3 -c \"print('Hello World')\""
-MODES = ("hot", "warm", "cold", "e2b", "boot")
+MODES = ("hot", "hot-usernet", "warm", "cold", "e2b", "boot")
+USERNET_SUFFIX = "-usernet"
+"""hot-usernet: the hot pool with QEMU user networking (no network slot: the create path before
+issue 12), on a copy of the template built for that backend, to show what a slot costs a create."""
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -67,8 +70,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def usernet_config(base: Config, template: str) -> Config:
+    """``base`` with user networking and the template copied as ``<template>-usernet``."""
+    copy = base.template[template].model_copy(update={"name": template + USERNET_SUFFIX})
+    return base.model_copy(update={
+        "network": base.network.model_copy(update={"mode": NetworkMode.user}),
+        "template": {**base.template, copy.name: copy},
+    })
+
+
 def mode_config(base: Config, mode: str, template: str, pool_size: int, port: int) -> dict[str, Any]:
     """The base config with this mode's start_mode and pool, as a TOML-ready dict."""
+    if mode == "hot-usernet":
+        base = usernet_config(base, template)
+        template += USERNET_SUFFIX
+        mode = "hot"
     no_pool = PoolConfig(templates=[template], warm_min=0, warm_max=0, hot_min=0, hot_max=0)
     pools = {
         "hot": PoolConfig(templates=[template], warm_min=2, warm_max=4, hot_min=pool_size, hot_max=pool_size,
@@ -205,17 +221,24 @@ def pooled_memory(data_root: DataRoot) -> dict[str, float]:
 
 async def run_mode(mode: str, base: Config, args: argparse.Namespace, workdir: Path) -> ModeResult:
     result = ModeResult(mode)
+    template = args.template
+    if mode == "hot-usernet":
+        from trenvx.template.builder import TemplateBuilder
+
+        template = args.template + USERNET_SUFFIX
+        built = await TemplateBuilder(usernet_config(base, args.template)).build(template)
+        print(f"   template {template}: {'reused' if built.skipped else 'built'} (user networking)", flush=True)
     bursts = [] if mode == "boot" else args.bursts
     if mode == "e2b":  # every sandbox a private copy of the guest RAM: keep the burst within memory
         import psutil
 
         room = psutil.virtual_memory().available * 0.6 / 2**20
-        mem_mb = TemplateStore(DataRoot(base.data_root)).current(args.template).machine.mem_mb
+        mem_mb = TemplateStore(DataRoot(base.data_root)).current(template).machine.mem_mb
         skipped = [b for b in bursts if b * mem_mb > room]
         bursts = [b for b in bursts if b * mem_mb <= room]
         if skipped:
             print(f"   e2b: bursts {skipped} skipped: {mem_mb} MiB of private RAM each would not fit in memory")
-    pool_size = max([args.hot_size or 0, *bursts, 4]) if mode in ("hot", "warm") else 0
+    pool_size = max([args.hot_size or 0, *bursts, 4]) if mode in ("hot", "hot-usernet", "warm") else 0
     port = free_port()
     cfg_path = workdir / f"{mode}.toml"
     cfg_path.write_text(tomli_w.dumps(mode_config(base, mode, args.template, pool_size, port)))
@@ -226,14 +249,14 @@ async def run_mode(mode: str, base: Config, args: argparse.Namespace, workdir: P
     try:
         if pool_size:
             t = time.perf_counter()
-            state = await server.wait_pool(args.template, args.pool_timeout_s)
+            state = await server.wait_pool(template, args.pool_timeout_s)
             mem = pooled_memory(DataRoot(base.data_root))
             result.pool = {"size": pool_size, "filled_in_s": round(time.perf_counter() - t, 1), **state, **mem}
             print(f"   pool {state} in {result.pool['filled_in_s']} s; pooled VM PSS {mem['pss_mib_avg']:.1f} MiB",
                   flush=True)
         for i in range(n):
             try:
-                ready, hello, sb = await one_create(server, args.template, hello=True)
+                ready, hello, sb = await one_create(server, template, hello=True)
             except Exception as e:  # noqa: BLE001 - counted and reported
                 result.failures.append(f"sequential {i}: {type(e).__name__}: {e}")
                 continue
@@ -251,9 +274,9 @@ async def run_mode(mode: str, base: Config, args: argparse.Namespace, workdir: P
                 await asyncio.sleep(args.gap_s)
         for size in bursts:
             if pool_size:
-                await server.wait_pool(args.template, args.pool_timeout_s)
+                await server.wait_pool(template, args.pool_timeout_s)
             t0 = time.perf_counter()
-            outcomes = await asyncio.gather(*(one_create(server, args.template, hello=False) for _ in range(size)),
+            outcomes = await asyncio.gather(*(one_create(server, template, hello=False) for _ in range(size)),
                                             return_exceptions=True)
             all_ready = (time.perf_counter() - t0) * 1000
             ok = [o for o in outcomes if not isinstance(o, BaseException)]
@@ -278,26 +301,29 @@ async def run_mode(mode: str, base: Config, args: argparse.Namespace, workdir: P
 def print_table(results: list[ModeResult], meta: dict[str, Any]) -> None:
     print(f"\nstart latency, {meta['template']} ({meta['vcpu']} vCPU, {meta['mem_mb']} MiB) on {meta['host']}: "
           f"{meta['cpus']} CPUs, accelerator {meta['accelerator']}")
-    head = f"{'mode':6} {'n':>4} {'ready p50':>10} {'p95':>7} {'p99':>7} {'max':>7} {'hello p50':>10} {'p99':>7}  served by"
+    head = f"{'mode':11} {'n':>4} {'ready p50':>10} {'p95':>7} {'p99':>7} {'max':>7} {'hello p50':>10} {'p99':>7}  served by"
     print(head)
     print("-" * len(head))
     for r in results:
         s, h = summary(r.ready_ms), summary(r.hello_ms)
-        print(f"{r.mode:6} {s['n']:>4} {s['p50']:>10.1f} {s['p95']:>7.1f} {s['p99']:>7.1f} {s['max']:>7.1f} "
+        print(f"{r.mode:11} {s['n']:>4} {s['p50']:>10.1f} {s['p95']:>7.1f} {s['p99']:>7.1f} {s['max']:>7.1f} "
               f"{h['p50']:>10.1f} {h['p99']:>7.1f}  {r.sources}{'  FAILURES ' + str(len(r.failures)) if r.failures else ''}")
     print("\nbursts (ms): all ready / p50 / p99 / failures")
     for r in results:
         if r.bursts:
-            print(f"{r.mode:6} " + "   ".join(
+            print(f"{r.mode:11} " + "   ".join(
                 f"{b['size']}: {b['all_ready_ms'] or float('nan'):.0f}/{b['p50_ms']:.0f}/{b['p99_ms']:.0f}/{b['failures']}"
                 for b in r.bursts))
     print("\nstage p50 (ms) on the create path")
     for r in results:
-        print(f"{r.mode:6} " + ", ".join(f"{k} {pct(v, 50):.1f}" for k, v in r.stages.items()))
+        print(f"{r.mode:11} " + ", ".join(f"{k} {pct(v, 50):.1f}" for k, v in r.stages.items()))
     by = {r.mode: summary(r.ready_ms)["p50"] for r in results}
     for fast in ("hot", "warm"):
         if fast in by and "e2b" in by and by[fast] > 0:
             print(f"{fast} p50 is {by['e2b'] / by[fast]:.1f}x faster than the E2B-style restore's p50")
+    if "hot" in by and "hot-usernet" in by:
+        print(f"a network slot costs a hot create {by['hot'] - by['hot-usernet']:+.1f} ms at p50 "
+              f"({by['hot']:.1f} ms in a slot vs {by['hot-usernet']:.1f} ms on user networking)")
     if "boot" in by and "hot" in by and by["hot"] > 0:
         print(f"a cold boot (no snapshot) is {by['boot'] / by['hot']:.0f}x slower than the hot pool at p50")
 

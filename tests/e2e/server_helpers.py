@@ -56,6 +56,10 @@ def toml_value(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def toml_list(v: list[Any]) -> str:
+    return "[" + ", ".join(toml_value(x) for x in v) + "]"
+
+
 @dataclass
 class ServerProc:
     data_root: Path
@@ -134,7 +138,7 @@ class ServerProc:
 
 
 def make_server(base: Path, shared: Config, *, template: str, api_key: str = "", pools: bool = True,
-                **orch: Any) -> ServerProc:
+                network: dict[str, Any] | None = None, **orch: Any) -> ServerProc:
     """A server on its own data_root. ``pools``: the shared config's ``[pool]`` (else none, for tests
     that count the sandbox directories while the server runs: pooled VMs have directories too)."""
     base.mkdir(parents=True, exist_ok=True)
@@ -149,6 +153,8 @@ def make_server(base: Path, shared: Config, *, template: str, api_key: str = "",
     sizes = (pool.warm_min, pool.warm_max, pool.hot_min, pool.hot_max) if pools else (0, 0, 0, 0)
     lines += ["", "[pool]", *(f"{k} = {v}" for k, v in zip(("warm_min", "warm_max", "hot_min", "hot_max"), sizes)),
               f"hot_warmup_cmd = {toml_value(pool.hot_warmup_cmd)}"]
+    net = {**shared.network.model_dump(mode="json"), **(network or {})}
+    lines += ["", "[network]", *(f"{k} = {toml_list(v) if isinstance(v, list) else toml_value(v)}" for k, v in net.items())]
     lines += ["", "[template_manager]", f"template_id = {toml_value(template)}", ""]
     cfg = base / "server.toml"
     cfg.write_text("\n".join(lines))

@@ -160,7 +160,7 @@ def policy_script(policy: EgressPolicy) -> str:
         lines.append(f"add element ip trenvx deny {{ {_elements(policy.deny_cidrs)} }}")
     if policy.allow_domains:
         # Denied TCP goes to the egress proxy, which lets through what names an allowed domain.
-        lines.append(f"add rule ip trenvx domains redirect to :{PROXY_PORT}")
+        lines.append(f"add rule ip trenvx domains meta l4proto tcp redirect to :{PROXY_PORT}")
     return "\n".join(lines) + "\n"
 
 
