@@ -293,3 +293,75 @@ async def test_restart_keeps_slots_and_rules_and_stop_removes_everything(
     after = our_leftovers()
     new = {k: sorted(set(after[k]) - set(before[k])) for k in after}
     assert new == {"netns": [], "links": [], "claims": []}, new
+
+
+async def test_user_networking_is_isolated_where_namespaces_are_not_used(e2e_config: Config, test_template: str) -> None:
+    """``network = "user"`` (hosts without root or namespaces): the guest reaches nothing, not even
+    the host's loopback services (QEMU's 10.0.2.2), and the host still reaches the agent."""
+    import asyncio
+
+    from tests.e2e.server_helpers import free_port
+    from trenvx.config import NetworkConfig, NetworkMode
+    from trenvx.sandbox.manager import SandboxManager
+    from trenvx.template.builder import TemplateBuilder
+
+    name = test_template + "-usernet"
+    tpl = e2e_config.template[test_template].model_copy(update={"name": name})
+    cfg = e2e_config.model_copy(update={
+        "network": NetworkConfig(mode=NetworkMode.user), "template": {**e2e_config.template, name: tpl},
+    })
+    await TemplateBuilder(cfg).build(name)
+    port = free_port()
+    host_server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
+    try:
+        async with SandboxManager(cfg, pools=False) as m:
+            assert m.network is None
+            sb = await m.create(name)
+            code = (f"import socket\nfor a in [('10.0.2.2', {port}), ('10.0.2.3', 53), ('203.0.113.10', 80)]:\n"
+                    "    s = socket.socket(); s.settimeout(3)\n"
+                    "    try:\n        s.connect(a); print('OPEN', a)\n    except Exception as e:\n        print('no', a, e)\n")
+            r = await sb.run(["python3", "-c", code], timeout=60)
+            assert r.exit_code == 0 and b"OPEN" not in r.stdout, r.stdout
+            assert sum(line.startswith(b"no ") for line in r.stdout.splitlines()) == 3
+            await m.kill(sb.id)
+    finally:
+        host_server.close()
+        await host_server.wait_closed()
+
+
+SPOOF = r"""
+import socket, struct, sys
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+def packet(src, dst, name):
+    q = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+    q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
+    udp = struct.pack("!HHHH", 40000, 53, 8 + len(q), 0) + q
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    return ip[:10] + struct.pack("!H", csum(ip)) + ip[12:] + udp
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for src, name in ((sys.argv[1], "spoofed.test"), ("10.0.2.15", "control.test")):
+    s.sendto(packet(src, sys.argv[2], name), (sys.argv[2], 0))
+print("sent")
+"""
+
+
+async def test_a_guest_cannot_spoof_its_source_address(srv: ServerProc, outside: OutsideNetwork) -> None:
+    """Raw packets with another source (here: another sandbox's slot address) never leave the slot;
+    the same packet from the guest's own address does (the control)."""
+    a, b = create(srv), create(srv)
+    try:
+        from trenvx.network.slot import SlotAddress
+
+        victim = SlotAddress.of(slot_of(srv, b), "10.200.0.0/16").slot_ip
+        outside.clear_dns_log()
+        async with through_proxy(srv.url, a) as agent:
+            r = await agent.run(["python3", "-c", SPOOF, victim, outside.dns_ip], user="root", timeout=60)
+        assert r.exit_code == 0, r.stderr
+        assert wait_until(lambda: "control.test" in outside.dns_log(), 10), outside.dns_log()
+        assert "spoofed.test" not in outside.dns_log()
+    finally:
+        kill(srv, a)
+        kill(srv, b)

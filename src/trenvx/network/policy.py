@@ -11,9 +11,9 @@ allowPublicTraffic, ...}``; ``PUT /sandboxes/{id}/network`` replaces the egress 
   the HTTP ``Host`` of its first request or the TLS SNI of its ClientHello. A DNS answer is not
   proof of anything, so it never opens an IP. A wildcard matches subdomains at any depth, not the
   apex (E2B's rule): ``*.example.com`` matches ``a.example.com`` and ``a.b.example.com``.
-- DNS (the sandbox's resolver, answered by the host): every name while nothing is denied; only
-  allowed domains when something is (so that a denied sandbox cannot tunnel data out through
-  DNS queries); nothing when egress is off.
+- DNS (the sandbox's resolver, answered by the host): every name while the IP rules let the
+  sandbox reach the public resolvers anyway; only allowed domains when they do not (so that a
+  denied sandbox cannot tunnel data out through DNS queries); nothing when egress is off.
 - When ``allowOut`` has a domain, the ``dnsServers`` IPs (default ``8.8.8.8``, as E2B) are
   allowed too.
 
@@ -177,12 +177,22 @@ class EgressPolicy:
         return domain_matches(name, self.allow_domains)
 
     def dns_allowed(self, qname: str) -> bool:
-        """Is a DNS query for ``qname`` answered?"""
+        """Is a DNS query for ``qname`` answered?
+
+        As open as the IP rules already make DNS: when they let the sandbox reach the public
+        resolvers (``dnsServers``, 8.8.8.8 by default) without the opening a domain rule adds,
+        every name resolves (refusing here would stop nothing); when they do not (``0.0.0.0/0``
+        denied, say), only allowed domains resolve, so that DNS is no tunnel out; with egress off,
+        nothing does."""
         if self.internet_off:
             return False
-        if not self.deny_cidrs:
+        if all(self._ip_allowed_by_rules(s) for s in self.dns_servers or DEFAULT_DNS_SERVERS):
             return True
         return self.domain_allowed(qname)
+
+    def _ip_allowed_by_rules(self, ip: str) -> bool:
+        a = ipaddress.IPv4Address(ip)
+        return any(a in n for n in self.allow_cidrs) or not any(a in n for n in self.deny_cidrs)
 
     def to_e2b(self) -> dict[str, object]:
         """The ``network`` egress fields of ``GET /sandboxes/{id}``, in E2B's names."""

@@ -115,6 +115,10 @@ table ip trenvx {{
         meta l4proto tcp reject with tcp reset
         reject with icmp type admin-prohibited
     }}
+    chain spoof {{
+        type filter hook prerouting priority raw; policy accept;
+        iifname "{TAP}" ip saddr != {GUEST_IP} drop
+    }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
         iifname "{NS_UPLINK}" ip daddr {addr.slot_ip} dnat to {GUEST_IP}
@@ -128,6 +132,7 @@ table ip trenvx {{
     }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
+        iifname "{TAP}" ip saddr != {GUEST_IP} drop
         ct state established,related accept
         iifname "{NS_UPLINK}" oifname "{TAP}" ct status dnat accept
         iifname "{TAP}" oifname "{NS_UPLINK}" ip daddr @blocked jump refuse
@@ -137,6 +142,7 @@ table ip trenvx {{
     }}
     chain input {{
         type filter hook input priority filter; policy drop;
+        iifname "{TAP}" ip saddr != {GUEST_IP} drop
         ct state established,related accept
         iifname "lo" accept
         iifname "{TAP}" ip daddr {DNS_IP} udp dport 53 accept
@@ -321,15 +327,19 @@ class HostNetwork:
     connection state of its previous sandbox) and the pool refills in the background.
     """
 
-    def __init__(self, cfg: NetworkConfig, data_root: Path, *, owner: str = "") -> None:
+    def __init__(self, cfg: NetworkConfig, data_root: Path, *, owner: str = "", outlive_process: bool = False) -> None:
         self.cfg = cfg
         self.owner = owner or owner_id(data_root)
         """Whose slots these are: a server's data_root, or ``build_<pid>`` for a template build."""
-        self.table = f"trenvx_{self.owner}"
+        self.outlive_process = outlive_process
+        """The VMs in these slots outlive this process (``--keep``): its slots are left for the
+        next server of the same data_root, never swept by another owner."""
+        self.table = f"trenvx_{self.owner}_{os.getpid()}"
         self.blocked = list(cfg.blocked_cidrs)
         self._forbidden = [*cfg.blocked_cidrs, cfg.slot_cidr]
         self._ready: deque[NetworkSlot] = deque()
         self._slots: dict[int, NetworkSlot] = {}
+        self._making: set[int] = set()
         self._upstreams: list[tuple[str, int]] = []
         self._refill: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -386,27 +396,48 @@ class HostNetwork:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
-            json.dump({"owner": self.owner, "pid": os.getpid(), "at": time.time()}, f)
+            json.dump({"owner": self.owner, "pid": os.getpid(), "keep": self.outlive_process, "at": time.time()}, f)
         return True
 
-    def _claims(self) -> list[int]:
-        """Slot numbers claimed by this owner (any process of it, alive or not), and those of
-        template builds whose process is gone (a build that crashed)."""
-        out = []
+    @staticmethod
+    def _all_claims() -> dict[int, dict[str, object]]:
+        out: dict[int, dict[str, object]] = {}
         try:
             entries = list(CLAIMS_DIR.iterdir())
         except FileNotFoundError:
-            return []
+            return out
         for p in entries:
             try:
-                info = json.loads(p.read_text())
+                if p.name.isdigit():
+                    out[int(p.name)] = json.loads(p.read_text())
             except (OSError, ValueError):
                 continue
-            owner = str(info.get("owner", ""))
-            dead_build = owner.startswith("build_") and not _pid_alive(int(info.get("pid", 0)))
-            if p.name.isdigit() and (owner == self.owner or dead_build):
-                out.append(int(p.name))
+        return out
+
+    def _claims(self) -> list[int]:
+        """Slot numbers claimed by this owner (any process of it, alive or not), and those whose
+        process is gone without leaving them to a successor (a crashed build, test or server
+        whose VMs died with it), whoever owned them."""
+        out = []
+        for index, info in self._all_claims().items():
+            orphan = not info.get("keep") and not _pid_alive(int(info.get("pid", 0) or 0))  # type: ignore[arg-type]
+            if info.get("owner") == self.owner or orphan:
+                out.append(index)
         return sorted(out)
+
+    def _sweep_tables(self) -> None:
+        """Drop host tables of processes that are gone and left no slot to a successor; and this
+        owner's tables of earlier runs."""
+        kept_owners = {str(i.get("owner")) for i in self._all_claims().values() if i.get("keep")}
+        for line in nft.run("list tables inet").splitlines():
+            name = line.split()[-1]
+            parts = name.split("_")
+            if not name.startswith("trenvx_") or name == self.table or not parts[-1].isdigit():
+                continue
+            owner, pid = "_".join(parts[1:-1]), int(parts[-1])
+            if owner == self.owner or (not _pid_alive(pid) and owner not in kept_owners):
+                with contextlib.suppress(nft.NftError):
+                    nft.run(f"delete table inet {name}\n")
 
     def _free_index(self) -> int:
         n = capacity(self.cfg.slot_cidr)
@@ -424,6 +455,7 @@ class HostNetwork:
         index = self._free_index()
         addr = SlotAddress.of(index, self.cfg.slot_cidr)
         slot = NetworkSlot(addr)
+        self._making.add(index)  # a sweep running meanwhile must leave it alone
         try:
             await self._teardown(addr)  # leftovers of a crashed run under the same number
             await netns.create(addr.netns)
@@ -437,6 +469,8 @@ class HostNetwork:
             if isinstance(e, (OSError, nft.NftError, netns.NetnsError)):
                 raise SlotError(f"cannot make network slot {index}: {e}") from e
             raise
+        finally:
+            self._making.discard(index)
         self._slots[index] = slot
         self.made += 1
         self.make_seconds.append(time.perf_counter() - t0)
@@ -508,13 +542,23 @@ class HostNetwork:
         """Remove this owner's slots that no live object holds and ``keep`` does not name."""
         removed = []
         for index in self._claims():
-            if index in keep or index in self._slots:
+            if index in keep or index in self._slots or index in self._making:
                 continue
             addr = SlotAddress.of(index, self.cfg.slot_cidr)
             with contextlib.suppress(Exception):
                 await self._teardown(addr)
             self._claim_path(index).unlink(missing_ok=True)
             removed.append(index)
+        # Namespaces named like slots that nobody claims (a claim always comes first): leftovers.
+        claimed = self._all_claims()
+        for name in netns.names(NETNS_PREFIX):
+            suffix = name[len(NETNS_PREFIX):]
+            if suffix.isdigit() and int(suffix) not in claimed and int(suffix) < capacity(self.cfg.slot_cidr):
+                with contextlib.suppress(Exception):
+                    await self._teardown(SlotAddress.of(int(suffix), self.cfg.slot_cidr))
+                removed.append(int(suffix))
+        with contextlib.suppress(Exception):
+            await netns.call_host(self._sweep_tables)
         return removed
 
     # -- hand out

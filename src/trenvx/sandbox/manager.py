@@ -256,12 +256,13 @@ class SandboxManager:
         orch = config.orchestrator
         self.data_root = DataRoot(config.data_root).ensure()
         self.templates = TemplateStore(self.data_root)
+        self.keep = orch.keep_on_exit if keep is None else keep
         self.network_mode, self.network_reason = network_mode.resolve(config.network)
         self.network: HostNetwork | None = (
-            HostNetwork(config.network, config.data_root) if self.network_mode is NetworkMode.netns else None
+            HostNetwork(config.network, config.data_root, outlive_process=self.keep)
+            if self.network_mode is NetworkMode.netns else None
         )
         self.restorer = SnapshotRestore(config, self.data_root, self.network)
-        self.keep = orch.keep_on_exit if keep is None else keep
         self.admission = admission or Admission(
             Limits(orch.max_sandboxes, orch.max_sandboxes_per_template, orch.memory_headroom_mb)
         )
