@@ -18,6 +18,7 @@ from .e2b import Sandbox as SyncSandbox
 from .exceptions import *  # noqa: F401,F403
 from .exceptions import __all__ as _errors
 from .models import (
+    ALL_TRAFFIC,
     CommandResult,
     EntryInfo,
     FilesystemEventType,
@@ -25,6 +26,9 @@ from .models import (
     ProcessInfo,
     PtySize,
     SandboxInfo,
+    SandboxNetworkInfo,
+    SandboxNetworkOpts,
+    SandboxNetworkUpdate,
     TemplateInfo,
     WriteEntry,
     WriteInfo,
@@ -64,6 +68,10 @@ __all__ = [
     "ProcessInfo",
     "PtySize",
     "SandboxInfo",
+    "SandboxNetworkInfo",
+    "SandboxNetworkOpts",
+    "SandboxNetworkUpdate",
+    "ALL_TRAFFIC",
     "TemplateInfo",
     "WriteEntry",
     "WriteInfo",

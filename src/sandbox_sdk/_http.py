@@ -21,7 +21,8 @@ import httpx
 from . import _connect
 from ._config import ENVD_PORT, ConnectionConfig
 from ._errors import Context, connect_error, http_error, transport_error
-from .exceptions import SandboxError, StreamError, TimeoutError
+from ._network import create_network_body, update_network_body
+from .exceptions import InvalidArgumentError, SandboxError, StreamError, TimeoutError
 from .models import SandboxConnectionInfo, SandboxInfo, TemplateInfo
 
 log = logging.getLogger("sandbox_sdk")
@@ -151,7 +152,7 @@ class ApiClient:
             self._client,
             request,
             config=self._config,
-            idempotent=method in ("GET", "DELETE", "HEAD"),
+            idempotent=method in ("GET", "DELETE", "HEAD", "PUT"),  # PUT /network replaces: safe to repeat
             what=f"{method} {path}",
         )
         if response.status_code not in ok:
@@ -168,6 +169,9 @@ class ApiClient:
         metadata: Optional[Mapping[str, str]],
         envs: Optional[Mapping[str, str]],
         request_timeout: Optional[float] = None,
+        *,
+        allow_internet_access: Optional[bool] = None,
+        network: Optional[Mapping[str, Any]] = None,
     ) -> SandboxConnectionInfo:
         body: Dict[str, Any] = {}
         if template:
@@ -178,6 +182,13 @@ class ApiClient:
             body["metadata"] = {str(k): str(v) for k, v in metadata.items()}
         if envs:
             body["envVars"] = {str(k): str(v) for k, v in envs.items()}
+        if allow_internet_access is not None:
+            if not isinstance(allow_internet_access, bool):
+                raise InvalidArgumentError(f"allow_internet_access must be True or False, not {allow_internet_access!r}")
+            body["allow_internet_access"] = allow_internet_access
+        net = create_network_body(network)
+        if net is not None:
+            body["network"] = net
         r = await self._call(
             "POST", "/sandboxes", json=body, request_timeout=request_timeout, context="create", template=template
         )
@@ -235,6 +246,19 @@ class ApiClient:
             "POST",
             f"/sandboxes/{sandbox_id}/timeout",
             json={"timeout": int(timeout)},
+            request_timeout=request_timeout,
+            context="sandbox",
+            sandbox_id=sandbox_id,
+        )
+
+    async def update_network(
+        self, sandbox_id: str, network: Mapping[str, Any], request_timeout: Optional[float] = None
+    ) -> None:
+        """``PUT /sandboxes/{id}/network``: replace the sandbox's egress rules (omitted: cleared)."""
+        await self._call(
+            "PUT",
+            f"/sandboxes/{sandbox_id}/network",
+            json=update_network_body(network),
             request_timeout=request_timeout,
             context="sandbox",
             sandbox_id=sandbox_id,

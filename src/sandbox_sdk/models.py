@@ -53,6 +53,76 @@ def _b64(value: Any) -> bytes:
 
 # --------------------------------------------------------------------------- sandboxes
 
+#: Every IPv4 destination: ``deny_out=[ALL_TRAFFIC]`` blocks all egress not allowed by ``allow_out``.
+ALL_TRAFFIC = "0.0.0.0/0"
+
+
+class SandboxNetworkOpts(TypedDict, total=False):
+    """``network`` of ``Sandbox.create`` (E2B's ``SandboxNetworkOpts``).
+
+    ``allow_out``: IPv4 addresses, CIDR blocks and domains (``example.com``, ``*.example.com``,
+    matched on the HTTP Host / TLS SNI of each connection) the sandbox may reach; allow wins over
+    deny. ``deny_out``: addresses and CIDR blocks it may not reach (``[ALL_TRAFFIC]``: all but the
+    allowed). Both may be a callable receiving a ``SandboxNetworkSelectorContext``.
+    ``dns_servers``: resolvers opened when ``allow_out`` has a domain (default ``["8.8.8.8"]``).
+    ``allow_public_traffic=False``: the sandbox's ports answer only requests carrying its
+    ``traffic_access_token`` (header ``e2b-traffic-access-token``). ``mask_request_host`` is
+    stored and reported back. ``rules``, ``egress_proxy``, ``https_ports``: not supported by
+    trenvx (the backend refuses them with ``InvalidArgumentError``).
+    """
+
+    allow_out: Any
+    deny_out: Any
+    dns_servers: List[str]
+    allow_public_traffic: bool
+    mask_request_host: str
+    https_ports: List[int]
+    rules: Dict[str, Any]
+    egress_proxy: Dict[str, Any]
+
+
+class SandboxNetworkUpdate(TypedDict, total=False):
+    """``update_network``'s argument (E2B's ``SandboxNetworkUpdate``): the new egress rules, replacing
+    the old ones entirely (an option left out is cleared). ``allow_internet_access=False`` is
+    ``deny_out=[ALL_TRAFFIC]``."""
+
+    allow_out: Any
+    deny_out: Any
+    dns_servers: List[str]
+    allow_internet_access: bool
+    rules: Dict[str, Any]
+    egress_proxy: Dict[str, Any]
+
+
+class SandboxNetworkInfo(TypedDict, total=False):
+    """A sandbox's network settings as ``get_info()`` reports them (E2B's ``SandboxNetworkInfo``);
+    ``dns_servers`` only when ``allow_out`` names a domain."""
+
+    allow_out: List[str]
+    deny_out: List[str]
+    dns_servers: List[str]
+    allow_public_traffic: bool
+    mask_request_host: str
+
+
+def _network_info(value: Any) -> Optional[SandboxNetworkInfo]:
+    """``network`` of ``GET /sandboxes/{id}`` in E2B's Python names (``allow_out``, ...)."""
+    if not isinstance(value, Mapping):
+        return None
+    out: SandboxNetworkInfo = {}
+    if isinstance(value.get("allowOut"), list):
+        out["allow_out"] = [str(x) for x in value["allowOut"]]
+    if isinstance(value.get("denyOut"), list):
+        out["deny_out"] = [str(x) for x in value["denyOut"]]
+    if isinstance(value.get("dnsServers"), list):
+        out["dns_servers"] = [str(x) for x in value["dnsServers"]]
+    if isinstance(value.get("allowPublicTraffic"), bool):
+        out["allow_public_traffic"] = value["allowPublicTraffic"]
+    if isinstance(value.get("maskRequestHost"), str):
+        out["mask_request_host"] = value["maskRequestHost"]
+    return out
+
+
 
 @dataclass
 class SandboxInfo:
@@ -70,6 +140,10 @@ class SandboxInfo:
     disk_size_mb: int = 0
     envd_version: Optional[str] = None
     client_id: Optional[str] = None
+    allow_internet_access: Optional[bool] = None
+    """As given on create or by the last ``update_network`` (None: not set explicitly)."""
+    network: Optional[SandboxNetworkInfo] = None
+    """The egress rules in force and public access (``get_info()`` only; None in ``list()``)."""
 
     @property
     def id(self) -> str:
@@ -95,6 +169,8 @@ class SandboxInfo:
             disk_size_mb=_int(d.get("diskSizeMB")),
             envd_version=d.get("envdVersion"),
             client_id=d.get("clientID"),
+            allow_internet_access=d["allowInternetAccess"] if isinstance(d.get("allowInternetAccess"), bool) else None,
+            network=_network_info(d.get("network")),
         )
 
 
@@ -137,6 +213,8 @@ class SandboxConnectionInfo:
     envd_version: Optional[str] = None
     envd_access_token: Optional[str] = None
     domain: Optional[str] = None
+    traffic_access_token: Optional[str] = None
+    """Set when the sandbox was created with ``network={"allow_public_traffic": False}``."""
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "SandboxConnectionInfo":
@@ -147,6 +225,7 @@ class SandboxConnectionInfo:
             envd_version=d.get("envdVersion"),
             envd_access_token=d.get("envdAccessToken"),
             domain=d.get("domain"),
+            traffic_access_token=d.get("trafficAccessToken") or None,
         )
 
 

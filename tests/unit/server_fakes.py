@@ -225,9 +225,8 @@ async def start_microvm_standins(vmm: str, workdir: Path, pid: int, agent_port: 
 def _network_fake_class() -> type:
     """A manager whose network is a stand-in: egress rules are recorded (``egress_applied``), not
     enforced; ``network_unavailable`` set to a message makes create (with rules) and set_network
-    raise NetworkUnavailable, as a host without network namespaces does. What create stores on the
-    Sandbox (egress, allow_public_traffic, a traffic token) is filled in when the manager has not."""
-    from trenvx.network.policy import DEFAULT_POLICY
+    raise NetworkUnavailable, as a host without network namespaces does. The sandbox gets its
+    egress policy, allow_public_traffic and (when private) a traffic token as a slot would give them."""
     from trenvx.sandbox.manager import NetworkUnavailable, SandboxManager
 
     class NetworkFakeManager(SandboxManager):
@@ -241,8 +240,10 @@ def _network_fake_class() -> type:
                          **kw: Any) -> Any:
             if egress is not None and self.network_unavailable:
                 raise NetworkUnavailable(self.network_unavailable)
-            sb = await super().create(template, egress=egress, allow_public_traffic=allow_public_traffic, **kw)
-            if egress is not None and sb.egress is DEFAULT_POLICY:
+            # the real manager refuses rules it cannot enforce (no slot here): it gets none, the
+            # sandbox gets them afterwards, as a slot would have applied them
+            sb = await super().create(template, egress=None, allow_public_traffic=allow_public_traffic, **kw)
+            if egress is not None:
                 sb.egress = egress
             sb.allow_public_traffic = allow_public_traffic
             if not allow_public_traffic and not sb.traffic_access_token:

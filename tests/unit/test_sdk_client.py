@@ -221,6 +221,30 @@ async def test_wrong_address_is_backend_unreachable() -> None:
 # ----------------------------------------------------------------------------- envd through the proxy
 
 
+async def test_a_kill_by_the_agents_deadline_is_a_timeout(fake: FakeBackend) -> None:
+    """The agent enforces the command's timeout too, and its clock started first: its kill (an
+    end by signal) may arrive before the SDK's own timer fires; it is a TimeoutError all the same."""
+    import time as _time
+
+    def start(r: httpx.Request) -> httpx.Response:
+        _time.sleep(0.15)  # the agent killed the command at its deadline; its end event arrives now
+        end = {"event": {"end": {"exitCode": -1, "exited": False, "status": "signal: killed", "error": "signal: killed"}}}
+        return httpx.Response(200, headers={"content-type": "application/connect+json"},
+                              content=stream_body({"event": {"start": {"pid": 9}}}, end))
+
+    fake.route("POST", "/process.Process/Start", start)
+    sbx = await AsyncSandbox.create(**conn(fake))
+    with pytest.raises(exceptions.TimeoutError, match="did not finish within 0.1s"):
+        await sbx.commands.run("sleep 30", timeout=0.1)
+    fake.route("POST", "/process.Process/Start", lambda r: httpx.Response(
+        200, headers={"content-type": "application/connect+json"},
+        content=stream_body({"event": {"start": {"pid": 9}}}, {"event": {"end": {
+            "exitCode": -1, "exited": False, "status": "signal: killed"}}})))
+    with pytest.raises(exceptions.CommandExitError):  # killed by someone else, well before the deadline
+        await sbx.commands.run("sleep 30", timeout=30)
+    await sbx.close()
+
+
 async def test_envd_requests_go_through_the_proxy_with_identity(fake: FakeBackend) -> None:
     seen: dict[str, httpx.Request] = {}
 

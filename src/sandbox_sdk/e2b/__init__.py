@@ -12,7 +12,9 @@ Code written for E2B's Python SDK mostly runs unchanged with
 
 from ..exceptions import *  # noqa: F401,F403 - E2B code imports errors from the same place
 from ..exceptions import __all__ as _errors
+from .._network import SandboxNetworkSelectorContext
 from ..models import (
+    ALL_TRAFFIC,
     CommandResult,
     EntryInfo,
     FilesystemEvent,
@@ -21,6 +23,9 @@ from ..models import (
     ProcessInfo,
     PtySize,
     SandboxInfo,
+    SandboxNetworkInfo,
+    SandboxNetworkOpts,
+    SandboxNetworkUpdate,
     TemplateInfo,
     WriteEntry,
     WriteInfo,
@@ -49,6 +54,11 @@ __all__ = [
     "ProcessInfo",
     "PtySize",
     "SandboxInfo",
+    "SandboxNetworkInfo",
+    "SandboxNetworkOpts",
+    "SandboxNetworkSelectorContext",
+    "SandboxNetworkUpdate",
+    "ALL_TRAFFIC",
     "TemplateInfo",
     "WriteEntry",
     "WriteInfo",

@@ -12,6 +12,7 @@ import codecs
 import inspect
 import logging
 import os
+import time
 from typing import (
     IO,
     Any,
@@ -59,6 +60,8 @@ from ..models import (
     PtySize,
     SandboxConnectionInfo,
     SandboxInfo,
+    SandboxNetworkOpts,
+    SandboxNetworkUpdate,
     TemplateInfo,
     WriteEntry,
     WriteInfo,
@@ -122,8 +125,12 @@ class AsyncCommandHandle:
         listener: Optional[Listener] = None,
         timeout: Optional[float] = None,
         cmd: Optional[str] = None,
+        started: Optional[float] = None,
     ) -> None:
         self._pid = pid
+        #: ``time.monotonic()`` before the start request: the agent's own deadline (the same
+        #: ``timeout``, sent as Connect-Timeout-Ms) began after it.
+        self._started = started
         self._stream = stream
         self._kill = kill
         self._send_stdin = send_stdin
@@ -208,6 +215,22 @@ class AsyncCommandHandle:
                 self._result = CommandResult(
                     stdout=self.stdout, stderr=self.stderr, exit_code=event.end.exit_code, error=event.end.error
                 )
+                if self._killed_by_agent_deadline(event.end.exited):
+                    self._error = self._timeout_error()
+
+    def _killed_by_agent_deadline(self, exited: bool) -> bool:
+        """Did the agent kill the command at its deadline? It enforces the same ``timeout`` and
+        started counting first, so its kill (an end by signal) can arrive before our own timer."""
+        if not self._timeout or self._started is None or exited:
+            return False
+        return time.monotonic() - self._started >= self._timeout
+
+    def _timeout_error(self) -> TimeoutError:
+        what = f"command {self._cmd!r}" if self._cmd else f"process {self._pid}"
+        return TimeoutError(
+            f"{what} did not finish within {self._timeout:g}s and was killed; pass a larger "
+            "timeout (timeout=0 means no limit)"
+        )
 
     async def _pump(self) -> None:
         try:
@@ -215,11 +238,7 @@ class AsyncCommandHandle:
                 try:
                     await asyncio.wait_for(self._consume(), self._timeout)
                 except asyncio.TimeoutError:
-                    what = f"command {self._cmd!r}" if self._cmd else f"process {self._pid}"
-                    self._error = TimeoutError(
-                        f"{what} did not finish within {self._timeout:g}s and was killed; pass a larger "
-                        "timeout (timeout=0 means no limit)"
-                    )
+                    self._error = self._timeout_error()
                     try:
                         await self._kill()
                     except Exception:  # best effort
@@ -427,6 +446,7 @@ class AsyncCommands:
         if stdin:
             request["stdin"] = True
         timeout = timeout or None
+        started = time.monotonic()
         stream = await self._envd.server_stream(
             "process.Process/Start",
             request,
@@ -445,6 +465,7 @@ class AsyncCommands:
             listener=listener,
             cmd=display,
             pty=pty is not None,
+            started=started,
         )
 
     async def _handle(
@@ -459,6 +480,7 @@ class AsyncCommands:
         listener: Optional[Listener],
         cmd: Optional[str],
         pty: bool = False,
+        started: Optional[float] = None,
     ) -> AsyncCommandHandle:
         seconds = self._envd._config.timeout(request_timeout)
         try:
@@ -504,6 +526,7 @@ class AsyncCommands:
             listener=listener,
             timeout=timeout,
             cmd=cmd,
+            started=started,
         )
 
     async def _send_pty(
@@ -1144,6 +1167,12 @@ class AsyncSandbox:
         return self._info.envd_access_token
 
     @property
+    def traffic_access_token(self) -> Optional[str]:
+        """Set when the sandbox was created with ``network={"allow_public_traffic": False}``: requests
+        to its ports (``get_host(port)``) must carry it in the ``e2b-traffic-access-token`` header."""
+        return self._info.traffic_access_token
+
+    @property
     def envd_api_url(self) -> str:
         """Where requests to the agent go (the backend, which proxies them, or the direct URL)."""
         return self._envd.base_url
@@ -1170,7 +1199,10 @@ class AsyncSandbox:
         timeout: Optional[int] = DEFAULT_SANDBOX_TIMEOUT,
         metadata: Optional[Mapping[str, str]] = None,
         envs: Optional[Mapping[str, str]] = None,
+        secure: Optional[bool] = None,
+        allow_internet_access: Optional[bool] = None,
         *,
+        network: Optional[SandboxNetworkOpts] = None,
         user: Optional[str] = None,
         **connection: Any,
     ) -> "AsyncSandbox":
@@ -1178,17 +1210,24 @@ class AsyncSandbox:
 
         ``timeout`` is the sandbox's lifetime in seconds (extend it with ``set_timeout``);
         ``metadata`` is stored with it (filter ``list`` on it); ``envs`` are set for every
-        command.
+        command. ``allow_internet_access=False``: no egress at all (the same as
+        ``network={"deny_out": [ALL_TRAFFIC]}``); ``network``: E2B's egress rules and public
+        access (see :class:`~sandbox_sdk.models.SandboxNetworkOpts`). ``secure`` is accepted for
+        E2B compatibility: trenvx sandboxes always require their access token.
 
         Example::
 
             sandbox = await AsyncSandbox.create("default-sandbox", timeout=600, metadata={"run": "42"})
+            offline = await AsyncSandbox.create(allow_internet_access=False)
+            pypi_only = await AsyncSandbox.create(network={"allow_out": ["pypi.org", "*.pythonhosted.org"],
+                                                           "deny_out": [ALL_TRAFFIC]})
         """
         config = ConnectionConfig.resolve(**connection)
         client = make_client(config)
         try:
             info = await ApiClient(client, config).create_sandbox(
-                template, timeout, metadata, envs, request_timeout=connection.get("request_timeout")
+                template, timeout, metadata, envs, request_timeout=connection.get("request_timeout"),
+                allow_internet_access=allow_internet_access, network=network,
             )
         except BaseException:
             await client.aclose()
@@ -1274,6 +1313,26 @@ class AsyncSandbox:
     async def _set_timeout(self, timeout: int, request_timeout: Optional[float] = None) -> None:
         self._require_backend("set_timeout")
         await self._api.set_timeout(self.sandbox_id, timeout, request_timeout)
+
+    @dual_method
+    async def update_network(cls, sandbox_id: str, network: SandboxNetworkUpdate, **connection: Any) -> None:
+        """Replace the sandbox's egress rules: ``await sandbox.update_network({...})`` or
+        ``await AsyncSandbox.update_network(sandbox_id, {...})``. What ``network`` leaves out is
+        cleared (``{}`` opens everything again); ``allow_internet_access=False`` blocks all egress
+        but what ``allow_out`` names.
+
+        Example::
+
+            await sandbox.update_network({"allow_out": ["api.example.com"], "deny_out": [ALL_TRAFFIC]})
+        """
+        config = ConnectionConfig.resolve(**connection)
+        async with make_client(config) as client:
+            await ApiClient(client, config).update_network(sandbox_id, network, connection.get("request_timeout"))
+
+    @update_network.instance
+    async def _update_network(self, network: SandboxNetworkUpdate, request_timeout: Optional[float] = None) -> None:
+        self._require_backend("update_network")
+        await self._api.update_network(self.sandbox_id, network, request_timeout)
 
     @dual_method
     async def get_info(cls, sandbox_id: str, **connection: Any) -> SandboxInfo:

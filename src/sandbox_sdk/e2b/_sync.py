@@ -41,6 +41,8 @@ from ..models import (
     ProcessInfo,
     PtySize,
     SandboxInfo,
+    SandboxNetworkOpts,
+    SandboxNetworkUpdate,
     TemplateInfo,
     WriteEntry,
     WriteInfo,
@@ -613,6 +615,11 @@ class Sandbox:
     def envd_access_token(self) -> Optional[str]:
         return self._async.envd_access_token
 
+    @property
+    def traffic_access_token(self) -> Optional[str]:
+        """Set when created with ``network={"allow_public_traffic": False}``; see :class:`AsyncSandbox`."""
+        return self._async.traffic_access_token
+
     def get_host(self, port: int) -> str:
         """``{port}-{sandbox_id}.{domain}``. Example: ``sandbox.get_host(8080)``"""
         return self._async.get_host(port)
@@ -624,17 +631,22 @@ class Sandbox:
         timeout: Optional[int] = DEFAULT_SANDBOX_TIMEOUT,
         metadata: Optional[Mapping[str, str]] = None,
         envs: Optional[Mapping[str, str]] = None,
+        secure: Optional[bool] = None,
+        allow_internet_access: Optional[bool] = None,
         *,
+        network: Optional[SandboxNetworkOpts] = None,
         user: Optional[str] = None,
         **connection: Any,
     ) -> "Sandbox":
-        """Start a new sandbox; see :meth:`AsyncSandbox.create`.
+        """Start a new sandbox; see :meth:`AsyncSandbox.create` (``allow_internet_access``, ``network``).
 
         Example::
 
             sandbox = Sandbox.create("default-sandbox", timeout=600, envs={"A": "1"})
+            offline = Sandbox.create(allow_internet_access=False)
         """
-        return cls(_run(AsyncSandbox.create(template, timeout, metadata, envs, user=user, **connection)))
+        return cls(_run(AsyncSandbox.create(template, timeout, metadata, envs, secure, allow_internet_access,
+                                            network=network, user=user, **connection)))
 
     @classmethod
     def connect(cls, sandbox_id: str, *, user: Optional[str] = None, **connection: Any) -> "Sandbox":
@@ -665,6 +677,17 @@ class Sandbox:
     @set_timeout.instance
     def _set_timeout(self, timeout: int, request_timeout: Optional[float] = None) -> None:
         _run(self._async.set_timeout(timeout, request_timeout))
+
+    @dual_method
+    def update_network(cls, sandbox_id: str, network: SandboxNetworkUpdate, **connection: Any) -> None:
+        """Replace the egress rules (omitted options are cleared); see :meth:`AsyncSandbox.update_network`.
+
+        Example: ``sandbox.update_network({"allow_out": ["1.1.1.1"], "deny_out": [ALL_TRAFFIC]})``"""
+        _run(AsyncSandbox.update_network(sandbox_id, network, **connection))
+
+    @update_network.instance
+    def _update_network(self, network: SandboxNetworkUpdate, request_timeout: Optional[float] = None) -> None:
+        _run(self._async.update_network(network, request_timeout))
 
     @dual_method
     def get_info(cls, sandbox_id: str, **connection: Any) -> SandboxInfo:

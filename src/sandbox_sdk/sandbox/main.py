@@ -26,7 +26,7 @@ from .._dual import dual_method
 from .._http import ApiClient, make_client
 from ..e2b._async import AsyncSandbox
 from ..exceptions import SandboxError
-from ..models import SandboxInfo, TemplateInfo
+from ..models import SandboxInfo, SandboxNetworkOpts, SandboxNetworkUpdate, TemplateInfo
 from .filesystem import FilesystemManager
 from .process import EnvVars, ProcessManager, ProcessMessage
 
@@ -105,6 +105,12 @@ class Sandbox:
         return dict(self._env_vars)
 
     @property
+    def traffic_access_token(self) -> Optional[str]:
+        """Set when created with ``network={"allow_public_traffic": False}``: requests to the
+        sandbox's ports must carry it in the ``e2b-traffic-access-token`` header."""
+        return self._core.traffic_access_token
+
+    @property
     def async_sandbox(self) -> AsyncSandbox:
         """The E2B-style :class:`AsyncSandbox` of the same sandbox."""
         return self._core
@@ -138,6 +144,8 @@ class Sandbox:
         *,
         sandbox_timeout: Optional[int] = None,
         user: Optional[str] = "root",
+        allow_internet_access: Optional[bool] = None,
+        network: Optional[SandboxNetworkOpts] = None,
         **connection: Any,
     ) -> "Sandbox":
         """Start a sandbox from ``template`` (else the class's ``template``, else the backend's
@@ -148,11 +156,14 @@ class Sandbox:
         of every ``process.start``. ``env_vars`` are also given to the backend for the whole
         sandbox. ``timeout`` bounds the create request (seconds); ``sandbox_timeout`` is the
         sandbox's lifetime (None: the backend's default; extend it with ``keep_alive``).
+        ``allow_internet_access`` and ``network`` are E2B's egress rules and public access, as in
+        ``sandbox_sdk.e2b.Sandbox.create`` (``update_network`` changes the rules later).
 
         Example::
 
             sandbox = await Sandbox.create(template="default-sandbox", target_addr="127.0.0.1",
                                            cwd="/root", env_vars={"A": "1"}, metadata={"job": "7"})
+            offline = await Sandbox.create(allow_internet_access=False)
         """
         connection.setdefault("request_timeout", timeout)
         core = await AsyncSandbox.create(
@@ -160,6 +171,8 @@ class Sandbox:
             sandbox_timeout,
             metadata,
             env_vars,
+            allow_internet_access=allow_internet_access,
+            network=network,
             user=user,
             target_addr=target_addr,
             **connection,
@@ -209,6 +222,20 @@ class Sandbox:
             await sandbox.keep_alive(3600)
         """
         await self._core._api.refresh(self.id, int(duration))
+
+    async def update_network(self, network: SandboxNetworkUpdate, timeout: Optional[float] = None) -> None:
+        """Replace the sandbox's egress rules (options left out are cleared).
+
+        Example::
+
+            await sandbox.update_network({"allow_out": ["pypi.org"], "deny_out": ["0.0.0.0/0"]})
+        """
+        await self._core.update_network(network, timeout)
+
+    async def get_info(self, timeout: Optional[float] = None) -> SandboxInfo:
+        """The backend's description of the sandbox, with its network rules (``info.network``)."""
+        info: SandboxInfo = await self._core.get_info(timeout)
+        return info
 
     async def is_running(self) -> bool:
         """Whether the sandbox's agent answers."""

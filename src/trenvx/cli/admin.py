@@ -1,6 +1,7 @@
 """trenvx: run and check the backend.
 
     trenvx serve  --config configs/example_config.toml [--keep] [--host H] [--port P]
+                  (a --host other than loopback needs [orchestrator] api_key or TRENVX_API_KEY)
     trenvx doctor --config configs/example_config.toml [--json]
 """
 
@@ -38,17 +39,25 @@ def _load(path: str) -> Config:
 def serve(
     config: str = ConfigOpt,
     keep: bool = typer.Option(False, "--keep", help="leave sandboxes running on exit, for the next server to adopt"),
-    host: Optional[str] = typer.Option(None, "--host", help="override [orchestrator] host"),
+    host: Optional[str] = typer.Option(None, "--host", help="override [orchestrator] host (default 127.0.0.1; "
+                                       "any other address needs an API key)"),
     port: Optional[int] = typer.Option(None, "--port", "-p", help="override [orchestrator] port"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
     access_log: bool = typer.Option(False, "--access-log", help="log every HTTP request"),
 ) -> None:
-    """Start the backend in the foreground (Ctrl-C stops it and kills its sandboxes, unless --keep)."""
-    from ..server.runner import ServerError, serve as run_server
+    """Start the backend in the foreground (Ctrl-C stops it and kills its sandboxes, unless --keep).
+
+    It listens on 127.0.0.1 unless told otherwise; another address needs an API key
+    ([orchestrator] api_key, or TRENVX_API_KEY in the environment), else it exits with 2.
+    """
+    from ..server.runner import ServerError, UnsafeBind, serve as run_server
 
     cfg = _load(config)
     try:
         run_server(cfg, keep=keep, host=host, port=port, log_level=log_level, access_log=access_log)
+    except UnsafeBind as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     except ServerError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

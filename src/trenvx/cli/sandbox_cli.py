@@ -1,11 +1,15 @@
 """sandbox-cli: drive a trenvx backend from the shell.
 
     sandbox-cli sandbox create -t NAME            prints the new sandbox's id
+        [--no-internet] [--allow-out X]... [--deny-out Y]... [--dns-server IP]... [--no-public-traffic]
+    sandbox-cli sandbox network ID                shows its egress rules
+    sandbox-cli sandbox network ID [--no-internet] [--allow-out X]... [--deny-out Y]... | --clear
+                                                  replaces them (what is not given is cleared)
     sandbox-cli sandbox ls [-a]                   id, template, state, age, timeout left, memory
     sandbox-cli sandbox kill ID... | kill -a
     sandbox-cli sandbox exec ID -- CMD...         streams output, exits with the command's code
     sandbox-cli sandbox shell ID                  interactive shell in the sandbox (PTY)
-    sandbox-cli sandbox info ID | timeout ID SECONDS
+    sandbox-cli sandbox info ID | timeout ID SECONDS  (info: its settings and network rules)
     sandbox-cli template ls
 
 Every command takes --ip/-i and --port/-p (the backend, default 127.0.0.1:5000; also
@@ -163,16 +167,43 @@ def _ts(value: str) -> float:
 # -- sandbox commands ----------------------------------------------------------------------
 
 
+NoInternetOpt = typer.Option(False, "--no-internet", help="no egress at all, except what --allow-out names "
+                             "(E2B's allow_internet_access=false: denyOut 0.0.0.0/0)")
+AllowOutOpt = typer.Option([], "--allow-out", help="IP, CIDR or domain (example.com, *.example.com) the sandbox may "
+                           "reach, even if denied (repeatable)")
+DenyOutOpt = typer.Option([], "--deny-out", help="IP or CIDR the sandbox may not reach, e.g. 0.0.0.0/0 (repeatable)")
+DnsServerOpt = typer.Option([], "--dns-server", help="resolver IP opened when --allow-out names a domain "
+                            "(repeatable; default 8.8.8.8)")
+
+
+def _egress_fields(allow_out: list[str], deny_out: list[str], dns: list[str]) -> dict[str, Any]:
+    """E2B's egress fields for the options given (``allow_internet_access`` is added by the caller)."""
+    out: dict[str, Any] = {}
+    if allow_out:
+        out["allowOut"] = list(allow_out)
+    if deny_out:
+        out["denyOut"] = list(deny_out)
+    if dns:
+        out["dnsServers"] = list(dns)
+    return out
+
+
 @sandbox_app.command("create")
 def create(
     template: Optional[str] = typer.Option(None, "--template", "-t", help="template name (default: the server's)"),
     timeout: Optional[int] = typer.Option(None, "--timeout", help="seconds until the sandbox is killed"),
     metadata: list[str] = typer.Option([], "--metadata", "-m", help="KEY=VALUE label (repeatable)"),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE environment variable (repeatable)"),
+    no_internet: bool = NoInternetOpt,
+    allow_out: list[str] = AllowOutOpt,
+    deny_out: list[str] = DenyOutOpt,
+    dns_server: list[str] = DnsServerOpt,
+    no_public_traffic: bool = typer.Option(False, "--no-public-traffic", help="its ports answer only requests "
+                                           "carrying its traffic access token (header e2b-traffic-access-token)"),
     ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
     as_json: Optional[bool] = JsonOpt,
 ) -> None:
-    """Create a sandbox and print its id."""
+    """Create a sandbox and print its id (egress: open unless --no-internet / --deny-out say otherwise)."""
     t = _merge(ip, port, api_key, as_json)
     body: dict[str, Any] = {"templateID": template or "base"}
     if timeout is not None:
@@ -181,6 +212,13 @@ def create(
         body["metadata"] = _parse_pairs(metadata, "--metadata")
     if env:
         body["envVars"] = _parse_pairs(env, "--env")
+    if no_internet:
+        body["allow_internet_access"] = False
+    network = _egress_fields(allow_out, deny_out, dns_server)
+    if no_public_traffic:
+        network["allowPublicTraffic"] = False
+    if network:
+        body["network"] = network
     r = Api(t).call("POST", "/sandboxes", json=body)
     data = r.json()
     if t.as_json:
@@ -191,6 +229,8 @@ def create(
         if times and sys.stderr.isatty():
             err.print(f"[dim]started in {sum(times.values()):.1f} ms: "
                       + ", ".join(f"{k} {v:.1f}" for k, v in times.items()) + "[/]")
+        if data.get("trafficAccessToken") and sys.stderr.isatty():
+            err.print(f"traffic access token (send as e2b-traffic-access-token): {data['trafficAccessToken']}")
 
 
 def _list(api: Api, all_: bool) -> list[dict[str, Any]]:
@@ -289,12 +329,92 @@ def reclaim(sandbox_id: str, ip: Optional[str] = IpOpt, port: Optional[int] = Po
           f"({_fmt_bytes(r['freedBytes'])} given back in {r['seconds']:.1f} s)")
 
 
+def _network_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
+    """The network settings of a ``GET /sandboxes/{id}`` answer, as (label, value) rows."""
+    net = d.get("network") or {}
+    allow, deny = net.get("allowOut") or [], net.get("denyOut") or []
+    if "0.0.0.0/0" in deny and not allow:
+        summary = "no egress (internet access off)"
+    elif "0.0.0.0/0" in deny:
+        summary = "only what allow-out names"
+    elif deny:
+        summary = "open, except what deny-out names"
+    else:
+        summary = "open (no rules)"
+    rows = [("egress", summary), ("allow-out", ", ".join(allow) or "-"), ("deny-out", ", ".join(deny) or "-")]
+    if net.get("dnsServers") is not None:
+        rows.append(("dns servers", ", ".join(net["dnsServers"]) or "none"))
+    if d.get("allowInternetAccess") is not None:
+        rows.append(("internet access", "on" if d["allowInternetAccess"] else "off"))
+    public = net.get("allowPublicTraffic", True)
+    rows.append(("public traffic", "yes" if public else "no: requests need the traffic access token"))
+    if net.get("maskRequestHost"):
+        rows.append(("mask request host", net["maskRequestHost"]))
+    return rows
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    table = Table(box=None, pad_edge=False, show_header=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    for k, v in rows:
+        table.add_row(escape(k), escape(v))
+    out.print(table)
+
+
 @sandbox_app.command("info")
 def info(sandbox_id: str, ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt,
-         api_key: Optional[str] = KeyOpt) -> None:
-    """Everything the backend knows about one sandbox (JSON)."""
-    t = _merge(ip, port, api_key, True)
-    print(json.dumps(Api(t).call("GET", f"/sandboxes/{sandbox_id}").json(), indent=2))
+         api_key: Optional[str] = KeyOpt, as_json: Optional[bool] = JsonOpt) -> None:
+    """One sandbox: template, state, times, resources and its network rules (--json: everything)."""
+    t = _merge(ip, port, api_key, as_json)
+    d = Api(t).call("GET", f"/sandboxes/{sandbox_id}").json()
+    if t.as_json:
+        print(json.dumps(d, indent=2))
+        return
+    x = d.get("trenvx") or {}
+    left = x.get("timeoutLeft")
+    rows = [
+        ("id", d["sandboxID"]), ("template", d["templateID"] + (f" (build {x['buildID']})" if x.get("buildID") else "")),
+        ("state", d["state"]), ("age", _fmt_age(time.time() - _ts(d["startedAt"]))),
+        ("timeout left", _fmt_age(left) if left else "-"),
+        ("resources", f"{d['cpuCount']} vCPU, {d['memoryMB']} MiB RAM, {d['diskSizeMB']} MiB disk"),
+        ("memory used", _fmt_bytes(x.get("pssBytes") or x.get("rssBytes"))),
+        ("vmm", f"{x.get('vmm', '?')}/{x.get('accelerator', '?')}" + (f", pid {x['pid']}" if x.get("pid") else "")),
+    ]
+    if d.get("metadata"):
+        rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in d["metadata"].items())))
+    _print_rows(rows + _network_rows(d))
+
+
+@sandbox_app.command("network")
+def network(
+    sandbox_id: str,
+    no_internet: bool = NoInternetOpt,
+    allow_out: list[str] = AllowOutOpt,
+    deny_out: list[str] = DenyOutOpt,
+    dns_server: list[str] = DnsServerOpt,
+    clear: bool = typer.Option(False, "--clear", help="remove every rule: egress open again"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """Show a sandbox's egress rules, or replace them: the options given become the whole rule set
+    (E2B's PUT /network: what is not given is cleared; --clear alone opens everything)."""
+    t = _merge(ip, port, api_key, as_json)
+    api = Api(t)
+    given = no_internet or allow_out or deny_out or dns_server
+    if clear and given:
+        fail("--clear removes every rule; give it alone, or give the new rules without it", 2)
+    if given or clear:
+        body = _egress_fields(allow_out, deny_out, dns_server)
+        if no_internet:
+            body["allow_internet_access"] = False
+        api.call("PUT", f"/sandboxes/{sandbox_id}/network", json=body)
+    d = api.call("GET", f"/sandboxes/{sandbox_id}").json()
+    if t.as_json:
+        print(json.dumps({"sandboxID": sandbox_id, "allowInternetAccess": d.get("allowInternetAccess"),
+                          "network": d.get("network") or {}}, indent=2))
+        return
+    _print_rows(_network_rows(d))
 
 
 @sandbox_app.command("timeout")

@@ -6,7 +6,8 @@
     uvicorn.run(app, host=..., port=...)
 
 Request path: ``SandboxProxy`` (requests for a sandbox port leave here) -> body size limit ->
-FastAPI routes (``X-API-Key`` checked per route) -> :class:`SandboxManager`.
+FastAPI routes (``X-API-Key`` checked per route; a server without a key answers local callers
+only, see :mod:`.auth`) -> :class:`SandboxManager`.
 """
 
 from __future__ import annotations
@@ -98,13 +99,17 @@ async def _plain(send: Any, status: int, message: str) -> None:
 def _adjust_openapi(spec: dict[str, Any], *, api_key: bool, max_timeout_s: int) -> dict[str, Any]:
     """What FastAPI cannot infer: security only when a key is configured; timeout ranges from the config."""
     comps = spec.get("components", {})
+    for item in spec.get("paths", {}).values():
+        for op in item.values():
+            if not isinstance(op, dict):
+                continue
+            if api_key:
+                op.get("responses", {}).pop("403", None)  # only keyless servers refuse remote callers
+            else:
+                op.pop("security", None)
+                op.get("responses", {}).pop("401", None)
     if not api_key:
         comps.pop("securitySchemes", None)
-        for item in spec.get("paths", {}).values():
-            for op in item.values():
-                if isinstance(op, dict):
-                    op.pop("security", None)
-                    op.get("responses", {}).pop("401", None)
     schemas = comps.get("schemas", {})
     for name, field in (("NewSandbox", "timeout"), ("TimeoutRequest", "timeout"), ("RefreshRequest", "duration"),
                         ("ConnectRequest", "timeout")):

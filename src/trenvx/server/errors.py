@@ -1,7 +1,10 @@
 """Errors as JSON ``{"code": <HTTP status>, "message": "..."}`` (E2B's ``Error``).
 
 One table maps the sandbox layer's exceptions to statuses; a client's mistake is always a 4xx
-that says what to fix (400 names the field), never a bare 500.
+that says what to fix (400 names the field), never a bare 500. Egress rules this server cannot
+enforce (``NetworkUnavailable``, e.g. ``[network] mode = "user"``, where sandboxes have no egress at
+all) are a 409, as E2B answers a request that conflicts with the sandbox's state: the request is
+well-formed, this host's setup is what refuses it, and the message says which setup would accept it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from starlette.responses import JSONResponse
 from ..sandbox.lifecycle import InvalidTimeout
 from ..sandbox.limits import LimitReached, OutOfMemory
 from ..sandbox.reclaim import ReclaimFailed
-from ..sandbox.manager import ManagerClosed, PortUnavailable, SandboxConflict, SandboxNotFound
+from ..network.policy import PolicyError
+from ..sandbox.manager import ManagerClosed, NetworkUnavailable, PortUnavailable, SandboxConflict, SandboxNotFound
 from ..template.store import TemplateNotFound
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,8 @@ STATUS_OF: list[tuple[type[BaseException], int, dict[str, str] | None]] = [
     (TemplateNotFound, 404, None),
     (InvalidTimeout, 400, None),
     (SandboxConflict, 409, None),
+    (NetworkUnavailable, 409, None),
+    (PolicyError, 400, None),
     (LimitReached, 429, {"Retry-After": "5"}),
     (OutOfMemory, 503, {"Retry-After": "10"}),
     (ManagerClosed, 503, None),
@@ -82,6 +88,8 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> str:
             where, msg = "body", "is not valid JSON"
         elif e.get("type") == "missing" and len(loc) <= 1:
             msg = "a JSON body is required"
+        elif e.get("type") == "extra_forbidden":
+            msg = "unknown field (not part of E2B's API, or not supported by trenvx); leave it out"
         elif len(loc) == 1 and loc[0] == "body" and e.get("type") in ("model_attributes_type", "dict_type", "model_type"):
             msg = "expected a JSON object (with Content-Type: application/json)"
         parts.append(f"{where}: {msg}")

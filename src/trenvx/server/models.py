@@ -5,6 +5,10 @@ parse our answers. trenvx-only information sits in an extra ``trenvx`` object (E
 clients keep unknown fields aside) or in extra top-level fields they ignore. Requests accept and
 ignore E2B fields trenvx does not implement (``autoPause``, ``secure``, ``mcp``, ...), but the
 fields it does implement are type-checked strictly: ``"timeout": "60"`` is a 400, not a 60.
+
+The ``network`` objects are the exception to "ignore what is not implemented": they decide what a
+sandbox may reach, so an unknown key is a 400 naming it, and E2B features trenvx does not enforce
+(``rules``, ``egressProxy``, ``httpsPorts``) are refused by the routes rather than dropped.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, StringConstraints, field_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, StringConstraints, WithJsonSchema,
+    field_validator,
+)
 
 SANDBOX_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
 TEMPLATE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -26,6 +33,10 @@ MAX_METADATA_KEY = 256
 MAX_METADATA_VALUE = 4096
 MAX_ENV_VARS = 512
 MAX_ENV_VALUE = 128 * 1024
+MAX_EGRESS_ENTRIES = 1000
+"""Entries of ``allowOut`` or ``denyOut`` (each becomes an element of the sandbox's firewall sets)."""
+MAX_DNS_SERVERS = 10
+"""Entries of ``dnsServers`` (E2B's limit)."""
 
 SandboxStateName = Literal["running", "paused", "exited"]
 
@@ -42,11 +53,43 @@ def _json_int(v: Any) -> Any:
 
 
 JsonInt = Annotated[int, BeforeValidator(_json_int)]
+PortNumber = Annotated[JsonInt, Field(ge=1, le=65535)]
+
+# E2B features trenvx refuses (400 "not supported by trenvx", from the routes): the document says
+# only their empty forms are accepted, the models still parse the rest so that the refusal names them.
+_UNSUPPORTED = "Not supported by trenvx: only the empty form is accepted."
+UnsupportedRules = Annotated[
+    dict[str, Any] | None,
+    WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}], "description": _UNSUPPORTED}),
+]
+UnsupportedProxy = Annotated[dict[str, Any] | None, WithJsonSchema({"type": "null", "description": _UNSUPPORTED})]
+UnsupportedPorts = Annotated[
+    list[PortNumber] | None,
+    WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0, "items": {"type": "integer"}}, {"type": "null"}],
+                    "description": _UNSUPPORTED}),
+]
 
 MetadataKey = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
 MetadataValue = Annotated[StrictStr, StringConstraints(max_length=MAX_METADATA_VALUE)]
 EnvName = Annotated[StrictStr, StringConstraints(pattern=ENV_NAME_RE.pattern)]
 EnvValue = Annotated[StrictStr, StringConstraints(max_length=MAX_ENV_VALUE, pattern=r"^[^\x00]*$")]
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(\.{_OCTET}){{3}}"
+_CIDR = rf"{_IPV4}(/(3[0-2]|[12]?[0-9]))?"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"(\*\.)?{_LABEL}(\.{_LABEL})*\.?"
+
+
+def _documented(pattern: str, max_length: int) -> WithJsonSchema:
+    """The OpenAPI document states the exact form; the parser (network.policy) checks it and says
+    what is wrong with an entry in words a pattern cannot (``denyOut takes no domain names; ...``)."""
+    return WithJsonSchema({"type": "string", "minLength": 1, "maxLength": max_length, "pattern": f"^({pattern})$"})
+
+
+AllowEntry = Annotated[StrictStr, StringConstraints(min_length=1, max_length=253),
+                       _documented(f"{_CIDR}|{_DOMAIN}", 253)]
+DenyEntry = Annotated[StrictStr, StringConstraints(min_length=1, max_length=253), _documented(_CIDR, 18)]
+DnsServer = Annotated[StrictStr, StringConstraints(min_length=1, max_length=64), _documented(_IPV4, 15)]
 
 
 class Error(BaseModel):
@@ -93,6 +136,66 @@ def _check_env(v: dict[str, str] | None) -> dict[str, str] | None:
     return v
 
 
+_EGRESS_DOC = {
+    "allowOut": "Destinations the sandbox may reach: IPv4 addresses, CIDR blocks, domains (`example.com`, "
+                "`*.example.com`; matched on the HTTP Host / TLS SNI of each connection). Allow wins over deny.",
+    "denyOut": "IPv4 addresses or CIDR blocks the sandbox may not reach (`0.0.0.0/0`: everything not allowed).",
+    "dnsServers": "IPv4 resolvers opened when allowOut names a domain (omitted: 8.8.8.8; `[]`: none).",
+}
+
+
+class NetworkConfig(BaseModel):
+    """``network`` of POST /sandboxes (E2B's ``SandboxNetworkConfig``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowOut: list[AllowEntry] | None = Field(default=None, max_length=MAX_EGRESS_ENTRIES,
+                                               description=_EGRESS_DOC["allowOut"])
+    denyOut: list[DenyEntry] | None = Field(default=None, max_length=MAX_EGRESS_ENTRIES,
+                                              description=_EGRESS_DOC["denyOut"])
+    dnsServers: list[DnsServer] | None = Field(default=None, max_length=MAX_DNS_SERVERS,
+                                               description=_EGRESS_DOC["dnsServers"])
+    allowPublicTraffic: StrictBool | None = Field(
+        default=None,
+        description="false: the sandbox's ports (not the agent's) answer only requests carrying its "
+                    "`trafficAccessToken` in the `e2b-traffic-access-token` header. Default true.",
+    )
+    maskRequestHost: Annotated[StrictStr, StringConstraints(max_length=253)] | None = Field(
+        default=None, description="Accepted and reported back (E2B's field); trenvx's proxy does not rewrite Host.",
+    )
+    httpsPorts: UnsupportedPorts = None
+    rules: UnsupportedRules = None
+    egressProxy: UnsupportedProxy = None
+
+
+class NetworkUpdate(BaseModel):
+    """PUT /sandboxes/{sandboxID}/network (E2B's ``SandboxNetworkUpdateConfig``): replaces the egress
+    rules; an omitted field is cleared (``allowOut``/``denyOut`` empty, ``dnsServers`` the default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowOut: list[AllowEntry] | None = Field(default=None, max_length=MAX_EGRESS_ENTRIES,
+                                               description=_EGRESS_DOC["allowOut"])
+    denyOut: list[DenyEntry] | None = Field(default=None, max_length=MAX_EGRESS_ENTRIES,
+                                              description=_EGRESS_DOC["denyOut"])
+    dnsServers: list[DnsServer] | None = Field(default=None, max_length=MAX_DNS_SERVERS,
+                                               description=_EGRESS_DOC["dnsServers"])
+    allow_internet_access: StrictBool | None = Field(
+        default=None, description="false: the same as denyOut [\"0.0.0.0/0\"] (allowOut still applies).")
+    rules: UnsupportedRules = None
+    egressProxy: UnsupportedProxy = None
+
+
+class SandboxNetworkInfo(BaseModel):
+    """``network`` of GET /sandboxes/{sandboxID}: the rules in force (as E2B reports them)."""
+
+    allowOut: list[str] = Field(default_factory=list)
+    denyOut: list[str] = Field(default_factory=list)
+    dnsServers: list[str] | None = Field(default=None, description="Only when allowOut names a domain.")
+    allowPublicTraffic: bool = True
+    maskRequestHost: str | None = None
+
+
 class NewSandbox(BaseModel):
     """POST /sandboxes and POST /v2/sandboxes."""
 
@@ -111,6 +214,9 @@ class NewSandbox(BaseModel):
         default=None, max_length=MAX_ENV_VARS, description="Environment of every process."
     )
     autoPause: bool | None = Field(default=None, description="Accepted for E2B compatibility; not supported.")
+    allow_internet_access: StrictBool | None = Field(
+        default=None, description="false: no egress at all (the same as network.denyOut [\"0.0.0.0/0\"]).")
+    network: NetworkConfig | None = Field(default=None, description="Egress rules and public access of the sandbox.")
 
     @field_validator("metadata")
     @classmethod
@@ -132,7 +238,9 @@ class CreatedSandbox(BaseModel):
     clientID: str
     envdVersion: str
     envdAccessToken: str
-    trafficAccessToken: str | None = None
+    trafficAccessToken: str | None = Field(
+        default=None, description="Set when network.allowPublicTraffic is false: send it as `e2b-traffic-access-token` "
+                                  "to reach the sandbox's ports.")
     domain: str | None = None
     startTimes: dict[str, float] = Field(
         default_factory=dict, description="trenvx: milliseconds spent in each stage of the restore."
@@ -181,7 +289,12 @@ class SandboxDetail(ListedSandbox):
     """GET /sandboxes/{sandboxID}."""
 
     envdAccessToken: str | None = None
+    trafficAccessToken: str | None = Field(default=None, description="trenvx: as returned by create (E2B's "
+                                                                     "SandboxDetail has no such field).")
+    allowInternetAccess: bool | None = Field(default=None, description="As given on create or by the last PUT "
+                                                                       "/network; null: not set explicitly.")
     domain: str | None = None
+    network: SandboxNetworkInfo = Field(default_factory=SandboxNetworkInfo)
 
 
 class TimeoutRequest(BaseModel):

@@ -10,6 +10,15 @@
     POST   /sandboxes/{sandboxID}/connect       (and /v2/...) E2B's connect: resume, extend, return tokens
     POST   /sandboxes/{sandboxID}/pause         stop its vCPUs (204; 409 if paused)
     POST   /sandboxes/{sandboxID}/resume        continue (201; 409 if running)
+    PUT    /sandboxes/{sandboxID}/network       replace the egress rules (204)
+
+Network (issue 12, E2B's shapes): a create takes ``allow_internet_access`` and ``network``
+{allowOut, denyOut, dnsServers, allowPublicTraffic, maskRequestHost}; they become an
+:class:`~trenvx.network.policy.EgressPolicy` (a malformed entry is a 400 naming it) that the
+manager enforces (a host that cannot is a 409). E2B features trenvx does not enforce
+(``rules``, ``egressProxy``, ``httpsPorts``) are a 400 when given non-empty, never dropped: a
+caller relying on them must learn that they are not there. ``allowPublicTraffic: false`` makes
+the create answer carry ``trafficAccessToken``. ``GET /sandboxes/{id}`` reports the rules in force.
 """
 
 from __future__ import annotations
@@ -18,20 +27,22 @@ import datetime as dt
 import json
 import logging
 import urllib.parse
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal, cast
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 
+from ..network.policy import EgressPolicy, PolicyError
 from ..sandbox.lifecycle import InvalidTimeout, check_timeout
 from ..sandbox.limits import AdmissionError
-from ..sandbox.manager import ManagerClosed, Sandbox, SandboxManager
+from ..sandbox.manager import ManagerClosed, NetworkUnavailable, Sandbox, SandboxManager
 from ..sandbox.state import SandboxRecord
 from ..template.store import TemplateNotFound
 from .auth import require_api_key
 from .errors import ApiError
 from .models import (
-    ConnectRequest, CreatedSandbox, Error, ListedSandbox, NewSandbox, ReclaimedMemory, RefreshRequest, SandboxDetail,
-    TimeoutRequest, TrenvxSandboxInfo,
+    ConnectRequest, CreatedSandbox, Error, ListedSandbox, NetworkConfig, NetworkUpdate, NewSandbox, ReclaimedMemory,
+    RefreshRequest, SandboxDetail, SandboxNetworkInfo, TimeoutRequest, TrenvxSandboxInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -42,10 +53,13 @@ E2B_DEFAULT_TEMPLATE = "base"
 ERRORS = {
     400: {"model": Error, "description": "Bad request: the message names the field at fault"},
     401: {"model": Error, "description": "Missing or invalid X-API-Key"},
+    403: {"model": Error, "description": "No API key is configured and the caller is not on this machine"},
     404: {"model": Error, "description": "No such sandbox or template"},
+    409: {"model": Error, "description": "This server cannot enforce egress rules (the message says why)"},
 }
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses={401: ERRORS[401]}, tags=["sandboxes"])
+router = APIRouter(dependencies=[Depends(require_api_key)], responses={401: ERRORS[401], 403: ERRORS[403]},
+                   tags=["sandboxes"])
 
 
 def manager_of(request: Request) -> SandboxManager:
@@ -54,6 +68,73 @@ def manager_of(request: Request) -> SandboxManager:
 
 def _ts(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(t, dt.UTC)
+
+
+@dataclass
+class NetworkExtras:
+    """What a sandbox's network settings hold beyond its :class:`EgressPolicy`, as the client gave
+    it: reported back by GET /sandboxes/{id} (kept by the API, per running sandbox)."""
+
+    allow_internet_access: bool | None = None
+    mask_request_host: str | None = None
+
+
+def _extras(request: Request) -> dict[str, NetworkExtras]:
+    store: dict[str, NetworkExtras] | None = getattr(request.app.state, "network_extras", None)
+    if store is None:
+        store = request.app.state.network_extras = {}
+    return store
+
+
+def _refuse_unsupported(given: dict[str, bool], where: str) -> None:
+    """400 for an E2B network feature trenvx does not enforce, given with a value that asks for it
+    (``given``: field -> whether it asks: a non-empty ``rules`` or ``httpsPorts``, a non-null
+    ``egressProxy``)."""
+    reasons = {
+        "rules": "per-domain request transform rules are not supported by trenvx",
+        "egressProxy": "tunnelling egress through a SOCKS5 proxy is not supported by trenvx",
+        "httpsPorts": "ports serving HTTPS behind the proxy are not supported by trenvx (the proxy speaks "
+                      "plain HTTP to the sandbox)",
+    }
+    for name, reason in reasons.items():
+        if given.get(name):
+            empty = "null" if name == "egressProxy" else "empty"
+            raise ApiError(400, f"body field {where}{name}: {reason}; leave it out (or send it {empty})")
+
+
+def _policy(where: str, *, allow_internet_access: bool | None, allow_out: list[str] | None,
+            deny_out: list[str] | None, dns_servers: list[str] | None) -> EgressPolicy:
+    try:
+        return EgressPolicy.from_e2b(allow_internet_access=allow_internet_access, allow_out=allow_out,
+                                     deny_out=deny_out, dns_servers=dns_servers)
+    except PolicyError as e:  # its message starts with the field: "allowOut: '...' is neither ..."
+        raise ApiError(400, f"body field {where}{e}") from None
+
+
+def egress_of_create(body: NewSandbox) -> EgressPolicy | None:
+    """The egress policy a create body asks for; None when it names none (the default: open)."""
+    net: NetworkConfig | None = body.network
+    if net is not None:
+        _refuse_unsupported({"rules": bool(net.rules), "egressProxy": net.egressProxy is not None,
+                             "httpsPorts": bool(net.httpsPorts)}, "network.")
+    if body.allow_internet_access is None and (
+        net is None or (net.allowOut is None and net.denyOut is None and net.dnsServers is None)
+    ):
+        return None
+    return _policy("network.", allow_internet_access=body.allow_internet_access,
+                   allow_out=net.allowOut if net else None, deny_out=net.denyOut if net else None,
+                   dns_servers=net.dnsServers if net else None)
+
+
+def _network_info(request: Request, sb: Sandbox) -> tuple[SandboxNetworkInfo, bool | None]:
+    extra = _extras(request).get(sb.id) or NetworkExtras()
+    e2b = sb.egress.to_e2b()
+    info = SandboxNetworkInfo(
+        allowOut=cast(list[str], e2b.get("allowOut", [])), denyOut=cast(list[str], e2b.get("denyOut", [])),
+        dnsServers=cast("list[str] | None", e2b.get("dnsServers")),
+        allowPublicTraffic=sb.allow_public_traffic, maskRequestHost=extra.mask_request_host,
+    )
+    return info, extra.allow_internet_access
 
 
 def _info_of_running(request: Request, sb: Sandbox, with_memory: bool) -> dict:
@@ -92,7 +173,8 @@ def _created(request: Request, sb: Sandbox) -> CreatedSandbox:
     return CreatedSandbox(
         templateID=sb.template, sandboxID=sb.id, alias=sb.template, clientID=request.app.state.client_id,
         envdVersion=request.app.state.envd_version, envdAccessToken=sb.access_token,
-        domain=request.app.state.domain, startTimes={k: round(v * 1000, 3) for k, v in sb.start_times.items()},
+        trafficAccessToken=sb.traffic_access_token or None, domain=request.app.state.domain,
+        startTimes={k: round(v * 1000, 3) for k, v in sb.start_times.items()},
         startSource=sb.restored.source,
     )
 
@@ -120,18 +202,28 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
     manager = manager_of(request)
     orch = manager.config.orchestrator
     timeout = _timeout(body.timeout, orch.default_timeout_s, orch.max_timeout_s, "timeout")
+    egress = egress_of_create(body)
+    public = True if body.network is None or body.network.allowPublicTraffic is None else body.network.allowPublicTraffic
     template = body.templateID
     if template == E2B_DEFAULT_TEMPLATE and template not in manager.templates.names():
         template = manager.config.default_template
     try:
-        sb = await manager.create(template, env_vars=body.envVars, metadata=body.metadata, timeout_s=timeout)
+        sb = await manager.create(template, env_vars=body.envVars, metadata=body.metadata, timeout_s=timeout,
+                                  egress=egress, allow_public_traffic=public)
     except TemplateNotFound as e:
         raise ApiError(404, f"body field templateID: {e}") from None
-    except (AdmissionError, InvalidTimeout, ManagerClosed):
+    except (AdmissionError, InvalidTimeout, ManagerClosed, NetworkUnavailable):
         raise
     except Exception as e:  # noqa: BLE001 - a VMM or agent failure: the server's fault, said plainly
         log.exception("creating a sandbox of %s failed", template)
         raise ApiError(500, f"the sandbox failed to start: {type(e).__name__}: {e}") from None
+    extras = _extras(request)
+    live = {s.id for s in manager.list()}
+    for gone in [i for i in extras if i not in live]:
+        del extras[gone]
+    if body.allow_internet_access is not None or (body.network and body.network.maskRequestHost is not None):
+        extras[sb.id] = NetworkExtras(body.allow_internet_access,
+                                      body.network.maskRequestHost if body.network else None)
     stats = request.app.state.spawns.setdefault(sb.template, {"count": 0, "last": None})
     stats["count"] += 1
     stats["last"] = _ts(sb.created_at)
@@ -144,6 +236,7 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
 
 CREATE_RESPONSES = {
     **ERRORS,
+    409: {"model": Error, "description": "Egress rules were asked for and this server cannot enforce them"},
     429: {"model": Error, "description": "A sandbox limit (per host or per template) is reached"},
     500: {"model": Error, "description": "The sandbox failed to start (the message says why)"},
     503: {"model": Error, "description": "Not enough free memory on the host, or the server is stopping"},
@@ -214,11 +307,32 @@ async def list_sandboxes_v2(
 
 
 @router.get("/sandboxes/{sandboxID}", response_model=SandboxDetail, responses={404: ERRORS[404]},
+            response_model_exclude_none=True,  # E2B's client reads "dnsServers": null as a list
             summary="One running sandbox")
 async def get_sandbox(request: Request, sandboxID: str) -> dict:
+    # The tokens go to every caller that got this far: require_api_key let through only holders of
+    # the API key, or, on a server without one, local callers (see auth.py).
     sb = manager_of(request).get(sandboxID)
     info = _info_of_running(request, sb, True)
-    return {**info, "envdAccessToken": sb.access_token, "domain": request.app.state.domain}
+    network, allow_internet_access = _network_info(request, sb)
+    return {**info, "envdAccessToken": sb.access_token, "trafficAccessToken": sb.traffic_access_token or None,
+            "allowInternetAccess": allow_internet_access, "network": network, "domain": request.app.state.domain}
+
+
+@router.put("/sandboxes/{sandboxID}/network", status_code=204,
+            responses={400: ERRORS[400], 404: ERRORS[404], 409: ERRORS[409]},
+            summary="Replace the sandbox's egress rules (omitted fields are cleared)")
+async def set_network(request: Request, sandboxID: str, body: NetworkUpdate) -> Response:
+    manager = manager_of(request)
+    manager.get(sandboxID)
+    _refuse_unsupported({"rules": bool(body.rules), "egressProxy": body.egressProxy is not None}, "")
+    egress = _policy("", allow_internet_access=body.allow_internet_access, allow_out=body.allowOut,
+                     deny_out=body.denyOut, dns_servers=body.dnsServers)
+    await manager.set_network(sandboxID, egress)
+    extras = _extras(request)
+    extra = extras.setdefault(sandboxID, NetworkExtras())
+    extra.allow_internet_access = body.allow_internet_access
+    return Response(status_code=204)
 
 
 @router.delete("/sandboxes/{sandboxID}", status_code=204, responses={404: ERRORS[404]},

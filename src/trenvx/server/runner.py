@@ -6,6 +6,11 @@
 - SIGINT/SIGTERM: uvicorn stops accepting, open streams get a few seconds, then the manager
   kills every sandbox and removes its files -- unless ``keep``, which leaves them running for the
   next server to adopt.
+- The API key is ``[orchestrator] api_key``, or ``TRENVX_API_KEY`` in the server's environment
+  (which wins, as ``TRENVX_DATA_ROOT`` does; it is the variable sandbox-cli and the SDK read, so
+  one ``export`` serves both sides on one machine). Without a key the server listens only on a
+  loopback address: any other ``host`` is refused (:class:`UnsafeBind`) before anything starts,
+  because whoever reaches the API can take over every sandbox.
 """
 
 from __future__ import annotations
@@ -35,6 +40,41 @@ GRACEFUL_SHUTDOWN_S = 3
 
 class ServerError(Exception):
     """The server cannot start. The message says why and what to do."""
+
+
+class UnsafeBind(ServerError):
+    """A non-loopback address was asked for without an API key (``trenvx serve`` exits with 2)."""
+
+
+def resolve_api_key(configured: str) -> tuple[str, str]:
+    """(the key, where it came from): ``TRENVX_API_KEY`` if set, else ``[orchestrator] api_key``."""
+    from .auth import API_KEY_ENV
+
+    env = os.environ.get(API_KEY_ENV, "").strip()
+    if env:
+        return env, API_KEY_ENV
+    return configured, "config" if configured else ""
+
+
+def check_bind(host: str, port: int, api_key: str, config_path: str | None = None) -> None:
+    """Refuse to listen on anything but loopback without an API key: :class:`UnsafeBind` says how to set one."""
+    from .auth import API_KEY_ENV, is_loopback
+
+    if api_key or is_loopback(host):
+        return
+    where = config_path or "your config file"
+    raise UnsafeBind(
+        f"refusing to listen on {host or '(all addresses)'}:{port} without an API key: anyone who can reach that "
+        "address could list, create, control and take over every sandbox.\n"
+        "Set a key, then start again -- either in the config file " + where + ":\n"
+        "    [orchestrator]\n"
+        '    api_key = "<a long random string>"\n'
+        f"or in the server's environment:\n"
+        f"    export {API_KEY_ENV}=\"$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')\"\n"
+        f"Clients send it as X-API-Key: sandbox-cli reads {API_KEY_ENV} (or --api-key), the SDKs api_key= or "
+        f"{API_KEY_ENV} / E2B_API_KEY.\n"
+        "Or, for use from this machine only, listen on 127.0.0.1 (the default; --host 127.0.0.1)."
+    )
 
 
 @dataclass
@@ -133,11 +173,14 @@ def serve(config: Config, *, keep: bool = False, host: str | None = None, port: 
 
     _Server = _server_class()
 
+    api_key, key_source = resolve_api_key(config.orchestrator.api_key)
     orch = config.orchestrator.model_copy(update={
         "keep_on_exit": keep or config.orchestrator.keep_on_exit,
-        **({"host": host} if host else {}),
+        "api_key": api_key,
+        **({"host": host} if host is not None else {}),
         **({"port": port} if port else {}),
     })
+    check_bind(orch.host, orch.port, orch.api_key, str(config.source_path) if config.source_path else None)
     config = config.model_copy(update={"orchestrator": orch})
     data_root = DataRoot(config.data_root)
     try:
@@ -154,7 +197,8 @@ def serve(config: Config, *, keep: bool = False, host: str | None = None, port: 
         names = manager.templates.names()
         log.info("trenvx server on http://%s:%d  data_root=%s  templates=%s  api_key=%s  keep=%s  log=%s",
                  orch.host, orch.port, config.data_root, ",".join(names) or "(none built)",
-                 "required" if orch.api_key else "off", orch.keep_on_exit, log_file)
+                 f"required (from {key_source})" if orch.api_key else "off (local callers only)",
+                 orch.keep_on_exit, log_file)
         for name in names:
             try:
                 m = manager.templates.current(name).manifest
