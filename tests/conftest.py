@@ -49,6 +49,23 @@ def qemu_pids() -> set[int]:
     return pids
 
 
+def network_leftovers() -> dict[str, list[str]]:
+    """Slot namespaces, host-side veths, slot claims and host nftables tables of trenvx present now."""
+    import subprocess
+
+    from trenvx.network import netns
+    from trenvx.network.slot import CLAIMS_DIR, HOST_IF_PREFIX, NETNS_PREFIX
+
+    links = [n for n in psutil.net_if_addrs() if n.startswith(HOST_IF_PREFIX) and n[len(HOST_IF_PREFIX):].isdigit()]
+    claims = sorted(p.name for p in CLAIMS_DIR.iterdir()) if CLAIMS_DIR.is_dir() else []
+    try:
+        tables = [t for t in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                                            timeout=10).stdout.split() if t.startswith("trenvx_")]
+    except (OSError, subprocess.SubprocessError):
+        tables = []
+    return {"netns": netns.names(NETNS_PREFIX), "links": links, "claims": claims, "tables": tables}
+
+
 @pytest.fixture(scope="session")
 def e2e_config() -> Config:
     return load_config(E2E_CONFIG)
@@ -142,8 +159,11 @@ def keyed_backend_url(e2e_config: Config, test_template: str, tmp_path_factory: 
 def nothing_left_behind() -> "Iterator[None]":  # noqa: F821
     """After the whole run: no VMM process, sandbox directory or build staging dir is left."""
     before = qemu_pids()
+    net_before = network_leftovers()
     yield
     left = qemu_pids() - before
+    net_left = {k: sorted(set(v) - set(net_before[k])) for k, v in network_leftovers().items()}
+    assert not any(net_left.values()), f"network slots left behind: {net_left}"
     try:
         cfg = load_config(E2E_CONFIG)
     except Exception:  # noqa: BLE001

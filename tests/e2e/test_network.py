@@ -365,3 +365,34 @@ async def test_a_guest_cannot_spoof_its_source_address(srv: ServerProc, outside:
     finally:
         kill(srv, a)
         kill(srv, b)
+
+
+def test_unmodified_e2b_sdk_sets_and_updates_egress(srv: ServerProc, outside: OutsideNetwork, monkeypatch) -> None:
+    """E2B's own package, pointed at trenvx the documented way, passes the rules through and they hold."""
+    from e2b import Sandbox
+
+    monkeypatch.setenv("E2B_API_URL", srv.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", srv.url)
+    monkeypatch.setenv("E2B_API_KEY", "unused-locally")
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    fetch = (f"import urllib.request as u\nfor ip in ('{outside.web_ip}', '{outside.other_ip}'):\n"
+             "    try:\n        u.urlopen(f'http://{ip}/', timeout=5); print(ip, 'ok')\n"
+             "    except Exception as e:\n        print(ip, 'blocked')\n")
+    sbx = Sandbox.create("e2e-test", timeout=120, network={"deny_out": ["0.0.0.0/0"], "allow_out": [outside.web_ip]})
+    try:
+        out = sbx.commands.run(f"python3 -c \"{fetch}\"").stdout
+        assert f"{outside.web_ip} ok" in out and f"{outside.other_ip} blocked" in out, out
+        sbx.update_network({"allow_out": [outside.other_ip], "deny_out": ["0.0.0.0/0"]})
+        out = sbx.commands.run(f"python3 -c \"{fetch}\"").stdout
+        assert f"{outside.web_ip} blocked" in out and f"{outside.other_ip} ok" in out, out
+        sbx.update_network({})
+        out = sbx.commands.run(f"python3 -c \"{fetch}\"").stdout
+        assert out.count(" ok") == 2, out
+    finally:
+        sbx.kill()
+    off = Sandbox.create("e2e-test", timeout=120, allow_internet_access=False)
+    try:
+        out = off.commands.run(f"python3 -c \"{fetch}\"").stdout
+        assert out.count("blocked") == 2, out
+    finally:
+        off.kill()

@@ -63,6 +63,22 @@ def serve(
         raise typer.Exit(1) from None
 
 
+def _network_check(cfg: Config) -> tuple[str, bool | None, str]:
+    """Which network mode sandboxes get here, and why (a warning when they fall back to user networking)."""
+    from ..config import NetworkMode
+    from ..network.mode import resolve
+
+    try:
+        mode, why = resolve(cfg.network)
+    except RuntimeError as e:
+        return "network", False, str(e)
+    if mode is NetworkMode.netns:
+        return "network", True, (f"netns: a network namespace per sandbox, slots in {cfg.network.slot_cidr}, "
+                                 f"egress rules enforced ({why})")
+    return "network", None, (f"user: QEMU user networking, restricted (no egress, allowOut refused) because {why}; "
+                             "run as root with tap and nftables (scripts/start.sh setup) for netns")
+
+
 def _checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
     """(check, ok / None for a warning, detail)."""
     from ..layout import DataRoot
@@ -78,6 +94,7 @@ def _checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
     out.append(("kvm", None if obstacle else True,
                 obstacle + " -> sandboxes run under TCG (software emulation, slower)" if obstacle else "/dev/kvm usable"))
     out += _vmm_checks(cfg)
+    out.append(_network_check(cfg))
     root = cfg.data_root
     try:
         dr = DataRoot(root).ensure()

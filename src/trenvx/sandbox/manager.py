@@ -151,6 +151,10 @@ class Sandbox:
     ``network.allowPublicTraffic``)."""
     traffic_access_token: str = ""
     """Set when ``allow_public_traffic`` is False; empty otherwise."""
+    allow_internet_access: bool | None = None
+    """E2B's ``allow_internet_access`` as the client gave it (reported back; ``egress`` holds its effect)."""
+    mask_request_host: str | None = None
+    """E2B's ``network.maskRequestHost`` as the client gave it (reported back; the proxy does not use it)."""
     _port_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
     _ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -371,6 +375,8 @@ class SandboxManager:
         timeout_s: float | None = None,
         egress: EgressPolicy | None = None,
         allow_public_traffic: bool = True,
+        allow_internet_access: bool | None = None,
+        mask_request_host: str | None = None,
     ) -> Sandbox:
         """Restore a new sandbox from the current build of ``template`` (default: the config's).
 
@@ -396,7 +402,7 @@ class SandboxManager:
             self._check_enforceable(egress)
         task = asyncio.get_running_loop().create_task(
             self._create(build, name, dict(env_vars or {}), dict(metadata or {}), timeout,
-                         egress or DEFAULT_POLICY, allow_public_traffic)
+                         egress or DEFAULT_POLICY, allow_public_traffic, allow_internet_access, mask_request_host)
         )
         self._creating.add(task)
         task.add_done_callback(self._creating.discard)
@@ -405,6 +411,7 @@ class SandboxManager:
     async def _create(
         self, build: TemplateBuild, name: str, env_vars: dict[str, str], metadata: dict[str, str], timeout: float,
         egress: EgressPolicy = DEFAULT_POLICY, allow_public_traffic: bool = True,
+        allow_internet_access: bool | None = None, mask_request_host: str | None = None,
     ) -> Sandbox:
         t0 = time.perf_counter()
         source = "cold"
@@ -431,6 +438,7 @@ class SandboxManager:
             pid_started_at=adopt.process_started_at(restored.vm.pid) or time.time(),
             egress=egress, allow_public_traffic=allow_public_traffic,
             traffic_access_token="" if allow_public_traffic else secrets.token_urlsafe(24),
+            allow_internet_access=allow_internet_access, mask_request_host=mask_request_host,
         )
         write_network_state(sb)
         self._register(sb)
@@ -549,12 +557,15 @@ class SandboxManager:
 
     # -- network --------------------------------------------------------------------------
 
-    async def set_network(self, sandbox_id: str, egress: EgressPolicy) -> Sandbox:
+    async def set_network(
+        self, sandbox_id: str, egress: EgressPolicy, *, allow_internet_access: bool | None = None,
+    ) -> Sandbox:
         """Replace the egress rules of a running (or paused) sandbox (``PUT /sandboxes/{id}/network``).
 
         Raises :class:`SandboxNotFound`, or :class:`NetworkUnavailable` where rules cannot be enforced.
         """
         sb = self.get(sandbox_id)
+        sb.allow_internet_access = allow_internet_access
         await self._apply_egress(sb, egress)
         sb.egress = egress
         return sb
@@ -827,6 +838,7 @@ class SandboxManager:
             env_vars=dict(rec.env_vars), end_at=rec.end_at, pid_started_at=rec.pid_started_at, adopted=True,
             ports=dict(rec.ports), paused=rec.state == PAUSED, egress=net.egress,
             allow_public_traffic=net.allow_public_traffic, traffic_access_token=net.traffic_access_token,
+            allow_internet_access=net.allow_internet_access, mask_request_host=net.mask_request_host,
         )
 
     def _cleanup_record(self, rec: SandboxRecord, reason: str) -> None:
@@ -876,6 +888,8 @@ class NetworkState:
     egress: EgressPolicy = DEFAULT_POLICY
     allow_public_traffic: bool = True
     traffic_access_token: str = ""
+    allow_internet_access: bool | None = None
+    mask_request_host: str | None = None
 
 
 def write_network_state(sb: Sandbox) -> None:
@@ -885,6 +899,7 @@ def write_network_state(sb: Sandbox) -> None:
     doc = {
         "allowOut": list(e.allow_out), "denyOut": list(e.deny_out), "dnsServers": list(e.dns_servers),
         "allowPublicTraffic": sb.allow_public_traffic, "trafficAccessToken": sb.traffic_access_token,
+        "allowInternetAccess": sb.allow_internet_access, "maskRequestHost": sb.mask_request_host,
     }
     path = sb.restored.workdir / NETWORK_STATE
     tmp = path.with_suffix(".tmp")
@@ -901,6 +916,11 @@ def read_network_state(workdir: Path) -> NetworkState:
         egress = EgressPolicy.from_e2b(
             allow_out=doc.get("allowOut") or [], deny_out=doc.get("denyOut") or [], dns_servers=doc.get("dnsServers"),
         )
-        return NetworkState(slot, egress, bool(doc.get("allowPublicTraffic", True)), str(doc.get("trafficAccessToken", "")))
+        aia = doc.get("allowInternetAccess")
+        mask = doc.get("maskRequestHost")
+        return NetworkState(
+            slot, egress, bool(doc.get("allowPublicTraffic", True)), str(doc.get("trafficAccessToken", "")),
+            aia if isinstance(aia, bool) else None, mask if isinstance(mask, str) else None,
+        )
     except (OSError, ValueError, PolicyError):
         return NetworkState(slot)

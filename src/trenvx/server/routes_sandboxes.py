@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import logging
 import urllib.parse
-from dataclasses import dataclass
 from typing import Annotated, Literal, cast
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
@@ -68,22 +67,6 @@ def manager_of(request: Request) -> SandboxManager:
 
 def _ts(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(t, dt.UTC)
-
-
-@dataclass
-class NetworkExtras:
-    """What a sandbox's network settings hold beyond its :class:`EgressPolicy`, as the client gave
-    it: reported back by GET /sandboxes/{id} (kept by the API, per running sandbox)."""
-
-    allow_internet_access: bool | None = None
-    mask_request_host: str | None = None
-
-
-def _extras(request: Request) -> dict[str, NetworkExtras]:
-    store: dict[str, NetworkExtras] | None = getattr(request.app.state, "network_extras", None)
-    if store is None:
-        store = request.app.state.network_extras = {}
-    return store
 
 
 def _refuse_unsupported(given: dict[str, bool], where: str) -> None:
@@ -127,14 +110,13 @@ def egress_of_create(body: NewSandbox) -> EgressPolicy | None:
 
 
 def _network_info(request: Request, sb: Sandbox) -> tuple[SandboxNetworkInfo, bool | None]:
-    extra = _extras(request).get(sb.id) or NetworkExtras()
     e2b = sb.egress.to_e2b()
     info = SandboxNetworkInfo(
         allowOut=cast(list[str], e2b.get("allowOut", [])), denyOut=cast(list[str], e2b.get("denyOut", [])),
         dnsServers=cast("list[str] | None", e2b.get("dnsServers")),
-        allowPublicTraffic=sb.allow_public_traffic, maskRequestHost=extra.mask_request_host,
+        allowPublicTraffic=sb.allow_public_traffic, maskRequestHost=sb.mask_request_host,
     )
-    return info, extra.allow_internet_access
+    return info, sb.allow_internet_access
 
 
 def _info_of_running(request: Request, sb: Sandbox, with_memory: bool) -> dict:
@@ -209,7 +191,9 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
         template = manager.config.default_template
     try:
         sb = await manager.create(template, env_vars=body.envVars, metadata=body.metadata, timeout_s=timeout,
-                                  egress=egress, allow_public_traffic=public)
+                                  egress=egress, allow_public_traffic=public,
+                                  allow_internet_access=body.allow_internet_access,
+                                  mask_request_host=body.network.maskRequestHost if body.network else None)
     except TemplateNotFound as e:
         raise ApiError(404, f"body field templateID: {e}") from None
     except (AdmissionError, InvalidTimeout, ManagerClosed, NetworkUnavailable):
@@ -217,13 +201,6 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
     except Exception as e:  # noqa: BLE001 - a VMM or agent failure: the server's fault, said plainly
         log.exception("creating a sandbox of %s failed", template)
         raise ApiError(500, f"the sandbox failed to start: {type(e).__name__}: {e}") from None
-    extras = _extras(request)
-    live = {s.id for s in manager.list()}
-    for gone in [i for i in extras if i not in live]:
-        del extras[gone]
-    if body.allow_internet_access is not None or (body.network and body.network.maskRequestHost is not None):
-        extras[sb.id] = NetworkExtras(body.allow_internet_access,
-                                      body.network.maskRequestHost if body.network else None)
     stats = request.app.state.spawns.setdefault(sb.template, {"count": 0, "last": None})
     stats["count"] += 1
     stats["last"] = _ts(sb.created_at)
@@ -328,10 +305,7 @@ async def set_network(request: Request, sandboxID: str, body: NetworkUpdate) -> 
     _refuse_unsupported({"rules": bool(body.rules), "egressProxy": body.egressProxy is not None}, "")
     egress = _policy("", allow_internet_access=body.allow_internet_access, allow_out=body.allowOut,
                      deny_out=body.denyOut, dns_servers=body.dnsServers)
-    await manager.set_network(sandboxID, egress)
-    extras = _extras(request)
-    extra = extras.setdefault(sandboxID, NetworkExtras())
-    extra.allow_internet_access = body.allow_internet_access
+    await manager.set_network(sandboxID, egress, allow_internet_access=body.allow_internet_access)
     return Response(status_code=204)
 
 
