@@ -39,6 +39,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from ..config import NetworkConfig
 from . import netns, nft
 from .policy import DEFAULT_POLICY, NO_EGRESS, EgressPolicy
@@ -294,15 +296,7 @@ class NetworkSlot:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid > 0 and psutil.pid_exists(pid)
 
 
 def _resolvers(cfg: NetworkConfig) -> list[tuple[str, int]]:

@@ -146,18 +146,8 @@ class Agent:
             ex.body.drain()
             ex.respond_json(405, {"code": 405, "message": f"method {ex.method} not allowed"}, headers={"Allow": "POST"})
             return
-        try:
-            raw = ex.body.read_all(MAX_INIT_BYTES)
-        except BodyTooLarge as exc:
-            ex.close_after()
-            ex.respond_json(413, {"code": 413, "message": str(exc)})
-            return
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-        except (ValueError, UnicodeDecodeError) as exc:
-            ex.respond_json(400, {"code": 400, "message": f"invalid /init body: {exc}"})
+        body = self._json_object(ex, MAX_INIT_BYTES, "/init")
+        if body is None:
             return
         try:
             warnings = self.init_api.init(body)
@@ -179,19 +169,13 @@ class Agent:
             ex.respond_json(405, {"code": 405, "message": f"method {ex.method} not allowed"},
                             headers={"Allow": "GET, POST"})
             return
-        try:
-            raw = ex.body.read_all(MAX_FORWARD_BYTES)
-        except BodyTooLarge as exc:
-            ex.close_after()
-            ex.respond_json(413, {"code": 413, "message": str(exc)})
+        body = self._json_object(ex, MAX_FORWARD_BYTES, "/ports/forward")
+        if body is None:
             return
-        try:
-            body = json.loads(raw) if raw.strip() else {}
-            port = body.get("port") if isinstance(body, dict) else None
-            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-                raise ValueError('give {"port": N} with N a TCP port (1-65535)')
-        except (ValueError, UnicodeDecodeError) as exc:
-            ex.respond_json(400, {"code": 400, "message": f"invalid /ports/forward body: {exc}"})
+        port = body.get("port")
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            ex.respond_json(400, {"code": 400, "message": 'invalid /ports/forward body: give {"port": N} '
+                                                          "with N a TCP port (1-65535)"})
             return
         try:
             result = self.ports.forward(port, ex.local_address())
@@ -205,6 +189,24 @@ class Agent:
             ex.respond_json(503, {"code": 503, "message": f"cannot relay port {port}: {exc}"})
             return
         ex.respond_json(200, result.as_json())
+
+    @staticmethod
+    def _json_object(ex: Exchange, limit: int, route: str) -> dict | None:
+        """The request's body as a JSON object (empty: ``{}``); None once a 413/400 was answered."""
+        try:
+            raw = ex.body.read_all(limit)
+        except BodyTooLarge as exc:
+            ex.close_after()
+            ex.respond_json(413, {"code": 413, "message": str(exc)})
+            return None
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            ex.respond_json(400, {"code": 400, "message": f"invalid {route} body: {exc}"})
+            return None
+        return body
 
     def shutdown(self) -> None:
         self.ports.shutdown()
