@@ -190,9 +190,11 @@ class NetworkMode(str, Enum):
 DEFAULT_BLOCKED_CIDRS = (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
     "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
+    "168.63.129.16/32",
 )
 """Never reachable from a sandbox: this host's own and neighbouring networks (private ranges,
-carrier-grade NAT, link-local with the cloud metadata address 169.254.169.254, multicast)."""
+carrier-grade NAT, link-local with the cloud metadata address 169.254.169.254, Azure's platform
+address 168.63.129.16, multicast)."""
 
 
 class NetworkConfig(_Strict):
@@ -220,7 +222,8 @@ class NetworkConfig(_Strict):
     """Destinations reached with the slot's own address (routed, not masqueraded): for an
     upstream that routes ``slot_cidr`` back to this host. Everything else is masqueraded."""
     dns_upstreams: list[str] = Field(default_factory=list)
-    """Resolvers the host asks for sandboxes (``IP`` or ``IP:PORT``); empty: /etc/resolv.conf's."""
+    """Resolvers asked for sandboxes (``IP`` or ``IP:PORT``), from each sandbox's namespace (so
+    ``blocked_cidrs`` apply: never the host's own resolver); empty: 8.8.8.8 and 1.1.1.1."""
     slot_pool: int = Field(default=4, ge=0, le=256)
     """Slots (namespace, veth, tap, rules) made ahead of creates."""
 

@@ -22,7 +22,6 @@ from trenvx.network.dns import (
     DnsFormatError,
     DnsForwarder,
     error_reply,
-    host_resolvers,
     parse_query,
 )
 from trenvx.network.policy import DEFAULT_POLICY, NO_EGRESS, EgressPolicy
@@ -320,11 +319,3 @@ def test_parse_query_on_near_valid_packets(header: bytes, labels: list[bytes], t
         pass
 
 
-def test_host_resolvers(tmp_path: Path) -> None:
-    conf = tmp_path / "resolv.conf"
-    conf.write_text(
-        "# comment\nsearch example.com\nnameserver 127.0.0.53\nnameserver 2001:db8::1\n"
-        "nameserver fe80::1%eth0\nnameserver 192.0.2.53\nnameserver   192.0.2.53\nnameserver bogus\noptions edns0\n"
-    )
-    assert host_resolvers(conf) == [("127.0.0.53", 53), ("192.0.2.53", 53)]
-    assert host_resolvers(tmp_path / "missing") == []

@@ -173,7 +173,8 @@ async def test_a_restarted_owner_keeps_what_it_adopts_and_sweeps_the_rest(tmp_pa
     try:
         assert not netns.exists(dropped.netns) and not (CLAIMS_DIR / str(dropped.index)).exists()
         again = await second.adopt(kept.index)
-        assert again.netns == kept.netns and again.egress is None  # rules re-applied by the manager
+        # Taken back with its table reloaded and nothing allowed until the manager loads its rules.
+        assert again.netns == kept.netns and again.egress == NO_EGRESS
         await again.apply(EgressPolicy())
     finally:
         await second.close()

@@ -35,6 +35,9 @@ MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="trenvx-netns")
+_tenant_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="trenvx-netns-tenant")
+"""Sockets made for a guest's own traffic (its DNS queries and egress-proxy connections): a guest
+opening connections quickly must not delay other tenants' slots and rule changes."""
 _host_ns_fd: int | None = None
 _host_lock = threading.Lock()
 
@@ -97,11 +100,19 @@ async def call_in(name: str, fn: Callable[..., T], *args: object) -> T:
     return await loop.run_in_executor(_executor, _run_in, name, functools.partial(fn, *args))
 
 
+def _run_in_host(fn: Callable[[], T]) -> T:
+    """In the calling worker thread: make sure it is in the host's namespace, then call ``fn``.
+    (Every call enters its namespace explicitly: a thread that once failed to come back from a
+    sandbox's namespace can never do host work in there.)"""
+    _setns(_host_fd(), "the host's network namespace")
+    return fn()
+
+
 async def call_host(fn: Callable[..., T], *args: object) -> T:
     """``fn(*args)`` on a worker thread in the host's namespace (blocking netlink calls: pyroute2's
     synchronous IPRoute cannot run on a thread whose event loop is running)."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_executor, functools.partial(fn, *args))
+    return await loop.run_in_executor(_executor, _run_in_host, functools.partial(fn, *args))
 
 
 def run_in(name: str, fn: Callable[..., T], *args: object) -> T:
@@ -159,14 +170,12 @@ def delete(name: str) -> bool:
     return True
 
 
-def socket_in(name: str, family: int, kind: int, proto: int = 0) -> socket.socket:
-    """A new socket that lives in namespace ``name`` (blocking call, from any thread)."""
-    return run_in(name, socket.socket, family, kind, proto)
-
-
-async def asocket_in(name: str, family: int, kind: int, proto: int = 0) -> socket.socket:
-    """A new socket that lives in namespace ``name``."""
-    return await call_in(name, socket.socket, family, kind, proto)
+async def asocket_in(name: str, family: int, kind: int, proto: int = 0, *, per_tenant: bool = False) -> socket.socket:
+    """A new socket that lives in namespace ``name`` (``per_tenant``: for a guest's own traffic,
+    on threads of their own)."""
+    loop = asyncio.get_running_loop()
+    pool = _tenant_executor if per_tenant else _executor
+    return await loop.run_in_executor(pool, _run_in, name, functools.partial(socket.socket, family, kind, proto))
 
 
 def write_sysctl(key: str, value: str) -> None:

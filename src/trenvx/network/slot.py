@@ -43,6 +43,8 @@ import psutil
 
 from ..config import NetworkConfig
 from . import netns, nft
+from .dns import DnsForwarder
+from .egress_proxy import EgressProxy
 from .policy import DEFAULT_POLICY, NO_EGRESS, EgressPolicy
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,18 @@ NS_UPLINK = "eth0"
 HOST_IF_PREFIX = "tvs"
 NETNS_PREFIX = "trenvx-"
 PROXY_PORT = 15001
+NEW_FLOWS_PER_S = 1000
+"""New connections (any protocol) a sandbox may open per second; beyond: refused."""
+MAX_FLOWS = 8192
+"""Connections a sandbox may have tracked at once (its share of the host's conntrack table)."""
+DNS_PER_S = 200
+"""DNS queries a sandbox may send per second; beyond: dropped."""
+DEFAULT_DNS_UPSTREAMS = (("8.8.8.8", 53), ("1.1.1.1", 53))
+"""Public resolvers asked for sandboxes unless ``[network] dns_upstreams`` says otherwise. Asked
+from the sandbox's namespace, so never the host's own resolver (which knows the host's LAN names)."""
 CLAIMS_DIR = Path("/run/trenvx/net/slots")
+FORWARD_BEFORE = CLAIMS_DIR.parent / "ip_forward.before"
+"""The host's ``net.ipv4.ip_forward`` before the first slot (kept until the host reboots)."""
 
 
 class SlotError(RuntimeError):
@@ -105,8 +118,24 @@ def _elements(nets: tuple[ipaddress.IPv4Network, ...] | list[str]) -> str:
 
 
 def namespace_ruleset(addr: SlotAddress, blocked: list[str]) -> str:
-    """The nftables table of a slot's namespace (without a sandbox's rules: see :func:`policy_script`)."""
+    """The nftables table of a slot's namespace (without a sandbox's rules: see :func:`policy_script`).
+
+    Order matters and is deliberate:
+
+    - a packet from the guest with another source address is dropped before any NAT (no spoofing);
+    - the host (and only the host: ``saddr`` is the host end of the veth) reaches the guest
+      through DNAT; a late reply meant for an earlier tenant of this slot number is not the host's
+      and finds nothing in a fresh namespace;
+    - every packet from the guest to the outside is judged by the rules, established or not, so
+      that replacing the rules (``PUT /network``) cuts the connections they no longer allow;
+    - only TCP to ports 80 and 443 of a denied address goes to the egress proxy (domains are
+      matched on HTTP Host and TLS SNI, E2B's rule): any other port of a denied address is refused,
+      or a name claimed in a first request would open a tunnel to anywhere;
+    - new connections, DNS queries and tracked flows are limited per slot, so that one tenant
+      cannot exhaust the host's conntrack table or the server's resolver.
+    """
     blocked_set = f"elements = {{ {_elements(blocked)} }}" if blocked else ""
+    web = "{ 80, 443 }"
     return f"""
 table ip trenvx {{
     set blocked {{ type ipv4_addr; flags interval; auto-merge; {blocked_set} }}
@@ -123,10 +152,10 @@ table ip trenvx {{
     }}
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
-        iifname "{NS_UPLINK}" ip daddr {addr.slot_ip} dnat to {GUEST_IP}
+        iifname "{NS_UPLINK}" ip saddr {addr.host_ip} ip daddr {addr.slot_ip} dnat to {GUEST_IP}
         iifname "{TAP}" ip daddr {{ {GATEWAY_IP}, {DNS_IP} }} return
         iifname "{TAP}" ip daddr @blocked return
-        iifname "{TAP}" meta l4proto tcp ip daddr != @allow ip daddr @deny jump domains
+        iifname "{TAP}" meta l4proto tcp tcp dport {web} ip daddr != @allow ip daddr @deny jump domains
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
@@ -135,19 +164,21 @@ table ip trenvx {{
     chain forward {{
         type filter hook forward priority filter; policy drop;
         iifname "{TAP}" ip saddr != {GUEST_IP} drop
-        ct state established,related accept
-        iifname "{NS_UPLINK}" oifname "{TAP}" ct status dnat accept
         iifname "{TAP}" oifname "{NS_UPLINK}" ip daddr @blocked jump refuse
+        iifname "{TAP}" oifname "{NS_UPLINK}" ct state new limit rate over {NEW_FLOWS_PER_S}/second burst {NEW_FLOWS_PER_S} packets jump refuse
+        iifname "{TAP}" oifname "{NS_UPLINK}" ct state new ct count over {MAX_FLOWS} jump refuse
         iifname "{TAP}" oifname "{NS_UPLINK}" ip daddr @allow accept
         iifname "{TAP}" oifname "{NS_UPLINK}" ip daddr @deny jump refuse
         iifname "{TAP}" oifname "{NS_UPLINK}" accept
+        iifname "{NS_UPLINK}" oifname "{TAP}" ct state established,related accept
+        iifname "{NS_UPLINK}" oifname "{TAP}" ct status dnat accept
     }}
     chain input {{
         type filter hook input priority filter; policy drop;
         iifname "{TAP}" ip saddr != {GUEST_IP} drop
         ct state established,related accept
         iifname "lo" accept
-        iifname "{TAP}" ip daddr {DNS_IP} udp dport 53 accept
+        iifname "{TAP}" ip daddr {DNS_IP} udp dport 53 limit rate {DNS_PER_S}/second burst {DNS_PER_S} packets accept
         iifname "{TAP}" tcp dport {PROXY_PORT} ct status dnat accept
         iifname "{TAP}" jump refuse
     }}
@@ -157,6 +188,12 @@ table ip trenvx {{
     }}
 }}
 """
+
+
+def reload_script(addr: SlotAddress, blocked: list[str], policy: EgressPolicy) -> str:
+    """The whole table of a slot replaced in one transaction, with ``policy`` loaded: for a slot
+    taken back after a restart (its table may be an older trenvx's, or ``blocked`` may have changed)."""
+    return "add table ip trenvx\ndelete table ip trenvx\n" + namespace_ruleset(addr, blocked) + policy_script(policy)
 
 
 def policy_script(policy: EgressPolicy) -> str:
@@ -172,9 +209,12 @@ def policy_script(policy: EgressPolicy) -> str:
     return "\n".join(lines) + "\n"
 
 
-def host_ruleset(table: str, cfg: NetworkConfig) -> str:
-    """The host's table for one owner's slots: the host and other slots out of reach, egress NAT."""
+def host_ruleset(table: str, cfg: NetworkConfig, *, host_was_router: bool = True) -> str:
+    """The host's table for one owner's slots: the host and other slots out of reach, egress NAT;
+    unless the host forwarded before trenvx, no forwarding that involves no slot."""
     nonat = f"ip daddr != {{ {_elements(cfg.route_without_nat)} }} " if cfg.route_without_nat else ""
+    not_router = "" if host_was_router else (
+        f'iifname != "{HOST_IF_PREFIX}*" oifname != "{HOST_IF_PREFIX}*" drop')
     return f"""
 table inet {table} {{
     chain input {{
@@ -188,6 +228,7 @@ table inet {table} {{
         oifname "{HOST_IF_PREFIX}*" drop
         iifname "{HOST_IF_PREFIX}*" ip daddr {{ {_elements(cfg.blocked_cidrs) or '0.0.0.0/32'} }} drop
         iifname "{HOST_IF_PREFIX}*" meta nfproto ipv6 drop
+        {not_router}
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat - 5; policy accept;
@@ -207,8 +248,8 @@ class NetworkSlot:
     address: SlotAddress
     egress: EgressPolicy | None = DEFAULT_POLICY
     """The rules loaded in the namespace; None: unknown (a slot taken back after a restart)."""
-    _services: list[object] = field(default_factory=list, repr=False)
-    made_at: float = field(default_factory=time.monotonic)
+    _services: list[DnsForwarder | EgressProxy] = field(default_factory=list, repr=False)
+    _rules_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def netns(self) -> str:
@@ -229,21 +270,29 @@ class NetworkSlot:
         return {"net_tap": TAP, "netns": self.netns, "guest_address": self.guest_address}
 
     def current_egress(self) -> EgressPolicy:
+        """The rules the DNS forwarder and the egress proxy decide by (none known: nothing allowed)."""
         return self.egress if self.egress is not None else NO_EGRESS
 
     async def apply(self, policy: EgressPolicy) -> None:
-        """Replace the slot's egress rules (one nftables transaction in its namespace)."""
-        if self.egress is not None and policy == self.egress:
-            return
-        await netns.call_in(self.netns, nft.run, policy_script(policy))
-        self.egress = policy
+        """Replace the slot's egress rules (one nftables transaction in its namespace). Concurrent
+        calls apply in turn, so the rules recorded are always the rules loaded."""
+        async with self._rules_lock:
+            if self.egress is not None and policy == self.egress:
+                return
+            await netns.call_in(self.netns, nft.run, policy_script(policy))
+            self.egress = policy
 
-    async def open_services(self, upstreams: list[tuple[str, int]], forbidden: list[str] = []) -> None:  # noqa: B006
+    async def reload(self, policy: EgressPolicy, blocked: list[str]) -> None:
+        """Replace the slot's whole table (this trenvx's rules, ``blocked``) and load ``policy``,
+        in one transaction: for a slot taken back after a restart."""
+        async with self._rules_lock:
+            await netns.call_in(self.netns, nft.run, reload_script(self.address, blocked, policy))
+            self.egress = policy
+
+    async def open_services(self, upstreams: list[tuple[str, int]], forbidden: list[str]) -> None:
         """The DNS forwarder and the egress proxy of this slot: sockets inside its namespace,
-        served by this process."""
-        from .dns import DnsForwarder
-        from .egress_proxy import EgressProxy
-
+        served by this process. Their own outgoing sockets are made inside the namespace too, so
+        the operator's blocked ranges apply to them as to the guest."""
         dns_sock = await netns.asocket_in(self.netns, socket.AF_INET, socket.SOCK_DGRAM)
         proxy_sock: socket.socket | None = None
         try:
@@ -259,7 +308,8 @@ class NetworkSlot:
             if proxy_sock is not None:
                 proxy_sock.close()
             raise
-        dns = DnsForwarder(dns_sock, self.current_egress, upstreams, name=self.netns)
+        dns = DnsForwarder(dns_sock, self.current_egress, upstreams, name=self.netns,
+                           upstream_socket=self._udp_out)
         # The proxy dials from inside the namespace: never the operator's blocked ranges, the slots
         # (this host's), or the namespace's own addresses (the rules drop those before the
         # redirect too; this is the second fence).
@@ -274,9 +324,12 @@ class NetworkSlot:
             raise
         self._services = [dns, proxy]
 
+    async def _udp_out(self) -> socket.socket:
+        return await netns.asocket_in(self.netns, socket.AF_INET, socket.SOCK_DGRAM, per_tenant=True)
+
     async def _connect_out(self, host: str, port: int) -> socket.socket:
         """A TCP connection from inside the namespace (for the egress proxy's upstream side)."""
-        sock = await netns.asocket_in(self.netns, socket.AF_INET, socket.SOCK_STREAM)
+        sock = await netns.asocket_in(self.netns, socket.AF_INET, socket.SOCK_STREAM, per_tenant=True)
         sock.setblocking(False)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), 10.0)
@@ -289,7 +342,7 @@ class NetworkSlot:
         services, self._services = self._services, []
         for s in services:
             with contextlib.suppress(Exception):
-                await s.aclose()  # type: ignore[attr-defined]
+                await s.aclose()
 
 
 # -- the host's slots ---------------------------------------------------------------------------
@@ -300,15 +353,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _resolvers(cfg: NetworkConfig) -> list[tuple[str, int]]:
-    if cfg.dns_upstreams:
-        out = []
-        for entry in cfg.dns_upstreams:
-            host, _, port = entry.partition(":")
-            out.append((host, int(port or 53)))
-        return out
-    from .dns import host_resolvers
-
-    return host_resolvers()
+    if not cfg.dns_upstreams:
+        return list(DEFAULT_DNS_UPSTREAMS)
+    out = []
+    for entry in cfg.dns_upstreams:
+        host, _, port = entry.partition(":")
+        out.append((host, int(port or 53)))
+    return out
 
 
 class HostNetwork:
@@ -338,8 +389,6 @@ class HostNetwork:
         self._refill: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
-        self.made = 0
-        self.make_seconds: deque[float] = deque(maxlen=100)
 
     # -- start and stop
 
@@ -355,8 +404,16 @@ class HostNetwork:
             self._refill = asyncio.get_running_loop().create_task(self._refill_loop(), name="slot-pool")
 
     def _setup_host(self) -> None:
+        # Slots need the host to forward. A host that did not forward before keeps not forwarding
+        # anything else: the host table then drops forwarding that involves no slot.
+        CLAIMS_DIR.mkdir(parents=True, exist_ok=True)
+        before = FORWARD_BEFORE.read_text().strip() if FORWARD_BEFORE.exists() else ""
+        if not before:
+            before = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+            FORWARD_BEFORE.write_text(before + "\n")
         netns.write_sysctl("net.ipv4.ip_forward", "1")
-        nft.run(f"add table inet {self.table}\ndelete table inet {self.table}\n" + host_ruleset(self.table, self.cfg))
+        nft.run(f"add table inet {self.table}\ndelete table inet {self.table}\n"
+                + host_ruleset(self.table, self.cfg, host_was_router=before == "1"))
 
     async def close(self, keep: set[int] | frozenset[int] = frozenset()) -> None:
         """Destroy every slot but ``keep`` (slots of sandboxes left running); drop the host table
@@ -414,8 +471,12 @@ class HostNetwork:
         whose VMs died with it), whoever owned them."""
         out = []
         for index, info in self._all_claims().items():
-            orphan = not info.get("keep") and not _pid_alive(int(info.get("pid", 0) or 0))  # type: ignore[arg-type]
-            if info.get("owner") == self.owner or orphan:
+            pid = int(info.get("pid", 0) or 0)  # type: ignore[call-overload]
+            gone = pid != os.getpid() and not _pid_alive(pid)
+            # Another live process of this owner (a benchmark's manager on a server's data_root)
+            # is never swept: its slots are its own.
+            mine = info.get("owner") == self.owner and (pid == os.getpid() or gone)
+            if mine or (gone and not info.get("keep")):
                 out.append(index)
         return sorted(out)
 
@@ -424,12 +485,15 @@ class HostNetwork:
         owner's tables of earlier runs."""
         kept_owners = {str(i.get("owner")) for i in self._all_claims().values() if i.get("keep")}
         for line in nft.run("list tables inet").splitlines():
-            name = line.split()[-1]
+            words = line.split()
+            name = words[-1] if words else ""
             parts = name.split("_")
             if not name.startswith("trenvx_") or name == self.table or not parts[-1].isdigit():
                 continue
             owner, pid = "_".join(parts[1:-1]), int(parts[-1])
-            if owner == self.owner or (not _pid_alive(pid) and owner not in kept_owners):
+            if _pid_alive(pid):
+                continue  # a live server's fence, whoever it is
+            if owner == self.owner or owner not in kept_owners:
                 with contextlib.suppress(nft.NftError):
                     nft.run(f"delete table inet {name}\n")
 
@@ -466,8 +530,6 @@ class HostNetwork:
         finally:
             self._making.discard(index)
         self._slots[index] = slot
-        self.made += 1
-        self.make_seconds.append(time.perf_counter() - t0)
         return slot
 
     @staticmethod
@@ -573,6 +635,7 @@ class HostNetwork:
         if not netns.exists(addr.netns):
             raise SlotError(f"network slot {index} ({addr.netns}) does not exist anymore")
         slot = NetworkSlot(addr, egress=None)
+        await slot.reload(NO_EGRESS, self.blocked)  # the caller loads the sandbox's own rules next
         await slot.open_services(self._upstreams, self._forbidden)
         self._slots[index] = slot
         return slot
@@ -590,10 +653,4 @@ class HostNetwork:
             self._wake.clear()
             await self._wake.wait()
 
-    def stats(self) -> dict[str, object]:
-        times = sorted(self.make_seconds)
-        return {
-            "ready": len(self._ready), "in_use": len(self._slots) - len(self._ready), "made": self.made,
-            "make_ms_p50": round(times[len(times) // 2] * 1000, 1) if times else None,
-        }
 

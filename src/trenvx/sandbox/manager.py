@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import json
 import os
 import secrets
 import shutil
@@ -44,7 +43,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from ..config import AGENT_PORT, Config, StartMode
+from ..config import AGENT_PORT, Config, NetworkMode, StartMode
 from ..guest.client import AgentClient, CommandResult
 from ..guest.endpoint import AgentEndpoint, HybridVsockEndpoint, TcpEndpoint
 from ..layout import DataRoot
@@ -54,12 +53,12 @@ from . import adopt
 from .lifecycle import InvalidTimeout, Reaper, check_timeout, deadline_after, extended_deadline
 from .limits import Admission, AdmissionError, Limits, LimitReached, OutOfMemory
 from .reclaim import PASS_DEADLINE_S, RECLAIM_AGAIN_S, Reclaimed, reclaim
-from ..config import NetworkMode
 from ..network import mode as network_mode
-from ..network.policy import DEFAULT_POLICY, EgressPolicy, PolicyError
+from ..network.policy import DEFAULT_POLICY, EgressPolicy
 from ..network.slot import HostNetwork, NetworkSlot
+from .network_state import NetworkState, read_network_state, write_network_state
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
-from .restore import SLOT_FILE, RestoredVm, SnapshotRestore
+from .restore import RestoredVm, SnapshotRestore
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
 
 log = logging.getLogger(__name__)
@@ -156,6 +155,8 @@ class Sandbox:
     mask_request_host: str | None = None
     """E2B's ``network.maskRequestHost`` as the client gave it (reported back; the proxy does not use it)."""
     _port_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _net_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    """Held while its egress rules change: the rules recorded are the rules loaded."""
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
     _ended: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -211,6 +212,13 @@ class Sandbox:
 
     def is_alive(self) -> bool:
         return self.restored.vm.is_alive()
+
+    def network_state(self) -> NetworkState:
+        slot = self.restored.slot
+        return NetworkState(
+            slot.index if slot is not None else None, self.egress, self.allow_public_traffic,
+            self.traffic_access_token, self.allow_internet_access, self.mask_request_host,
+        )
 
     def memory(self) -> tuple[int, int]:
         """(RSS, PSS) of the sandbox's VMM process in bytes."""
@@ -440,7 +448,7 @@ class SandboxManager:
             traffic_access_token="" if allow_public_traffic else secrets.token_urlsafe(24),
             allow_internet_access=allow_internet_access, mask_request_host=mask_request_host,
         )
-        write_network_state(sb)
+        write_network_state(sb.restored.workdir, sb.network_state())
         self._register(sb)
         total = time.perf_counter() - t0
         self._observe(CreateEvent(name, source, dict(restored.times), total, "ok"))
@@ -463,7 +471,7 @@ class SandboxManager:
         if item is not None:
             item.prepared.times.clear()  # stages done ahead of the create are not on its path
             try:
-                await self._apply_slot_egress(item.prepared.slot, egress, item.prepared.times)
+                await SnapshotRestore.apply_egress(item.prepared.slot, egress, item.prepared.times)
                 if item.tier == "warm":
                     await self.restorer.start(build, item.prepared)
                 else:
@@ -479,7 +487,6 @@ class SandboxManager:
                     await item.discard()
         return await self.restorer.restore(build, env_vars=env_vars, kill_with_owner=not self.keep, egress=egress)
 
-    _apply_slot_egress = staticmethod(SnapshotRestore.apply_egress)
 
     def _observe(self, event: CreateEvent) -> None:
         for observer in self.observers:
@@ -565,9 +572,10 @@ class SandboxManager:
         Raises :class:`SandboxNotFound`, or :class:`NetworkUnavailable` where rules cannot be enforced.
         """
         sb = self.get(sandbox_id)
-        sb.allow_internet_access = allow_internet_access
-        await self._apply_egress(sb, egress)
-        sb.egress = egress
+        async with sb._net_lock:
+            await self._apply_egress(sb, egress)
+            sb.egress, sb.allow_internet_access = egress, allow_internet_access
+            write_network_state(sb.restored.workdir, sb.network_state())
         return sb
 
     def _check_enforceable(self, egress: EgressPolicy) -> None:
@@ -584,12 +592,8 @@ class SandboxManager:
         slot = sb.restored.slot
         if slot is None:
             self._check_enforceable(egress)
-            sb.egress = egress
-            write_network_state(sb)
             return
         await slot.apply(egress)
-        sb.egress = egress
-        write_network_state(sb)
 
     # -- pause and resume -----------------------------------------------------------------
 
@@ -875,52 +879,3 @@ class SandboxManager:
                 continue
             shutil.rmtree(d, ignore_errors=True)
             log.info("removed orphaned sandbox directory %s", d)
-
-
-# -- a sandbox's network, on disk for a restarted server ---------------------------------------
-
-NETWORK_STATE = "network.json"
-
-
-@dataclass(frozen=True)
-class NetworkState:
-    slot: int | None = None
-    egress: EgressPolicy = DEFAULT_POLICY
-    allow_public_traffic: bool = True
-    traffic_access_token: str = ""
-    allow_internet_access: bool | None = None
-    mask_request_host: str | None = None
-
-
-def write_network_state(sb: Sandbox) -> None:
-    """Record the sandbox's egress rules and traffic token next to its VM (its slot number is in
-    SLOT_FILE, written when the slot was taken)."""
-    e = sb.egress
-    doc = {
-        "allowOut": list(e.allow_out), "denyOut": list(e.deny_out), "dnsServers": list(e.dns_servers),
-        "allowPublicTraffic": sb.allow_public_traffic, "trafficAccessToken": sb.traffic_access_token,
-        "allowInternetAccess": sb.allow_internet_access, "maskRequestHost": sb.mask_request_host,
-    }
-    path = sb.restored.workdir / NETWORK_STATE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
-
-
-def read_network_state(workdir: Path) -> NetworkState:
-    slot: int | None = None
-    with contextlib.suppress(OSError, ValueError):
-        slot = int((workdir / SLOT_FILE).read_text().strip())
-    try:
-        doc = json.loads((workdir / NETWORK_STATE).read_text())
-        egress = EgressPolicy.from_e2b(
-            allow_out=doc.get("allowOut") or [], deny_out=doc.get("denyOut") or [], dns_servers=doc.get("dnsServers"),
-        )
-        aia = doc.get("allowInternetAccess")
-        mask = doc.get("maskRequestHost")
-        return NetworkState(
-            slot, egress, bool(doc.get("allowPublicTraffic", True)), str(doc.get("trafficAccessToken", "")),
-            aia if isinstance(aia, bool) else None, mask if isinstance(mask, str) else None,
-        )
-    except (OSError, ValueError, PolicyError):
-        return NetworkState(slot)

@@ -33,9 +33,8 @@ from ..config import VmmType
 from ..network.policy import EgressPolicy
 from ..network.slot import HostNetwork, NetworkSlot
 from .disk import create_overlay
+from .network_state import SLOT_FILE
 
-SLOT_FILE = "net-slot"
-"""In a sandbox's directory: the number of its network slot (for the server after a restart)."""
 
 
 def network_fields(slot: NetworkSlot | None) -> dict[str, Any]:

@@ -115,8 +115,10 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
         *pmem,
     ]
     if spec.netns:
-        # QEMU runs inside the sandbox's network namespace (it opens the tap there, and a QEMU
-        # compromised by its guest sees only that namespace). nsenter execs QEMU: same pid.
+        # QEMU runs inside the sandbox's network namespace: it opens the tap there, and its sockets
+        # are that namespace's. (It still runs as root: a QEMU taken over by its guest could
+        # setns back out; dropping its privileges is the jailed VMM's work.) nsenter execs QEMU:
+        # same pid.
         argv = ["nsenter", f"--net=/run/netns/{spec.netns}", "--", *argv]
     if incoming:
         # The kernel and initrd are already in the snapshot's RAM: loading them again would only
