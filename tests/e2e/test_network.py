@@ -396,3 +396,36 @@ def test_unmodified_e2b_sdk_sets_and_updates_egress(srv: ServerProc, outside: Ou
         assert out.count("blocked") == 2, out
     finally:
         off.kill()
+
+
+UDP_FLOW = r"""
+import socket, struct, sys, time
+def query(name):
+    return struct.pack("!HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"".join(
+        bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack("!HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(query("before.test"), (sys.argv[1], 53))
+time.sleep(float(sys.argv[2]))
+s.sendto(query("after.test"), (sys.argv[1], 53))
+"""
+
+
+async def test_replacing_the_rules_cuts_flows_already_open(srv: ServerProc, outside: OutsideNetwork) -> None:
+    """A flow opened while allowed (one UDP socket, so one conntrack entry) carries nothing more
+    once PUT /network denies its destination."""
+    import asyncio
+
+    sb = create(srv)
+    try:
+        outside.clear_dns_log()
+        async with through_proxy(srv.url, sb) as agent:
+            job = asyncio.ensure_future(agent.run(["python3", "-c", UDP_FLOW, outside.dns_ip, "6"], timeout=60))
+            assert await asyncio.to_thread(wait_until, lambda: "before.test" in outside.dns_log(), 20)
+            with srv.client() as c:
+                r = c.put(f"/sandboxes/{sb['sandboxID']}/network", json={"denyOut": [f"{outside.dns_ip}/32"]})
+                assert r.status_code == 204, r.text
+            assert (await job).exit_code == 0
+        await asyncio.sleep(1)
+        assert "after.test" not in outside.dns_log(), outside.dns_log()
+    finally:
+        kill(srv, sb)

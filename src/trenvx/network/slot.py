@@ -127,7 +127,8 @@ def namespace_ruleset(addr: SlotAddress, blocked: list[str]) -> str:
       through DNAT; a late reply meant for an earlier tenant of this slot number is not the host's
       and finds nothing in a fresh namespace;
     - every packet from the guest to the outside is judged by the rules, established or not, so
-      that replacing the rules (``PUT /network``) cuts the connections they no longer allow;
+      that replacing the rules (``PUT /network``) cuts the connections they no longer allow; the
+      guest's side of connections the host opened (DNATed: its agent, its servers) passes;
     - only TCP to ports 80 and 443 of a denied address goes to the egress proxy (domains are
       matched on HTTP Host and TLS SNI, E2B's rule): any other port of a denied address is refused,
       or a name claimed in a first request would open a tunnel to anywhere;
@@ -164,6 +165,7 @@ table ip trenvx {{
     chain forward {{
         type filter hook forward priority filter; policy drop;
         iifname "{TAP}" ip saddr != {GUEST_IP} drop
+        iifname "{TAP}" oifname "{NS_UPLINK}" ct status dnat accept
         iifname "{TAP}" oifname "{NS_UPLINK}" ip daddr @blocked jump refuse
         iifname "{TAP}" oifname "{NS_UPLINK}" ct state new limit rate over {NEW_FLOWS_PER_S}/second burst {NEW_FLOWS_PER_S} packets jump refuse
         iifname "{TAP}" oifname "{NS_UPLINK}" ct state new ct count over {MAX_FLOWS} jump refuse
