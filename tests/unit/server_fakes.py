@@ -183,6 +183,12 @@ class FakeRestorer:
         return r
 
 
+    def check_network(self, build: Any) -> None:
+        """Fake builds have no network backend to mismatch."""
+
+    def uses_slot(self, build: Any) -> bool:
+        return False
+
     async def destroy(self, restored: RestoredVm) -> None:
         await SnapshotRestore.destroy(self, restored)  # type: ignore[arg-type]
 

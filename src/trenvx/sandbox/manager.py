@@ -58,7 +58,7 @@ from ..network.policy import DEFAULT_POLICY, EgressPolicy
 from ..network.slot import HostNetwork, NetworkSlot
 from .network_state import NetworkState, read_network_state, write_network_state
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
-from .restore import RestoredVm, SnapshotRestore
+from .restore import RestoredVm, SnapshotRestore, TemplateNetworkMismatch
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ MiB = 1 << 20
 
 __all__ = [
     "AdmissionError", "CreateEvent", "InvalidTimeout", "LimitReached", "ManagerClosed", "NetworkUnavailable", "OutOfMemory",
-    "PortUnavailable",
+    "PortUnavailable", "TemplateNetworkMismatch",
     "Sandbox", "SandboxConflict", "SandboxManager", "SandboxNotFound", "TemplateNotFound",
 ]
 
@@ -406,6 +406,7 @@ class SandboxManager:
             self.config.orchestrator.max_timeout_s,
         )
         build = self.templates.current(name)
+        self.restorer.check_network(build)  # TemplateNetworkMismatch: a clear refusal, before any work
         if egress is not None:
             self._check_enforceable(egress)
         task = asyncio.get_running_loop().create_task(
@@ -810,7 +811,7 @@ class SandboxManager:
             if self.network is None:
                 raise RuntimeError(f"it runs in network slot {net.slot} but this server has no network namespaces")
             slot = await self.network.adopt(net.slot)
-        elif self.network is not None:
+        elif self.restorer.uses_slot(build):
             raise RuntimeError("it runs on QEMU user networking but this server runs sandboxes in network namespaces")
         try:
             if slot is not None:

@@ -37,6 +37,11 @@ from .network_state import SLOT_FILE
 
 
 
+class TemplateNetworkMismatch(VmmError):
+    """A template build was made for another network mode than this server's (its snapshot holds
+    the NIC's backend): it must be rebuilt before sandboxes can start from it."""
+
+
 def network_fields(slot: NetworkSlot | None) -> dict[str, Any]:
     """The VmSpec fields of a VM in ``slot`` (a tap in its namespace) or, without one, of an
     isolated sandbox on QEMU's user networking."""
@@ -119,12 +124,19 @@ class SnapshotRestore:
             kill_with_owner=kill_with_owner, **self._disks(build, own), **network_fields(slot),
         )
 
+    def uses_slot(self, build: TemplateBuild) -> bool:
+        """Sandboxes of ``build`` get a network slot: this server has slots and the VMM gives the
+        guest a NIC (QEMU; Firecracker and Cloud Hypervisor guests have vsock only, for now)."""
+        return self.network is not None and build.manifest.vmm_type == VmmType.qemu.value
+
     def check_network(self, build: TemplateBuild) -> None:
         """A build restores only with the network backend it was made with (see ``vmm.qemu.netdev_arg``)."""
+        if build.manifest.vmm_type != VmmType.qemu.value:
+            return
         want = "netns" if self.network is not None else "user"
         built = build.manifest.inputs.get("network", "user")
         if built != want:
-            raise VmmError(
+            raise TemplateNetworkMismatch(
                 f"template {build.manifest.name} (build {build.build_id}) was built for {built} networking and "
                 f"this server runs sandboxes with {want} networking; rebuild it: template-manager --config "
                 f"CONFIG -t {build.manifest.name}"
@@ -157,7 +169,7 @@ class SnapshotRestore:
         slot: NetworkSlot | None = None
         try:
             t0 = time.perf_counter()
-            if self.network is not None:
+            if self.network is not None and self.uses_slot(build):
                 slot = await self.network.acquire()
                 times["net"] = time.perf_counter() - t0
                 (workdir / SLOT_FILE).write_text(str(slot.index))
@@ -212,7 +224,7 @@ class SnapshotRestore:
                     shutil.rmtree(old, ignore_errors=True)
             workdir = self.data_root.sandbox_dir(f"full-{new_sandbox_id()}")
             workdir.mkdir(parents=True)
-            slot = await self.network.acquire() if self.network is not None else None
+            slot = await self.network.acquire() if self.network is not None and self.uses_slot(build) else None
             try:
                 spec = dataclasses.replace(
                     self.vm_spec(build, workdir.name, workdir, slot=slot), anonymous_memory=False,

@@ -22,7 +22,9 @@ from ..sandbox.lifecycle import InvalidTimeout
 from ..sandbox.limits import LimitReached, OutOfMemory
 from ..sandbox.reclaim import ReclaimFailed
 from ..network.policy import PolicyError
-from ..sandbox.manager import ManagerClosed, NetworkUnavailable, PortUnavailable, SandboxConflict, SandboxNotFound
+from ..sandbox.manager import (
+    ManagerClosed, NetworkUnavailable, PortUnavailable, SandboxConflict, SandboxNotFound, TemplateNetworkMismatch,
+)
 from ..template.store import TemplateNotFound
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ STATUS_OF: list[tuple[type[BaseException], int, dict[str, str] | None]] = [
     (InvalidTimeout, 400, None),
     (SandboxConflict, 409, None),
     (NetworkUnavailable, 409, None),
+    (TemplateNetworkMismatch, 409, None),
     (PolicyError, 400, None),
     (LimitReached, 429, {"Retry-After": "5"}),
     (OutOfMemory, 503, {"Retry-After": "10"}),
