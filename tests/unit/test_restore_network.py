@@ -39,3 +39,24 @@ def test_only_qemu_guests_get_slots(tmp_path: Path) -> None:
     assert not r.uses_slot(build("firecracker", "user"))  # type: ignore[arg-type]
     r.check_network(build("cloud-hypervisor", "user"))  # type: ignore[arg-type] # vsock only: no NIC to mismatch
     assert not restorer(tmp_path, slots=False).uses_slot(build("qemu", "user"))  # type: ignore[arg-type]
+
+
+async def test_the_api_answers_409_naming_the_rebuild(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.unit.server_fakes import fake_manager, make_config, make_template
+    from trenvx.server.app import create_app
+
+    cfg = make_config(tmp_path)
+    make_template(tmp_path, "tpl")
+    m = fake_manager(cfg, 1)
+
+    def mismatch(build: object) -> None:
+        raise TemplateNetworkMismatch("template tpl was built for user networking; rebuild it: template-manager ...")
+
+    m.restorer.check_network = mismatch  # type: ignore[method-assign]
+    async with m:
+        transport = httpx.ASGITransport(app=create_app(cfg, manager=m))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            r = await c.post("/sandboxes", json={"templateID": "tpl"})
+    assert r.status_code == 409 and "rebuild it" in r.json()["message"], r.text

@@ -34,7 +34,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from ..network.policy import EgressPolicy, PolicyError
 from ..sandbox.lifecycle import InvalidTimeout, check_timeout
 from ..sandbox.limits import AdmissionError
-from ..sandbox.manager import ManagerClosed, NetworkUnavailable, Sandbox, SandboxManager
+from ..sandbox.manager import ManagerClosed, NetworkUnavailable, Sandbox, SandboxManager, TemplateNetworkMismatch
 from ..sandbox.state import SandboxRecord
 from ..template.store import TemplateNotFound
 from .auth import require_api_key
@@ -196,7 +196,7 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
                                   mask_request_host=body.network.maskRequestHost if body.network else None)
     except TemplateNotFound as e:
         raise ApiError(404, f"body field templateID: {e}") from None
-    except (AdmissionError, InvalidTimeout, ManagerClosed, NetworkUnavailable):
+    except (AdmissionError, InvalidTimeout, ManagerClosed, NetworkUnavailable, TemplateNetworkMismatch):
         raise
     except Exception as e:  # noqa: BLE001 - a VMM or agent failure: the server's fault, said plainly
         log.exception("creating a sandbox of %s failed", template)
