@@ -144,8 +144,8 @@ _EGRESS_DOC = {
 }
 
 
-class NetworkConfig(BaseModel):
-    """``network`` of POST /sandboxes (E2B's ``SandboxNetworkConfig``)."""
+class EgressFields(BaseModel):
+    """The egress rules, in the create body's ``network`` and in PUT /network alike."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -155,6 +155,11 @@ class NetworkConfig(BaseModel):
                                               description=_EGRESS_DOC["denyOut"])
     dnsServers: list[DnsServer] | None = Field(default=None, max_length=MAX_DNS_SERVERS,
                                                description=_EGRESS_DOC["dnsServers"])
+
+
+class NetworkConfig(EgressFields):
+    """``network`` of POST /sandboxes (E2B's ``SandboxNetworkConfig``)."""
+
     allowPublicTraffic: StrictBool | None = Field(
         default=None,
         description="false: the sandbox's ports (not the agent's) answer only requests carrying its "
@@ -168,18 +173,10 @@ class NetworkConfig(BaseModel):
     egressProxy: UnsupportedProxy = None
 
 
-class NetworkUpdate(BaseModel):
+class NetworkUpdate(EgressFields):
     """PUT /sandboxes/{sandboxID}/network (E2B's ``SandboxNetworkUpdateConfig``): replaces the egress
     rules; an omitted field is cleared (``allowOut``/``denyOut`` empty, ``dnsServers`` the default)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    allowOut: list[AllowEntry] | None = Field(default=None, max_length=MAX_EGRESS_ENTRIES,
-                                               description=_EGRESS_DOC["allowOut"])
-    denyOut: list[DenyEntry] | None = Field(default=None, max_length=MAX_EGRESS_ENTRIES,
-                                              description=_EGRESS_DOC["denyOut"])
-    dnsServers: list[DnsServer] | None = Field(default=None, max_length=MAX_DNS_SERVERS,
-                                               description=_EGRESS_DOC["dnsServers"])
     allow_internet_access: StrictBool | None = Field(
         default=None, description="false: the same as denyOut [\"0.0.0.0/0\"] (allowOut still applies).")
     rules: UnsupportedRules = None
