@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -22,9 +23,7 @@ def netns_unavailable() -> str:
         return "/dev/net/tun is missing (modprobe tun)"
     if why := nft.available():
         return why
-    try:
-        import pyroute2  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("pyroute2") is None:
         return "the Python package pyroute2 is not installed (pip install -e . installs it)"
     probe = f"trenvx-probe-{os.getpid()}"
     try:

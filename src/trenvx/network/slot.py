@@ -511,7 +511,6 @@ class HostNetwork:
     # -- make and destroy
 
     async def _make(self) -> NetworkSlot:
-        t0 = time.perf_counter()
         index = self._free_index()
         addr = SlotAddress.of(index, self.cfg.slot_cidr)
         slot = NetworkSlot(addr)
