@@ -342,6 +342,27 @@ async def test_rules_are_read_per_connection() -> None:
         assert await talk(h.addr, b"anything") == b"anythingbye"
 
 
+async def test_recheck_resets_spliced_connections_the_new_rules_deny() -> None:
+    current = [DOMAINS_ONLY]
+    hello = client_hello("a.example.com")
+    async with harness(lambda: current[0]) as h:
+        reader, writer = await asyncio.open_connection(*h.addr)
+        writer.write(hello)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            assert await reader.readexactly(len(hello)) == hello  # spliced: the echo sent it back
+        assert h.proxy.recheck() == 0  # the same rules: nothing to cut
+        current[0] = EgressPolicy.from_e2b(deny_out=["0.0.0.0/0"], allow_out=["other.test"])
+        assert h.proxy.recheck() == 1
+        try:
+            async with asyncio.timeout(5):
+                rest = await reader.read(-1)
+        except ConnectionResetError:
+            rest = b""
+        assert rest in (b"", b"bye")  # reset (or closed) by the proxy, never kept open
+        writer.close()
+
+
 @pytest.mark.parametrize("dst", [("127.0.0.1", 8080), ("10.0.2.2", 5000), ("10.0.2.3", 53), ("0.0.0.0", 80),
                                  ("198.51.100.7", 443)])
 async def test_loops_and_forbidden_networks_are_never_dialled(dst: tuple[str, int]) -> None:

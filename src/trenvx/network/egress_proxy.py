@@ -322,6 +322,8 @@ class EgressProxy:
         self._conns: set[asyncio.Task[None]] = set()
         self._closed = False
         self.stats = {"allowed": 0, "refused": 0, "failed": 0, "over_limit": 0}
+        self._live: dict[asyncio.Task[None], tuple[str, str | None]] = {}
+        """Spliced connections: their task, original IP and the allowed name they gave (if any)."""
         """Counters since start, for logs and tests."""
 
     @property
@@ -428,6 +430,7 @@ class EgressProxy:
                 log.info("%s: %s:%d refused: never reachable through the proxy", self.name, ip, port)
                 return
             buf = b""
+            name: str | None = None
             if self.policy().ip_allowed(ip):
                 why = "its IP is allowed"
             else:
@@ -437,6 +440,7 @@ class EgressProxy:
                     why = "its IP is allowed"
                 elif result.name is not None and policy.domain_allowed(result.name):
                     why = f"{'SNI' if result.kind == 'tls' else 'Host'} {result.name} is allowed"
+                    name = result.name
                 else:
                     self.stats["refused"] += 1
                     if result.name is not None:
@@ -454,6 +458,9 @@ class EgressProxy:
             upstream.setblocking(False)
             self.stats["allowed"] += 1
             log.info("%s: %s:%d allowed: %s", self.name, ip, port, why)
+            me = asyncio.current_task()
+            if me is not None:
+                self._live[me] = (ip, name)
             if buf:
                 await loop.sock_sendall(upstream, buf)
             spliced = await self._splice(client, upstream)
@@ -462,6 +469,7 @@ class EgressProxy:
         except Exception:  # a bug (or a connector's) must not go unnoticed, nor leak the sockets
             log.exception("%s: connection failed", self.name)
         finally:
+            self._live.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if spliced:
                 client.close()
             else:
@@ -471,6 +479,20 @@ class EgressProxy:
                     upstream.close()
                 else:
                     _reset(upstream)
+
+    def recheck(self) -> int:
+        """Reset the connections the current rules no longer allow (called when they change);
+        how many were reset."""
+        policy = self.policy()
+        cut = 0
+        for task, (ip, name) in list(self._live.items()):
+            if policy.ip_allowed(ip) or (name is not None and policy.domain_allowed(name)):
+                continue
+            task.cancel()
+            cut += 1
+        if cut:
+            log.info("%s: %d connections reset: the new rules no longer allow them", self.name, cut)
+        return cut
 
     async def _splice(self, a: socket.socket, b: socket.socket) -> bool:
         """Copy both ways until both directions have ended; True when both ended cleanly (EOF

@@ -283,6 +283,9 @@ class NetworkSlot:
                 return
             await netns.call_in(self.netns, nft.run, policy_script(policy))
             self.egress = policy
+            for service in self._services:
+                if isinstance(service, EgressProxy):
+                    service.recheck()  # connections through the proxy are judged again too
 
     async def reload(self, policy: EgressPolicy, blocked: list[str]) -> None:
         """Replace the slot's whole table (this trenvx's rules, ``blocked``) and load ``policy``,
