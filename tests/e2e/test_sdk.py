@@ -216,3 +216,27 @@ async def test_errors(sdk_backend: str, backend_port: int, keyed_backend: str) -
     with pytest.raises(exceptions.AuthenticationError):  # no key (or the environment's, not this one)
         await Sandbox.create(target_addr="127.0.0.1", port=keyed_port)
     assert await Sandbox.list("127.0.0.1", port=keyed_port, api_key="right-key") == []
+
+
+def test_the_readme_python_example_runs_and_closes_its_sandbox(sdk_backend: str, backend_port: int,
+                                                               test_template: str) -> None:
+    """The README's example, as a user would paste it (only the template name is this suite's)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"```python\n(import asyncio\nfrom sandbox_sdk.sandbox import Sandbox\n.*?)```", readme, re.S)
+    assert code, "the README's Python example is gone"
+    source = code.group(1).replace('template="default-sandbox"', f'template="{test_template}"')
+    before = {s["sandboxID"] for s in httpx.get(f"{sdk_backend}/sandboxes", timeout=30).json()}
+    out = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "SANDBOX_BACKEND_PORT": str(backend_port)})
+    assert out.returncode == 0, out.stderr
+    assert "Hello World" in out.stdout
+    after = {s["sandboxID"] for s in httpx.get(f"{sdk_backend}/sandboxes", timeout=30).json()}
+    assert after <= before, f"the example left sandboxes running: {after - before}"
