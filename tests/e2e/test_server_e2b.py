@@ -134,3 +134,20 @@ def test_wrong_api_key_is_refused(e2b_env, monkeypatch) -> None:
     monkeypatch.setenv("E2B_API_KEY", "wrong")
     with pytest.raises(AuthenticationException):
         Sandbox.create()
+
+
+def test_is_running_is_false_for_a_paused_sandbox(e2b_env, test_template) -> None:
+    """E2B's SDK asks the sandbox's envd for /health; a paused sandbox answers as E2B's proxy does
+    (502), so is_running() says False instead of raising, and True again after resuming."""
+    import httpx
+    from e2b import Sandbox
+
+    sbx = Sandbox.create(test_template, timeout=120)
+    try:
+        headers = {"X-API-Key": API_KEY}
+        assert httpx.post(f"{e2b_env.url}/sandboxes/{sbx.sandbox_id}/pause", headers=headers, timeout=60).status_code == 204
+        assert sbx.is_running() is False
+        assert httpx.post(f"{e2b_env.url}/sandboxes/{sbx.sandbox_id}/resume", headers=headers, timeout=60).status_code == 201
+        assert sbx.is_running() is True
+    finally:
+        sbx.kill()

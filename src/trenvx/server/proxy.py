@@ -164,7 +164,9 @@ class SandboxProxy:
             msg = f"The sandbox {sid} was not found" + (f": {e.reason}" if e.reason else "")
             return await self._refuse(scope, receive, send, 502, msg, sandboxId=sid)
         except SandboxConflict as e:
-            return await self._refuse(scope, receive, send, 409, str(e), sandboxId=sid)
+            # A paused sandbox (the only conflict here): E2B's proxy answers 502, which E2B's SDKs
+            # read as "not running" (is_running() -> False) rather than as an error.
+            return await self._refuse(scope, receive, send, 502, f"The sandbox {sid} is paused: {e}", sandboxId=sid)
         except PortUnavailable as e:
             return await self._refuse(scope, receive, send, 502,
                                       f"The sandbox {sid} is running but port is not open (port {port}: {e})", sandboxId=sid)
