@@ -9,10 +9,14 @@ Two surfaces, one implementation:
   API, ``Sandbox.create()``, ``sandbox.commands.run(...)``, ``sandbox.files.*``,
   ``sandbox.pty.*``. Also exported here as ``SyncSandbox`` and ``AsyncSandbox``.
 
-Errors are in :mod:`sandbox_sdk.exceptions` (and exported here).
+Errors are in :mod:`sandbox_sdk.exceptions` (and exported here), including TrEnv-X's names
+(``ProcessException``, ``FilesystemException``, ``TerminalException``, ``RpcException``,
+``CurrentWorkingDirectoryDoesntExistException``). ``sandbox_sdk.code_interpreter.CodeInterpreter``
+is importable but not available yet (it raises ``NotImplementedError`` until the
+code-interpreter issue lands).
 """
 
-from . import exceptions
+from . import code_interpreter, exceptions
 from .e2b import AsyncCommandHandle, AsyncSandbox, CommandHandle
 from .e2b import Sandbox as SyncSandbox
 from .exceptions import *  # noqa: F401,F403
@@ -76,5 +80,6 @@ __all__ = [
     "WriteEntry",
     "WriteInfo",
     "exceptions",
+    "code_interpreter",
     *_errors,
 ]

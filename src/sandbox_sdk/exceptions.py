@@ -26,7 +26,16 @@ error                           when
                                 built-in :class:`TimeoutError`
 :class:`CommandExitError`       a command exited with a non-zero code (carries
                                 ``exit_code``, ``stdout``, ``stderr``)
+:class:`CurrentWorkingDirectoryDoesntExistException`  a process was started with a ``cwd``
+                                that does not exist; also an :class:`InvalidArgumentError`
 ==============================  ==================================================
+
+Grouped the way TrEnv-X's SDK groups them, so code written for it keeps its ``except``
+clauses: :class:`ProcessException` is the base of process errors
+(:class:`ProcessNotFoundError`, :class:`CommandExitError`,
+:class:`CurrentWorkingDirectoryDoesntExistException`), :class:`FilesystemException` of file
+errors (:class:`PathNotFoundError`), :class:`TerminalException` of terminal errors, and
+:class:`RpcException` is :class:`RpcError` (an error answer from the guest agent).
 
 E2B's exception names (``SandboxException``, ``TimeoutException``, ``NotFoundException``,
 ``CommandExitException``, ...) are aliases of these classes.
@@ -89,11 +98,23 @@ class TemplateNotFoundError(NotFoundError):
     """The template named in ``create`` is not built on the backend."""
 
 
-class PathNotFoundError(NotFoundError, builtins.FileNotFoundError):
+class ProcessException(SandboxError):
+    """Base class of errors about a process in the sandbox (TrEnv-X's SDK name)."""
+
+
+class FilesystemException(SandboxError):
+    """Base class of errors about files in the sandbox (TrEnv-X's SDK name)."""
+
+
+class TerminalException(SandboxError):
+    """Base class of errors about a terminal (pty) in the sandbox (TrEnv-X's SDK name)."""
+
+
+class PathNotFoundError(NotFoundError, FilesystemException, builtins.FileNotFoundError):
     """A file or directory inside the sandbox does not exist."""
 
 
-class ProcessNotFoundError(NotFoundError):
+class ProcessNotFoundError(NotFoundError, ProcessException):
     """No process with that pid (or tag) runs in the sandbox."""
 
 
@@ -141,7 +162,22 @@ class StreamError(SandboxError):
     """A streamed answer (process output, directory watch) broke off before its end."""
 
 
-class CommandExitError(SandboxError):
+class CurrentWorkingDirectoryDoesntExistException(ProcessException, InvalidArgumentError):
+    """A process was started with a ``cwd`` that does not exist (or is not a directory).
+
+    Also an :class:`InvalidArgumentError` (and a :class:`ValueError`), which is what the SDK
+    raised for it before, so existing ``except`` clauses still catch it.
+
+    Example::
+
+        try:
+            await sandbox.process.start("ls", cwd="/nope")
+        except CurrentWorkingDirectoryDoesntExistException as e:
+            print(e)
+    """
+
+
+class CommandExitError(ProcessException):
     """A command exited with a non-zero exit code.
 
     Carries the command's ``exit_code``, ``stdout``, ``stderr`` and ``error`` (the agent's
@@ -188,6 +224,7 @@ RateLimitException = RateLimitError
 CommandExitException = CommandExitError
 FileNotFoundException = PathNotFoundError
 TemplateException = TemplateNotFoundError
+RpcException = RpcError
 
 __all__ = [
     "SandboxError",
@@ -210,6 +247,10 @@ __all__ = [
     "RpcError",
     "StreamError",
     "CommandExitError",
+    "ProcessException",
+    "FilesystemException",
+    "TerminalException",
+    "CurrentWorkingDirectoryDoesntExistException",
     "SandboxException",
     "TimeoutException",
     "NotFoundException",
@@ -220,4 +261,5 @@ __all__ = [
     "CommandExitException",
     "FileNotFoundException",
     "TemplateException",
+    "RpcException",
 ]

@@ -102,6 +102,8 @@ async def test_e2b_filesystem(fresh_agent: AgentProcess, tmp_path: Path) -> None
     assert renamed.path == str(base / "d" / "a2.txt")
     await sbx.files.remove(str(base / "d"))
     assert not (base / "d").exists()
+    await sbx.files.remove(str(base / "d"))  # already gone: a no-op, as in E2B
+    await sbx.files.remove(str(base / "never" / "existed"))
     with pytest.raises(e2b.NotFoundException):
         await sbx.files.read(str(base / "missing"))
 

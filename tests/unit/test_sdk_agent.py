@@ -307,6 +307,13 @@ async def test_trenvx_surface(agent_url: str, tmp_path: Path) -> None:
 
         out = await ci.process.start_and_wait("pwd", cwd=str(tmp_path))
         assert out.stdout == str(tmp_path)
+        missing = str(tmp_path / "no" / "such" / "dir")
+        with pytest.raises(exceptions.CurrentWorkingDirectoryDoesntExistException, match="does not exist") as info:
+            await ci.process.start("pwd", cwd=missing)
+        assert missing in str(info.value)
+        assert isinstance(info.value, exceptions.InvalidArgumentError)  # what it raised before
+        with pytest.raises(exceptions.ProcessException):
+            await ci.process.start_and_wait("pwd", cwd=str(tmp_path / "a.txt.missing"))
 
         fs = ci.filesystem
         await fs.write(str(tmp_path / "a.txt"), "text")

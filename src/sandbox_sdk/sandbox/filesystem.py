@@ -141,7 +141,8 @@ class FilesystemManager:
         return [FileInfo(is_dir=e.is_dir, name=e.name, path=e.path, size=e.size) for e in entries]
 
     async def remove(self, path: str, timeout: Optional[float] = None) -> None:
-        """Remove a file or directory. Example: ``await sandbox.filesystem.remove("/tmp/a")``"""
+        """Remove a file or directory (with its contents); a path that does not exist is not an
+        error. Example: ``await sandbox.filesystem.remove("/tmp/a")``"""
         await self._files.remove(path, user=self._user, request_timeout=timeout)
 
     async def make_dir(self, path: str, timeout: Optional[float] = None) -> None:

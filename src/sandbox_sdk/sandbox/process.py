@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 from ..e2b._async import AsyncCommandHandle, AsyncCommands
-from ..exceptions import CommandExitError, TimeoutError
+from ..exceptions import (
+    CommandExitError,
+    CurrentWorkingDirectoryDoesntExistException,
+    InvalidArgumentError,
+    TimeoutError,
+)
 
 if TYPE_CHECKING:
     from .main import Sandbox
@@ -90,6 +95,16 @@ class _LineSplitter:
             return []
         line, self._buf = self._buf, ""
         return [line]
+
+
+def _is_missing_cwd(error: InvalidArgumentError) -> bool:
+    """Whether the agent refused a process start because its cwd does not exist.
+
+    The agent answers ``invalid_argument`` with "cwd '...' does not exist or is not a
+    directory" (src/trenvx/guest/agent/process.py).
+    """
+    text = (error.message or "").lower()
+    return "cwd" in text and ("does not exist" in text or "not a directory" in text)
 
 
 async def _call(handler: Optional[Callable[..., Any]], *args: Any) -> None:
@@ -330,22 +345,33 @@ class ProcessManager:
                     await _call(on_exit)
 
         process = Process(process_id or "", output, exit_cb, self._commands)
-        handle = await self._commands._start(
-            cmd="/bin/bash",
-            args=["-l", "-c", cmd],
-            envs=envs,
-            cwd=cwd or sbx._cwd,
-            user=user,
-            stdin=stdin,
-            pty=None,
-            tag=process_id,
-            timeout=None,
-            request_timeout=timeout,
-            on_stdout=stdout_cb,
-            on_stderr=stderr_cb,
-            listener=listener,
-            display=cmd,
-        )
+        workdir = cwd or sbx._cwd
+        try:
+            handle = await self._commands._start(
+                cmd="/bin/bash",
+                args=["-l", "-c", cmd],
+                envs=envs,
+                cwd=workdir,
+                user=user,
+                stdin=stdin,
+                pty=None,
+                tag=process_id,
+                timeout=None,
+                request_timeout=timeout,
+                on_stdout=stdout_cb,
+                on_stderr=stderr_cb,
+                listener=listener,
+                display=cmd,
+            )
+        except InvalidArgumentError as e:
+            if workdir and _is_missing_cwd(e):
+                raise CurrentWorkingDirectoryDoesntExistException(
+                    f"the working directory {workdir!r} does not exist in the sandbox (or is not a "
+                    f"directory); create it first with sandbox.filesystem.make_dir(): {e.message}",
+                    status_code=e.status_code,
+                    code=e.code,
+                ) from e
+            raise
         if not process_id:
             process._process_id = str(handle.pid)
         process._attach(handle)

@@ -228,9 +228,13 @@ class FilesystemService:
         return {"entry": entry_info(destination)}
 
     def remove(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
+        # Like envd (os.RemoveAll): removing a path that does not exist succeeds, and so does
+        # losing a race with another remover. The answer carries no entry then.
         path, _ = self._path(ctx, req)
         try:
             st = os.lstat(path)
+        except FileNotFoundError:
+            return {}
         except OSError as exc:
             raise _os_error(exc, path) from None
         entry = entry_info(path, st)
@@ -239,6 +243,8 @@ class FilesystemService:
                 shutil.rmtree(path)
             else:
                 os.unlink(path)
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             raise _os_error(exc, path) from None
         return {"entry": entry}
