@@ -4,6 +4,7 @@ limits, pagination and filters; and a schemathesis fuzz run (no 5xx for any gene
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -66,8 +67,16 @@ async def test_base_means_the_default_template(api) -> None:
     assert r.status_code == 201 and r.json()["templateID"] == "tpl"
 
 
+@pytest.mark.parametrize("path", ["/sandboxes", "/v2/sandboxes"])
+@pytest.mark.parametrize("body", [{}, {"templateID": None}, {"timeout": 60}])
+async def test_create_without_template_gets_the_default(api, path, body) -> None:
+    r = await api.post(path, json=body)
+    assert r.status_code == 201, r.text
+    assert r.json()["templateID"] == "tpl"
+
+
 @pytest.mark.parametrize("body,field", [
-    ({}, "templateID"),
+    ({"templateID": ""}, "templateID"),
     ({"templateID": 5}, "templateID"),
     ({"templateID": "../../etc"}, "templateID"),
     ({"templateID": "a/b"}, "templateID"),
@@ -151,7 +160,7 @@ async def test_pause_resume_409s(api) -> None:
     assert r.status_code == 409 and r.json()["code"] == 409
     assert (await api.get(f"/sandboxes/{sid}")).json()["state"] == "paused"
     r = await api.get("/sandboxes/x", headers={"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983"})
-    assert r.status_code == 409
+    assert r.status_code == 502 and "paused" in r.json()["message"]  # E2B's SDKs: is_running() -> False
     assert (await api.post(f"/sandboxes/{sid}/resume")).status_code == 201
     assert (await api.post(f"/sandboxes/{sid}/resume")).status_code == 409
     await api.post(f"/sandboxes/{sid}/pause")
@@ -168,23 +177,81 @@ async def test_list_filters_and_pagination(api) -> None:
     assert ids(await api.get("/sandboxes", params={"metadata": "team=x"})) == [a, b]
     assert ids(await api.get("/v2/sandboxes", params={"metadata": "team=x&n=2"})) == [b]
     assert ids(await api.get("/v2/sandboxes", params={"order": "desc"})) == [c, b, a]
+    assert ids(await api.get("/v2/sandboxes", params={"order": "asc"})) == [a, b, c]
+    assert ids(await api.get("/v2/sandboxes")) == [c, b, a]  # newest first, as E2B
     assert ids(await api.get("/v2/sandboxes", params={"template": "other"})) == []
     r = await api.get("/v2/sandboxes", params={"limit": 2})
-    assert ids(r) == [a, b] and r.headers["x-next-token"]
+    assert ids(r) == [c, b] and r.headers["x-next-token"]
     r2 = await api.get("/v2/sandboxes", params={"limit": 2, "nextToken": r.headers["x-next-token"]})
+    assert ids(r2) == [a] and "x-next-token" not in r2.headers
+    r = await api.get("/v2/sandboxes", params={"limit": 2, "order": "asc"})
+    assert ids(r) == [a, b]
+    r2 = await api.get("/v2/sandboxes", params={"limit": 2, "order": "asc", "nextToken": r.headers["x-next-token"]})
     assert ids(r2) == [c] and "x-next-token" not in r2.headers
     await api.delete(f"/sandboxes/{a}")
-    assert ids(await api.get("/v2/sandboxes")) == [b, c]
+    assert ids(await api.get("/v2/sandboxes")) == [c, b]
     r = await api.get("/v2/sandboxes", params={"state": "running,exited"})
     assert {s["sandboxID"]: s["state"] for s in r.json()} == {a: "exited", b: "running", c: "running"}
     ex = [s for s in r.json() if s["state"] == "exited"][0]
     assert ex["trenvx"]["endReason"] == "killed"
     assert ids(await api.get("/v2/sandboxes", params={"state": "paused"})) == []
     for params in ({"state": "bogus"}, {"limit": 0}, {"limit": "x"}, {"nextToken": "!!!"}, {"order": "up"},
-                   ):
+                   {"nextToken": "2"}, {"nextToken": "12.a/b"}, {"startedAfter": "yesterday"}, {"startedAfter": ""},
+                   {"startedBefore": "2026-13-01T00:00:00Z"}):
         r = await api.get("/v2/sandboxes", params=params)
         assert r.status_code == 400, (params, r.text)
         assert r.json()["code"] == 400
+        assert next(iter(params)) in r.json()["message"], r.json()
+
+
+async def test_v2_list_time_filters(api) -> None:
+    ids = lambda r: [s["sandboxID"] for s in r.json()]  # noqa: E731
+    a = (await create(api))["sandboxID"]
+    b = (await create(api))["sandboxID"]
+    c = (await create(api))["sandboxID"]
+    started = {s["sandboxID"]: dt.datetime.fromisoformat(s["startedAt"].replace("Z", "+00:00"))
+               for s in (await api.get("/v2/sandboxes")).json()}
+    tb = started[b]
+    # startedAfter/startedBefore are inclusive, in any RFC 3339 spelling (Z, an offset, E2B's isoformat)
+    r = await api.get("/v2/sandboxes", params={"startedAfter": tb.isoformat()})
+    assert r.status_code == 200, r.text
+    assert ids(r) == [c, b]
+    z = tb.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert ids(await api.get("/v2/sandboxes", params={"startedBefore": z})) == [b, a]
+    plus2 = tb.astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()
+    assert ids(await api.get("/v2/sandboxes", params={"startedAfter": plus2, "startedBefore": plus2})) == [b]
+    r = await api.get("/v2/sandboxes?startedAfter=" + plus2)  # "+" unescaped: read as the offset
+    assert ids(r) == [c, b], r.text
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)).isoformat()
+    assert ids(await api.get("/v2/sandboxes", params={"startedAfter": future})) == []
+    assert ids(await api.get("/v2/sandboxes", params={"startedBefore": future})) == [c, b, a]
+
+
+async def test_v2_list_cursor_survives_concurrent_creates(api) -> None:
+    ids = lambda r: [s["sandboxID"] for s in r.json()]  # noqa: E731
+    a = (await create(api))["sandboxID"]
+    b = (await create(api))["sandboxID"]
+    c = (await create(api))["sandboxID"]
+    r = await api.get("/v2/sandboxes", params={"limit": 2})
+    assert ids(r) == [c, b]
+    token = r.headers["x-next-token"]
+    d = (await create(api))["sandboxID"]  # created between pages: newer, so not on a later page
+    r2 = await api.get("/v2/sandboxes", params={"limit": 2, "nextToken": token})
+    assert ids(r2) == [a] and "x-next-token" not in r2.headers
+    await api.delete(f"/sandboxes/{b}")  # the cursor's own item gone: still continues after it
+    r3 = await api.get("/v2/sandboxes", params={"limit": 2, "nextToken": token})
+    assert ids(r3) == [a]
+    # walking all pages one at a time, with creates in between, sees each older sandbox once
+    seen, token = [], None
+    while True:
+        params = {"limit": 1, **({"nextToken": token} if token else {})}
+        r = await api.get("/v2/sandboxes", params=params)
+        seen += ids(r)
+        await create(api)
+        token = r.headers.get("x-next-token")
+        if not token:
+            break
+    assert seen == [d, c, a]
 
 
 async def test_templates_and_health(api) -> None:

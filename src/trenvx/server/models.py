@@ -198,8 +198,9 @@ class NewSandbox(BaseModel):
 
     model_config = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": True})
 
-    templateID: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=TEMPLATE_ID_PATTERN)] = Field(
-        description="Template name. E2B's default `base` means the server's default template."
+    templateID: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=TEMPLATE_ID_PATTERN)] | None = Field(
+        default=None,
+        description="Template name. Absent (or null), or E2B's default `base`, means the server's default template."
     )
     timeout: JsonInt | None = Field(
         default=None, description="Seconds until the sandbox is killed (default: orchestrator.default_timeout_s)."

@@ -2,7 +2,8 @@
 
     POST   /sandboxes, /v2/sandboxes            create (201)
     GET    /sandboxes                           running sandboxes (filter: metadata)
-    GET    /v2/sandboxes                        filters: metadata, state, template; paginated
+    GET    /v2/sandboxes                        newest first; filters: metadata, state, template,
+                                                startedAfter/startedBefore; paginated by an opaque cursor
     GET    /sandboxes/{sandboxID}               one sandbox
     DELETE /sandboxes/{sandboxID}               kill (204)
     POST   /sandboxes/{sandboxID}/timeout       the sandbox ends `timeout` s from now (204)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import urllib.parse
 from typing import Annotated, Literal, cast
 
@@ -186,7 +188,7 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
     timeout = _timeout(body.timeout, orch.default_timeout_s, orch.max_timeout_s, "timeout")
     egress = egress_of_create(body)
     public = True if body.network is None or body.network.allowPublicTraffic is None else body.network.allowPublicTraffic
-    template = body.templateID
+    template = body.templateID or manager.config.default_template
     if template == E2B_DEFAULT_TEMPLATE and template not in manager.templates.names():
         template = manager.config.default_template
     try:
@@ -242,8 +244,51 @@ async def list_sandboxes(
     return [_info_of_running(request, sb, False) for sb in manager_of(request).list() if _matches(sb.metadata, wanted)]
 
 
+NEXT_TOKEN_PATTERN = r"^[0-9]{1,19}\.[A-Za-z0-9_-]{1,128}$"
+
+
+def _position(created_at: float, sandbox_id: str) -> tuple[int, str]:
+    """Where a sandbox sits in the list order: its start time in microseconds, then its id."""
+    return round(created_at * 1_000_000), sandbox_id
+
+
+def encode_cursor(created_at: float, sandbox_id: str) -> str:
+    """The x-next-token of a page: where the page ended (start time and id of its last item), so
+    the next page continues strictly after it whatever was created or killed in between. Clients
+    pass it back as it is (E2B calls it opaque)."""
+    us, sid = _position(created_at, sandbox_id)
+    return f"{us}.{sid}"
+
+
+def decode_cursor(token: str) -> tuple[int, str]:
+    """The inverse of :func:`encode_cursor`; a 400 naming ``nextToken`` for anything else."""
+    if not re.fullmatch(NEXT_TOKEN_PATTERN, token):
+        raise ApiError(400, "query field nextToken: not a token from the x-next-token header of a "
+                            "previous page")
+    us, sid = token.split(".", 1)
+    return int(us), sid
+
+
+def parse_rfc3339(value: str | None, field: str) -> dt.datetime | None:
+    """An RFC 3339 timestamp of a query (``Z`` or an offset; a naive one is UTC)."""
+    if value is None:
+        return None
+    text = value.strip().replace(" ", "+")  # an unescaped "+" of the offset arrives as a space
+    if text.endswith(("z", "Z")):
+        text = text[:-1] + "+00:00"
+    text = re.sub(r"(T\d\d:\d\d:)60", r"\g<1>59", text, count=1, flags=re.I)  # a leap second
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ApiError(400, f"query field {field}: {value!r} is not an RFC 3339 timestamp "
+                            "(e.g. 2026-01-02T03:04:05Z)") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t
+
+
 @router.get("/v2/sandboxes", response_model=list[ListedSandbox], responses={400: ERRORS[400]},
-            summary="List sandboxes with filters (pagination: the x-next-token header)")
+            summary="List sandboxes with filters, newest first (pagination: the x-next-token header)")
 async def list_sandboxes_v2(
     request: Request,
     response: Response,
@@ -252,10 +297,17 @@ async def list_sandboxes_v2(
         pattern=r"^((running|paused|exited)(,(running|paused|exited))*)?$",
         description="Comma-separated: running, paused, exited (trenvx)")] = None,
     template: Annotated[str | None, Query(max_length=128)] = None,
+    startedAfter: Annotated[str | None, Query(
+        max_length=64, json_schema_extra={"format": "date-time"},
+        description="RFC 3339: only sandboxes started at or after this time")] = None,
+    startedBefore: Annotated[str | None, Query(
+        max_length=64, json_schema_extra={"format": "date-time"},
+        description="RFC 3339: only sandboxes started at or before this time")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    nextToken: Annotated[str | None, Query(pattern=r"^[0-9]{1,9}$",
-                                           description="The x-next-token header of the previous page")] = None,
-    order: Annotated[Literal["asc", "desc"], Query()] = "asc",
+    nextToken: Annotated[str | None, Query(pattern=NEXT_TOKEN_PATTERN,
+                                           description="The x-next-token header of the previous page "
+                                                       "(an opaque cursor)")] = None,
+    order: Annotated[Literal["asc", "desc"], Query(description="By start time; newest first by default")] = "desc",
     memory: Annotated[bool, Query(description="trenvx: include RSS and PSS of each VMM (slower)")] = False,
 ) -> list[dict]:
     wanted = parse_metadata_query(metadata)
@@ -265,22 +317,40 @@ async def list_sandboxes_v2(
         bad = states - {"running", "paused", "exited"}
         if bad or not states:
             raise ApiError(400, f"query field state: unknown state(s) {sorted(bad) or [state]}; use running, paused, exited")
+    after = parse_rfc3339(startedAfter, "startedAfter")
+    before = parse_rfc3339(startedBefore, "startedBefore")
+    cursor = decode_cursor(nextToken) if nextToken else None
+    desc = order == "desc"
+
+    def wanted_item(created_at: float, sid: str) -> bool:
+        # compared as reported (startedAt, to the microsecond): a startedAt seen is a bound that holds it
+        if after is not None and _ts(created_at) < after:
+            return False
+        if before is not None and _ts(created_at) > before:
+            return False
+        if cursor is not None:
+            here = _position(created_at, sid)
+            return here < cursor if desc else here > cursor
+        return True
+
     manager = manager_of(request)
-    items: list[tuple[float, str, dict]] = []
+    found: list[tuple[float, str, Sandbox | SandboxRecord]] = []
     if states & {"running", "paused"}:
         for sb in manager.list():
-            if sb.state in states and _matches(sb.metadata, wanted) and (not template or sb.template == template):
-                items.append((sb.created_at, sb.id, _info_of_running(request, sb, memory)))
+            if (sb.state in states and _matches(sb.metadata, wanted) and (not template or sb.template == template)
+                    and wanted_item(sb.created_at, sb.id)):
+                found.append((sb.created_at, sb.id, sb))
     if "exited" in states:
         for rec in manager.ended():
-            if _matches(rec.metadata, wanted) and (not template or rec.template == template):
-                items.append((rec.created_at, rec.id, _info_of_ended(request, rec)))
-    items.sort(key=lambda x: (x[0], x[1]), reverse=order == "desc")
-    start = int(nextToken) if nextToken else 0
-    page = items[start:start + limit]
-    if len(items) > start + limit:
-        response.headers["x-next-token"] = str(start + limit)
-    return [x[2] for x in page]
+            if (_matches(rec.metadata, wanted) and (not template or rec.template == template)
+                    and wanted_item(rec.created_at, rec.id)):
+                found.append((rec.created_at, rec.id, rec))
+    found.sort(key=lambda x: _position(x[0], x[1]), reverse=desc)
+    page = found[:limit]
+    if len(found) > limit:
+        response.headers["x-next-token"] = encode_cursor(page[-1][0], page[-1][1])
+    return [_info_of_running(request, x[2], memory) if isinstance(x[2], Sandbox) else _info_of_ended(request, x[2])
+            for x in page]
 
 
 @router.get("/sandboxes/{sandboxID}", response_model=SandboxDetail, responses={404: ERRORS[404]},
