@@ -172,10 +172,11 @@ async def test_a_restarted_owner_keeps_what_it_adopts_and_sweeps_the_rest(tmp_pa
     await second.start(keep={kept.index})
     try:
         assert not netns.exists(dropped.netns) and not (CLAIMS_DIR / str(dropped.index)).exists()
-        again = await second.adopt(kept.index)
-        # Taken back with its table reloaded and nothing allowed until the manager loads its rules.
-        assert again.netns == kept.netns and again.egress == NO_EGRESS
-        await again.apply(EgressPolicy())
+        rules = EgressPolicy.from_e2b(deny_out=["0.0.0.0/0"])
+        again = await second.adopt(kept.index, rules)
+        # Taken back with its whole table reloaded and its own rules loaded in the same transaction.
+        assert again.netns == kept.netns and again.egress == rules
+        assert "0.0.0.0/0" in netns.run_in(again.netns, nft.run, "list set ip trenvx deny")
     finally:
         await second.close()
     assert not netns.exists(kept.netns)

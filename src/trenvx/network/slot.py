@@ -385,12 +385,11 @@ class HostNetwork:
         """The VMs in these slots outlive this process (``--keep``): its slots are left for the
         next server of the same data_root, never swept by another owner."""
         self.table = f"trenvx_{self.owner}_{os.getpid()}"
-        self.blocked = list(cfg.blocked_cidrs)
         self._forbidden = [*cfg.blocked_cidrs, cfg.slot_cidr]
         self._ready: deque[NetworkSlot] = deque()
         self._slots: dict[int, NetworkSlot] = {}
         self._making: set[int] = set()
-        self._upstreams: list[tuple[str, int]] = []
+        self._upstreams = _resolvers(cfg)
         self._refill: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closed = False
@@ -398,7 +397,6 @@ class HostNetwork:
     # -- start and stop
 
     async def start(self, keep: set[int] | frozenset[int] = frozenset(), *, sweep: bool = True) -> None:
-        self._upstreams = _resolvers(self.cfg)
         await netns.call_host(self._setup_host)
         if not sweep:
             return
@@ -522,7 +520,7 @@ class HostNetwork:
             await self._teardown(addr)  # leftovers of a crashed run under the same number
             await netns.create(addr.netns)
             await netns.call_host(self._make_host_side, addr)
-            await netns.call_in(addr.netns, self._make_inside, addr, self.blocked)
+            await netns.call_in(addr.netns, self._make_inside, addr, self.cfg.blocked_cidrs)
             await slot.open_services(self._upstreams, self._forbidden)
         except BaseException as e:
             await slot.close_services()
@@ -633,13 +631,14 @@ class HostNetwork:
             await self.release(slot)
         return await self._make()
 
-    async def adopt(self, index: int) -> NetworkSlot:
-        """Take back slot ``index`` of a sandbox a previous server left running."""
+    async def adopt(self, index: int, egress: EgressPolicy) -> NetworkSlot:
+        """Take back slot ``index`` of a sandbox a previous server left running, its whole table
+        reloaded with the sandbox's ``egress`` rules in one transaction."""
         addr = SlotAddress.of(index, self.cfg.slot_cidr)
         if not netns.exists(addr.netns):
             raise SlotError(f"network slot {index} ({addr.netns}) does not exist anymore")
         slot = NetworkSlot(addr, egress=None)
-        await slot.reload(NO_EGRESS, self.blocked)  # the caller loads the sandbox's own rules next
+        await slot.reload(egress, self.cfg.blocked_cidrs)
         await slot.open_services(self._upstreams, self._forbidden)
         self._slots[index] = slot
         return slot

@@ -810,12 +810,10 @@ class SandboxManager:
         if net.slot is not None:
             if self.network is None:
                 raise RuntimeError(f"it runs in network slot {net.slot} but this server has no network namespaces")
-            slot = await self.network.adopt(net.slot)
+            slot = await self.network.adopt(net.slot, net.egress)
         elif self.restorer.uses_slot(build):
             raise RuntimeError("it runs on QEMU user networking but this server runs sandboxes in network namespaces")
         try:
-            if slot is not None:
-                await slot.apply(net.egress)
             spec = self.restorer.vm_spec(build, rec.id, workdir, kill_with_owner=False, slot=slot)
             vm = await adopt.attach(vmm, spec, rec.pid, rec.agent_port)
         except BaseException:
