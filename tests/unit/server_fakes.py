@@ -192,6 +192,9 @@ class FakeRestorer:
     async def destroy(self, restored: RestoredVm) -> None:
         await SnapshotRestore.destroy(self, restored)  # type: ignore[arg-type]
 
+    async def discard(self, prepared: Any) -> None:
+        await SnapshotRestore.discard(self, prepared)  # type: ignore[arg-type]
+
     async def release_slot(self, slot: Any) -> None:
         assert slot is None, "the fake restorer makes no network slots"
 

@@ -65,7 +65,7 @@ class PooledVm:
     sandbox_id: str
     prepared: PreparedVm
     tier: Tier
-    restorer: SnapshotRestore | None = None
+    restorer: SnapshotRestore
     made_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -86,12 +86,7 @@ class PooledVm:
             (self.workdir / POOLED_MARKER).unlink()
 
     async def discard(self) -> None:
-        try:
-            await self.vm.kill()
-            shutil.rmtree(self.workdir, ignore_errors=True)
-        finally:
-            if self.restorer is not None:
-                await self.restorer.release_slot(self.prepared.slot)
+        await self.restorer.discard(self.prepared)
 
 
 @dataclass
@@ -251,7 +246,7 @@ class TemplatePool:
             sid = new_sandbox_id()
             prepared = await self.restorer.prepare(build, sid, kill_with_owner=self.kill_with_owner)
             set_priority(prepared.vm.pid, REFILL_NICE)
-            item = PooledVm(build, sid, prepared, "warm", restorer=self.restorer)
+            item = PooledVm(build, sid, prepared, "warm", self.restorer)
             try:
                 item.mark()
                 if tier == "hot":

@@ -237,7 +237,7 @@ class SnapshotRestore:
 
     async def start(self, build: TemplateBuild, prepared: PreparedVm) -> None:
         """Load the snapshot into a prepared VMM process and resume it (no identity yet)."""
-        vm, workdir, times = prepared.vm, prepared.workdir, prepared.times
+        vm, times = prepared.vm, prepared.times
         try:
             if self.mode is StartMode.boot:
                 t0 = time.perf_counter()
@@ -252,9 +252,7 @@ class SnapshotRestore:
             await self.driver(build).restore(vm, snapshot, st)
             times.update(st.steps)
         except BaseException:
-            await vm.kill()
-            shutil.rmtree(workdir, ignore_errors=True)
-            await self.release_slot(prepared.slot)
+            await self.discard(prepared)
             raise
 
     async def activate(
@@ -273,9 +271,7 @@ class SnapshotRestore:
             times["init"] = time.perf_counter() - t0
         except BaseException:
             await agent.aclose()
-            await vm.kill()
-            shutil.rmtree(workdir, ignore_errors=True)
-            await self.release_slot(prepared.slot)
+            await self.discard(prepared)
             raise
         await agent.aclose()
         return RestoredVm(
@@ -300,20 +296,23 @@ class SnapshotRestore:
             try:
                 await self.apply_egress(prepared.slot, egress, prepared.times)
             except BaseException:
-                await prepared.vm.kill()
-                shutil.rmtree(prepared.workdir, ignore_errors=True)
-                await self.release_slot(prepared.slot)
+                await self.discard(prepared)
                 raise
         await self.start(build, prepared)
         return await self.activate(build, sandbox_id, prepared, env_vars)
+
+    async def discard(self, prepared: PreparedVm) -> None:
+        """Kill a VM that never became a sandbox (or stopped being one), remove its files and its
+        network slot."""
+        try:
+            await prepared.vm.kill()
+            shutil.rmtree(prepared.workdir, ignore_errors=True)
+        finally:
+            await self.release_slot(prepared.slot)
 
     async def destroy(self, restored: RestoredVm) -> None:
         """Kill the VM, remove every file of the sandbox and its network slot."""
         try:
             await restored.agent.aclose()
         finally:
-            try:
-                await restored.vm.kill()
-                shutil.rmtree(restored.workdir, ignore_errors=True)
-            finally:
-                await self.release_slot(restored.slot)
+            await self.discard(PreparedVm(restored.vm, restored.workdir, slot=restored.slot))
