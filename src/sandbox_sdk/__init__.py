@@ -4,7 +4,7 @@ Two surfaces, one implementation:
 
 * ``sandbox_sdk.Sandbox`` (also ``sandbox_sdk.sandbox.Sandbox``): TrEnv-X's asynchronous API,
   ``await Sandbox.create(template=..., target_addr=...)``, ``sandbox.process.start(...)``,
-  ``sandbox.filesystem.*``.
+  ``sandbox.filesystem.*``, ``sandbox.terminal.start(...)`` (a :class:`Terminal`).
 * ``sandbox_sdk.e2b.Sandbox`` (synchronous) and ``sandbox_sdk.e2b.AsyncSandbox``: E2B's
   API, ``Sandbox.create()``, ``sandbox.commands.run(...)``, ``sandbox.files.*``,
   ``sandbox.pty.*``. Also exported here as ``SyncSandbox`` and ``AsyncSandbox``.
@@ -47,6 +47,9 @@ from .sandbox import (
     ProcessOutput,
     RunningSandbox,
     Sandbox,
+    Terminal,
+    TerminalManager,
+    TerminalOutput,
 )
 
 __version__ = "0.1.0"
@@ -63,6 +66,9 @@ __all__ = [
     "ProcessMessage",
     "ProcessOutput",
     "EnvVars",
+    "Terminal",
+    "TerminalManager",
+    "TerminalOutput",
     "FilesystemEvent",
     "FilesystemManager",
     "CommandResult",

@@ -26,6 +26,7 @@ from .exception import (
 from .filesystem import DirWatcher, FileInfo, FilesystemEvent, FilesystemManager, FilesystemOperation
 from .main import TIMEOUT, RunningSandbox, Sandbox
 from .process import EnvVars, Process, ProcessManager, ProcessMessage, ProcessOutput
+from .terminal import Terminal, TerminalManager, TerminalOutput
 
 __all__ = [
     "Sandbox",
@@ -35,6 +36,9 @@ __all__ = [
     "ProcessMessage",
     "ProcessOutput",
     "EnvVars",
+    "Terminal",
+    "TerminalManager",
+    "TerminalOutput",
     "FilesystemManager",
     "FileInfo",
     "FilesystemEvent",

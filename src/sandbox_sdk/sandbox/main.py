@@ -29,6 +29,7 @@ from ..exceptions import SandboxError
 from ..models import SandboxInfo, SandboxNetworkOpts, SandboxNetworkUpdate, TemplateInfo
 from .filesystem import FilesystemManager
 from .process import EnvVars, ProcessManager, ProcessMessage
+from .terminal import TerminalManager
 
 #: Default timeout of one request of this surface, in seconds (TrEnv-X's ``TIMEOUT``).
 TIMEOUT = 60
@@ -41,9 +42,10 @@ class Sandbox:
     """A TrEnv-X sandbox (asynchronous API).
 
     Members: ``id``, ``process`` (start processes, get :class:`Process` objects with
-    line-by-line output), ``filesystem``, ``upload_file``/``download_file``,
-    ``get_hostname``, ``keep_alive``, ``close``/``kill``. The E2B-style ``commands``,
-    ``files`` and ``pty`` of the same sandbox are available too.
+    line-by-line output), ``terminal`` (interactive terminals, :class:`Terminal`),
+    ``filesystem``, ``upload_file``/``download_file``, ``get_hostname``, ``keep_alive``,
+    ``close``/``kill``. The E2B-style ``commands``, ``files`` and ``pty`` of the same sandbox
+    are available too.
 
     Processes and file operations run as ``root`` unless ``user=`` is given to ``create``.
     Use ``async with await Sandbox.create() as sandbox:`` to close it automatically.
@@ -74,6 +76,8 @@ class Sandbox:
         #: TrEnv-X scripts also call it ``simple_process``.
         self.simple_process = self.process
         self.filesystem = FilesystemManager(core.files, user=None)
+        #: Interactive terminals: ``await sandbox.terminal.start(on_data=..., cols=80, rows=24)``.
+        self.terminal = TerminalManager(self, core.commands, core.pty)
         self.commands = core.commands
         self.files = core.files
         self.pty = core.pty
