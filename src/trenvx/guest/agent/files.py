@@ -4,8 +4,14 @@ Download streams the file with ``sendfile(2)`` under a ``Content-Length``. Uploa
 ``multipart/form-data`` (what E2B's SDK sends: parts named ``file``, the destination in
 ``?path=`` or, for several files, in each part's filename) or a raw
 ``application/octet-stream`` body (optionally ``Content-Encoding: gzip``), streams it to
-disk creating parent directories, owns the result by the user, and answers with the JSON
-list of written entries ``[{"name", "type": "file", "path"}]``.
+disk creating parent directories, owns the result by the user, stores the request's
+``X-Metadata-<key>`` headers as the file's ``user.e2b.<key>`` xattrs (:mod:`.xattrs`), and
+answers with the JSON list of written entries ``[{"name", "type": "file", "path",
+"metadata"?}]``.
+
+Access: the ``X-Access-Token`` header, or a signed URL (``signature`` and
+``signature_expiration`` query parameters, :mod:`.signing`) for exactly this operation,
+path and user. A request that sends the header is judged by the header alone, like envd.
 
 Errors are JSON ``{"code": <http status>, "message": ...}`` as in envd's OpenAPI spec.
 """
@@ -20,6 +26,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from . import signing, xattrs
 from .connect import ConnectError
 from .httpio import Exchange
 from .multipart import MultipartError, MultipartReader, parse_options
@@ -63,8 +70,31 @@ class FilesApi:
         except ConnectError as err:
             raise _from_connect(err) from None
 
+    def authorize(self, ex: Exchange) -> None:
+        """Let the request through with the access token or a valid signature, else :class:`HttpError`."""
+        token = self.state.token_bytes()
+        if token is None:
+            return  # before /init set a token, like every other endpoint
+        presented = ex.header("X-Access-Token")
+        if presented:
+            if not self.state.token_matches(presented):
+                raise HttpError(401, "the access token in the X-Access-Token header does not match this sandbox's")
+            return
+        operation = signing.operation_of(ex.method)
+        if operation is None:
+            raise HttpError(401, f"missing or invalid access token (X-Access-Token header) for {ex.method} /files")
+        try:
+            signing.verify(
+                ex.query_param("signature"), ex.query_param("signature_expiration"),
+                path=ex.query_param("path") or "", operation=operation,
+                username=ex.query_param("username") or "", token=token,
+            )
+        except signing.SignatureError as err:
+            raise HttpError(err.status, err.message) from None
+
     def handle(self, ex: Exchange) -> None:
         try:
+            self.authorize(ex)
             if ex.method in ("GET", "HEAD"):
                 self.download(ex)
             elif ex.method in ("POST", "PUT"):
@@ -114,12 +144,17 @@ class FilesApi:
     # ------------------------------------------------------------------ upload
     def upload(self, ex: Exchange) -> None:
         user = self._user(ex)
+        metadata = xattrs.from_headers(ex.headers.items())
+        try:
+            xattrs.validate(metadata)
+        except xattrs.MetadataError as err:
+            raise HttpError(400, f"invalid metadata (X-Metadata-* headers): {err}") from None
         content_type = ex.header("Content-Type") or ""
         media, params = parse_options(content_type)
         if media == "application/octet-stream":
-            entries = [self._upload_raw(ex, user)]
+            entries = [self._upload_raw(ex, user, metadata)]
         elif media.startswith("multipart/"):
-            entries = self._upload_multipart(ex, user, params.get("boundary", ""))
+            entries = self._upload_multipart(ex, user, params.get("boundary", ""), metadata)
         else:
             raise HttpError(
                 400,
@@ -152,15 +187,16 @@ class FilesApi:
 
         return read
 
-    def _upload_raw(self, ex: Exchange, user: User) -> dict[str, Any]:
+    def _upload_raw(self, ex: Exchange, user: User, metadata: dict[str, str]) -> dict[str, Any]:
         raw = ex.query_param("path")
         if not raw:
             raise HttpError(400, "query parameter 'path' is required for an application/octet-stream upload")
         path = self._resolve(raw, user)
-        self._write(path, self._body_reader(ex), user, ex)
-        return {"name": os.path.basename(path), "type": "file", "path": path}
+        self._write(path, self._body_reader(ex), user, ex, metadata)
+        return _written(path)
 
-    def _upload_multipart(self, ex: Exchange, user: User, boundary: str) -> list[dict[str, Any]]:
+    def _upload_multipart(self, ex: Exchange, user: User, boundary: str,
+                          metadata: dict[str, str]) -> list[dict[str, Any]]:
         query_path = ex.query_param("path")
         entries: list[dict[str, Any]] = []
         seen: set[str] = set()
@@ -180,15 +216,16 @@ class FilesApi:
                 if path in seen:
                     raise HttpError(400, f"cannot upload several files to the same path '{path}' in one request")
                 seen.add(path)
-                self._write(path, part.read, user, ex)
-                entries.append({"name": os.path.basename(path), "type": "file", "path": path})
+                self._write(path, part.read, user, ex, metadata)
+                entries.append(_written(path))
         except MultipartError as exc:
             raise HttpError(400, f"invalid multipart body: {exc}") from None
         if not entries:
             raise HttpError(400, "the multipart body holds no part named 'file'")
         return entries
 
-    def _write(self, path: str, read: Callable[[int], bytes], user: User, ex: Exchange) -> None:
+    def _write(self, path: str, read: Callable[[int], bytes], user: User, ex: Exchange,
+               metadata: dict[str, str]) -> None:
         try:
             ensure_dirs(os.path.dirname(path), user.uid, user.gid)
         except ConnectError as err:
@@ -208,6 +245,7 @@ class FilesApi:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+            self._store_metadata(fd, path, metadata)
         except OSError as exc:
             if isinstance(exc, (ConnectionError, TimeoutError)):
                 ex.close_after()
@@ -216,9 +254,33 @@ class FilesApi:
             os.close(fd)
 
     @staticmethod
+    def _store_metadata(fd: int, path: str, metadata: dict[str, str]) -> None:
+        """The upload's metadata becomes the file's whole set (none given: stale keys go)."""
+        try:
+            xattrs.replace(fd, metadata)
+        except OSError as exc:
+            if not metadata:
+                log.debug("clearing metadata of %s: %s", path, exc)
+            elif xattrs.is_unsupported(exc) or exc.errno == errno.EPERM:
+                # /proc, /sys, special files: the body is written; the answer reads the
+                # xattrs back, so it does not claim metadata that was not kept.
+                log.warning("metadata of %s not kept: %s", path, exc.strerror or exc)
+            else:
+                raise
+
+    @staticmethod
     def _write_error(exc: OSError, path: str) -> HttpError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return HttpError(507, f"not enough disk space to write {path}")
         if isinstance(exc, PermissionError):
             return HttpError(403, f"permission denied: {path}")
         return HttpError(500, f"error writing {path}: {exc.strerror or exc}")
+
+
+def _written(path: str) -> dict[str, Any]:
+    """An entry of the upload's answer, with the metadata the file now holds."""
+    entry: dict[str, Any] = {"name": os.path.basename(path), "type": "file", "path": path}
+    metadata = xattrs.read(path)
+    if metadata:
+        entry["metadata"] = metadata
+    return entry

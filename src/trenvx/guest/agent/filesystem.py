@@ -1,7 +1,10 @@
 """envd's ``filesystem.Filesystem`` service: Stat, ListDir, MakeDir, Move, Remove, watches.
 
 Operations run with the agent's (root) rights; things they create are owned by the
-request's user. Paths resolve like envd (see :mod:`.users`); entries carry absolute paths.
+request's user. Paths resolve like envd (see :mod:`.users`); entries carry absolute paths
+and the entry's user metadata (``user.e2b.*`` xattrs, :mod:`.xattrs`). Watches send each
+event's entry when asked (``includeEntry``) and refuse directories on network filesystems
+(NFS, SMB/CIFS, FUSE) unless the request allows them (``allowNetworkMounts``), like envd 0.6.4.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ import time
 import uuid
 from typing import Any
 
-from . import pbjson
+from . import pbjson, xattrs
 from .connect import ConnectError, RpcContext, ServerStream, StreamClosed
 from .state import AgentState
 from .users import User, ensure_dirs, lookup_user, resolve_path
-from .watch import DirWatcher, FsEvent, open_watcher
+from .watch import DirWatcher, FsEvent, network_filesystem, open_watcher
 
 log = logging.getLogger("trenvx_agent.filesystem")
 
@@ -55,7 +58,8 @@ def entry_info(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
     """The ``EntryInfo`` of ``path`` (not following a final symlink for the entry itself).
 
     A symlink reports its target's type when the target exists (so links to directories
-    list as directories), ``symlinkTarget`` and ``isSymlink``.
+    list as directories), ``symlinkTarget`` and ``isSymlink``. ``metadata`` is the
+    ``user.e2b.*`` set of the file (of a symlink's target, as envd reads it), when there is one.
     """
     if st is None:
         st = os.lstat(path)
@@ -78,6 +82,9 @@ def entry_info(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
             info["type"] = _type_name(target.st_mode)
         except OSError:
             pass
+    metadata = xattrs.read(path)
+    if metadata:
+        info["metadata"] = metadata
     return pbjson.prune(info)
 
 
@@ -256,6 +263,16 @@ class FilesystemService:
             raise _not_found(path)
         if not os.path.isdir(path):
             raise ConnectError("invalid_argument", f"path is not a directory: {path}")
+        try:
+            network = network_filesystem(path)
+        except OSError as exc:
+            raise ConnectError("internal", f"cannot tell which filesystem holds {path}: {exc}") from None
+        if network and not pbjson.get_bool(req, "allowNetworkMounts"):
+            raise ConnectError(
+                "invalid_argument",
+                f"cannot watch {path}: it is on a network filesystem ({network}), where events may be late or "
+                "missing; pass allow_network_mounts=True to watch it anyway",
+            )
         try:
             return open_watcher(path, pbjson.get_bool(req, "recursive"), force_polling=self.force_polling)
         except OSError as exc:

@@ -11,8 +11,9 @@ streams. Routes:
   address the request arrived on (:mod:`.ports`); ``GET /ports/forward`` lists the relays
 
 After ``/init`` set an access token, every other request must carry it in
-``X-Access-Token``. No request, however malformed, takes the agent down: each failure
-becomes an error response (or a closed connection when the framing itself is broken).
+``X-Access-Token`` (``/files`` also takes a signed URL in its place). No request, however
+malformed, takes the agent down: each failure becomes an error response (or a closed
+connection when the framing itself is broken).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class Agent:
             ex.body.drain()
             ex.respond(204, headers={"X-Envd-Version": ENVD_COMPAT_VERSION})
             return
-        if not self.state.token_matches(ex.header("X-Access-Token")):
+        # /files judges its own access: the token, or a signed URL in its place (files.FilesApi.authorize).
+        if path != "/files" and not self.state.token_matches(ex.header("X-Access-Token")):
             if not ex.body.drain():
                 ex.close_after()
             message = "missing or invalid access token (X-Access-Token header)"

@@ -29,6 +29,10 @@ class AgentState:
         with self._lock:
             self._token = token.encode("utf-8") if token else None
 
+    def token_bytes(self) -> bytes | None:
+        """The access token (also the key of signed ``/files`` URLs), None while none is set."""
+        return self._token
+
     def token_matches(self, presented: str | None) -> bool:
         """Constant-time check of an ``X-Access-Token`` header; True when no token is set."""
         token = self._token

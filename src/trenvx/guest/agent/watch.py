@@ -4,6 +4,9 @@ A :class:`DirWatcher` yields ``(name, type)`` pairs, ``name`` relative to the wa
 directory and ``type`` one of envd's ``EVENT_TYPE_*`` names, mapped like fsnotify (which
 envd uses): create/moved-to -> CREATE, modify -> WRITE, delete -> REMOVE,
 moved-from -> RENAME, attrib -> CHMOD.
+
+:func:`network_filesystem` tells whether a directory lives on a network filesystem (by the
+``statfs(2)`` magic numbers envd checks), where inotify misses changes made elsewhere.
 """
 
 from __future__ import annotations
@@ -79,10 +82,42 @@ class _Libc:
                 lib.inotify_init1.argtypes = [ctypes.c_int]
                 lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
                 lib.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+                lib.statfs.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
                 cls._lib = lib
             except (OSError, AttributeError):
                 cls._lib = None
         return cls._lib
+
+
+#: ``statfs(2)`` ``f_type`` of the filesystems envd calls network mounts (linux/magic.h).
+NETWORK_FS_MAGIC = {
+    0x6969: "nfs",
+    0xFF534D42: "cifs",
+    0x517B: "smb",
+    0xFE534D42: "smb2",
+    0x65735546: "fuse",
+}
+#: Larger than ``struct statfs`` on every Linux ABI (120 bytes on x86_64 and aarch64).
+_STATFS_SIZE = 256
+
+
+def filesystem_magic(path: str) -> int | None:
+    """The ``f_type`` of the filesystem holding ``path``; None when libc cannot be used."""
+    lib = _Libc.get()
+    if lib is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if lib.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"statfs {path}: {os.strerror(err)}")
+    # f_type is the first member, a C long (__fsword_t); magic numbers are 32-bit.
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def network_filesystem(path: str) -> str | None:
+    """The kind of network filesystem (``nfs``, ``cifs``, ``smb``, ``smb2``, ``fuse``) holding ``path``, else None."""
+    magic = filesystem_magic(path)
+    return NETWORK_FS_MAGIC.get(magic) if magic is not None else None
 
 
 class InotifyWatcher:
