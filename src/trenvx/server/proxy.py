@@ -50,6 +50,7 @@ from ..config import AGENT_PORT
 from ..guest.endpoint import AgentEndpoint, HybridVsockEndpoint
 from ..sandbox.manager import PortUnavailable, SandboxConflict, SandboxManager, SandboxNotFound
 from .errors import error_body
+from .signed_files import SignedUrlRefused, signed_files_target
 from .upstreams import UpstreamClients
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,14 @@ class SandboxProxy:
             if scope["type"] == "http":
                 return await _respond(send, 400, str(e))
             return await _ws_refuse(scope, receive, send, 400, str(e))
+        if target is None and scope["type"] == "http":
+            # A signed /files URL names its sandbox only by the token that signed it (signed_files).
+            try:
+                sid = signed_files_target(scope["method"], scope["path"], scope.get("query_string", b""),
+                                          lambda: [(sb.id, sb.access_token) for sb in self.manager.list()])
+            except SignedUrlRefused as e:
+                return await _respond(send, e.status, e.message)
+            target = (sid, AGENT_PORT) if sid is not None else None
         if target is None:
             return await self.app(scope, receive, send)
         sid, port = target
