@@ -19,6 +19,7 @@ import pytest
 
 from tests.unit.test_agent_harness import AgentProcess, fresh_agent  # noqa: F401 - fixtures
 from trenvx.guest.client import AgentClient
+from trenvx.guest.agent import ENVD_COMPAT_VERSION
 
 e2b = pytest.importorskip("e2b")
 from packaging.version import Version  # noqa: E402 - e2b depends on packaging
@@ -26,7 +27,7 @@ from packaging.version import Version  # noqa: E402 - e2b depends on packaging
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agent tests run as root (like the guest)")
 
 #: The envd version the agent is compatible with (see trenvx.guest.agent.ENVD_COMPAT_VERSION).
-ENVD_VERSION = "0.5.7"
+ENVD_VERSION = ENVD_COMPAT_VERSION  # the version the agent claims: the SDK gates features on it
 TOKEN = "e2b-test-token"
 
 
