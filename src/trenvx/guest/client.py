@@ -17,7 +17,7 @@ import os
 import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,6 +202,17 @@ def _error_from_response(status: int, body: bytes) -> AgentError:
 def _selector(pid: int) -> dict[str, Any]:
     return {"pid": pid}
 
+
+
+@asynccontextmanager
+async def _deadline_as_timeout(cmd: str | list[str], timeout: float | None) -> AsyncIterator[None]:
+    """The agent ends a command stream past its deadline with ``deadline_exceeded``: a TimeoutError."""
+    try:
+        yield
+    except AgentError as e:
+        if e.code == "deadline_exceeded":
+            raise TimeoutError(f"command timed out after {timeout}s: {cmd!r}") from e
+        raise
 
 class AgentClient:
     """An async client of one agent. Not bound to a loop until first used; call :meth:`aclose`."""
@@ -451,7 +462,7 @@ class AgentClient:
         started = time.monotonic()
         stdout, stderr = bytearray(), bytearray()
         guard = timeout + max(5.0, timeout) if timeout else None
-        async with asyncio.timeout(guard):
+        async with asyncio.timeout(guard), _deadline_as_timeout(cmd, timeout):
             events = self.start(cmd, envs=envs, cwd=cwd, user=user, stdin=stdin is not None, timeout=timeout)
             async with aclosing(events):
                 async for event in events:

@@ -204,15 +204,35 @@ def _check_protocol_version(ex: Exchange) -> None:
         raise ConnectError("invalid_argument", f"connect-protocol-version must be '1': got '{version}'")
 
 
-def _deadline(ex: Exchange) -> float | None:
-    value = ex.header("Connect-Timeout-Ms")
-    if not value:
+#: The Connect protocol allows at most 10 digits in ``Connect-Timeout-Ms``.
+MAX_TIMEOUT_DIGITS = 10
+
+
+def parse_timeout_ms(value: str | None) -> int | None:
+    """Milliseconds in a ``Connect-Timeout-Ms`` header; None when absent or 0 (no deadline).
+
+    The protocol's form is a positive integer of at most 10 digits; anything else is refused
+    with ``invalid_argument`` (as connect-go does) rather than silently running without a limit.
+    E2B's SDKs send no header for "no limit"; a ``0`` is taken the same way, as envd does.
+    """
+    if value is None:
         return None
-    try:
-        ms = int(value)
-    except ValueError:
-        raise ConnectError("invalid_argument", f"invalid Connect-Timeout-Ms header: {value!r}") from None
-    if ms <= 0:
+    text = value.strip()
+    if not text:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > MAX_TIMEOUT_DIGITS:
+        raise ConnectError(
+            "invalid_argument",
+            f"invalid Connect-Timeout-Ms header {value[:40]!r}: give the timeout as a whole number of "
+            f"milliseconds (at most {MAX_TIMEOUT_DIGITS} digits), or leave the header out for no limit",
+        )
+    ms = int(text)
+    return ms or None
+
+
+def _deadline(ex: Exchange) -> float | None:
+    ms = parse_timeout_ms(ex.header("Connect-Timeout-Ms"))
+    if ms is None:
         return None
     return time.monotonic() + ms / 1000.0
 

@@ -7,7 +7,10 @@ every :class:`Subscriber` (one per open Start/Connect stream). A waiter thread r
 left in the pipes, then publishes the end event. Nobody listening is fine: output is then
 dropped, and the process runs on whether or not a client is attached.
 
-:class:`ProcessService` implements envd's ``process.Process`` RPCs on top of that.
+:class:`ProcessService` implements envd's ``process.Process`` RPCs on top of that. A Start
+request's ``Connect-Timeout-Ms`` is the command's deadline, as in envd: then the process (its
+whole process group) is killed and the stream ends with the Connect error ``deadline_exceeded``
+rather than an end event; a Connect stream's deadline ends only that stream.
 """
 
 from __future__ import annotations
@@ -141,6 +144,8 @@ class ManagedProcess:
         self._wake_r, self._wake_w = os.pipe()
         self._exited = threading.Event()
         self._on_end: list[Any] = []
+        #: Set once the process was killed because its Start request's deadline passed.
+        self.deadline_killed = False
 
         kwargs: dict[str, Any] = {}
         if os.geteuid() == 0:
@@ -188,16 +193,21 @@ class ManagedProcess:
         self._pump_thread = threading.Thread(target=self._pump, name=f"pump-{self.pid}", daemon=True)
         self._pump_thread.start()
         threading.Thread(target=self._wait, name=f"wait-{self.pid}", daemon=True).start()
-        if self.spec.timeout_s:
-            timer = threading.Timer(self.spec.timeout_s, self._timeout)
+        if self.spec.timeout_s is not None:
+            # Killed at the deadline whether or not a client still follows it (as envd does).
+            timer = threading.Timer(self.spec.timeout_s, self.expire)
             timer.daemon = True
             timer.start()
             self._on_end.append(timer.cancel)
 
-    def _timeout(self) -> None:
-        if not self._exited.is_set():
-            log.info("process %d reached its timeout of %.3fs, killing it", self.pid, self.spec.timeout_s)
-            self.signal(signal.SIGKILL)
+    def expire(self) -> None:
+        """Kill the process (and its process group) because its deadline passed; idempotent."""
+        if self._exited.is_set():
+            return
+        if not self.deadline_killed:
+            self.deadline_killed = True
+            log.info("process %d reached its deadline (%.3fs), killing it", self.pid, self.spec.timeout_s or 0.0)
+        self.signal(signal.SIGKILL)
 
     def _pump(self) -> None:
         fds = dict(self._out_fds)
@@ -496,19 +506,30 @@ class ProcessService:
     def start(self, ctx: RpcContext, req: dict[str, Any], stream: ServerStream) -> None:
         spec = self._spec(ctx, req)
         proc, sub = self.spawn(spec)
-        self._follow(ctx, proc, sub, stream)
+        self._follow(ctx, proc, sub, stream, owns_process=True)
 
     def connect(self, ctx: RpcContext, req: dict[str, Any], stream: ServerStream) -> None:
         proc = self.table.select(pbjson.get_message(req, "process"))
-        self._follow(ctx, proc, proc.subscribe(), stream)
+        self._follow(ctx, proc, proc.subscribe(), stream, owns_process=False)
 
-    def _follow(self, ctx: RpcContext, proc: ManagedProcess, sub: Subscriber, stream: ServerStream) -> None:
-        """Stream a process's events until its end event or until the client leaves."""
+    def _follow(self, ctx: RpcContext, proc: ManagedProcess, sub: Subscriber, stream: ServerStream,
+                *, owns_process: bool) -> None:
+        """Stream a process's events until its end event, its deadline, or until the client leaves.
+
+        The deadline (``Connect-Timeout-Ms``) ends the stream with the Connect error
+        ``deadline_exceeded`` instead of an end event, as envd does; a Start stream
+        (``owns_process``) also kills its process then, a Connect stream leaves it running.
+        """
         try:
             stream.send({"event": {"start": {"pid": proc.pid}}})
             last_sent = time.monotonic()
             while True:
-                wait = max(0.0, min(1.0, ctx.keepalive_interval - (time.monotonic() - last_sent)))
+                now = time.monotonic()
+                if deadline_passed(ctx.deadline, now):
+                    raise self._deadline_error(proc, owns_process)
+                wait = max(0.0, min(1.0, ctx.keepalive_interval - (now - last_sent)))
+                if ctx.deadline is not None:
+                    wait = min(wait, ctx.deadline - now)
                 try:
                     event = sub.queue.get(timeout=wait)
                 except queue.Empty:
@@ -520,6 +541,8 @@ class ProcessService:
                         last_sent = time.monotonic()
                     continue
                 if isinstance(event, EndEvent):
+                    if deadline_passed(ctx.deadline, time.monotonic()):
+                        raise self._deadline_error(proc, owns_process)
                     stream.send({"event": {"end": event.to_json()}})
                     return
                 stream.send({"event": {"data": {event.kind: pbjson.b64(event.data)}}})
@@ -528,6 +551,16 @@ class ProcessService:
             log.info("stream of process %d closed by the client; the process keeps running", proc.pid)
         finally:
             proc.unsubscribe(sub)
+
+    @staticmethod
+    def _deadline_error(proc: ManagedProcess, owns_process: bool) -> ConnectError:
+        if owns_process:
+            proc.expire()
+            return ConnectError("deadline_exceeded",
+                                f"process {proc.pid} ran past its deadline (Connect-Timeout-Ms) and was killed")
+        return ConnectError("deadline_exceeded",
+                            f"the stream of process {proc.pid} reached its deadline (Connect-Timeout-Ms); "
+                            "the process keeps running")
 
     # ------------------------------------------------------------------ unary RPCs
     def list(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
@@ -583,6 +616,11 @@ class ProcessService:
         """Kill every process (agent exit)."""
         for proc in self.table.all():
             proc.signal(signal.SIGKILL)
+
+
+def deadline_passed(deadline: float | None, now: float) -> bool:
+    """Whether a ``time.monotonic()`` deadline (None: no deadline) has passed at ``now``."""
+    return deadline is not None and now >= deadline
 
 
 def _input_bytes(msg: dict[str, Any] | None) -> bytes:
