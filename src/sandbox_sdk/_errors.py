@@ -97,6 +97,10 @@ def connect_error(
             status_code=status_code,
             code=code,
         )
+    if code == "unavailable" and "was not found" in detail:
+        # The backend's proxy ends a stream whose sandbox went away (killed, timed out, its VM died)
+        # with "The sandbox ... was not found": the sandbox is gone, as E2B's SDK reads it too.
+        return SandboxNotFoundError(detail, status_code=status_code, code=code)
     if code == "unavailable":
         where = f"sandbox {sandbox_id}" if sandbox_id else "the sandbox"
         return SandboxError(

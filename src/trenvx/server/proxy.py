@@ -31,6 +31,15 @@ into the sandbox.
 
 Errors follow E2B's proxy, whose messages E2B's SDKs recognise: 502 ``The sandbox ... was not
 found`` (killed, timed out or never existed) and 502 ``... port is not open``.
+
+A stream whose sandbox goes away (killed, timed out, its VM died) is ended by the proxy, which
+looks every :data:`GONE_POLL_S` (a VM behind a tap device does not close its connections, they go
+quiet), and so is a stream whose upstream connection breaks. Neither may look like a normal end,
+or E2B's SDKs would return a command's result instead of raising: a Connect stream cut between two
+envelopes gets an end-of-stream error ``unavailable`` with ``The sandbox ... was not found`` (or
+``... ended before the stream completed`` while the sandbox still runs), which E2B's SDK raises as
+``SandboxNotRunningException``; any other response is aborted (the connection is closed before
+the body's end), and a websocket is closed with code 1011.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -63,6 +73,8 @@ SANDBOX_ID_HEADER = b"e2b-sandbox-id"
 SANDBOX_PORT_HEADER = b"e2b-sandbox-port"
 TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
 """E2B's header for the traffic access token of a sandbox whose ports are not public."""
+CONNECT_STREAM_TYPE = "application/connect+"
+END_STREAM_FLAG = 0x02
 HOST_RE = re.compile(r"^(\d{1,5})-([a-z0-9][a-z0-9-]{0,63})\.(.+)$")
 
 HOP_BY_HOP = {
@@ -73,6 +85,10 @@ REQUEST_DROP = HOP_BY_HOP | {SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOK
 WS_REQUEST_DROP = REQUEST_DROP | {b"host", b"sec-websocket-key", b"sec-websocket-version",
                                   b"sec-websocket-extensions", b"sec-websocket-protocol", b"content-length"}
 
+GONE_POLL_S = 0.5
+"""How often a proxied stream looks whether its sandbox still runs."""
+CUT_GRACE_S = 1.0
+"""How long a stream whose upstream broke waits to learn whether its sandbox ended."""
 REPLAY_LIMIT = 1 << 20
 """Request bodies up to this size are kept while sent, so that a try after a port relay can send them again."""
 FORWARD_TIMEOUT_S = 10.0
@@ -281,31 +297,70 @@ class SandboxProxy:
         try:
             out_headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP]
             await send({"type": "http.response.start", "status": upstream.status_code, "headers": out_headers})
-            pump = asyncio.ensure_future(self._pump(upstream, send))
+            framing = ConnectStreamFraming.for_response(upstream.status_code, upstream.headers.get("content-type"))
+            pump = asyncio.ensure_future(_pump(upstream, send, framing))
             watch = asyncio.ensure_future(_wait_disconnect(receive, body.done, body.disconnected))
+            gone = asyncio.ensure_future(self._until_gone(sid))
             try:
-                await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({pump, watch, gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for t in (pump, watch):
+                for t in (pump, watch, gone):
                     if not t.done():
                         t.cancel()
-                for t in (pump, watch):
+                for t in (pump, watch, gone):
                     with contextlib.suppress(BaseException):
                         await t
-            if pump.done() and not pump.cancelled() and pump.exception() is not None:
-                log.debug("proxy stream from %s:%d ended early: %r", sid, port, pump.exception())
+            if _finished(pump):  # the upstream answer ended normally
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            if _finished(watch):  # the client left: nobody to tell
+                return
+            if _finished(gone):
+                message = self._not_found_message(sid, gone.result())
+            else:
+                log.info("proxy stream from sandbox %s port %d was cut: %r", sid, port,
+                         None if pump.cancelled() else pump.exception())
+                reason = await self._gone_soon(sid)
+                message = (self._not_found_message(sid, reason) if reason is not None else
+                           f"the connection to sandbox {sid} (port {port}) ended before the stream completed")
+            await _end_cut_stream(send, framing, message)
         finally:
             await upstream.aclose()
 
-    @staticmethod
-    async def _pump(upstream: httpx.Response, send: Send) -> None:
+    # -- the sandbox going away mid-stream ------------------------------------------------------
+
+    def _gone_reason(self, sid: str) -> str | None:
+        """None while the sandbox runs; once it is gone, why (``""`` when unknown)."""
         try:
-            async for chunk in upstream.aiter_raw():
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        finally:
-            with contextlib.suppress(Exception):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.manager.get(sid)
+        except SandboxNotFound as e:
+            return e.reason or ""
+        return None
+
+    @staticmethod
+    def _not_found_message(sid: str, reason: str) -> str:
+        return f"The sandbox {sid} was not found" + (f": {reason}" if reason else "")
+
+    async def _until_gone(self, sid: str) -> str:
+        """Returns (why) once the sandbox is no longer running: killed, timed out, or its VM died.
+
+        A stream to a VM that is gone may never see its connection close (a tap device simply
+        goes quiet), so the proxy looks instead of waiting for the upstream to notice."""
+        while True:
+            await asyncio.sleep(GONE_POLL_S)
+            reason = self._gone_reason(sid)
+            if reason is not None:
+                return reason
+
+    async def _gone_soon(self, sid: str) -> str | None:
+        """After an upstream connection broke: the sandbox's end reason if it is gone or goes within
+        :data:`CUT_GRACE_S` (the manager hears of a dead VMM a moment after its sockets close)."""
+        deadline = asyncio.get_running_loop().time() + CUT_GRACE_S
+        while True:
+            reason = self._gone_reason(sid)
+            if reason is not None or asyncio.get_running_loop().time() >= deadline:
+                return reason
+            await asyncio.sleep(0.05)
 
     # -- websockets ----------------------------------------------------------------------
 
@@ -377,7 +432,8 @@ class SandboxProxy:
                 await send({"type": "websocket.close", "code": code if code != 1005 else 1000,
                             "reason": upstream.close_reason or ""})
 
-        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+        gone = asyncio.ensure_future(self._until_gone(sid))
+        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client()), gone]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -388,6 +444,10 @@ class SandboxProxy:
                     await t
             with contextlib.suppress(Exception):
                 await upstream.close()
+        if _finished(gone):  # 1011: the server ended the connection on an unexpected condition
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": 1011,
+                            "reason": self._not_found_message(sid, gone.result())[:120]})
 
 
 class ClientDisconnected(Exception):
@@ -445,6 +505,99 @@ class _ReplayableBody:
             self._kept.clear()
         else:
             self._kept.append(chunk)
+
+
+class ConnectStreamFraming:
+    """Where a proxied Connect streaming response is in its envelope framing.
+
+    A Connect stream (``application/connect+json`` or ``+proto``) is a run of envelopes: a flag
+    byte, a 4-byte big-endian length, the message; the last has flag ``0x02`` and carries
+    ``{}`` or ``{"error": ...}``. Fed the bytes passed on to the client, this says whether they
+    stop between two envelopes (:attr:`at_boundary`), so that the proxy can end a stream cut
+    short with an end-of-stream error of its own, and whether the stream's own end-of-stream
+    envelope went through already (:attr:`ended`).
+    """
+
+    def __init__(self) -> None:
+        self._header = bytearray()
+        self._left = 0
+        self._end_pending = False
+        self.ended = False
+        self.unknown = False
+        """Set when bytes may or may not have reached the client (a send interrupted)."""
+
+    @classmethod
+    def for_response(cls, status: int, content_type: str | None) -> "ConnectStreamFraming | None":
+        """A tracker for a Connect streaming response, None for any other response."""
+        if status == 200 and (content_type or "").split(";", 1)[0].strip().lower().startswith(CONNECT_STREAM_TYPE):
+            return cls()
+        return None
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self.unknown and not self._header and self._left == 0
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._left:
+                took = min(self._left, n - i)
+                self._left -= took
+                i += took
+            else:
+                took = min(5 - len(self._header), n - i)
+                self._header += data[i:i + took]
+                i += took
+                if len(self._header) == 5:
+                    flags = self._header[0]
+                    self._left = int.from_bytes(self._header[1:5], "big")
+                    self._header.clear()
+                    self._end_pending = bool(flags & END_STREAM_FLAG)
+            if self._end_pending and self._left == 0 and not self._header:
+                self.ended = True
+                self._end_pending = False
+
+
+def end_stream_error(message: str, code: str = "unavailable") -> bytes:
+    """A Connect end-of-stream envelope carrying an error (always JSON, whatever the codec)."""
+    payload = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
+    return bytes([END_STREAM_FLAG]) + len(payload).to_bytes(4, "big") + payload
+
+
+def _finished(task: asyncio.Future[Any]) -> bool:
+    """Whether a task ran to its end (not cancelled, no exception)."""
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+async def _pump(upstream: httpx.Response, send: Send, framing: ConnectStreamFraming | None) -> None:
+    """Pass the upstream body on; returns at its end, raises when the upstream connection breaks.
+
+    The final empty body message is the caller's to send: a body cut short must not look complete."""
+    async for chunk in upstream.aiter_raw():
+        if not chunk:
+            continue
+        if framing is not None:
+            framing.unknown = True  # until the send completes: cancelled inside it, who knows
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if framing is not None:
+            framing.unknown = False
+            framing.feed(chunk)
+
+
+async def _end_cut_stream(send: Send, framing: ConnectStreamFraming | None, message: str) -> None:
+    """End a response whose upstream broke or whose sandbox went away so that the client raises.
+
+    A Connect stream between two envelopes ends with an ``unavailable`` end-of-stream error (E2B's
+    SDKs read "... was not found" in it as the sandbox no longer running); a Connect stream whose
+    own end went through ends as it is; anything else is aborted: the ASGI app returns without
+    ending the body and the server closes the connection, so the client sees a truncated body."""
+    if framing is not None and framing.ended and framing.at_boundary:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    if framing is not None and framing.at_boundary:
+        await send({"type": "http.response.body", "body": end_stream_error(message), "more_body": False})
+        return
+    log.info("aborting a proxied response cut short: %s", message)
 
 
 async def _wait_disconnect(receive: Receive, body_done: asyncio.Event, disconnected: asyncio.Event) -> None:
