@@ -1,4 +1,5 @@
-"""How the proxy ends a stream whose sandbox goes away or whose upstream breaks (issue 13 item 7).
+"""How the proxy ends a stream whose sandbox goes away or whose upstream breaks (issue 13 item 7),
+and the sandbox domain it announces for ``get_host`` (item 12).
 
 Over a real socket (uvicorn) against a stand-in upstream that streams Connect envelopes and plain
 bytes; no VMs. The upstream of a killed sandbox here keeps streaming (like a VM behind a tap
@@ -21,7 +22,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from trenvx.server.app import create_app
-from trenvx.server.proxy import ConnectStreamFraming, end_stream_error
+from trenvx.server.proxy import ConnectStreamFraming, announced_domain, end_stream_error
 
 from .server_fakes import ThreadedServer, fake_manager, make_config, make_template
 
@@ -81,6 +82,26 @@ def test_framing_only_for_connect_streams(status: int, ctype: str | None, tracke
 
 def test_end_stream_error_is_a_connect_end_envelope() -> None:
     assert envelopes(end_stream_error("gone")) == [(0x02, {"error": {"code": "unavailable", "message": "gone"}})]
+
+
+# ----------------------------------------------------------------------------- domain
+
+
+@pytest.mark.parametrize("configured, host, expected", [
+    ("localhost", "127.0.0.1:3000", "localhost:3000"),
+    ("localhost", "localhost:49999", "localhost:49999"),
+    ("localhost", "[::1]:3000", "localhost:3000"),
+    ("localhost", "127.0.0.1", "localhost"),          # port 80: nothing to add
+    ("localhost", None, "localhost"),
+    ("localhost", "h:notaport", "localhost"),
+    ("localhost", "h:99999", "localhost"),
+    ("sbx.localhost", "10.0.0.5:3000", "sbx.localhost:3000"),
+    ("localhost:8080", "127.0.0.1:3000", "localhost:8080"),   # a configured port wins
+    ("sandboxes.example.com", "127.0.0.1:3000", "sandboxes.example.com"),  # real DNS: as configured
+    ("notlocalhost", "127.0.0.1:3000", "notlocalhost"),
+])
+def test_announced_domain(configured: str, host: str | None, expected: str) -> None:
+    assert announced_domain(configured, host) == expected
 
 
 # ----------------------------------------------------------------------------- end to end through the proxy
@@ -219,3 +240,11 @@ async def test_websocket_of_a_killed_sandbox_is_closed(server) -> None:
             await asyncio.wait_for(ws.recv(), 30)
     assert ei.value.rcvd is not None and ei.value.rcvd.code == 1011
     assert "was not found" in ei.value.rcvd.reason
+
+
+def test_create_announces_a_loopback_domain_with_the_port(server) -> None:
+    r = httpx.post(f"{server.url}/sandboxes", json={"templateID": "tpl"})
+    try:
+        assert r.json()["domain"] == f"localhost:{server.port}"
+    finally:
+        httpx.delete(f"{server.url}/sandboxes/{r.json()['sandboxID']}")

@@ -40,6 +40,11 @@ envelopes gets an end-of-stream error ``unavailable`` with ``The sandbox ... was
 ``... ended before the stream completed`` while the sandbox still runs), which E2B's SDK raises as
 ``SandboxNotRunningException``; any other response is aborted (the connection is closed before
 the body's end), and a websocket is closed with code 1011.
+
+Single machine, no wildcard DNS, no TLS: :func:`announced_domain` gives E2B's SDKs the domain
+``localhost:<port>`` (the port the API was reached on), so ``get_host(8000)`` is
+``8000-<id>.localhost:<port>``, which curl and browsers resolve to loopback; any HTTP client can
+send that Host (or the ``E2b-Sandbox-*`` headers) to the server's own address instead.
 """
 
 from __future__ import annotations
@@ -129,6 +134,35 @@ def target_of(scope: Scope, domain: str) -> tuple[str, int] | None:
                 raise BadTarget(f"Host: {p} is not a port number (1-65535)")
             return m.group(2), p
     return None
+
+
+def announced_domain(configured: str, request_host: str | None) -> str:
+    """The sandbox domain to give a client (``domain`` of create and connect answers).
+
+    E2B's SDKs build ``get_host(port)`` as ``{port}-{sandboxID}.{domain}``. A loopback domain
+    (``localhost``, the default, or ``*.localhost``) without a port gets the port the client
+    reached the API on (from its Host header), because the proxy answers on that same port:
+    ``8000-ID.localhost:3000`` then reaches port 8000 of the sandbox over plain HTTP wherever
+    ``*.localhost`` resolves to loopback (browsers, curl, systemd's nss-myhostname), with no
+    wildcard DNS. Any other domain, or one that names its port, is given as configured.
+    """
+    domain = configured.strip()
+    name = domain.lower().rstrip(".")
+    if not (name == "localhost" or name.endswith(".localhost")):
+        return domain
+    port = _port_of(request_host or "")
+    return f"{domain}:{port}" if port else domain
+
+
+def _port_of(host: str) -> int | None:
+    """The explicit port of a Host header value (``127.0.0.1:3000``, ``[::1]:3000``), None without one."""
+    tail = host.rsplit("]", 1)[-1] if host.startswith("[") else host
+    if tail.count(":") != 1:
+        return None
+    text = tail.rsplit(":", 1)[1].strip()
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 65535:
+        return None
+    return int(text)
 
 
 class SandboxProxy:

@@ -45,6 +45,7 @@ from .models import (
     ConnectRequest, CreatedSandbox, Error, ListedSandbox, NetworkConfig, NetworkUpdate, NewSandbox, ReclaimedMemory,
     RefreshRequest, SandboxDetail, SandboxNetworkInfo, TimeoutRequest, TrenvxSandboxInfo,
 )
+from .proxy import announced_domain
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +154,15 @@ def _info_of_ended(request: Request, rec: SandboxRecord) -> dict:
     )
 
 
+def _domain(request: Request) -> str:
+    return announced_domain(request.app.state.domain, request.headers.get("host"))
+
+
 def _created(request: Request, sb: Sandbox) -> CreatedSandbox:
     return CreatedSandbox(
         templateID=sb.template, sandboxID=sb.id, alias=sb.template, clientID=request.app.state.client_id,
         envdVersion=request.app.state.envd_version, envdAccessToken=sb.access_token,
-        trafficAccessToken=sb.traffic_access_token or None, domain=request.app.state.domain,
+        trafficAccessToken=sb.traffic_access_token or None, domain=_domain(request),
         startTimes={k: round(v * 1000, 3) for k, v in sb.start_times.items()},
         startSource=sb.restored.source,
     )
@@ -363,7 +368,7 @@ async def get_sandbox(request: Request, sandboxID: str) -> dict:
     info = _info_of_running(request, sb, True)
     network, allow_internet_access = _network_info(request, sb)
     return {**info, "envdAccessToken": sb.access_token, "trafficAccessToken": sb.traffic_access_token or None,
-            "allowInternetAccess": allow_internet_access, "network": network, "domain": request.app.state.domain}
+            "allowInternetAccess": allow_internet_access, "network": network, "domain": _domain(request)}
 
 
 @router.put("/sandboxes/{sandboxID}/network", status_code=204,
