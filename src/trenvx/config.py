@@ -29,6 +29,7 @@ template and the key at fault.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from enum import Enum
 from pathlib import Path
@@ -40,6 +41,8 @@ DEFAULT_DATA_ROOT = Path("/var/lib/trenvx")
 DEFAULT_PORT = 5000
 AGENT_PORT = 49983
 """The TCP port the guest agent listens on inside every VM (the port of E2B's envd)."""
+USER_NAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+"""A portable account name (what Debian's adduser accepts by default)."""
 
 
 class ConfigError(Exception):
@@ -104,6 +107,21 @@ class TemplateConfig(_Strict):
     ready_cmd: str = ""
     ready_timeout_s: float = Field(default=120.0, gt=0)
     boot_timeout_s: float = Field(default=300.0, gt=0)
+    user: str = "user"
+    """The account commands and file calls of the template's sandboxes run as when a request names
+    none (E2B's default user). Every build has ``user`` (uid 1000, home /home/user, passwordless
+    sudo where sudo is installed); another name must be an account of the image, e.g. ``root``.
+    ``start_cmd`` and ``ready_cmd`` run as root whatever this says."""
+
+    @field_validator("user")
+    @classmethod
+    def _user_name(cls, v: str) -> str:
+        if not USER_NAME_RE.fullmatch(v):
+            raise ValueError(
+                f"{v!r} is not a user name: use lowercase letters, digits, '_' and '-', starting with "
+                "a letter or '_', at most 32 characters (e.g. \"user\" or \"root\")"
+            )
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> "TemplateConfig":

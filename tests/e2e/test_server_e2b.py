@@ -61,18 +61,18 @@ def test_sync_sdk_scenario(e2b_env, test_template) -> None:
         result = handle.wait(on_stdout=bg_out.append)
         assert result.exit_code == 0 and "".join(bg_out) == "from-background\n"
 
-        sbx.files.make_dir("/root/work")
-        sbx.files.write("/root/work/a.txt", "hello files")
+        sbx.files.make_dir("/home/user/work")
+        sbx.files.write("/home/user/work/a.txt", "hello files")
         payload = os.urandom(3 << 20)
-        sbx.files.write("/root/work/blob.bin", payload)
-        assert sbx.files.read("/root/work/a.txt") == "hello files"
-        back = sbx.files.read("/root/work/blob.bin", format="bytes")
+        sbx.files.write("/home/user/work/blob.bin", payload)
+        assert sbx.files.read("/home/user/work/a.txt") == "hello files"
+        back = sbx.files.read("/home/user/work/blob.bin", format="bytes")
         assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
-        assert {e.name for e in sbx.files.list("/root/work")} == {"a.txt", "blob.bin"}
-        sbx.files.remove("/root/work/a.txt")
-        assert not sbx.files.exists("/root/work/a.txt")
+        assert {e.name for e in sbx.files.list("/home/user/work")} == {"a.txt", "blob.bin"}
+        sbx.files.remove("/home/user/work/a.txt")
+        assert not sbx.files.exists("/home/user/work/a.txt")
         with pytest.raises(NotFoundException):
-            sbx.files.read("/root/work/../../no/such/file")
+            sbx.files.read("/home/user/work/../../no/such/file")
 
         sbx.set_timeout(300)
         info = sbx.get_info()

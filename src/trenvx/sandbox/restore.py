@@ -264,9 +264,12 @@ class SnapshotRestore:
         agent = AgentClient.for_endpoint(vm.agent_endpoint, timeout=INIT_TIMEOUT_S)
         try:
             t0 = time.perf_counter()
+            # The template's default user is given here, not baked into the snapshot: the agent
+            # was started (as root, its default) before the template's snapshot was taken.
             await agent.init(
                 sandbox_id=sandbox_id, env_vars=dict(env_vars or {}), access_token=token,
                 hostname=sandbox_id, timestamp_ns=time.time_ns(), entropy=os.urandom(64),
+                default_user=build.default_user, default_workdir=build.default_workdir,
             )
             times["init"] = time.perf_counter() - t0
         except BaseException:

@@ -46,7 +46,9 @@ from ..vmm.base import Vm
 from ..vmm.qemu import GUEST_DNS, GUEST_NET, PMEM_ALIGN
 from ..build_errors import BuildError
 from .image import make_empty_ext4, make_ext4_image, pad_to
+from .accounts import Account, find_account
 from .inject import check_python, inject_guest_files
+from .tree import in_tree
 from .rootfs import prepared_rootfs, rootfs_input_digest
 from .store import MEMORY, ROOTFS, UPPER, MachineRecord, TemplateBuild, TemplateManifest, TemplateStore, new_build_id
 
@@ -226,21 +228,24 @@ class TemplateBuilder:
         accel = await self._stage(times, "accelerator", accel_stage)
         say(f"accelerator: {accel.name} ({accel.reason})")
 
-        async def rootfs_stage() -> tuple[str, int]:
+        async def rootfs_stage() -> tuple[str, int, Account, bool]:
             async with prepared_rootfs(tpl, self.data_root, say) as tree:
                 check_python(tree.path)
                 inject_guest_files(tree.path, AGENT_SRC)
+                account = find_account(tree.path, tpl.user)
+                home_exists = in_tree(tree.path, account.home.lstrip("/")).is_dir()
                 if not tpl.overlay:
                     size = await make_ext4_image(tree.path, staging / ROOTFS, tpl.disk_mb)
-                    return tree.source, size
+                    return tree.source, size, account, home_exists
                 # Overlay mode: the image holds the content only (it is never written) and is
                 # padded for virtio-pmem; the free space is the writable layer's.
                 await make_ext4_image(tree.path, staging / ROOTFS, 0)
                 size = pad_to(staging / ROOTFS, PMEM_ALIGN)
                 await make_empty_ext4(staging / UPPER, max(tpl.disk_mb, 64))
-                return tree.source, size
+                return tree.source, size, account, home_exists
 
-        rootfs_source, rootfs_size = await self._stage(times, "rootfs", rootfs_stage)
+        rootfs_source, rootfs_size, account, home_exists = await self._stage(times, "rootfs", rootfs_stage)
+        say(f"default user: {account.name} (uid {account.uid}, home {account.home})")
 
         machine = MachineSpec(
             vcpu=tpl.vcpu, mem_mb=tpl.mem_mb, accelerator=accel.name, kernel=kernel.bzimage, initrd=initrd,
@@ -318,6 +323,7 @@ class TemplateBuilder:
                     **({"upper_bytes": (staging / UPPER).stat().st_size} if tpl.overlay else {}),
                 },
                 stage_seconds=times, rootfs_source=rootfs_source,
+                default_user=account.name, default_workdir=account.home if home_exists else None,
             )
             return self.store.publish(tpl.name, staging, manifest)
 
@@ -339,12 +345,15 @@ class TemplateBuilder:
             await client.aclose()
 
     async def _start_and_wait_ready(self, vm: Vm, tpl: TemplateConfig) -> None:
-        """Start ``start_cmd`` in the background and run ``ready_cmd`` until it succeeds."""
+        """Start ``start_cmd`` in the background and run ``ready_cmd`` until it succeeds (both as
+        root: they are the operator's, and prepare the machine every sandbox starts from)."""
         client = AgentClient.for_endpoint(vm.agent_endpoint, timeout=tpl.ready_timeout_s)
         try:
             if tpl.start_cmd.cmd:
                 envs = _read_envfile(tpl.start_cmd.envfile_path) if tpl.start_cmd.envfile_path else {}
-                stream = client.start(tpl.start_cmd.cmd, envs=envs, cwd=tpl.start_cmd.working_dir, tag="start_cmd")
+                stream = client.start(
+                    tpl.start_cmd.cmd, envs=envs, cwd=tpl.start_cmd.working_dir, user="root", tag="start_cmd",
+                )
                 first = await stream.__anext__()
                 if first.kind != "start":
                     raise RuntimeError(f"start_cmd did not start: {first}")
@@ -354,7 +363,7 @@ class TemplateBuilder:
                 deadline = time.monotonic() + tpl.ready_timeout_s
                 delay = 0.05
                 while True:
-                    res = await client.run(tpl.ready_cmd, timeout=max(1.0, deadline - time.monotonic()))
+                    res = await client.run(tpl.ready_cmd, user="root", timeout=max(1.0, deadline - time.monotonic()))
                     if res.exit_code == 0:
                         break
                     if time.monotonic() > deadline:

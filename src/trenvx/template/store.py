@@ -76,6 +76,12 @@ class TemplateManifest(BaseModel):
     sizes: dict[str, int]
     stage_seconds: dict[str, float]
     rootfs_source: str
+    default_user: str = "root"
+    """The account requests that name none run as (the template's ``user``); builds made before
+    the setting existed ran everything as root."""
+    default_workdir: str | None = None
+    """That account's home: where processes start and relative paths resolve when a request
+    gives no directory (None: the agent uses each user's own home)."""
 
 
 class TemplateBuild:
@@ -96,6 +102,15 @@ class TemplateBuild:
     @property
     def rootfs(self) -> Path:
         return self.path / ROOTFS
+
+    @property
+    def default_user(self) -> str:
+        """The user the template's sandboxes run commands and file calls as by default."""
+        return self.manifest.default_user
+
+    @property
+    def default_workdir(self) -> str | None:
+        return self.manifest.default_workdir
 
     @property
     def overlay(self) -> bool:
