@@ -1116,8 +1116,9 @@ class AsyncSandbox:
     request, default 30), ``headers``, ``transport`` (an httpx transport).
     """
 
-    #: The user commands and file operations run as unless ``user=`` is given.
-    default_user: Optional[str] = "user"
+    #: The user commands and file operations run as unless ``user=`` is given. None: the
+    #: template's default user (``user`` in the shipped templates), as E2B's SDK leaves it to envd.
+    default_user: Optional[str] = None
 
     def __init__(
         self,
