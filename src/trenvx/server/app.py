@@ -24,7 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from .. import __version__ as trenvx_version
 from ..config import Config
 from ..sandbox.manager import SandboxManager
-from . import errors, routes_sandboxes, routes_templates
+from . import errors, routes_builds, routes_sandboxes, routes_templates
 from .errors import error_body
 from .metrics import ServerMetrics
 from .metrics import router as metrics_router
@@ -192,6 +192,7 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, limit=orch.max_request_body_kb * 1024)
+    routes_builds.install(app)  # template builds; its upload links are served in front of the body limit
 
     class _Proxy(SandboxProxy):
         def __init__(self, inner: Any) -> None:

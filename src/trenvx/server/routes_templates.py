@@ -1,6 +1,8 @@
-"""Template routes (E2B's shapes): GET /templates, GET /templates/{templateID}.
+"""Template routes (E2B's shapes): GET /templates, GET /templates/{templateID},
+GET /templates/aliases/{alias}.
 
-Templates are built with ``template-manager``; these routes list the published builds.
+Templates are built with ``template-manager`` or through the build API (:mod:`.routes_builds`);
+these routes list the published builds. A template's alias is its name.
 """
 
 from __future__ import annotations
@@ -67,6 +69,19 @@ async def list_templates(request: Request) -> list[dict]:
             continue
         out.append(_template(request, build, _builds(request, name)))
     return out
+
+
+@router.get("/templates/aliases/{alias}", summary="The template an alias names",
+            responses={400: {"model": Error, "description": "Not a template name"},
+                       404: {"model": Error, "description": "No template of that alias"}})
+async def template_alias(request: Request, alias: str) -> dict:
+    manager = request.app.state.manager
+    if not TEMPLATE_ID_RE.match(alias):
+        raise ApiError(400, f"alias {alias[:200]!r} is not a template name (letters, digits, '.', '_', '-')")
+    builds = getattr(request.app.state, "builds", None)
+    if alias in manager.templates.names() or (builds is not None and builds.knows(alias)):
+        return {"templateID": alias, "public": False}
+    raise ApiError(404, f"no template has the alias {alias!r}")
 
 
 @router.get("/templates/{templateID}", response_model=TemplateWithBuilds,
