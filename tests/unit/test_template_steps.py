@@ -310,15 +310,19 @@ def test_configured_templates_are_not_the_apis(tmp_path: Path) -> None:
         assert svc.knows("api-made") and svc.get("api-made", rec.build_id) is rec
         with pytest.raises(InvalidRequest, match="memoryMB"):
             svc.request("api-made", memory_mb=10)
-        with pytest.raises(InvalidRequest, match="not uploaded"):
-            await svc.start("api-made", rec.build_id, body({"type": "COPY", "args": ["a", "/a"], "filesHash": H}))
-        with pytest.raises(InvalidRequest, match="not available"):
-            await svc.start("api-made", rec.build_id, {"fromImage": "alpine:3"})
-        assert not rec.started
-        rec.add("one")
-        rec.add("two", "error", "1")
-        assert [e.message for e in rec.entries(1)] == ["one", "two"]
-        assert [e.message for e in rec.entries(0, 100, "error")] == ["two"]
+        # What cannot be built fails the build at once, with the reason (the SDK raises it).
+        await svc.start("api-made", rec.build_id, body({"type": "COPY", "args": ["a", "/a"], "filesHash": H}))
+        assert rec.status == "error" and "not uploaded" in (rec.reason or "") and rec.reason_step == "1"
+        with pytest.raises(NameTaken, match="started already"):
+            await svc.start("api-made", rec.build_id, {"fromImage": "debian:bookworm"})
+        other = svc.request("api-made")
+        await svc.start("api-made", other.build_id, {"fromImage": "--root=/tmp alpine:3"})
+        assert other.status == "error" and "not available" in (other.reason or "") and other.task is None
+        fresh = svc.request("api-made")
+        fresh.add("one")
+        fresh.add("two", "error", "1")
+        assert [e.message for e in fresh.entries(1)] == ["one", "two"]
+        assert [e.message for e in fresh.entries(0, 100, "error")] == ["two"]
         await svc.aclose()
 
     asyncio.run(go())

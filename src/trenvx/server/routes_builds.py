@@ -25,16 +25,17 @@ import contextlib
 import datetime as dt
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from ..template.build_api import BuildApiError, BuildRecord, BuildService, LogEntry
 from ..template.steps import FILES_HASH_RE
@@ -45,23 +46,99 @@ from .models import TEMPLATE_ID_RE, Error
 
 UPLOAD_LINK_TTL_S = 3600
 _UPLOAD_PATH = re.compile(r"^/templates/([^/]+)/files/([0-9a-f]{64})$")
+BUILD_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,127}(:latest)?$"
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "busy": 429}
 
 router = APIRouter(dependencies=[Depends(require_api_key)], tags=["template builds"],
                    responses={401: {"model": Error, "description": "Missing or invalid X-API-Key"}})
 
 
-class TemplateBuildRequestV3(BaseModel):
-    """E2B's body of ``POST /v3/templates``."""
+_HOST_CPUS = os.cpu_count() or 1
+_HOST_MB = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+ERRORS = {
+    400: {"model": Error, "description": "Bad request: the message names the field at fault"},
+    404: {"model": Error, "description": "No such template or build"},
+    409: {"model": Error, "description": "The name belongs to a configured template, or the build was started already"},
+    429: {"model": Error, "description": "Too many builds queued"},
+}
 
-    model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(default=None, max_length=300)
-    alias: str | None = Field(default=None, max_length=300)
-    tags: list[str] | None = Field(default=None, max_length=50)
-    teamID: str | None = None
-    cpuCount: int | None = None
-    memoryMB: int | None = None
-    minFreeDiskMB: int | None = None
+
+class TemplateBuildRequestV3(BaseModel):
+    """E2B's body of ``POST /v3/templates`` (``alias`` is the deprecated spelling of ``name``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: Annotated[str, StringConstraints(pattern=BUILD_NAME_PATTERN)] = Field(
+        description="The template's name (and alias), optionally with the tag `:latest`, the only tag here.")
+    alias: Annotated[str, StringConstraints(pattern=BUILD_NAME_PATTERN)] | None = None
+    tags: list[Literal["latest"]] | None = Field(default=None, max_length=1)
+    teamID: str | None = Field(default=None, max_length=200, description="Accepted, not used (one team per server).")
+    cpuCount: int | None = Field(default=None, ge=1, le=_HOST_CPUS)
+    memoryMB: int | None = Field(default=None, ge=64, le=max(64, _HOST_MB // 2))
+    minFreeDiskMB: int | None = Field(default=None, ge=0, le=1024 * 1024)
+
+
+class TemplateStep(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["RUN", "COPY", "ENV", "WORKDIR", "USER"]
+    args: list[str] = Field(default_factory=list, max_length=1024)
+    filesHash: Annotated[str, StringConstraints(pattern=FILES_HASH_RE.pattern)] | None = None
+    force: bool = False
+
+
+class TemplateBuildStartV2(BaseModel):
+    """E2B's body of ``POST /v2/templates/{templateID}/builds/{buildID}``. What the server cannot
+    build (a registry image, a step's bad arguments, files not uploaded) fails the build, with
+    the reason in its status."""
+
+    model_config = ConfigDict(extra="ignore")
+    fromImage: str | None = Field(default=None, max_length=1000)
+    fromTemplate: str | None = Field(default=None, max_length=1000)
+    fromImageRegistry: dict[str, Any] | None = None
+    force: bool = False
+    steps: list[TemplateStep] | None = Field(default=None, max_length=500)
+    startCmd: str | None = Field(default=None, max_length=256 * 1024)
+    readyCmd: str | None = Field(default=None, max_length=256 * 1024)
+
+
+class BuildRequested(BaseModel):
+    templateID: str
+    buildID: str
+    public: bool
+    names: list[str]
+    tags: list[str]
+    aliases: list[str]
+
+
+class BuildFileUpload(BaseModel):
+    present: bool
+    url: str | None = None
+
+
+class BuildLogEntry(BaseModel):
+    timestamp: dt.datetime
+    level: Literal["debug", "info", "warn", "error"]
+    message: str
+    step: str | None = None
+
+
+class BuildStatusReason(BaseModel):
+    message: str
+    step: str | None = None
+    logEntries: list[BuildLogEntry] = Field(default_factory=list)
+
+
+class BuildStatus(BaseModel):
+    templateID: str
+    buildID: str
+    status: Literal["waiting", "building", "ready", "error"]
+    logs: list[str]
+    logEntries: list[BuildLogEntry]
+    reason: BuildStatusReason | None = None
+    trenvx: dict[str, Any] | None = None
+
+
+class BuildLogs(BaseModel):
+    logs: list[BuildLogEntry]
 
 
 def service(request: Request) -> BuildService:
@@ -90,11 +167,10 @@ def _sign(secret: bytes, template: str, files_hash: str, expires: int) -> str:
     return hmac.new(secret, f"{template}\n{files_hash}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
-@router.post("/v3/templates", status_code=202, summary="Request a template build (E2B's v3)")
+@router.post("/v3/templates", status_code=202, response_model=BuildRequested,
+             responses={400: ERRORS[400], 409: ERRORS[409]}, summary="Request a template build (E2B's v3)")
 async def request_build(request: Request, body: TemplateBuildRequestV3) -> JSONResponse:
-    name = body.name or body.alias
-    if not name:
-        raise ApiError(400, "body field name: required (the template's name, e.g. \"my-template\")")
+    name = body.name
     try:
         rec = service(request).request(name, tags=body.tags, cpu_count=body.cpuCount, memory_mb=body.memoryMB,
                                        min_free_disk_mb=body.minFreeDiskMB)
@@ -104,12 +180,12 @@ async def request_build(request: Request, body: TemplateBuildRequestV3) -> JSONR
                          "names": [rec.template], "tags": ["latest"], "aliases": [rec.template]}, status_code=202)
 
 
-@router.get("/templates/{templateID}/files/{hash}", status_code=201, summary="Upload link for a COPY step's files")
-async def upload_link(request: Request, templateID: str, hash: str) -> JSONResponse:
+@router.get("/templates/{templateID}/files/{hash}", status_code=201, response_model=BuildFileUpload,
+            responses={400: ERRORS[400], 404: ERRORS[404]}, summary="Upload link for a COPY step's files")
+async def upload_link(request: Request, templateID: str,
+                      hash: str = Path(pattern=FILES_HASH_RE.pattern, description="The step's filesHash")) -> JSONResponse:
     builds = service(request)
     _template_id(templateID)
-    if not FILES_HASH_RE.match(hash):
-        raise ApiError(400, f"path parameter hash: {hash[:80]!r} is not a lowercase hex SHA-256")
     if not builds.owned(templateID) and not builds.knows(templateID):
         raise ApiError(404, f"template {templateID!r} does not exist; request a build with POST /v3/templates first")
     expires = int(time.time()) + UPLOAD_LINK_TTL_S
@@ -119,11 +195,12 @@ async def upload_link(request: Request, templateID: str, hash: str) -> JSONRespo
                         status_code=201)
 
 
-@router.post("/v2/templates/{templateID}/builds/{buildID}", status_code=202, summary="Start a requested build")
-async def start_build(request: Request, templateID: str, buildID: str,
-                      body: dict[str, Any] = Body(...)) -> JSONResponse:  # noqa: B008 - FastAPI's way
+@router.post("/v2/templates/{templateID}/builds/{buildID}", status_code=202,
+             responses={400: ERRORS[400], 404: ERRORS[404], 409: ERRORS[409], 429: ERRORS[429]},
+             summary="Start a requested build with its steps")
+async def start_build(request: Request, templateID: str, buildID: str, body: TemplateBuildStartV2) -> JSONResponse:
     try:
-        await service(request).start(_template_id(templateID), buildID, body)
+        await service(request).start(_template_id(templateID), buildID, body.model_dump(exclude_none=True))
     except BuildApiError as e:
         raise _api_error(e) from None
     return JSONResponse(None, status_code=202)
@@ -136,7 +213,8 @@ def _record(request: Request, template: str, build_id: str) -> BuildRecord:
         raise _api_error(e) from None
 
 
-@router.get("/templates/{templateID}/builds/{buildID}/status", summary="Build status and its log from an offset")
+@router.get("/templates/{templateID}/builds/{buildID}/status", response_model=BuildStatus, response_model_exclude_none=True,
+            responses={400: ERRORS[400], 404: ERRORS[404]}, summary="Build status and its log from an offset")
 async def build_status(request: Request, templateID: str, buildID: str,
                        logsOffset: int = Query(default=0, ge=0), limit: int = Query(default=100, ge=0, le=100),
                        level: str | None = Query(default=None, pattern="^(debug|info|warn|error)$")) -> dict[str, Any]:
@@ -156,7 +234,8 @@ async def build_status(request: Request, templateID: str, buildID: str,
     return out
 
 
-@router.get("/templates/{templateID}/builds/{buildID}/logs", summary="Build logs")
+@router.get("/templates/{templateID}/builds/{buildID}/logs", response_model=BuildLogs, response_model_exclude_none=True,
+            responses={400: ERRORS[400], 404: ERRORS[404]}, summary="Build logs")
 async def build_logs(request: Request, templateID: str, buildID: str, cursor: int | None = Query(default=None, ge=0),
                      limit: int = Query(default=100, ge=0, le=1000),
                      direction: str = Query(default="forward", pattern="^(forward|backward)$"),
@@ -182,11 +261,11 @@ class TemplateFileUploads:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         m = _UPLOAD_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
-        if m is None or scope.get("method") != "PUT":
-            return await self.app(scope, receive, send)
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1")) if m is not None else {}
+        if m is None or scope.get("method") != "PUT" or "signature" not in query:
+            return await self.app(scope, receive, send)  # a PUT that is no upload link: the API's 405
         state = scope["app"].state if "app" in scope else self._state(scope)
         template, files_hash = m.group(1), m.group(2)
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         try:
             expires = int(query.get("expires", [""])[0])
         except ValueError:

@@ -72,13 +72,13 @@ async def list_templates(request: Request) -> list[dict]:
 
 
 @router.get("/templates/aliases/{alias}", summary="The template an alias names",
-            responses={400: {"model": Error, "description": "Not a template name"},
-                       404: {"model": Error, "description": "No template of that alias"}})
+            responses={404: {"model": Error, "description": "No template of that alias"}})
 async def template_alias(request: Request, alias: str) -> dict:
     manager = request.app.state.manager
-    if not TEMPLATE_ID_RE.match(alias):
-        raise ApiError(400, f"alias {alias[:200]!r} is not a template name (letters, digits, '.', '_', '-')")
     builds = getattr(request.app.state, "builds", None)
+    if not TEMPLATE_ID_RE.match(alias):
+        raise ApiError(404, f"no template has the alias {alias[:200]!r} (aliases are template names: letters, "
+                            "digits, '.', '_', '-')")
     if alias in manager.templates.names() or (builds is not None and builds.knows(alias)):
         return {"templateID": alias, "public": False}
     raise ApiError(404, f"no template has the alias {alias!r}")

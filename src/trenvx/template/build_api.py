@@ -43,6 +43,8 @@ from .uploads import UploadStore, files_hash
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
+IMAGE_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,255}$")
+"""What may be looked up in the local image storage (never an option of the lookup command)."""
 MARKER = ".build-api"
 MAX_QUEUED = 8
 MAX_RECORDS = 200
@@ -253,25 +255,30 @@ class BuildService:
             raise NameTaken(f"build {build_id} was started already; request a new build to build again")
         if self._closed:
             raise QueueFull("the server is shutting down; no new builds")
+        if sum(1 for r in self._records.values() if r.started and r.status in ("waiting", "building")) >= MAX_QUEUED:
+            raise QueueFull(f"{MAX_QUEUED} builds are queued or running; try again when one has finished")
+        rec.started = True
         image = body.get("fromImage")
         local = False
         if isinstance(image, str) and image.strip() and not is_base_image(image.strip()):
             local = await self._local_image(image.strip())
+        # What cannot be built fails the build (status error, with the reason), as E2B fails a
+        # build whose base or steps it cannot use: the SDK raises it from the status it polls.
         try:
             plan = parse_build(body, local_image=local)
             tpl = template_config(template, plan, rec.machine)
         except StepError as e:
-            raise InvalidRequest(str(e)) from None
+            self._refuse(rec, str(e))
+            return rec
         except ValidationError as e:
-            raise InvalidRequest(f"the template's settings are invalid: {e.errors()[0].get('msg')}") from None
+            self._refuse(rec, f"the template's settings are invalid: {e.errors()[0].get('msg')}")
+            return rec
         missing = [c for c in plan.copies if not self.uploads.present(c.files_hash)]
         if missing:
             c = missing[0]
-            raise InvalidRequest(f"step {c.label} (COPY {c.src}): its files (hash {c.files_hash}) were not uploaded; "
-                                 "get an upload link with GET /templates/{templateID}/files/{hash} and PUT them first")
-        if sum(1 for r in self._records.values() if r.started and r.status in ("waiting", "building")) >= MAX_QUEUED:
-            raise QueueFull(f"{MAX_QUEUED} builds are queued or running; try again when one has finished")
-        rec.started = True
+            self._refuse(rec, f"step {c.label} (COPY {c.src}): its files (hash {c.files_hash}) were not uploaded; get "
+                              "an upload link with GET /templates/{templateID}/files/{hash} and PUT them first", c.label)
+            return rec
         if plan.final_user.split(":")[0] not in ("root", "user"):
             rec.add(f"the template's sandboxes will run as 'user': an account made by a build step "
                     f"({plan.final_user!r}) cannot be their default user yet", "warn")
@@ -279,6 +286,8 @@ class BuildService:
         return rec
 
     async def _local_image(self, ref: str) -> bool:
+        if not IMAGE_REF_RE.match(ref):
+            return False
         try:
             return await Buildah(self.data_root, log.debug).inspect_image(ref) is not None
         except Exception:  # noqa: BLE001 - buildah missing or failing: not local
@@ -318,6 +327,10 @@ class BuildService:
                 self._fail(rec, f"{type(e).__name__}: {e}", None)
         finally:
             rec.finished_at = _now()
+
+    def _refuse(self, rec: BuildRecord, message: str, step: str | None = None) -> None:
+        self._fail(rec, f"this build cannot run here: {message}", step)
+        rec.finished_at = _now()
 
     def _fail(self, rec: BuildRecord, message: str, step: str | None) -> None:
         rec.status = "error"
