@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import struct
 import threading
 import time
@@ -99,6 +101,35 @@ def test_e2b_background_wait_raises_when_the_sandbox_is_killed(e2b_env: str, tes
         assert "result" not in outcome, f"wait() returned {outcome.get('result')!r} for a killed sandbox"
         # The proxy ends the stream with "The sandbox ... was not found": E2B's not-running error.
         assert isinstance(outcome["error"], SandboxNotRunningException), outcome
+    finally:
+        sbx.kill()
+
+
+def test_e2b_wait_raises_when_the_sandbox_vm_dies(e2b_env: str, test_template: str) -> None:
+    """Not killed through the API: the VMM process itself dies under a running command."""
+    from e2b import Sandbox
+    from e2b.exceptions import SandboxNotRunningException
+
+    sbx = Sandbox.create(test_template, timeout=300)
+    try:
+        pid = int(httpx.get(f"{e2b_env}/sandboxes/{sbx.sandbox_id}", timeout=30).json()["trenvx"]["pid"])
+        handle = sbx.commands.run("sleep 60", background=True, timeout=0)
+        outcome: dict[str, object] = {}
+
+        def wait() -> None:
+            try:
+                outcome["result"] = handle.wait()
+            except BaseException as e:  # noqa: BLE001
+                outcome["error"] = e
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        waiter.join(BOUND_S)
+        assert not waiter.is_alive(), "wait() did not return after the sandbox's VM died"
+        assert isinstance(outcome.get("error"), SandboxNotRunningException), outcome
+        assert "was not found" in str(outcome["error"]) and "exited" in str(outcome["error"])
     finally:
         sbx.kill()
 
