@@ -46,6 +46,8 @@ STREAM_CONTENT_TYPE = "application/connect+json"
 UPLOAD_CHUNK = 1 << 20
 #: Largest piece of stdin sent in one SendInput call.
 STDIN_CHUNK = 1 << 20
+#: Largest /metrics answer read (the agent's is ~300 bytes).
+METRICS_MAX_BYTES = 64 << 10
 
 _HTTP_TO_CODE = {
     400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied", 404: "not_found",
@@ -332,11 +334,22 @@ class AgentClient:
         return dict(response.json())
 
     async def metrics(self) -> dict[str, Any]:
-        """The guest's CPU, memory and disk figures (``mem_cache``: its page cache, in bytes)."""
-        response = await self._http.get("/metrics", headers=self._headers(rpc=False))
+        """The guest's CPU, memory and disk figures (``mem_cache``: its page cache, in bytes).
+
+        The host asks for them periodically, unprompted: a body longer than ``METRICS_MAX_BYTES``
+        (a guest flooding the host's memory) is an :class:`AgentError`, read no further."""
+        async with self._http.stream("GET", "/metrics", headers=self._headers(rpc=False)) as response:
+            body = b""
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > METRICS_MAX_BYTES:
+                    raise AgentError("resource_exhausted", f"/metrics answered more than {METRICS_MAX_BYTES} bytes")
         if response.status_code != 200:
-            raise _error_from_response(response.status_code, response.content)
-        return dict(response.json())
+            raise _error_from_response(response.status_code, body)
+        value = json.loads(body)
+        if not isinstance(value, dict):
+            raise AgentError("internal", "/metrics answered something other than a JSON object")
+        return value
 
     async def forward_port(self, port: int, *, timeout: float | None = None) -> bool:
         """Ask the agent to relay ``port``, bound to the guest's loopback, to the guest's address

@@ -24,6 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from .. import __version__ as trenvx_version
 from ..config import Config
 from ..sandbox.manager import SandboxManager
+from ..sandbox.metrics_sampler import MetricsSampler
 from . import errors, routes_builds, routes_sandboxes, routes_templates
 from .errors import error_body
 from .metrics import ServerMetrics
@@ -135,6 +136,7 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
         manager = SandboxManager(config, state_path=state_path, keep=keep)
     orch = config.orchestrator
     proxy_holder: dict[str, SandboxProxy] = {}
+    sampler = MetricsSampler(manager.list, lambda sb: sb.build.manifest.machine.vcpu)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -142,9 +144,11 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
         if manager.adopted or manager.cleaned:
             log.info("after restart: adopted %d running sandboxes %s, cleaned up %d dead ones %s",
                      len(manager.adopted), manager.adopted, len(manager.cleaned), manager.cleaned)
+        sampler.start()
         try:
             yield
         finally:
+            await sampler.stop()
             await manager.close()
             for p in proxy_holder.values():
                 await p.aclose()
@@ -166,6 +170,7 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
     app.state.client_id = f"trenvx-{socket.gethostname()}"
     app.state.envd_version = envd_version()
     app.state.spawns = {}
+    app.state.sampler = sampler
     errors.install(app)
     app.include_router(routes_sandboxes.router)
     app.include_router(routes_templates.router)

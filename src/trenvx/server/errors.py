@@ -100,7 +100,9 @@ def describe_validation_error(errors: list[dict[str, Any]]) -> str:
 
 
 def _allowed_methods(request: Request) -> set[str]:
-    """Every method some route accepts on this path (Starlette names only the first route's)."""
+    """Every method some documented route accepts on this path (Starlette names only the first
+    route's). A path that a route names literally (``/sandboxes/metrics``) is that route's, even
+    where a route with a parameter (``/sandboxes/{sandboxID}``) would also match it."""
     from starlette.routing import Match
 
     def walk(routes):  # FastAPI wraps included routers; their routes carry no prefix here
@@ -111,11 +113,17 @@ def _allowed_methods(request: Request) -> set[str]:
             else:
                 yield r
 
-    methods: set[str] = set()
+    matched = []
     for route in walk(request.app.router.routes):
+        if not getattr(route, "include_in_schema", True) or not getattr(route, "methods", None):
+            continue
         match, _ = route.matches(request.scope)
-        if match != Match.NONE and getattr(route, "methods", None):
-            methods |= set(route.methods)
+        if match != Match.NONE:
+            matched.append(route)
+    literal = [r for r in matched if not getattr(r, "param_convertors", None)]
+    methods: set[str] = set()
+    for route in literal or matched:
+        methods |= set(route.methods)
     return methods
 
 

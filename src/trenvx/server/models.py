@@ -2,13 +2,14 @@
 
 Field names are E2B's (camelCase, ``sandboxID``, ``templateID``, ...), so that E2B's clients
 parse our answers. trenvx-only information sits in an extra ``trenvx`` object (E2B's generated
-clients keep unknown fields aside) or in extra top-level fields they ignore. Requests accept and
-ignore E2B fields trenvx does not implement (``autoPause``, ``secure``, ``mcp``, ...), but the
-fields it does implement are type-checked strictly: ``"timeout": "60"`` is a 400, not a 60.
+clients keep unknown fields aside) or in extra top-level fields they ignore. Fields are
+type-checked strictly: ``"timeout": "60"`` is a 400, not a 60.
 
-The ``network`` objects are the exception to "ignore what is not implemented": they decide what a
-sandbox may reach, so an unknown key is a 400 naming it, and E2B features trenvx does not enforce
-(``rules``, ``egressProxy``, ``httpsPorts``) are refused by the routes rather than dropped.
+E2B options trenvx does not implement yet (``autoPause: true``, ``mcp``, ``volumeMounts``, the
+network's ``rules``, ...) are parsed here and refused by the routes with a 400 naming them
+(:mod:`.unimplemented` holds the one list); their documented schema admits only the values that
+change nothing. Fields unknown to the create body are ignored (a newer E2B SDK's). The ``network``
+objects are stricter: they decide what a sandbox may reach, so an unknown key is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,51 @@ UnsupportedPorts = Annotated[
     list[PortNumber] | None,
     WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0, "items": {"type": "integer"}}, {"type": "null"}],
                     "description": _UNSUPPORTED}),
+]
+
+# E2B create options trenvx does not implement yet (refused by the routes, see .unimplemented):
+# parsed loosely enough that the refusal, not a type error, names them; documented with only the
+# values that change nothing.
+_NOT_YET = "Not implemented in trenvx yet: only the value(s) that change nothing are accepted."
+UnimplementedFlag = Annotated[
+    StrictBool | None, WithJsonSchema({"anyOf": [{"type": "boolean", "enum": [False]}, {"type": "null"}],
+                                       "description": _NOT_YET}),
+]
+UnimplementedObject = Annotated[
+    dict[str, Any] | None,
+    WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}], "description": _NOT_YET}),
+]
+UnimplementedList = Annotated[
+    list[dict[str, Any]] | None,
+    WithJsonSchema({"anyOf": [{"type": "array", "maxItems": 0, "items": {"type": "object"}}, {"type": "null"}],
+                    "description": _NOT_YET}),
+]
+
+
+class AutoResumeConfig(BaseModel):
+    """E2B's ``SandboxAutoResumeConfig`` (``enabled`` is required there too)."""
+
+    model_config = ConfigDict(extra="ignore")
+    enabled: StrictBool
+
+
+class IamConfig(BaseModel):
+    """E2B's ``SandboxIam``: a non-empty ``tokens`` map would enable workload identity."""
+
+    model_config = ConfigDict(extra="ignore")
+    tokens: dict[str, Any] | None = None
+
+
+UnimplementedAutoResume = Annotated[
+    AutoResumeConfig | None,
+    WithJsonSchema({"anyOf": [{"type": "object", "properties": {"enabled": {"type": "boolean", "enum": [False]}},
+                               "required": ["enabled"]}, {"type": "null"}], "description": _NOT_YET}),
+]
+UnimplementedIam = Annotated[
+    IamConfig | None,
+    WithJsonSchema({"anyOf": [{"type": "object", "properties": {"tokens": {
+        "anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}]}}}, {"type": "null"}],
+        "description": _NOT_YET}),
 ]
 
 MetadataKey = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY)]
@@ -194,9 +240,10 @@ class SandboxNetworkInfo(BaseModel):
 
 
 class NewSandbox(BaseModel):
-    """POST /sandboxes and POST /v2/sandboxes."""
+    """POST /sandboxes and POST /v2/sandboxes (E2B's ``NewSandbox``/``NewSandboxV2``). Unknown fields
+    are kept aside (``model_extra``) only to be logged, and otherwise ignored."""
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"additionalProperties": True})
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
 
     templateID: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=TEMPLATE_ID_PATTERN)] | None = Field(
         default=None,
@@ -211,7 +258,16 @@ class NewSandbox(BaseModel):
     envVars: dict[EnvName, EnvValue] | None = Field(
         default=None, max_length=MAX_ENV_VARS, description="Environment of every process."
     )
-    autoPause: bool | None = Field(default=None, description="Accepted for E2B compatibility; not supported.")
+    autoPause: UnimplementedFlag = Field(
+        default=None, description="Not implemented yet: only false (the sandbox is killed when its timeout ends).")
+    autoPauseMemory: StrictBool | None = Field(
+        default=None, description="Accepted, no effect: it only matters with autoPause true, which is not implemented.")
+    autoResume: UnimplementedAutoResume = Field(default=None, description="Not implemented yet: only enabled false.")
+    secure: StrictBool | None = Field(
+        default=None, description="Accepted, either value: the agent always requires the sandbox's access token.")
+    mcp: UnimplementedObject = Field(default=None, description="Not implemented yet: only null or {}.")
+    iam: UnimplementedIam = Field(default=None, description='Not implemented yet: only null or {"tokens": {}}.')
+    volumeMounts: UnimplementedList = Field(default=None, description="Not implemented yet: only [].")
     allow_internet_access: StrictBool | None = Field(
         default=None, description="false: no egress at all (the same as network.denyOut [\"0.0.0.0/0\"]).")
     network: NetworkConfig | None = Field(default=None, description="Egress rules and public access of the sandbox.")
@@ -293,6 +349,26 @@ class SandboxDetail(ListedSandbox):
                                                                        "/network; null: not set explicitly.")
     domain: str | None = None
     network: SandboxNetworkInfo = Field(default_factory=SandboxNetworkInfo)
+
+
+class SandboxMetric(BaseModel):
+    """An item of GET /sandboxes/{sandboxID}/metrics (E2B's ``SandboxMetric``): one sample."""
+
+    timestamp: dt.datetime = Field(description="When the sample was taken (UTC).")
+    timestampUnix: int = Field(description="The same, in seconds since the epoch.")
+    cpuCount: int = Field(description="vCPUs of the sandbox.")
+    cpuUsedPct: float = Field(description="CPU use over all vCPUs since the previous sample, 0-100.")
+    memUsed: int = Field(description="Guest memory in use, bytes (total minus available).")
+    memTotal: int = Field(description="Guest memory, bytes.")
+    memCache: int = Field(description="Guest page cache, bytes.")
+    diskUsed: int = Field(description="Used bytes of the guest's root filesystem.")
+    diskTotal: int = Field(description="Size of the guest's root filesystem, bytes.")
+
+
+class SandboxesWithMetrics(BaseModel):
+    """GET /sandboxes/metrics (E2B's ``SandboxesWithMetrics``): sandbox id -> its latest sample."""
+
+    sandboxes: dict[str, SandboxMetric]
 
 
 class TimeoutRequest(BaseModel):

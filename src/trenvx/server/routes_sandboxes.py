@@ -12,14 +12,25 @@
     POST   /sandboxes/{sandboxID}/pause         stop its vCPUs (204; 409 if paused)
     POST   /sandboxes/{sandboxID}/resume        continue (201; 409 if running)
     PUT    /sandboxes/{sandboxID}/network       replace the egress rules (204)
+    GET    /sandboxes/{sandboxID}/metrics       CPU, memory and disk samples (query start/end: unix seconds)
+    GET    /sandboxes/metrics?sandbox_ids=a,b   the latest sample of each (at most 100 ids)
 
 Network (issue 12, E2B's shapes): a create takes ``allow_internet_access`` and ``network``
 {allowOut, denyOut, dnsServers, allowPublicTraffic, maskRequestHost}; they become an
 :class:`~trenvx.network.policy.EgressPolicy` (a malformed entry is a 400 naming it) that the
-manager enforces (a host that cannot is a 409). E2B features trenvx does not enforce
-(``rules``, ``egressProxy``, ``httpsPorts``) are a 400 when given non-empty, never dropped: a
-caller relying on them must learn that they are not there. ``allowPublicTraffic: false`` makes
-the create answer carry ``trafficAccessToken``. ``GET /sandboxes/{id}`` reports the rules in force.
+manager enforces (a host that cannot is a 409). ``allowPublicTraffic: false`` makes the create
+answer carry ``trafficAccessToken``. ``GET /sandboxes/{id}`` reports the rules in force.
+
+E2B options trenvx does not implement (``autoPause: true``, ``autoResume``, ``mcp``, ``iam``,
+``volumeMounts``, the network's ``rules``, ``egressProxy``, ``httpsPorts``) are a 400 naming them
+when given a value that asks for them, never dropped: a caller relying on them must learn that
+they are not there. The list is :data:`.unimplemented.UNIMPLEMENTED_OPTIONS`.
+
+Metrics (E2B's shape): the server's :class:`~trenvx.sandbox.metrics_sampler.MetricsSampler` samples
+every running sandbox's agent every 5 s (less often with many sandboxes) and keeps the last 30
+minutes; a sandbox with no sample yet is sampled when asked. Paused sandboxes are not sampled;
+ended ones are a 404 like every other route. trenvx has one API key, so every sandbox belongs to
+its holder: there is no other team whose sandboxes could be asked for.
 """
 
 from __future__ import annotations
@@ -36,16 +47,21 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from ..network.policy import EgressPolicy, PolicyError
 from ..sandbox.lifecycle import InvalidTimeout, check_timeout
 from ..sandbox.limits import AdmissionError
-from ..sandbox.manager import ManagerClosed, NetworkUnavailable, Sandbox, SandboxManager, TemplateNetworkMismatch
+from ..sandbox.manager import (
+    ManagerClosed, NetworkUnavailable, Sandbox, SandboxManager, SandboxNotFound, TemplateNetworkMismatch,
+)
+from ..sandbox.metrics_sampler import MetricSample, MetricsSampler
 from ..sandbox.state import SandboxRecord
 from ..template.store import TemplateNotFound
 from .auth import require_api_key
 from .errors import ApiError
 from .models import (
     ConnectRequest, CreatedSandbox, Error, ListedSandbox, NetworkConfig, NetworkUpdate, NewSandbox, ReclaimedMemory,
-    RefreshRequest, SandboxDetail, SandboxNetworkInfo, TimeoutRequest, TrenvxSandboxInfo,
+    RefreshRequest, SandboxDetail, SandboxesWithMetrics, SandboxMetric, SandboxNetworkInfo, TimeoutRequest,
+    TrenvxSandboxInfo,
 )
 from .proxy import announced_domain
+from .unimplemented import note_unknown_fields, refuse_unimplemented
 
 log = logging.getLogger(__name__)
 
@@ -72,22 +88,6 @@ def _ts(t: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(t, dt.UTC)
 
 
-def _refuse_unsupported(given: dict[str, bool], where: str) -> None:
-    """400 for an E2B network feature trenvx does not enforce, given with a value that asks for it
-    (``given``: field -> whether it asks: a non-empty ``rules`` or ``httpsPorts``, a non-null
-    ``egressProxy``)."""
-    reasons = {
-        "rules": "per-domain request transform rules are not supported by trenvx",
-        "egressProxy": "tunnelling egress through a SOCKS5 proxy is not supported by trenvx",
-        "httpsPorts": "ports serving HTTPS behind the proxy are not supported by trenvx (the proxy speaks "
-                      "plain HTTP to the sandbox)",
-    }
-    for name, reason in reasons.items():
-        if given.get(name):
-            empty = "null" if name == "egressProxy" else "empty"
-            raise ApiError(400, f"body field {where}{name}: {reason}; leave it out (or send it {empty})")
-
-
 def _policy(where: str, *, allow_internet_access: bool | None, allow_out: list[str] | None,
             deny_out: list[str] | None, dns_servers: list[str] | None) -> EgressPolicy:
     try:
@@ -100,9 +100,6 @@ def _policy(where: str, *, allow_internet_access: bool | None, allow_out: list[s
 def egress_of_create(body: NewSandbox) -> EgressPolicy | None:
     """The egress policy a create body asks for; None when it names none (the default: open)."""
     net: NetworkConfig | None = body.network
-    if net is not None:
-        _refuse_unsupported({"rules": bool(net.rules), "egressProxy": net.egressProxy is not None,
-                             "httpsPorts": bool(net.httpsPorts)}, "network.")
     if body.allow_internet_access is None and (
         net is None or (net.allowOut is None and net.denyOut is None and net.dnsServers is None)
     ):
@@ -190,6 +187,8 @@ def _timeout(value: int | None, default: int, max_s: int, field: str) -> float:
 async def _create(request: Request, response: Response, body: NewSandbox) -> CreatedSandbox:
     manager = manager_of(request)
     orch = manager.config.orchestrator
+    refuse_unimplemented(body)
+    note_unknown_fields(body, "POST /sandboxes")
     timeout = _timeout(body.timeout, orch.default_timeout_s, orch.max_timeout_s, "timeout")
     egress = egress_of_create(body)
     public = True if body.network is None or body.network.allowPublicTraffic is None else body.network.allowPublicTraffic
@@ -358,6 +357,69 @@ async def list_sandboxes_v2(
             for x in page]
 
 
+def sampler_of(request: Request) -> MetricsSampler:
+    return request.app.state.sampler
+
+
+def _metric(s: MetricSample) -> SandboxMetric:
+    return SandboxMetric(
+        timestamp=_ts(s.t), timestampUnix=int(s.t), cpuCount=s.cpu_count, cpuUsedPct=s.cpu_used_pct,
+        memUsed=s.mem_used, memTotal=s.mem_total, memCache=s.mem_cache, diskUsed=s.disk_used, diskTotal=s.disk_total,
+    )
+
+
+MAX_METRICS_IDS = 100
+"""Sandboxes one GET /sandboxes/metrics may name (E2B's limit)."""
+UNIX_SECONDS = Query(ge=0, le=1 << 40, description="Unix timestamp in seconds")
+
+
+# Registered before GET /sandboxes/{sandboxID}, which would take "metrics" for an id.
+@router.get("/sandboxes/metrics", response_model=SandboxesWithMetrics, responses={400: ERRORS[400]},
+            summary="The latest metrics sample of each sandbox named (those not found, or not sampled yet, are left out)")
+async def sandboxes_metrics(
+    request: Request,
+    sandbox_ids: Annotated[str, Query(max_length=MAX_METRICS_IDS * 70,
+                                      description=f"Comma-separated sandbox ids, at most {MAX_METRICS_IDS}")],
+) -> SandboxesWithMetrics:
+    ids = list(dict.fromkeys(i.strip() for i in sandbox_ids.split(",") if i.strip()))
+    if len(ids) > MAX_METRICS_IDS:
+        raise ApiError(400, f"query field sandbox_ids: {len(ids)} ids, at most {MAX_METRICS_IDS} per request")
+    manager, sampler = manager_of(request), sampler_of(request)
+    found: dict[str, SandboxMetric] = {}
+    for sid in ids:
+        try:
+            manager.get(sid)
+        except SandboxNotFound:
+            continue
+        latest = sampler.latest(sid)
+        if latest is not None:
+            found[sid] = _metric(latest)
+    return SandboxesWithMetrics(sandboxes=found)
+
+
+@router.api_route("/sandboxes/metrics", methods=["DELETE", "PATCH", "POST", "PUT"], include_in_schema=False)
+async def sandboxes_metrics_other_methods(request: Request) -> None:
+    """Not DELETE /sandboxes/{sandboxID} of a sandbox named "metrics": a 405, as for any path."""
+    raise ApiError(405, f"method {request.method} is not allowed on /sandboxes/metrics", {"Allow": "GET"})
+
+
+@router.get("/sandboxes/{sandboxID}/metrics", response_model=list[SandboxMetric],
+            responses={400: ERRORS[400], 404: ERRORS[404]},
+            summary="CPU, memory and disk use of a sandbox over time, oldest first (a sample every 5 s)")
+async def sandbox_metrics(
+    request: Request,
+    sandboxID: str,
+    start: Annotated[int | None, UNIX_SECONDS] = None,
+    end: Annotated[int | None, UNIX_SECONDS] = None,
+) -> list[SandboxMetric]:
+    sb = manager_of(request).get(sandboxID)  # (start after end: an empty interval, no samples)
+    sampler = sampler_of(request)
+    if sampler.latest(sb.id) is None:
+        await sampler.sample_now(sb)  # the first request does not wait for the sampler's next pass
+    return [_metric(s) for s in sampler.samples(sb.id)
+            if (start is None or int(s.t) >= start) and (end is None or int(s.t) <= end)]
+
+
 @router.get("/sandboxes/{sandboxID}", response_model=SandboxDetail, responses={404: ERRORS[404]},
             response_model_exclude_none=True,  # E2B's client reads "dnsServers": null as a list
             summary="One running sandbox")
@@ -377,7 +439,7 @@ async def get_sandbox(request: Request, sandboxID: str) -> dict:
 async def set_network(request: Request, sandboxID: str, body: NetworkUpdate) -> Response:
     manager = manager_of(request)
     manager.get(sandboxID)
-    _refuse_unsupported({"rules": bool(body.rules), "egressProxy": body.egressProxy is not None}, "")
+    refuse_unimplemented(body, "network.")
     egress = _policy("", allow_internet_access=body.allow_internet_access, allow_out=body.allowOut,
                      deny_out=body.denyOut, dns_servers=body.dnsServers)
     await manager.set_network(sandboxID, egress, allow_internet_access=body.allow_internet_access)

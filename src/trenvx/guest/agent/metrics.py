@@ -1,4 +1,11 @@
-"""``GET /metrics``: a snapshot of the guest's resource use, in envd's field names."""
+"""``GET /metrics``: a snapshot of the guest's resource use, in envd's field names.
+
+Besides envd's fields, ``cpu_ticks_total`` and ``cpu_ticks_idle`` are the raw counters of the
+first line of ``/proc/stat`` (USER_HZ ticks of all CPUs since the guest booted): the host's
+sampler (``trenvx.sandbox.metrics_sampler``) computes CPU use between its own samples from them,
+so that other callers of ``/metrics`` (each of which moves ``cpu_used_pct``'s window) do not
+disturb its figures.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ class Metrics:
 
     def snapshot(self) -> dict[str, Any]:
         cpu_pct = 0.0
+        total = idle = 0
         try:
             total, idle = self._cpu_times()
             with self._lock:
@@ -48,14 +56,20 @@ class Metrics:
             mem_total, mem_used, mem_cache = self._memory()
         except (OSError, ValueError):
             mem_total = mem_used = mem_cache = 0
-        vfs = os.statvfs("/")
+        try:
+            vfs = os.statvfs("/")
+            disk_total, disk_used = vfs.f_blocks * vfs.f_frsize, (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+        except OSError:
+            disk_total = disk_used = 0
         return {
             "ts": int(time.time()),
             "cpu_count": os.cpu_count() or 1,
             "cpu_used_pct": cpu_pct,
+            "cpu_ticks_total": total,
+            "cpu_ticks_idle": idle,
             "mem_total": mem_total,
             "mem_used": mem_used,
             "mem_cache": mem_cache,
-            "disk_total": vfs.f_blocks * vfs.f_frsize,
-            "disk_used": (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize,
+            "disk_total": disk_total,
+            "disk_used": disk_used,
         }
