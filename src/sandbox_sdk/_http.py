@@ -23,7 +23,7 @@ from ._config import ENVD_PORT, ConnectionConfig
 from ._errors import Context, connect_error, http_error, transport_error
 from ._network import create_network_body, update_network_body
 from .exceptions import InvalidArgumentError, SandboxError, StreamError, TimeoutError
-from .models import SandboxConnectionInfo, SandboxInfo, TemplateInfo
+from .models import SandboxConnectionInfo, SandboxInfo, SandboxMetrics, TemplateInfo
 
 log = logging.getLogger("sandbox_sdk")
 
@@ -240,6 +240,16 @@ class ApiClient:
             raise http_error(response.status_code, body, context="sandbox", sandbox_id=sandbox_id, url=url)
         await response.aclose()
         return True
+
+    async def get_metrics(
+        self, sandbox_id: str, start: Optional[int] = None, end: Optional[int] = None,
+        request_timeout: Optional[float] = None,
+    ) -> List[SandboxMetrics]:
+        """``GET /sandboxes/{id}/metrics``: samples within [start, end] (unix seconds), oldest first."""
+        params = {k: int(v) for k, v in (("start", start), ("end", end)) if v is not None}
+        r = await self._call("GET", f"/sandboxes/{sandbox_id}/metrics", params=params or None,
+                             request_timeout=request_timeout, context="sandbox", sandbox_id=sandbox_id)
+        return [SandboxMetrics.from_json(item) for item in _items(r.json(), "metrics")]
 
     async def set_timeout(self, sandbox_id: str, timeout: int, request_timeout: Optional[float] = None) -> None:
         await self._call(

@@ -175,6 +175,31 @@ class SandboxInfo:
 
 
 @dataclass
+class SandboxMetrics:
+    """One sample of a sandbox's resource use (``get_metrics()``; E2B's ``SandboxMetrics``)."""
+
+    cpu_count: int
+    cpu_used_pct: float
+    """CPU use over all vCPUs since the previous sample, 0-100."""
+    disk_total: int
+    disk_used: int
+    mem_total: int
+    mem_used: int
+    mem_cache: int
+    """Guest page cache, bytes."""
+    timestamp: Optional[_dt.datetime]
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "SandboxMetrics":
+        return cls(
+            cpu_count=_int(d.get("cpuCount")), cpu_used_pct=float(d.get("cpuUsedPct") or 0.0),
+            disk_total=_int(d.get("diskTotal")), disk_used=_int(d.get("diskUsed")),
+            mem_total=_int(d.get("memTotal")), mem_used=_int(d.get("memUsed")), mem_cache=_int(d.get("memCache")),
+            timestamp=_parse_time(d.get("timestamp")),
+        )
+
+
+@dataclass
 class TemplateInfo:
     """A template the backend can start sandboxes from (``GET /templates``)."""
 

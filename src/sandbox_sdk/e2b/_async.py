@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import datetime
 import inspect
 import logging
 import os
@@ -60,6 +61,7 @@ from ..models import (
     PtySize,
     SandboxConnectionInfo,
     SandboxInfo,
+    SandboxMetrics,
     SandboxNetworkOpts,
     SandboxNetworkUpdate,
     TemplateInfo,
@@ -68,6 +70,11 @@ from ..models import (
 )
 
 log = logging.getLogger("sandbox_sdk")
+
+
+def _unix(t: Optional[datetime.datetime]) -> Optional[int]:
+    """Unix seconds of ``t`` (a naive datetime is local time, as ``datetime.timestamp`` reads it)."""
+    return int(t.timestamp()) if t is not None else None
 
 OutputHandler = Callable[[Any], Union[Any, Awaitable[Any]]]
 #: Internal event listener: ``listener(kind, value)`` with kind in stdout/stderr/pty/end.
@@ -1353,6 +1360,30 @@ class AsyncSandbox:
     async def _get_info(self, request_timeout: Optional[float] = None) -> SandboxInfo:
         self._require_backend("get_info")
         return SandboxInfo.from_json(await self._api.get_sandbox(self.sandbox_id, request_timeout))
+
+    @dual_method
+    async def get_metrics(
+        cls, sandbox_id: str, start: Optional[datetime.datetime] = None, end: Optional[datetime.datetime] = None,
+        **connection: Any,
+    ) -> List[SandboxMetrics]:
+        """CPU, memory and disk samples of the sandbox (one every 5 s, the last 30 minutes kept), oldest
+        first, optionally only those within [start, end].
+
+        Example::
+
+            for m in await sandbox.get_metrics():
+                print(m.timestamp, m.cpu_used_pct, m.mem_used)
+        """
+        config = ConnectionConfig.resolve(**connection)
+        async with make_client(config) as client:
+            return await ApiClient(client, config).get_metrics(
+                sandbox_id, _unix(start), _unix(end), connection.get("request_timeout"))
+
+    @get_metrics.instance
+    async def _get_metrics(self, start: Optional[datetime.datetime] = None, end: Optional[datetime.datetime] = None,
+                           request_timeout: Optional[float] = None) -> List[SandboxMetrics]:
+        self._require_backend("get_metrics")
+        return await self._api.get_metrics(self.sandbox_id, _unix(start), _unix(end), request_timeout)
 
     @staticmethod
     async def list(

@@ -10,6 +10,7 @@ may call the synchronous API again.
 
 from __future__ import annotations
 
+import datetime
 import os
 import queue
 import threading
@@ -41,6 +42,7 @@ from ..models import (
     ProcessInfo,
     PtySize,
     SandboxInfo,
+    SandboxMetrics,
     SandboxNetworkOpts,
     SandboxNetworkUpdate,
     TemplateInfo,
@@ -699,6 +701,20 @@ class Sandbox:
     def _get_info(self, request_timeout: Optional[float] = None) -> SandboxInfo:
         info: SandboxInfo = _run(self._async.get_info(request_timeout))
         return info
+
+    @dual_method
+    def get_metrics(cls, sandbox_id: str, start: Optional[datetime.datetime] = None,
+                    end: Optional[datetime.datetime] = None, **connection: Any) -> List[SandboxMetrics]:
+        """CPU, memory and disk samples, oldest first; see :meth:`AsyncSandbox.get_metrics`.
+        Example: ``sandbox.get_metrics()[-1].cpu_used_pct``"""
+        metrics: List[SandboxMetrics] = _run(AsyncSandbox.get_metrics(sandbox_id, start, end, **connection))
+        return metrics
+
+    @get_metrics.instance
+    def _get_metrics(self, start: Optional[datetime.datetime] = None, end: Optional[datetime.datetime] = None,
+                     request_timeout: Optional[float] = None) -> List[SandboxMetrics]:
+        metrics: List[SandboxMetrics] = _run(self._async.get_metrics(start, end, request_timeout))
+        return metrics
 
     @staticmethod
     def list(

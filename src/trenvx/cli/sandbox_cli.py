@@ -10,6 +10,7 @@
     sandbox-cli sandbox exec ID -- CMD...         streams output, exits with the command's code
     sandbox-cli sandbox shell ID                  interactive shell in the sandbox (PTY)
     sandbox-cli sandbox info ID | timeout ID SECONDS  (info: its settings and network rules)
+    sandbox-cli sandbox metrics ID [--since SECONDS]  CPU, memory and disk samples (every 5 s)
     sandbox-cli template ls
 
 Every command takes --ip/-i and --port/-p (the backend, default 127.0.0.1:5000; also
@@ -415,6 +416,34 @@ def network(
                           "network": d.get("network") or {}}, indent=2))
         return
     _print_rows(_network_rows(d))
+
+
+@sandbox_app.command("metrics")
+def metrics(
+    sandbox_id: str,
+    since: Optional[int] = typer.Option(None, "--since", min=1, help="only the last SECONDS (default: all kept, "
+                                                                      "up to 30 minutes)"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """A sandbox's CPU, memory and disk use over time, oldest first (E2B's metrics; a sample every 5 s)."""
+    t = _merge(ip, port, api_key, as_json)
+    params = {"start": int(time.time()) - since} if since else {}
+    samples = Api(t).call("GET", f"/sandboxes/{sandbox_id}/metrics", params=params).json()
+    if t.as_json:
+        print(json.dumps(samples, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("TIME", "CPU", "MEMORY", "CACHE", "DISK"):
+        table.add_column(col, no_wrap=True, justify="left" if col == "TIME" else "right")
+    for m in samples:
+        when = time.strftime("%H:%M:%S", time.localtime(m["timestampUnix"]))
+        table.add_row(when, f"{m['cpuUsedPct']:.1f}% of {m['cpuCount']}",
+                      f"{_fmt_bytes(m['memUsed'])} / {_fmt_bytes(m['memTotal'])}", _fmt_bytes(m["memCache"]),
+                      f"{_fmt_bytes(m['diskUsed'])} / {_fmt_bytes(m['diskTotal'])}")
+    out.print(table)
+    if not samples:
+        err.print("[dim]no samples yet (the sandbox is paused, or its agent has not answered)[/]")
 
 
 @sandbox_app.command("timeout")
