@@ -3,7 +3,9 @@
 A :class:`DirWatcher` yields ``(name, type)`` pairs, ``name`` relative to the watched
 directory and ``type`` one of envd's ``EVENT_TYPE_*`` names, mapped like fsnotify (which
 envd uses): create/moved-to -> CREATE, modify -> WRITE, delete -> REMOVE,
-moved-from -> RENAME, attrib -> CHMOD.
+moved-from -> RENAME, attrib -> CHMOD. Under a recursive watch, what a new directory already
+holds when its watch is added is reported as created, once, as envd's fsnotify does (see
+:meth:`InotifyWatcher.read`); the polling watcher finds it by comparing snapshots.
 
 :func:`network_filesystem` tells whether a directory lives on a network filesystem (by the
 ``statfs(2)`` magic numbers envd checks), where inotify misses changes made elsewhere.
@@ -20,6 +22,7 @@ import select
 import stat
 import struct
 import time
+from collections import deque
 from typing import Protocol
 
 log = logging.getLogger("trenvx_agent.watch")
@@ -42,6 +45,8 @@ IN_CLOEXEC = 0o2000000
 WATCH_MASK = IN_MODIFY | IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
 
 _EVENT_HEADER = struct.Struct("iIII")
+_MAX_EVENT_SIZE = _EVENT_HEADER.size + 256  # a name is at most NAME_MAX (255) bytes and a NUL
+_READ_SIZE = 64 * 1024
 
 #: (inotify bit, envd event type), in the order envd reports several ops of one event.
 _MAPPING = (
@@ -151,18 +156,52 @@ class InotifyWatcher:
             raise OSError(err, f"cannot watch {path}: {os.strerror(err)}")
         self._dirs[wd] = path
 
-    def _add_tree(self, top: str) -> None:
-        for dirpath, dirnames, _ in os.walk(top):
+    def _add_tree(self, top: str) -> list[str]:
+        """Watch every directory under ``top`` (not ``top`` itself); return every entry found.
+
+        Top-down, so each directory is watched before it is listed: what appears in it after
+        the listing is reported by inotify, what was there before by the caller."""
+        found: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(top):
             for name in dirnames:
                 path = os.path.join(dirpath, name)
+                found.append(path)
                 if os.path.islink(path):
-                    continue
+                    continue  # os.walk does not descend into it either
                 try:
                     self._add(path)
                 except OSError as exc:
                     log.debug("not watching %s: %s", path, exc)
+            found.extend(os.path.join(dirpath, name) for name in filenames)
+        return found
+
+    def _read_raw(self) -> list[tuple[int, int, str]]:
+        """The events queued now, as ``(wd, mask, name)``, without waiting."""
+        raw: list[tuple[int, int, str]] = []
+        while True:
+            try:
+                buf = os.read(self._fd, _READ_SIZE)
+            except OSError:  # BlockingIOError: the queue is empty
+                return raw
+            offset = 0
+            while offset + _EVENT_HEADER.size <= len(buf):
+                wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(buf, offset)
+                offset += _EVENT_HEADER.size
+                raw.append((wd, mask, os.fsdecode(buf[offset:offset + length].rstrip(b"\x00"))))
+                offset += length
+            if len(buf) < _READ_SIZE - _MAX_EVENT_SIZE:  # the next event would have fit: none is left
+                return raw
 
     def read(self, timeout: float) -> list[FsEvent]:
+        """Events since the last call.
+
+        Under a recursive watch, a new directory (made or moved in) gets watches for itself and
+        its subdirectories, and every entry already inside it is reported as created, as envd's
+        fsnotify does: ``mkdir -p a/b/c && touch a/b/c/f`` reports ``a``, ``a/b``, ``a/b/c``
+        and ``a/b/c/f``, however far the commands got before the watches were added. An entry
+        made between a watch's addition and the listing that found it is also in inotify's
+        queue; that second create is dropped (``reported``): each such walk is followed by a
+        read of everything queued until then, processed in this same call."""
         if self._fd < 0:
             return []
         try:
@@ -171,17 +210,11 @@ class InotifyWatcher:
             return []
         if not ready:
             return []
-        try:
-            buf = os.read(self._fd, 64 * 1024)
-        except BlockingIOError:
-            return []
+        pending = deque(self._read_raw())
+        reported: set[str] = set()  # entries reported from a walk in this call
         events: list[FsEvent] = []
-        offset = 0
-        while offset + _EVENT_HEADER.size <= len(buf):
-            wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(buf, offset)
-            offset += _EVENT_HEADER.size
-            name = os.fsdecode(buf[offset:offset + length].rstrip(b"\x00"))
-            offset += length
+        while pending:
+            wd, mask, name = pending.popleft()
             if mask & IN_Q_OVERFLOW:
                 log.warning("inotify queue overflow under %s; events were lost", self.root)
                 continue
@@ -192,18 +225,30 @@ class InotifyWatcher:
             if directory is None:
                 continue
             path = os.path.join(directory, name) if name else directory
-            if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
-                try:
-                    self._add(path)
-                    self._add_tree(path)
-                except OSError:
-                    pass
             if not name and directory != self.root:
                 continue  # a subdirectory's own delete/move is reported by its parent
+            if mask & (IN_DELETE | IN_MOVED_FROM):
+                reported.discard(path)  # a create after this one is a new entry
+            if mask & (IN_CREATE | IN_MOVED_TO) and path in reported:
+                reported.discard(path)
+                mask &= ~(IN_CREATE | IN_MOVED_TO)  # reported from the walk already
+            elif self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                found: list[str] = []
+                try:
+                    self._add(path)
+                    found = self._add_tree(path)
+                except OSError:
+                    pass  # gone again already: its removal follows in the queue
+                rel = os.path.relpath(path, self.root)
+                events.extend((rel, kind) for bit, kind in _MAPPING if mask & bit)
+                for entry in found:
+                    if entry not in reported:
+                        reported.add(entry)
+                        events.append((os.path.relpath(entry, self.root), "EVENT_TYPE_CREATE"))
+                pending.extend(self._read_raw())
+                continue
             rel = os.path.relpath(path, self.root)
-            for bit, kind in _MAPPING:
-                if mask & bit:
-                    events.append((rel, kind))
+            events.extend((rel, kind) for bit, kind in _MAPPING if mask & bit)
         return events
 
     def close(self) -> None:
