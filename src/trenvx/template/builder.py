@@ -10,7 +10,11 @@ Stages, each timed and reported:
 6. ``snapshot``    device state written; guest RAM stays in the template's memory file
 7. ``publish``     manifest written, files made read-only, ``current`` switched atomically
 
-Unchanged inputs skip the build (the input digest is in the manifest). A failed build removes
+Unchanged inputs skip the build (the input digest is in the manifest). Builds of one template
+run one at a time, across processes (a flock on ``<name>/.build.lock``, held from the staging
+directory's creation to the publication): a second build waits, logging "waiting for the build of
+NAME by pid N", then reuses the first one's build when its inputs are the same (even with
+``force``: that build was made after it was asked for), or builds after it. A failed build removes
 its staging directory and kills its VM, and the error names the stage (with the guest console's
 last lines when the guest is at fault).
 """
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from .. import __version__
+from ..filelock import AsyncFileLock
 from ..config import Config, TemplateConfig, VmmType
 from ..guest.client import AgentClient
 from ..kernel.debian import ensure_kernel
@@ -50,7 +55,7 @@ from .accounts import Account, find_account
 from .inject import check_python, inject_guest_files
 from .tree import in_tree
 from .rootfs import prepared_rootfs, rootfs_input_digest
-from .store import MEMORY, ROOTFS, UPPER, MachineRecord, TemplateBuild, TemplateManifest, TemplateStore, new_build_id
+from .store import MEMORY, ROOTFS, UPPER, MachineRecord, TemplateBuild, TemplateManifest, TemplateStore
 
 log = logging.getLogger(__name__)
 
@@ -174,23 +179,46 @@ class TemplateBuilder:
                 "does not have; use vmm_type = \"qemu\" or \"cloud-hypervisor\", or overlay = false",
             )
         digest, inputs = self.input_digest(tpl)
-        if not force:
+        before = self.published_with(name, digest)
+        if before is not None and not force:
+            self.reporter.message(f"template {name!r} is up to date (build {before.build_id}); use --force to rebuild")
+            return BuildResult(before, skipped=True)
+        # One builder per template at a time, across processes: a second one waits for the first,
+        # then reuses what it published when the inputs are the same, or builds after it.
+        lock = AsyncFileLock(self.store.build_lock(name), on_wait=lambda pid: self._waiting(name, pid))
+        async with lock:
+            after = self.published_with(name, digest)
+            # force: a build published while this one waited was made after it was asked for.
+            fresh = lock.waited and after is not None and (before is None or after.build_id != before.build_id)
+            if after is not None and (not force or fresh):
+                self.reporter.message(f"template {name!r} was built with the same inputs while this build waited "
+                                      f"(build {after.build_id}); reusing it")
+                return BuildResult(after, skipped=True)
+            self.store.remove_stale_staging(name)  # a crashed builder's: a live one would hold the lock
+            build_id = self.store.new_build_id(name, digest)
+            staging = self.store.staging_dir(name, build_id)
+            staging.mkdir(parents=True)
             try:
-                existing = self.store.current(name)
-            except Exception:  # noqa: BLE001 - not built yet, or unreadable: build it
-                existing = None
-            if existing and existing.manifest.input_digest == digest and existing.snapshot.vmstate.exists():
-                self.reporter.message(f"template {name!r} is up to date (build {existing.build_id}); use --force to rebuild")
-                return BuildResult(existing, skipped=True)
-        self.store.remove_stale_staging(name)
-        build_id = new_build_id(digest)
-        staging = self.store.staging_dir(name, build_id)
-        staging.mkdir(parents=True)
+                return await self._build(tpl, build_id, staging, digest, inputs)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+
+    def published_with(self, name: str, digest: str) -> TemplateBuild | None:
+        """The current build of ``name`` if it was made from the inputs ``digest`` (and is whole)."""
         try:
-            return await self._build(tpl, build_id, staging, digest, inputs)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            existing = self.store.current(name)
+        except Exception:  # noqa: BLE001 - not built yet, or unreadable: build it
+            return None
+        if existing.manifest.input_digest == digest and existing.snapshot.vmstate.exists():
+            return existing
+        return None
+
+    def _waiting(self, name: str, pid: int | None) -> None:
+        text = f"waiting for the build of {name} by pid {pid if pid is not None else '(unknown)'}"
+        log.info("%s", text)
+        if not isinstance(self.reporter, LogReporter):
+            self.reporter.message(text)
 
     async def _stage(self, times: dict[str, float], stage: str, work: Callable[[], Awaitable[T]]) -> T:
         self.reporter.stage_started(stage)

@@ -2,7 +2,10 @@
 
 A build lives in ``data_root/templates/<name>/<build_id>/`` and never changes after it is
 published; publishing switches the ``current`` symlink atomically, so sandboxes restoring from an
-older build keep working while a new one is built.
+older build keep working while a new one is built. A build is made in a staging directory next to
+it, by one builder at a time per template: the builder holds ``<name>/.build.lock`` (a flock, see
+:mod:`trenvx.filelock`) from its staging directory's creation to its publication, so any staging
+directory found by the lock's holder is a crashed builder's.
 """
 
 from __future__ import annotations
@@ -183,6 +186,20 @@ class TemplateStore:
     def staging_dir(self, name: str, build_id: str) -> Path:
         return self.data_root.template_dir(name) / f".{build_id}.partial"
 
+    def build_lock(self, name: str) -> Path:
+        """The file a builder of ``name`` holds a flock on while it builds (it holds its pid)."""
+        return self.data_root.template_dir(name) / ".build.lock"
+
+    def new_build_id(self, name: str, digest: str) -> str:
+        """A build id of ``name`` no build or staging directory has (two builds with the same
+        inputs in the same second would otherwise get the same one)."""
+        base = new_build_id(digest)
+        build_id, n = base, 1
+        while self.build_dir(name, build_id).exists() or self.staging_dir(name, build_id).exists():
+            n += 1
+            build_id = f"{base}-{n}"
+        return build_id
+
     def publish(self, name: str, staging: Path, manifest: TemplateManifest) -> TemplateBuild:
         """Make a finished staging dir the current build of ``name`` (atomic symlink swap)."""
         (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
@@ -197,6 +214,7 @@ class TemplateStore:
         return TemplateBuild(final, manifest)
 
     def remove_stale_staging(self, name: str) -> None:
+        """Remove crashed builders' staging directories: call it only holding :meth:`build_lock`."""
         d = self.data_root.template_dir(name)
         if d.is_dir():
             for p in d.glob(".*.partial"):
