@@ -179,6 +179,7 @@ async def test_latest_sample_of_many_sandboxes(api, agent) -> None:
 
 @pytest.mark.parametrize("query, words", [
     ({}, "sandbox_ids"), ({"sandbox_ids": ",".join(f"s{i}" for i in range(101))}, "at most 100"),
+    ({"sandbox_ids": "a,B/../x"}, "sandbox_ids"),
 ])
 async def test_bad_metrics_lists_are_400_naming_sandbox_ids(api, query, words) -> None:
     r = await api.get("/sandboxes/metrics", params=query)

@@ -378,8 +378,9 @@ UNIX_SECONDS = Query(ge=0, le=1 << 40, description="Unix timestamp in seconds")
             summary="The latest metrics sample of each sandbox named (those not found, or not sampled yet, are left out)")
 async def sandboxes_metrics(
     request: Request,
-    sandbox_ids: Annotated[str, Query(max_length=MAX_METRICS_IDS * 70,
-                                      description=f"Comma-separated sandbox ids, at most {MAX_METRICS_IDS}")],
+    sandbox_ids: Annotated[str, Query(
+        max_length=MAX_METRICS_IDS * 65, pattern=r"^[a-z0-9, -]*$",  # sandbox ids: lowercase letters, digits, '-'
+        description=f"Comma-separated sandbox ids, at most {MAX_METRICS_IDS}")],
 ) -> SandboxesWithMetrics:
     ids = list(dict.fromkeys(i.strip() for i in sandbox_ids.split(",") if i.strip()))
     if len(ids) > MAX_METRICS_IDS:
