@@ -1,9 +1,25 @@
-"""Fixtures of the SDK's end-to-end tests: names for the session backends of tests/conftest.py."""
+"""Fixtures of the SDK's end-to-end tests: names for the session backends of tests/conftest.py,
+and the shipped ``default-sandbox`` template built into the session's data_root."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import httpx
 import pytest
+import pytest_asyncio
+
+from trenvx.build_errors import BuildError
+from trenvx.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = "default-sandbox"
+"""The template a create that names none gets (configs/example_config.toml): git, sudo, curl."""
+
+NETWORK_FAILURE = re.compile(r"Temporary failure resolving|Could not resolve|Failed to fetch|Unable to fetch|"
+                             r"Network is unreachable|Connection timed out")
+"""How apt and debootstrap say that Debian's mirror cannot be reached."""
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +37,28 @@ def backend_port(sdk_backend: str) -> int:
 def keyed_backend(keyed_backend_url: str) -> str:
     """A second backend that requires the API key ``right-key``."""
     return keyed_backend_url
+
+
+def shipped_config(e2e_config: Config) -> Config:
+    """The e2e config (data_root, network) plus the shipped default-sandbox template, unchanged."""
+    example = load_config(REPO / "configs" / "example_config.toml")
+    return e2e_config.model_copy(update={"template": {**e2e_config.template, SHIPPED: example.get_template(SHIPPED)}})
+
+
+@pytest_asyncio.fixture(scope="session")
+async def shipped_template(e2e_config: Config, test_template: str) -> str:
+    """default-sandbox built into the session's data_root (whose templates the backends serve), once
+    per run and reused while its inputs are unchanged (shared with the demo's: the inputs are the
+    same). Skipped, with the reason, only where Debian's mirror cannot be reached for its packages."""
+    from trenvx.template.builder import TemplateBuilder
+
+    try:
+        result = await TemplateBuilder(shipped_config(e2e_config)).build(SHIPPED)
+    except BuildError as e:
+        if e.stage == "rootfs" and NETWORK_FAILURE.search(str(e)):
+            pytest.skip(f"{SHIPPED} installs packages from Debian's mirror, which is not reachable here: {e}")
+        raise
+    print(f"\n{SHIPPED}: {'reused' if result.skipped else 'built'} {result.build.build_id} "
+          f"{result.build.manifest.stage_seconds}")
+    assert (result.build.default_user, result.build.default_workdir) == ("user", "/home/user")
+    return SHIPPED

@@ -4,28 +4,20 @@ shells read ``~/.profile``; ``sudo`` works without a password where the template
 
 Driven through E2B's own ``e2b`` package (unmodified) and ``sandbox_sdk.e2b`` against the session's
 ``trenvx serve``, on the e2e template (which has no sudo: it downloads no packages). sudo is tested
-on a build of the shipped ``default-sandbox`` template (configs/example_config.toml), cached in the
-data_root by its inputs like every build (and shared with the demo's: the inputs are the same).
+on a build of the shipped ``default-sandbox`` template (configs/example_config.toml): the session
+fixture ``shipped_template`` of tests/e2e/conftest.py, cached in the data_root by its inputs.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from trenvx.build_errors import BuildError
-from trenvx.config import Config, load_config
-
 pytestmark = pytest.mark.e2e
 
 e2b = pytest.importorskip("e2b")
-
-REPO = Path(__file__).resolve().parents[2]
-SHIPPED = "default-sandbox"
 
 
 @pytest.fixture
@@ -99,33 +91,7 @@ async def test_sandbox_sdk_has_the_same_default(backend_url: str, test_template:
 
 
 # ----------------------------------------------------------------------------- default-sandbox
-
-
-def shipped_config(e2e_config: Config) -> Config:
-    """The e2e config (data_root, network) plus the shipped default-sandbox template, unchanged."""
-    example = load_config(REPO / "configs" / "example_config.toml")
-    return e2e_config.model_copy(update={"template": {**e2e_config.template, SHIPPED: example.get_template(SHIPPED)}})
-
-
-NETWORK_FAILURE = re.compile(r"Temporary failure resolving|Could not resolve|Failed to fetch|Unable to fetch|"
-                             r"Network is unreachable|Connection timed out")
-
-
-@pytest_asyncio.fixture(scope="module")
-async def shipped_template(e2e_config: Config, test_template: str) -> str:
-    """default-sandbox built into the session's data_root (whose templates the backend serves)."""
-    from trenvx.template.builder import TemplateBuilder
-
-    try:
-        result = await TemplateBuilder(shipped_config(e2e_config)).build(SHIPPED)
-    except BuildError as e:
-        if e.stage == "rootfs" and NETWORK_FAILURE.search(str(e)):
-            pytest.skip(f"{SHIPPED} installs packages from Debian's mirror, which is not reachable here: {e}")
-        raise
-    print(f"\n{SHIPPED}: {'reused' if result.skipped else 'built'} {result.build.build_id} "
-          f"{result.build.manifest.stage_seconds}")
-    assert (result.build.default_user, result.build.default_workdir) == ("user", "/home/user")
-    return SHIPPED
+# (``shipped_template``: tests/e2e/conftest.py)
 
 
 async def test_default_sandbox_has_user_with_passwordless_sudo(e2b_env: str, shipped_template: str) -> None:

@@ -8,7 +8,9 @@ module (the tests use directories of their own), killed at the end; the lifecycl
 their own. The table of what works, what is refused and which issue brings the rest is in
 docs/sdk.md ("E2B's SDK surface").
 
-The ``git`` tests need ``git`` in the template and are skipped where it is missing.
+The ``git`` tests run on the shipped ``default-sandbox`` template (``shipped_template`` of
+tests/e2e/conftest.py, built once per run), which has git; they are skipped only where its build
+cannot reach Debian's mirror.
 """
 
 from __future__ import annotations
@@ -317,6 +319,23 @@ def test_sync_watch_dir(sbx: Sandbox) -> None:
         entries = {e.name: e.entry for e in seen if e.type == FilesystemEventType.CREATE}
         assert entries["sub/inner.txt"] is not None and entries["sub/inner.txt"].type == FileType.FILE
 
+        # What a new directory holds before its watch is added is reported too (as envd's fsnotify
+        # does), once: a file written into a directory the write makes, and `mkdir -p` of a tree.
+        fs.write("watch-sync/new/x.txt", "x")
+        sbx.commands.run("mkdir -p watch-sync/p/q/r && echo f > watch-sync/p/q/r/f")
+        fs.write("watch-sync/marker.txt", "m")  # after all of it: events arrive in order
+        news = ["new", "new/x.txt", "p", "p/q", "p/q/r", "p/q/r/f"]
+
+        def deep_has_new() -> bool:
+            seen.extend(deep.get_new_events())
+            return ("marker.txt", FilesystemEventType.CREATE) in {(e.name, e.type) for e in seen}
+
+        wait_for(deep_has_new, "the recursive watch's events for new directories")
+        created = [e.name for e in seen if e.type == FilesystemEventType.CREATE]
+        assert {n: created.count(n) for n in news} == {n: 1 for n in news}, created
+        new_entry = next(e.entry for e in seen if e.name == "new/x.txt" and e.type == FilesystemEventType.CREATE)
+        assert new_entry is not None and new_entry.path == "/home/user/watch-sync/new/x.txt"
+
         flat_seen: list[Any] = []
 
         def flat_has_top() -> bool:
@@ -398,6 +417,10 @@ async def test_async_watch_dir(asbx: AsyncSandbox) -> None:
         await await_for(has_all, "the async watch's events")
         created = next(e for e in events if e.type == FilesystemEventType.CREATE)
         assert created.entry is not None and created.entry.name == "f.txt"
+
+        await fs.write("watch-async/new/x.txt", "x")  # into a directory the write makes
+        await await_for(lambda: ("new/x.txt", FilesystemEventType.CREATE) in {(e.name, e.type) for e in events},
+                        "the async watch's event for a file in a new directory")
     finally:
         await handle.stop()
     count = len(events)
@@ -623,15 +646,24 @@ async def test_async_pty(asbx: AsyncSandbox) -> None:
 # ============================================================================ git
 
 
-def has_git(run: Callable[..., Any]) -> bool:
-    return run("command -v git >/dev/null && echo yes || echo no").stdout == "yes\n"
+@pytest.fixture
+def git_sbx(e2b_env: str, shipped_template: str) -> Iterator[Sandbox]:
+    """A sandbox of the shipped default-sandbox template, which has git (the e2e template has none:
+    tests/e2e/e2e.Dockerfile downloads no packages)."""
+    s = Sandbox.create(shipped_template, timeout=900, metadata={"suite": SUITE, "api": "sync-git"})
+    try:
+        yield s
+    finally:
+        s.kill()
 
 
-@pytest.fixture(scope="module")
-def git_sbx(sbx: Sandbox) -> Sandbox:
-    if not has_git(sbx.commands.run):
-        pytest.skip("the e2e template has no git (tests/e2e/e2e.Dockerfile)")
-    return sbx
+@pytest_asyncio.fixture
+async def git_asbx(e2b_env: str, shipped_template: str) -> AsyncIterator[AsyncSandbox]:
+    s = await AsyncSandbox.create(shipped_template, timeout=900, metadata={"suite": SUITE, "api": "async-git"})
+    try:
+        yield s
+    finally:
+        await s.kill()
 
 
 def check_sync_git(s: Sandbox, root: str) -> None:
@@ -731,7 +763,5 @@ async def check_async_git(s: AsyncSandbox, root: str) -> None:
     assert "async-user:async-token@git.example.invalid" in (await s.commands.run("cat ~/.git-credentials")).stdout
 
 
-async def test_async_git(asbx: AsyncSandbox) -> None:
-    if (await asbx.commands.run("command -v git >/dev/null && echo yes || echo no")).stdout != "yes\n":
-        pytest.skip("the e2e template has no git (tests/e2e/e2e.Dockerfile)")
-    await check_async_git(asbx, "git-async")
+async def test_async_git(git_asbx: AsyncSandbox) -> None:
+    await check_async_git(git_asbx, "git-async")
