@@ -84,6 +84,7 @@ class RacingWatcher(InotifyWatcher):
         if path == self.racy:
             Path(path, "raced.txt").write_text("x")
             os.mkdir(os.path.join(path, "raced-dir"))
+            Path(path, "raced-dir", "inner.txt").write_text("z")  # made before raced-dir's watch
 
 
 def test_an_entry_both_listed_and_queued_is_reported_once(tmp_path: Path) -> None:
@@ -91,10 +92,10 @@ def test_an_entry_both_listed_and_queued_is_reported_once(tmp_path: Path) -> Non
     watcher.racy = str(tmp_path / "d")
     try:
         (tmp_path / "d").mkdir()
-        wanted = {("d", CREATE), ("d/raced.txt", CREATE), ("d/raced-dir", CREATE)}
+        wanted = {("d", CREATE), ("d/raced.txt", CREATE), ("d/raced-dir", CREATE), ("d/raced-dir/inner.txt", CREATE)}
         events = collect(watcher, wanted)
         assert wanted <= set(events), events
-        assert creates(events) == Counter({"d": 1, "d/raced.txt": 1, "d/raced-dir": 1}), events
+        assert creates(events) == Counter({"d": 1, "d/raced.txt": 1, "d/raced-dir": 1, "d/raced-dir/inner.txt": 1}), events
         # The file's write was seen by the watch (it came after the watch): inotify's, kept.
         assert ("d/raced.txt", "EVENT_TYPE_WRITE") in events
         # The raced directory is watched too.

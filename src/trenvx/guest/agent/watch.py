@@ -229,26 +229,23 @@ class InotifyWatcher:
                 continue  # a subdirectory's own delete/move is reported by its parent
             if mask & (IN_DELETE | IN_MOVED_FROM):
                 reported.discard(path)  # a create after this one is a new entry
+            new_dir = self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO)
             if mask & (IN_CREATE | IN_MOVED_TO) and path in reported:
-                reported.discard(path)
-                mask &= ~(IN_CREATE | IN_MOVED_TO)  # reported from the walk already
-            elif self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                mask &= ~(IN_CREATE | IN_MOVED_TO)  # reported from a walk already
+            rel = os.path.relpath(path, self.root)
+            events.extend((rel, kind) for bit, kind in _MAPPING if mask & bit)
+            if new_dir:
                 found: list[str] = []
                 try:
                     self._add(path)
                     found = self._add_tree(path)
                 except OSError:
                     pass  # gone again already: its removal follows in the queue
-                rel = os.path.relpath(path, self.root)
-                events.extend((rel, kind) for bit, kind in _MAPPING if mask & bit)
                 for entry in found:
                     if entry not in reported:
                         reported.add(entry)
                         events.append((os.path.relpath(entry, self.root), "EVENT_TYPE_CREATE"))
                 pending.extend(self._read_raw())
-                continue
-            rel = os.path.relpath(path, self.root)
-            events.extend((rel, kind) for bit, kind in _MAPPING if mask & bit)
         return events
 
     def close(self) -> None:
