@@ -25,7 +25,7 @@ from .. import __version__ as trenvx_version
 from ..config import Config
 from ..sandbox.manager import SandboxManager
 from ..sandbox.metrics_sampler import MetricsSampler
-from . import errors, routes_builds, routes_sandboxes, routes_templates
+from . import errors, routes_builds, routes_not_implemented, routes_sandboxes, routes_templates
 from .errors import error_body
 from .metrics import ServerMetrics
 from .metrics import router as metrics_router
@@ -198,6 +198,7 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, limit=orch.max_request_body_kb * 1024)
     routes_builds.install(app)  # template builds; its upload links are served in front of the body limit
+    app.include_router(routes_not_implemented.router)  # last: E2B endpoints not built yet answer 501
 
     class _Proxy(SandboxProxy):
         def __init__(self, inner: Any) -> None:
