@@ -35,6 +35,7 @@ __all__ = [
     "CommandResult",
     "EntryInfo",
     "EnvelopeDecoder",
+    "FreezeResult",
     "ProcessEvent",
     "ProcessInfo",
     "encode_envelope",
@@ -48,6 +49,8 @@ UPLOAD_CHUNK = 1 << 20
 STDIN_CHUNK = 1 << 20
 #: Largest /metrics answer read (the agent's is ~300 bytes).
 METRICS_MAX_BYTES = 64 << 10
+#: Largest /freeze or /thaw answer read (a list of mount points).
+FREEZE_MAX_BYTES = 64 << 10
 
 _HTTP_TO_CODE = {
     400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied", 404: "not_found",
@@ -131,6 +134,20 @@ class ProcessInfo:
     args: list[str] = field(default_factory=list)
     envs: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
+
+
+@dataclass
+class FreezeResult:
+    """What ``/freeze`` froze (or ``/thaw`` thawed): mount points, and the errors of the others."""
+
+    paths: list[str]
+    errors: list[str]
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any], key: str) -> FreezeResult:
+        paths, errors = value.get(key), value.get("errors")
+        return cls([str(p) for p in paths] if isinstance(paths, list) else [],
+                   [str(e) for e in errors] if isinstance(errors, list) else [])
 
 
 def _parse_time(value: str | None) -> datetime | None:
@@ -350,6 +367,49 @@ class AgentClient:
         if not isinstance(value, dict):
             raise AgentError("internal", "/metrics answered something other than a JSON object")
         return value
+
+    async def _small_json(self, path: str, body: dict[str, Any], limit: int, timeout: float | None) -> dict[str, Any]:
+        """POST ``body`` to ``path``; its JSON object answer, read to at most ``limit`` bytes (a guest
+        cannot make the host read more). AgentError for any status but 200."""
+        async with self._http.stream("POST", path, json=body, headers=self._headers(rpc=False),
+                                     timeout=timeout if timeout is not None else self.timeout) as response:
+            data = b""
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > limit:
+                    raise AgentError("resource_exhausted", f"{path} answered more than {limit} bytes")
+        if response.status_code != 200:
+            raise _error_from_response(response.status_code, data)
+        try:
+            value = json.loads(data)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise AgentError("internal", f"{path} answered something other than a JSON object")
+        return value
+
+    async def freeze(self, *, thaw_after_s: float = 120.0, timeout: float | None = None) -> FreezeResult:
+        """Sync and freeze the guest's writable filesystems (``POST /freeze``) for a pause to disk;
+        they thaw on :meth:`thaw`, :meth:`init`/:meth:`resync`, or by themselves after
+        ``thaw_after_s`` seconds of the guest's time.
+
+        Raises :class:`AgentError` (status 404: the agent predates freezing; 501: it does not
+        freeze) and ``httpx`` errors (a timeout: the agent did not answer in ``timeout``)."""
+        value = await self._small_json("/freeze", {"thawAfterSeconds": thaw_after_s}, FREEZE_MAX_BYTES, timeout)
+        return FreezeResult.from_json(value, "frozen")
+
+    async def thaw(self, *, timeout: float | None = None) -> FreezeResult:
+        """Thaw what :meth:`freeze` froze (``POST /thaw``; nothing frozen: nothing to do)."""
+        return FreezeResult.from_json(await self._small_json("/thaw", {}, FREEZE_MAX_BYTES, timeout), "thawed")
+
+    async def resync(self, *, timestamp_ns: int | None = None, entropy: bytes | None = None) -> None:
+        """After a resume: the host's clock and fresh entropy (``POST /init`` with only those; the
+        agent thaws its filesystems first). Identity, token and environment stay as they were."""
+        ns = time.time_ns() if timestamp_ns is None else timestamp_ns
+        body = {"timestamp": _rfc3339_ns(ns), "entropy": _b64(entropy if entropy is not None else os.urandom(64))}
+        response = await self._http.post("/init", json=body, headers=self._headers(rpc=False))
+        if response.status_code != 204:
+            raise _error_from_response(response.status_code, response.content)
 
     async def forward_port(self, port: int, *, timeout: float | None = None) -> bool:
         """Ask the agent to relay ``port``, bound to the guest's loopback, to the guest's address

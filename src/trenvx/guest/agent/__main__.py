@@ -12,6 +12,7 @@ import threading
 from types import FrameType
 
 from . import DEFAULT_PORT, __version__
+from .freeze import Freezer, SystemOps
 from .identity import SYSTEM_STEPS, SystemIdentity
 from .server import Agent, AgentHTTPServer
 from .vsock import start_vsock_listener, stop_vsock_listener
@@ -39,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     parser.add_argument(
-        "--skip", action="append", default=[], choices=[*SYSTEM_STEPS, "all"],
-        help="an /init step not to apply to the system (repeatable; 'all' for host tests)",
+        "--skip", action="append", default=[], choices=[*SYSTEM_STEPS, "freeze", "all"],
+        help="an /init step not to apply to the system, or 'freeze' (no /freeze of the filesystems); "
+             "repeatable; 'all' for host tests. Freezing is also off unless the agent listens on all addresses",
     )
     parser.add_argument("--etc-dir", default="/etc", help="where hostname, hosts and machine-id live")
     parser.add_argument("--poll-watch", action="store_true", help="watch directories by polling instead of inotify")
@@ -60,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s trenvx-agent %(levelname)s %(name)s: %(message)s",
     )
-    skip = set(SYSTEM_STEPS) if "all" in args.skip else set(args.skip)
-    agent = Agent(system=SystemIdentity(skip=skip, etc=args.etc_dir), force_polling_watch=args.poll_watch)
+    skip = {*SYSTEM_STEPS, "freeze"} if "all" in args.skip else set(args.skip)
+    # Only an agent in a VM freezes filesystems (they are its sandbox's disks): one on a host
+    # (tests bind it to 127.0.0.1) must never freeze the host's.
+    in_vm = args.host in ("0.0.0.0", "::", "")
+    freezer = Freezer(SystemOps() if in_vm and "freeze" not in skip else None)
+    agent = Agent(system=SystemIdentity(skip=skip, etc=args.etc_dir), force_polling_watch=args.poll_watch,
+                  freezer=freezer)
     server = AgentHTTPServer((args.host, args.port), agent)
     log = logging.getLogger("trenvx_agent")
     want_vsock = args.vsock == "on" or (args.vsock == "auto" and args.host in ("0.0.0.0", "::", ""))

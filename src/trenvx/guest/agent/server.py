@@ -7,6 +7,8 @@ streams. Routes:
 * ``POST /init``, ``GET /envs``, ``GET /metrics``
 * ``GET|POST /files``
 * ``POST /process.Process/<Method>``, ``POST /filesystem.Filesystem/<Method>`` (Connect)
+* ``POST /freeze`` ``{"thawAfterSeconds": N}``, ``POST /thaw``: hold the writable filesystems still
+  for a pause to disk (:mod:`.freeze`); ``/init`` thaws them first
 * ``POST /ports/forward`` ``{"port": N}``: relay a port bound to the guest's loopback to the
   address the request arrived on (:mod:`.ports`); ``GET /ports/forward`` lists the relays
 
@@ -28,6 +30,7 @@ from typing import Any
 from . import ENVD_COMPAT_VERSION, __version__
 from .connect import ConnectError, Rpc, RpcContext, serve_rpc
 from .files import FilesApi
+from .freeze import FreezeUnavailable, Freezer, thaw_after
 from .filesystem import FilesystemService
 from .httpio import BadRequest, BodyTooLarge, Exchange
 from .identity import InitApi, SystemIdentity
@@ -42,13 +45,16 @@ log = logging.getLogger("trenvx_agent.server")
 DEFAULT_KEEPALIVE_S = 30.0
 MAX_INIT_BYTES = 4 << 20
 MAX_FORWARD_BYTES = 4096
+MAX_FREEZE_BYTES = 4096
 
 
 class Agent:
     """The agent application: state, services and the route table."""
 
-    def __init__(self, *, system: SystemIdentity | None = None, force_polling_watch: bool = False) -> None:
+    def __init__(self, *, system: SystemIdentity | None = None, force_polling_watch: bool = False,
+                 freezer: Freezer | None = None) -> None:
         self.state = AgentState()
+        self.freezer = freezer or Freezer()
         self.processes = ProcessService(self.state)
         self.filesystem = FilesystemService(self.state, force_polling=force_polling_watch)
         self.files = FilesApi(self.state)
@@ -114,6 +120,8 @@ class Agent:
             self._simple_get(ex, self.metrics.snapshot)
         elif path == "/ports/forward":
             self._forward_port(ex)
+        elif path in ("/freeze", "/thaw"):
+            self._freeze(ex, path)
         else:
             ex.body.drain()
             if path.count("/") == 2 and path[1:].split("/")[0].count(".") >= 1:
@@ -151,6 +159,10 @@ class Agent:
         body = self._json_object(ex, MAX_INIT_BYTES, "/init")
         if body is None:
             return
+        # A resumed sandbox is frozen (its pause froze it): /init writes /etc, so it thaws first.
+        thawed = self.freezer.thaw() if self.freezer.frozen else None
+        if thawed and thawed["errors"]:
+            log.warning("init: thawing failed: %s", thawed["errors"])
         try:
             warnings = self.init_api.init(body)
         except ConnectError as err:
@@ -192,6 +204,29 @@ class Agent:
             return
         ex.respond_json(200, result.as_json())
 
+    def _freeze(self, ex: Exchange, path: str) -> None:
+        """``POST /freeze``: sync and freeze the writable filesystems (thawed by ``/thaw``, ``/init``
+        or after ``thawAfterSeconds``); ``POST /thaw``. 200 with what was done and what failed."""
+        if ex.method != "POST":
+            ex.body.drain()
+            ex.respond_json(405, {"code": 405, "message": f"method {ex.method} not allowed"}, headers={"Allow": "POST"})
+            return
+        body = self._json_object(ex, MAX_FREEZE_BYTES, path)
+        if body is None:
+            return
+        if path == "/thaw":
+            ex.respond_json(200, self.freezer.thaw())
+            return
+        try:
+            seconds = thaw_after(body)
+        except ValueError as exc:
+            ex.respond_json(400, {"code": 400, "message": f"invalid /freeze body: {exc}"})
+            return
+        try:
+            ex.respond_json(200, self.freezer.freeze(seconds))
+        except FreezeUnavailable as exc:
+            ex.respond_json(501, {"code": 501, "message": str(exc)})
+
     @staticmethod
     def _json_object(ex: Exchange, limit: int, route: str) -> dict | None:
         """The request's body as a JSON object (empty: ``{}``); None once a 413/400 was answered."""
@@ -211,6 +246,8 @@ class Agent:
         return body
 
     def shutdown(self) -> None:
+        if self.freezer.frozen:
+            self.freezer.thaw()
         self.ports.shutdown()
         self.filesystem.shutdown()
         self.processes.shutdown()
