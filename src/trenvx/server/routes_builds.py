@@ -234,9 +234,13 @@ async def build_status(request: Request, templateID: str, buildID: str,
     return out
 
 
+#: A log cursor is a time in ms since the epoch; past the year 9999 no datetime can hold it.
+MAX_CURSOR_MS = 253_402_300_799_999
+
+
 @router.get("/templates/{templateID}/builds/{buildID}/logs", response_model=BuildLogs, response_model_exclude_none=True,
             responses={400: ERRORS[400], 404: ERRORS[404]}, summary="Build logs")
-async def build_logs(request: Request, templateID: str, buildID: str, cursor: int | None = Query(default=None, ge=0),
+async def build_logs(request: Request, templateID: str, buildID: str, cursor: int | None = Query(default=None, ge=0, le=MAX_CURSOR_MS),
                      limit: int = Query(default=100, ge=0, le=1000),
                      direction: str = Query(default="forward", pattern="^(forward|backward)$"),
                      level: str | None = Query(default=None, pattern="^(debug|info|warn|error)$"),
