@@ -35,7 +35,7 @@ BUILD_ID = re.compile(r"\d{8}T\d{6}-[0-9a-f]{8}(?:-\d+)?")
 def lock_config(e2e_config: Config, tmp_path: Path) -> Iterator[Path]:
     tdir = e2e_config.data_root / "templates" / NAME
     shutil.rmtree(tdir, ignore_errors=True)  # a build left by an interrupted run would be reused
-    dockerfile = Path(__file__).resolve().parent / "e2e.Dockerfile"
+    dockerfile = Path(__file__).resolve().parent / "template" / "e2e.Dockerfile"
     path = tmp_path / "lock.toml"
     path.write_text(
         f'data_root = "{e2e_config.data_root}"\n'
