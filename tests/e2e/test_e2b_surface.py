@@ -649,7 +649,7 @@ async def test_async_pty(asbx: AsyncSandbox) -> None:
 @pytest.fixture
 def git_sbx(e2b_env: str, shipped_template: str) -> Iterator[Sandbox]:
     """A sandbox of the shipped default-sandbox template, which has git (the e2e template has none:
-    tests/e2e/e2e.Dockerfile downloads no packages)."""
+    tests/e2e/template/e2e.Dockerfile downloads no packages)."""
     s = Sandbox.create(shipped_template, timeout=900, metadata={"suite": SUITE, "api": "sync-git"})
     try:
         yield s
@@ -765,3 +765,42 @@ async def check_async_git(s: AsyncSandbox, root: str) -> None:
 
 async def test_async_git(git_asbx: AsyncSandbox) -> None:
     await check_async_git(git_asbx, "git-async")
+
+
+# ============================================================================ pause
+
+
+def test_sync_pause_and_connect(e2b_env: str, test_template: str) -> None:
+    """pause (on the instance and by id), beta_pause, and connect resuming: files and processes
+    are there after the resume; a second pause of a paused sandbox answers False."""
+    s = Sandbox.create(test_template, timeout=300, metadata={"suite": SUITE, "api": "sync-pause"})
+    try:
+        s.files.write("kept.txt", "written before the pause")
+        sleeper = s.commands.run("sleep 900", background=True)
+        assert s.pause() is True
+        assert s.is_running() is False
+        assert Sandbox.get_info(s.sandbox_id).state.value == "paused"
+        assert Sandbox.pause(s.sandbox_id) is False  # already paused
+        back = Sandbox.connect(s.sandbox_id)
+        assert back.is_running() is True
+        assert back.files.read("kept.txt") == "written before the pause"
+        assert sleeper.pid in {p.pid for p in back.commands.list()}
+        assert back.beta_pause() is True  # the deprecated name, same request
+        assert back.is_running() is False
+        again = back.connect()  # on the instance
+        assert again.commands.run("echo resumed").stdout == "resumed\n"
+    finally:
+        Sandbox.kill(s.sandbox_id)
+
+
+async def test_async_pause_and_connect(e2b_env: str, test_template: str) -> None:
+    s = await AsyncSandbox.create(test_template, timeout=300, metadata={"suite": SUITE, "api": "async-pause"})
+    try:
+        await s.files.write("kept.txt", "async, before the pause")
+        assert await s.pause() is True
+        assert await s.is_running() is False
+        back = await AsyncSandbox.connect(s.sandbox_id)
+        assert await back.is_running() is True
+        assert await back.files.read("kept.txt") == "async, before the pause"
+    finally:
+        await AsyncSandbox.kill(s.sandbox_id)

@@ -149,3 +149,26 @@ def test_uploads_are_gated_and_checked(keyed_backend_url: str, e2e_config) -> No
         assert c.put(url, content=_tar(_member("ok.txt"))).status_code == 200
         assert c.get(f"/templates/e2e-upload-check/files/{h}", headers=key).json()["present"] is True
     stored.unlink()
+
+
+def test_background_build_status_and_exists(e2b_env: str, tmp_path: Path) -> None:
+    """build_in_background returns at once; get_build_status follows the build (with its logs)
+    to ready; exists finds the template by name and not a name nobody built."""
+    import time
+
+    from e2b import Template
+
+    (tmp_path / "hello.txt").write_text("hello from the host\n")
+    info = Template.build_in_background(_template(tmp_path), alias=BUILT, cpu_count=1, memory_mb=256)
+    assert info.template_id == BUILT and info.build_id
+    deadline = time.monotonic() + 900
+    while True:
+        status = Template.get_build_status(info, logs_offset=0)
+        if status.status.value in ("ready", "error"):
+            break
+        assert time.monotonic() < deadline, f"build still {status.status.value} after 900 s"
+        time.sleep(1)
+    assert status.status.value == "ready", status
+    assert status.template_id == BUILT and status.build_id == info.build_id
+    assert Template.exists(BUILT) is True
+    assert Template.exists(f"e2e-never-built-{secrets.token_hex(4)}") is False
