@@ -4,12 +4,14 @@ and the shipped ``default-sandbox`` template built into the session's data_root.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import pytest_asyncio
 
+from tests.e2e.server_helpers import e2b_pointed_at
 from trenvx.build_errors import BuildError
 from trenvx.config import Config, load_config
 
@@ -62,3 +64,11 @@ async def shipped_template(e2e_config: Config, test_template: str) -> str:
           f"{result.build.manifest.stage_seconds}")
     assert (result.build.default_user, result.build.default_workdir) == ("user", "/home/user")
     return SHIPPED
+
+
+@pytest.fixture
+def e2b_env(sdk_backend: str) -> Iterator[str]:
+    """E2B's ``e2b`` package pointed at the session backend for one test (see :func:`e2b_pointed_at`);
+    a module may override it, e.g. with a module scope or the keyed backend."""
+    with e2b_pointed_at(sdk_backend) as url:
+        yield url

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 
 from trenvx.config import AGENT_PORT, Config
 from trenvx.guest.client import AgentClient
@@ -205,3 +206,17 @@ def through_proxy(url: str, sandbox: dict, token: str | None = None) -> AgentCli
     """The agent of ``sandbox`` (a create response) reached through the server at ``url``."""
     proxy = {"E2b-Sandbox-Id": sandbox["sandboxID"], "E2b-Sandbox-Port": str(AGENT_PORT)}
     return AgentClient(url, access_token=token or sandbox["envdAccessToken"], headers=proxy)
+
+
+@contextlib.contextmanager
+def e2b_pointed_at(url: str, api_key: str = "no-key-configured") -> Iterator[str]:
+    """The documented way to point E2B's unmodified ``e2b`` package at a trenvx server: its API
+    and sandbox URLs and a key (any value where the server has none); no debug mode, no domain."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("E2B_API_URL", url)
+        mp.setenv("E2B_SANDBOX_URL", url)
+        mp.setenv("E2B_API_KEY", api_key)
+        mp.delenv("E2B_DEBUG", raising=False)
+        mp.delenv("E2B_DOMAIN", raising=False)
+        yield url
+

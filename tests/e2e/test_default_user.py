@@ -20,16 +20,6 @@ pytestmark = pytest.mark.e2e
 e2b = pytest.importorskip("e2b")
 
 
-@pytest.fixture
-def e2b_env(backend_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("E2B_API_URL", backend_url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", backend_url)
-    monkeypatch.setenv("E2B_API_KEY", "no-key-configured")
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    return backend_url
-
-
 @pytest_asyncio.fixture
 async def e2b_sandbox(e2b_env: str, test_template: str) -> AsyncIterator["e2b.AsyncSandbox"]:
     sbx = await e2b.AsyncSandbox.create(test_template, timeout=300)

@@ -12,16 +12,6 @@ pytestmark = pytest.mark.e2e
 e2b = pytest.importorskip("e2b")
 
 
-@pytest.fixture
-def e2b_env(sdk_backend: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("E2B_API_URL", sdk_backend)
-    monkeypatch.setenv("E2B_SANDBOX_URL", sdk_backend)
-    monkeypatch.setenv("E2B_API_KEY", "any-key")
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    return sdk_backend
-
-
 def _running_ids() -> set[str]:
     return {s.sandbox_id for s in e2b.Sandbox.list().next_items()}
 

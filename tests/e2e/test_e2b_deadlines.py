@@ -28,16 +28,6 @@ BOUND_S = 60.0
 """Generous bound (TCG is slow) on how long an ended command may take to be reported."""
 
 
-@pytest.fixture
-def e2b_env(sdk_backend: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("E2B_API_URL", sdk_backend)
-    monkeypatch.setenv("E2B_SANDBOX_URL", sdk_backend)
-    monkeypatch.setenv("E2B_API_KEY", "any-key")
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    return sdk_backend
-
-
 def _running(sbx, pattern: str) -> list[str]:
     """Command lines of the sandbox's processes matching ``pattern`` (as root: every user's)."""
     r = sbx.commands.run(f"ps -eo args= | grep -F -- {pattern!r} | grep -v grep || true", user="root")

@@ -24,16 +24,6 @@ e2b = pytest.importorskip("e2b")
 T = 120  # generous: TCG is slow
 
 
-@pytest.fixture
-def e2b_env(backend_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("E2B_API_URL", backend_url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", backend_url)
-    monkeypatch.setenv("E2B_API_KEY", "e2b-files-test")
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    return backend_url
-
-
 def _with(url: str, **changes: str | None) -> str:
     parts = urlsplit(url)
     query = {k: v[0] for k, v in parse_qs(parts.query).items()}

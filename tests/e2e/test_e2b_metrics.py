@@ -24,16 +24,6 @@ BOUND_S = 180.0
 MiB = 1 << 20
 
 
-@pytest.fixture
-def e2b_env(sdk_backend: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("E2B_API_URL", sdk_backend)
-    monkeypatch.setenv("E2B_SANDBOX_URL", sdk_backend)
-    monkeypatch.setenv("E2B_API_KEY", "any-key")
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    return sdk_backend
-
-
 def _poll(fetch, cond, what: str):
     """``fetch()`` until ``cond(result)`` holds (at most BOUND_S); the result."""
     end = time.monotonic() + BOUND_S

@@ -46,6 +46,8 @@ from e2b import (  # noqa: E402 - after the importorskip
 )
 from e2b.sandbox.filesystem.filesystem import WriteEntry  # noqa: E402
 
+from tests.e2e.server_helpers import e2b_pointed_at  # noqa: E402
+
 BOUND_S = 60.0
 """Generous bound (TCG is slow) on waiting for something the sandbox does in the background."""
 
@@ -74,14 +76,9 @@ async def await_for(cond: Callable[[], Any], what: str, timeout: float = BOUND_S
 
 @pytest.fixture(scope="module")
 def e2b_env(sdk_backend: str) -> Iterator[str]:
-    """The documented way to point ``e2b`` at a server: its API and sandbox URLs and a key."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("E2B_API_URL", sdk_backend)
-        mp.setenv("E2B_SANDBOX_URL", sdk_backend)
-        mp.setenv("E2B_API_KEY", "no-key-configured")
-        mp.delenv("E2B_DEBUG", raising=False)
-        mp.delenv("E2B_DOMAIN", raising=False)
-        yield sdk_backend
+    """``e2b`` pointed at the session backend for the whole module (its sandboxes are module-wide)."""
+    with e2b_pointed_at(sdk_backend) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,13 @@ from __future__ import annotations
 import io
 import secrets
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.e2e.server_helpers import e2b_pointed_at
 
 pytestmark = pytest.mark.e2e
 
@@ -25,13 +28,9 @@ BROKEN = "e2e-sdk-broken"
 
 
 @pytest.fixture
-def e2b_env(keyed_backend_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("E2B_API_URL", keyed_backend_url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", keyed_backend_url)
-    monkeypatch.setenv("E2B_API_KEY", API_KEY)
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    return keyed_backend_url
+def e2b_env(keyed_backend_url: str) -> Iterator[str]:
+    with e2b_pointed_at(keyed_backend_url, API_KEY) as url:
+        yield url
 
 
 def _template(ctx: Path):
@@ -53,7 +52,10 @@ def test_build_alias_and_run(e2b_env: str, tmp_path: Path) -> None:
 
     (tmp_path / "hello.txt").write_text("hello from the host\n")
     logs = []
-    info = Template.build(_template(tmp_path), alias=BUILT, cpu_count=1, memory_mb=256, on_build_logs=logs.append)
+    # skip_cache: the steps really run every time (a build left in data_root by an earlier run
+    # would otherwise be reused); the second build below checks the reuse.
+    info = Template.build(_template(tmp_path), alias=BUILT, cpu_count=1, memory_mb=256, skip_cache=True,
+                          on_build_logs=logs.append)
     assert info.template_id == BUILT
     messages = "\n".join(str(getattr(e, "message", "")) for e in logs)
     assert "[2/4] RUN echo built-by-run" in messages

@@ -28,16 +28,6 @@ WAIT_S = 60.0
 PAGE = "hello from get_host\n"
 
 
-@pytest.fixture
-def e2b_env(sdk_backend: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("E2B_API_URL", sdk_backend)
-    monkeypatch.setenv("E2B_SANDBOX_URL", sdk_backend)
-    monkeypatch.setenv("E2B_API_KEY", "any-key")
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    return sdk_backend
-
-
 def _serve(sbx) -> None:
     """``python3 -m http.server 8000`` in the sandbox, serving one page, as the default user."""
     sbx.files.write("/tmp/www/index.html", PAGE)
