@@ -6,6 +6,10 @@
 - Restore: no kernel or initrd (they are in the snapshot's RAM); the same RAM file with ``share=off`` (``MAP_PRIVATE``: pages come from the host page
   cache, shared by every sandbox, and are copied only when a guest writes one), a process started
   with ``-incoming defer``, ``migrate-incoming`` from a file descriptor, then ``cont``.
+- Save to disk (a sandbox's pause): ``stop``, ``migrate`` into a pipe whose other end
+  :func:`~trenvx.vmm.qemu_stream.filter_against` reads, keeping only the pages that differ from
+  the template's memory file: device state + the pages the sandbox wrote. Restored like a
+  template's snapshot, over the same file.
 
 QMP is spoken with the ``qemu.qmp`` library over a socketpair handed to QEMU at start (no socket
 file to wait for); a second QMP socket in the VM's workdir lets a restarted server re-attach.
@@ -14,6 +18,7 @@ file to wait for); a second QMP socket in the VM's workdir lets a restarted serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -29,6 +34,7 @@ from ..config import AGENT_PORT
 from .base import AgentEndpoint, SnapshotFiles, StageTimes, TcpEndpoint, Vm, VmmDriver, VmmError, VmSpec, VmState
 from .preload import ensure_keep_readonly_files
 from .process import VmmProcess
+from .qemu_stream import StreamFormatError, StreamStats, filter_against
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,11 @@ _HOSTFWD_RE = re.compile(rf"HOST_FORWARD\]\s+\d+\s+127\.0\.0\.1\s+(\d+)\s+{re.es
 QMP_TIMEOUT_S = 30.0
 _UNIX_PATH_MAX = 108  # sun_path, including the terminating NUL
 MIGRATION_TIMEOUT_S = 120.0
+SAVE_BANDWIDTH = 64 << 30
+"""``max-bandwidth`` of a save to disk (bytes/s): QEMU's default (128 MiB/s) throttles migrations
+over networks, and a save goes to a local file."""
+QUIT_TIMEOUT_S = 20.0
+FILTER_DRAIN_TIMEOUT_S = 30.0
 
 
 MIB = 1 << 20
@@ -193,6 +204,20 @@ class QemuVm(Vm):
         await self.execute("cont")
         self.state = VmState.running
 
+    async def quit(self, timeout: float = QUIT_TIMEOUT_S) -> None:
+        """End QEMU cleanly (QMP ``quit``: its disk images are closed, qcow2 metadata written), or
+        kill it when it does not end within ``timeout``."""
+        if self.is_alive():
+            try:
+                await self.execute("quit", timeout=min(timeout, QMP_TIMEOUT_S))
+            except VmmError:
+                pass  # the connection may close before the answer: the exit below is what counts
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("QEMU (pid %d) of %s did not quit within %.0f s; killing it", self.pid, self.spec.name, timeout)
+        await self.kill()
+
     async def forward_port(self, guest_port: int) -> int:
         """A host port on 127.0.0.1 forwarded to ``guest_port`` of the guest (added once, then reused).
         With a tap network there is no forward: the port is reached at the guest's address."""
@@ -329,6 +354,55 @@ class QemuDriver(VmmDriver):
             os.fsync(f.fileno())
         return SnapshotFiles(vmstate=vmstate, memory_file=vm.spec.memory_file)
 
+    async def save_diff(self, vm: Vm, dest: Path, base_memory: Path) -> StreamStats:
+        """Stop ``vm`` and write its whole state into ``dest`` (mode 0600) as device state + the
+        pages of its RAM that differ from ``base_memory`` (its template's memory file).
+
+        The VM stays stopped (its disks flushed and released by the migration): the caller ends it,
+        or continues it (``resume``) if the save failed. Restore the file with :meth:`restore`
+        and ``SnapshotFiles(dest, base_memory)`` into a VM prestarted like every sandbox's.
+        """
+        assert isinstance(vm, QemuVm)
+        await vm.pause()
+        await vm.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]},
+        )
+        await vm.execute("migrate-set-parameters", {"max-bandwidth": SAVE_BANDWIDTH})
+        part = dest.with_name(dest.name + ".part")
+        out_fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            await self._send_fd(vm, write_fd, "save")
+        except BaseException:
+            for fd in (read_fd, out_fd):
+                os.close(fd)
+            part.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(write_fd)  # QEMU holds the only write end now: its close is the stream's end
+        filtering = asyncio.ensure_future(asyncio.to_thread(_filter_into, read_fd, out_fd, base_memory))
+        try:
+            try:
+                await self._migrate_and_wait(vm, "migrate", {"uri": "fd:save"})
+            except BaseException as e:
+                # Unused, the fd stays open in QEMU (the reader would wait forever); used, QEMU closed it.
+                with contextlib.suppress(Exception):
+                    await vm.execute("closefd", {"fdname": "save"}, timeout=5)
+                try:
+                    await asyncio.wait_for(asyncio.shield(filtering), FILTER_DRAIN_TIMEOUT_S)
+                except StreamFormatError as fe:  # the stream's fault, not the migration's: say so
+                    raise VmmError(f"saving {vm.spec.name} failed: its migration stream: {fe}") from e
+                except Exception:  # noqa: BLE001 - the migration's own error is the one to report
+                    pass
+                raise
+            stats = await asyncio.wait_for(filtering, FILTER_DRAIN_TIMEOUT_S)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        os.replace(part, dest)
+        return stats
+
     async def prestart(self, spec: VmSpec) -> QemuVm:
         vm = await self._spawn(spec, incoming=True)
         try:
@@ -409,3 +483,13 @@ class QemuDriver(VmmDriver):
                         f"{cmd} on {vm.spec.name} {status}: {info.get('error-desc', 'no reason given')}; "
                         f"{vm.process.output_tail(5)}"
                     )
+
+
+def _filter_into(read_fd: int, out_fd: int, base_memory: Path) -> StreamStats:
+    """The filter's thread: the stream from ``read_fd`` into ``out_fd`` (fsynced), both closed at
+    the end (closing the read end fails QEMU's migration if the filter stopped early)."""
+    with os.fdopen(read_fd, "rb", buffering=1 << 20) as src, os.fdopen(out_fd, "wb", buffering=1 << 20) as dst:
+        stats = filter_against(src, dst, base_memory)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return stats
