@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import secrets
@@ -207,6 +208,68 @@ class FakeRestorer:
         self.standins.clear()
 
 
+class FakeSuspender:
+    """Stands for the Suspender: a pause kills the fake VM's process (writing a stand-in saved state),
+    a resume starts a new one, with the same id and token. ``refuse_next`` (a message) makes the next
+    pause refused as if the agent had not answered; ``fail_next`` makes the next pause or resume raise."""
+
+    def __init__(self, restorer: FakeRestorer) -> None:
+        self.restorer = restorer
+        self.refuse_next: str | None = None
+        self.fail_next: Exception | None = None
+        self.unresponsive_next = False
+        self.calls: list[tuple[str, str, bool]] = []
+
+    def check_supported(self, build: Any) -> None:
+        from trenvx.sandbox.suspend import PauseUnsupported
+
+        if self.restorer.vmm != "qemu":
+            raise PauseUnsupported(f"pausing to disk is not supported by this VMM yet ({self.restorer.vmm})")
+
+    async def pause(self, restored: RestoredVm, *, memory: bool, strict: bool, timeout_left: float) -> Any:
+        from trenvx.sandbox.suspend import PAUSE_DIR, VMSTATE, PauseInfo, PauseRefused, StoppedVm
+
+        self.calls.append(("pause", restored.sandbox_id, memory))
+        if self.fail_next is not None:
+            e, self.fail_next = self.fail_next, None
+            raise e
+        unresponsive, self.unresponsive_next = self.unresponsive_next, False
+        if self.refuse_next is not None or (unresponsive and (strict or not memory)):
+            why, self.refuse_next = self.refuse_next or "the agent did not answer", None
+            raise PauseRefused(why)
+        d = restored.workdir / PAUSE_DIR
+        d.mkdir(mode=0o700, exist_ok=True)
+        stored = b"saved state" * 10 if memory else b""
+        if memory:
+            (d / VMSTATE).write_bytes(stored)
+        await restored.vm.kill()
+        await restored.agent.aclose()
+        info = PauseInfo(kind="memory" if memory else "filesystem", paused_at=time.time(), timeout_left=timeout_left,
+                         stored_bytes=len(stored), seconds=0.01, envd_unresponsive=unresponsive)
+        vm = restored.vm
+        return dataclasses.replace(restored, vm=StoppedVm(vm.spec, vm.agent_endpoint, vm.agent_port), slot=None), info
+
+    async def resume(self, paused: RestoredVm, info: Any, *, memory: bool = True, egress: Any = None,
+                     env_vars: dict[str, str] | None = None, kill_with_owner: bool = True) -> RestoredVm:
+        from trenvx.sandbox.suspend import PAUSE_DIR, ResumeRefused
+
+        self.calls.append(("resume", paused.sandbox_id, memory))
+        if memory and info.kind == "memory" and info.envd_unresponsive:
+            raise ResumeRefused("paused while its agent did not answer; resume it with memory false")
+        if self.fail_next is not None:
+            e, self.fail_next = self.fail_next, None
+            raise e
+        sid, workdir = paused.sandbox_id, paused.workdir
+        proc = await VmmProcess.spawn(["bash", "-c", f"exec -a trenvx-{sid} sleep 3600"], workdir / "vm" / "vmm.log",
+                                      kill_with_owner=kill_with_owner)
+        r = self.restorer
+        vm = FakeVm(sid, workdir / "vm", proc, r.agent_port, r.forwards, vsock=r.vmm != "qemu")
+        shutil.rmtree(workdir / PAUSE_DIR, ignore_errors=True)
+        return dataclasses.replace(
+            paused, vm=vm, agent=AgentClient.for_endpoint(vm.agent_endpoint, access_token=paused.access_token),
+            times={"spawn": 0.001, "init": 0.001}, source="resumed")
+
+
 async def start_microvm_standins(vmm: str, workdir: Path, pid: int, agent_port: int) -> list[Any]:
     """The sockets of a running Firecracker / Cloud Hypervisor VM in ``workdir``: the hybrid vsock socket
     (port 49983 piped to ``127.0.0.1:agent_port``) and the VMM's API stand-in, its VM running."""
@@ -282,6 +345,7 @@ def fake_manager(config: Config, agent_port: int, *, state: bool = True, keep: b
     m = cls(config, state_path=dr.run / "state.sqlite" if state else None, keep=keep, admission=admission,
             pools=False)
     m.restorer = FakeRestorer(dr, agent_port, forwards, delay_s, vmm=vmm)  # type: ignore[assignment]
+    m.suspender = FakeSuspender(m.restorer)  # type: ignore[assignment]
     return m
 
 

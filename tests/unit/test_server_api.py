@@ -164,8 +164,9 @@ async def test_pause_resume_409s(api) -> None:
     assert (await api.post(f"/sandboxes/{sid}/resume")).status_code == 201
     assert (await api.post(f"/sandboxes/{sid}/resume")).status_code == 409
     await api.post(f"/sandboxes/{sid}/pause")
-    assert (await api.post(f"/sandboxes/{sid}/connect", json={"timeout": 60})).status_code == 200
+    assert (await api.post(f"/sandboxes/{sid}/connect", json={"timeout": 60})).status_code == 201  # resumed
     assert (await api.get(f"/sandboxes/{sid}")).json()["state"] == "running"
+    assert (await api.post(f"/sandboxes/{sid}/connect", json={"timeout": 60})).status_code == 200  # running
 
 
 async def test_list_filters_and_pagination(api) -> None:

@@ -17,7 +17,7 @@ import pytest
 from trenvx.sandbox import adopt
 from trenvx.sandbox.lifecycle import InvalidTimeout
 from trenvx.sandbox.limits import Admission, LimitReached, Limits, OutOfMemory
-from trenvx.sandbox.manager import ManagerClosed, PortUnavailable, SandboxConflict, SandboxNotFound
+from trenvx.sandbox.manager import ManagerClosed, PauseUnsupported, PortUnavailable, SandboxConflict, SandboxNotFound
 from trenvx.guest.endpoint import HybridVsockEndpoint, TcpEndpoint
 from trenvx.sandbox.state import StateStore
 from trenvx.vmm.cloud_hypervisor import CloudHypervisorVm
@@ -234,17 +234,68 @@ async def test_restart_adopts_running_vms_and_cleans_dead_ones(cfg, upstream, mo
         await second.close()
 
 
-async def test_restart_adopts_a_paused_sandbox_without_asking_its_agent(cfg, monkeypatch) -> None:
-    """A paused VM's agent cannot answer; it is adopted (still paused) on its VMM's word alone."""
+async def test_restart_adopts_a_vm_paused_in_memory_without_asking_its_agent(cfg, monkeypatch) -> None:
+    """A server of before pauses to disk left a VM paused in memory (vCPUs stopped, agent silent):
+    it is adopted, still paused, on its VMM's word alone, and resumes by continuing its vCPUs."""
     monkeypatch.setattr(adopt, "attach_qemu", fake_attach)
     first = fake_manager(cfg, free_port(), keep=True)  # no agent listens there: any /health would fail
     a = await first.create("tpl")
-    await first.pause(a.id)
+    await a.restored.vm.pause()
+    a.paused = True
     await first.close()
     second = fake_manager(cfg, a.agent_port)
     await second.start()
     try:
-        assert second.adopted == [a.id] and second.get(a.id).state == "paused"
+        sa = second.get(a.id)
+        assert second.adopted == [a.id] and sa.state == "paused" and sa.pause_info is None
+        await second.resume(a.id)
+        assert sa.state == "running" and sa.pid == a.pid and sa.restored.vm.state.value == "running"
+    finally:
+        await second.close()
+
+
+async def test_a_sandbox_paused_to_disk_survives_a_restart_and_resumes(cfg, upstream, monkeypatch) -> None:
+    """Paused to disk, a sandbox is a record and files: a restarted manager lists it as paused
+    (nothing to adopt), its timeout frozen, and resumes it with its id, token and metadata."""
+    monkeypatch.setattr(adopt, "attach_qemu", fake_attach)
+    first = fake_manager(cfg, upstream.port)  # no --keep: running sandboxes die with it, paused ones stay
+    a = await first.create("tpl", timeout_s=100, metadata={"k": "v"}, env_vars={"E": "1"})
+    b = await first.create("tpl")
+    pid = a.pid
+    await first.pause(a.id)
+    assert pid_gone(pid) and a.pid == 0 and a.restored.workdir.is_dir() and (a.restored.workdir / "pause" / "vmstate").is_file()
+    await first.close()
+    assert pid_gone(b.pid) and not b.restored.workdir.exists()
+    second = fake_manager(cfg, upstream.port)
+    await second.start()
+    try:
+        assert second.recovered_paused == [a.id] and second.adopted == [] and second.cleaned == []
+        sa = second.get(a.id)
+        assert sa.state == "paused" and sa.pause_info is not None and 95 < sa.timeout_left <= 100
+        assert second.store.get(a.id).state == "paused"
+        await asyncio.sleep(0.2)  # the reaper runs: a paused sandbox's timeout does not
+        assert second.get(a.id).state == "paused"
+        await second.resume(a.id, timeout_s=10)
+        assert sa.state == "running" and sa.access_token == a.access_token and sa.metadata == {"k": "v"}
+        assert sa.env_vars == {"E": "1"} and 90 < sa.timeout_left <= 100  # what was left, not the shorter 10 s
+        assert await sa.agent.health() and not (sa.restored.workdir / "pause").exists()
+        assert second.store.get(a.id).state == "running" and second.store.get(a.id).pause == {}
+    finally:
+        await second.close()
+
+
+async def test_a_paused_sandbox_whose_files_are_gone_is_cleaned_up_on_restart(cfg, upstream) -> None:
+    first = fake_manager(cfg, upstream.port)
+    a = await first.create("tpl")
+    await first.pause(a.id)
+    await first.close()
+    shutil.rmtree(a.restored.workdir / "pause")
+    second = fake_manager(cfg, upstream.port)
+    await second.start()
+    try:
+        assert second.cleaned == [a.id] and not a.restored.workdir.exists()
+        with pytest.raises(SandboxNotFound, match="saved state incomplete"):
+            second.get(a.id)
     finally:
         await second.close()
 
@@ -340,11 +391,10 @@ async def test_restart_adopts_a_microvm_through_its_api_socket(short_root, upstr
         assert sa.restored.vm.api.socket_path == a.restored.workdir / "vm" / sock
         assert await second.port_endpoint(a.id, 49983) == a.restored.vm.agent_endpoint
         assert await sa.agent.health() and sa.access_token == a.access_token
-        # pause and resume go through the VMM's API
-        await second.pause(a.id)
-        assert api.state == "Paused"
-        await second.resume(a.id)
-        assert api.state == "Running"
+        # pausing to disk is QEMU's only: refused, the sandbox runs on
+        with pytest.raises(PauseUnsupported, match="not supported by this VMM yet"):
+            await second.pause(a.id)
+        assert api.state == "Running" and sa.state == "running"
         await second.kill(a.id)
         assert pid_gone(a.pid) and not a.restored.workdir.exists()
     finally:

@@ -18,6 +18,11 @@ What it adds to a bare restore:
   ahead of time when one is ready and otherwise restores into a new VMM process; it never waits
   for a refill. ``Sandbox.restored.source`` and ``start_times`` say which path a create took and
   what each stage on it cost; :attr:`SandboxManager.observers` hear of every create (metrics).
+- **Pause to disk** (:mod:`.suspend`): :meth:`pause` saves a sandbox (its memory as the pages
+  that differ from its template, or only its filesystem) under its directory and ends its VMM;
+  :meth:`resume` (or :meth:`connect`) brings it back with the same id, token, files and, with
+  memory, processes. A paused sandbox's timeout does not run, it counts for no limit, and it
+  survives a server restart (a record and files: nothing to adopt).
 - **Death detection.** A task awaits each VMM process; a VMM that exits on its own is noticed at
   once, its files are removed and the sandbox is reported as ended (reason ``died``).
 - **Persistence** (when ``state_path`` is given, as the server does): every sandbox is recorded
@@ -38,7 +43,6 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -60,13 +64,14 @@ from .network_state import NetworkState, read_network_state, write_network_state
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
 from .restore import RestoredVm, SnapshotRestore, TemplateNetworkMismatch
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
+from .suspend import PauseInfo, PauseRefused, PauseUnsupported, ResumeRefused, StoppedVm, Suspender, stored_files_present
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
 
 __all__ = [
     "AdmissionError", "CreateEvent", "InvalidTimeout", "LimitReached", "ManagerClosed", "NetworkUnavailable", "OutOfMemory",
-    "PortUnavailable", "TemplateNetworkMismatch",
+    "PauseRefused", "PauseUnsupported", "PortUnavailable", "ResumeRefused", "SuspendEvent", "TemplateNetworkMismatch",
     "Sandbox", "SandboxConflict", "SandboxManager", "SandboxNotFound", "TemplateNotFound",
 ]
 
@@ -110,6 +115,7 @@ END_REASONS = {
     "died": "its VM exited on its own",
     "died_while_down": "its VM exited while the server was not running",
     "lost": "the restarted server could not re-attach to its VM",
+    "lost_paused": "the restarted server found its saved state incomplete",
     "shutdown": "the server stopped",
 }
 
@@ -140,6 +146,9 @@ class Sandbox:
     """Guest port -> host port of the forwards added at runtime (besides the agent's)."""
     ending: bool = False
     paused: bool = False
+    pause_info: PauseInfo | None = None
+    """Set while paused to disk (its VMM is gone: ``restored.vm`` is a :class:`StoppedVm`). None with
+    ``paused`` True: a sandbox adopted from a server of before pauses to disk, its vCPUs stopped."""
     reclaimed_at: float = 0.0
     """``time.monotonic()`` of the last memory reclaim (0: never)."""
     egress: EgressPolicy = DEFAULT_POLICY
@@ -155,6 +164,8 @@ class Sandbox:
     mask_request_host: str | None = None
     """E2B's ``network.maskRequestHost`` as the client gave it (reported back; the proxy does not use it)."""
     _port_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _state_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    """Held by a pause, a resume and a kill: one change of its state at a time."""
     _net_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     """Held while its egress rules change: the rules recorded are the rules loaded."""
     _watcher: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -184,9 +195,10 @@ class Sandbox:
     def agent_url(self) -> str:
         return self.restored.vm.agent_url
 
-    @cached_property
+    @property
     def agent_endpoint(self) -> AgentEndpoint:
-        """How the host reaches the agent: TCP (QEMU's forward) or hybrid vsock (Firecracker, Cloud Hypervisor)."""
+        """How the host reaches the agent: TCP (QEMU's forward) or hybrid vsock (Firecracker, Cloud Hypervisor).
+        (A resume may put the sandbox in another network slot: its endpoint is its VM's of now.)"""
         return self.restored.vm.agent_endpoint
 
     @property
@@ -208,7 +220,14 @@ class Sandbox:
 
     @property
     def timeout_left(self) -> float:
+        if self.pause_info is not None:
+            return self.pause_info.timeout_left  # its timeout does not run while paused
         return max(0.0, self.end_at - time.time())
+
+    @property
+    def shown_end_at(self) -> float:
+        """When it will end if nothing changes (a paused sandbox: its time left counted from now)."""
+        return time.time() + self.pause_info.timeout_left if self.pause_info is not None else self.end_at
 
     def is_alive(self) -> bool:
         return self.restored.vm.is_alive()
@@ -221,7 +240,9 @@ class Sandbox:
         )
 
     def memory(self) -> tuple[int, int]:
-        """(RSS, PSS) of the sandbox's VMM process in bytes."""
+        """(RSS, PSS) of the sandbox's VMM process in bytes (0, 0 when paused to disk: it has none)."""
+        if self.pause_info is not None:
+            return 0, 0
         return memory_of(self.pid)
 
     async def run(self, cmd: str | list[str], **kwargs: Any) -> CommandResult:
@@ -236,6 +257,7 @@ class Sandbox:
             end_at=self.end_at, vcpu=m.machine.vcpu, mem_mb=m.machine.mem_mb, disk_mb=self.build.disk_mb,
             metadata=dict(self.metadata), env_vars=dict(self.env_vars), start_times=dict(self.start_times),
             ports=dict(self.ports), state=self.state, vmm_type=self.vmm_type,
+            pause=self.pause_info.to_json() if self.pause_info is not None else {},
         )
 
 
@@ -252,6 +274,21 @@ class CreateEvent:
     total_s: float
     outcome: str
     """``ok``, or the exception's class name."""
+
+
+@dataclass(frozen=True)
+class SuspendEvent:
+    """One pause or resume attempt, as the metrics see it."""
+
+    op: str
+    """``pause`` or ``resume``."""
+    template: str
+    kind: str
+    """A pause: ``memory`` or ``filesystem``; a resume: ``memory`` or ``boot`` (from its disk)."""
+    seconds: float
+    outcome: str
+    """``ok``, or the exception's class name."""
+    stored_bytes: int = 0
 
 
 class SandboxManager:
@@ -275,6 +312,7 @@ class SandboxManager:
             if self.network_mode is NetworkMode.netns else None
         )
         self.restorer = SnapshotRestore(config, self.data_root, self.network)
+        self.suspender = Suspender(self.restorer)
         self.admission = admission or Admission(
             Limits(orch.max_sandboxes, orch.max_sandboxes_per_template, orch.memory_headroom_mb)
         )
@@ -295,6 +333,10 @@ class SandboxManager:
         )
         self.observers: list[Callable[[CreateEvent], None]] = []
         """Called after every create attempt (success or failure), e.g. by the server's metrics."""
+        self.suspend_observers: list[Callable[[SuspendEvent], None]] = []
+        """Called after every pause and resume attempt."""
+        self.recovered_paused: list[str] = []
+        """Paused sandboxes a restarted manager found in its state (records and files, no VMM)."""
 
     async def __aenter__(self) -> "SandboxManager":
         await self.start()
@@ -346,6 +388,12 @@ class SandboxManager:
         if self._creating:
             await asyncio.gather(*self._creating, return_exceptions=True)
         kept_slots: set[int] = set()
+        if self.store is not None:
+            # Paused sandboxes are a record and files: the next server resumes them, whatever --keep says.
+            for sb in [sb for sb in self._sandboxes.values() if sb.pause_info is not None and not sb.ending]:
+                self._sandboxes.pop(sb.id, None)
+                with contextlib.suppress(Exception):
+                    self.store.put(sb.record())
         if self.keep:
             for sb in list(self._sandboxes.values()):
                 await self._detach(sb)
@@ -528,7 +576,8 @@ class SandboxManager:
     # -- timeouts -------------------------------------------------------------------------
 
     def set_timeout(self, sandbox_id: str, timeout_s: float) -> Sandbox:
-        """The sandbox ends ``timeout_s`` seconds from now (sooner or later than before)."""
+        """The sandbox ends ``timeout_s`` seconds from now (sooner or later than before); a paused
+        one gets ``timeout_s`` seconds left for when it runs again."""
         sb = self.get(sandbox_id)
         seconds = check_timeout(timeout_s, self.config.orchestrator.max_timeout_s)
         self._set_end(sb, deadline_after(seconds))
@@ -538,20 +587,25 @@ class SandboxManager:
         """Keep the sandbox alive for at least ``duration_s`` more seconds (never shortens)."""
         sb = self.get(sandbox_id)
         seconds = check_timeout(duration_s, self.config.orchestrator.max_timeout_s, "duration")
-        self._set_end(sb, extended_deadline(sb.end_at, seconds))
+        self._set_end(sb, extended_deadline(sb.shown_end_at, seconds))
         return sb
 
     def _set_end(self, sb: Sandbox, end_at: float) -> None:
+        if sb.pause_info is not None:  # paused: what is left of its timeout, counted once it runs
+            sb.pause_info.timeout_left = max(0.0, end_at - time.time())
+            if self.store is not None:
+                self.store.put(sb.record())
+            return
         sb.end_at = end_at
         if self.store is not None:
             self.store.set_end_at(sb.id, end_at)
 
     def _due(self, now: float) -> list[str]:
-        return [i for i, sb in self._sandboxes.items() if sb.end_at <= now and not sb.ending]
+        return [i for i, sb in self._sandboxes.items() if sb.end_at <= now and not sb.ending and not sb.paused]
 
     async def _expire(self, sandbox_id: str) -> None:
         sb = self._sandboxes.get(sandbox_id)
-        if sb is None or sb.ending or sb.end_at > time.time():
+        if sb is None or sb.ending or sb.paused or sb.end_at > time.time():
             return
         log.info("sandbox %s timed out", sandbox_id)
         await self.kill(sandbox_id, reason="timeout")
@@ -598,29 +652,117 @@ class SandboxManager:
 
     # -- pause and resume -----------------------------------------------------------------
 
-    async def pause(self, sandbox_id: str) -> Sandbox:
-        """Stop the sandbox's vCPUs (it keeps its memory and its timeout). 409 if already paused."""
+    async def pause(self, sandbox_id: str, *, memory: bool = True, strict: bool = False) -> Sandbox:
+        """Pause to disk: save the sandbox (with its memory, or only its filesystem) and end its VMM.
+
+        Its timeout stops; it counts for no limit. Raises :class:`SandboxConflict` (409) if it is
+        paused already, :class:`PauseRefused` (503) when its agent does not freeze and ``strict`` or
+        ``memory=False`` asks for one that does, :class:`PauseUnsupported` for VMMs that cannot; a
+        failed pause leaves it running.
+        """
         sb = self.get(sandbox_id)
-        async with sb._port_lock:
+        async with sb._state_lock:
+            self._check_live(sb)
             if sb.paused:
                 raise SandboxConflict(f"sandbox {sandbox_id} is already paused")
-            await sb.restored.vm.pause()
-            sb.paused = True
+            kind = "memory" if memory else "filesystem"
+            t0 = time.perf_counter()
+            self.suspender.check_supported(sb.build)
+            if sb._watcher is not None:  # the VMM's end is ours, not a death
+                sb._watcher.cancel()
+                sb._watcher = None
+            try:
+                restored, info = await self.suspender.pause(sb.restored, memory=memory, strict=strict,
+                                                            timeout_left=sb.timeout_left)
+            except BaseException as e:
+                self._watch_vm(sb)
+                self._observe_suspend(SuspendEvent("pause", sb.template, kind, time.perf_counter() - t0, type(e).__name__))
+                raise
+            sb.restored, sb.pause_info, sb.paused = restored, info, True
+            self.admission.remove_running(sb.template)
             if self.store is not None:
-                self.store.set_state(sb.id, PAUSED)
+                self.store.put(sb.record())
+            self._observe_suspend(SuspendEvent("pause", sb.template, kind, info.seconds, "ok", info.stored_bytes))
         return sb
 
-    async def resume(self, sandbox_id: str) -> Sandbox:
-        """Continue a paused sandbox. 409 if it is running."""
+    async def resume(self, sandbox_id: str, *, timeout_s: float | None = None, memory: bool = True) -> Sandbox:
+        """Bring a paused sandbox back (same id, token, files; with its memory, its processes;
+        ``memory=False``: booted from its disk). Its timeout runs again from what was left of it,
+        extended to ``timeout_s`` from now if that is later. 409 if it is running."""
         sb = self.get(sandbox_id)
-        async with sb._port_lock:
+        seconds = None if timeout_s is None else check_timeout(timeout_s, self.config.orchestrator.max_timeout_s)
+        async with sb._state_lock:
+            self._check_live(sb)
             if not sb.paused:
                 raise SandboxConflict(f"sandbox {sandbox_id} is running, not paused")
-            await sb.restored.vm.resume()
-            sb.paused = False
+            info = sb.pause_info
+            if info is None:  # paused in memory by a server of before pauses to disk
+                await sb.restored.vm.resume()
+                sb.paused = False
+                if self.store is not None:
+                    self.store.set_state(sb.id, RUNNING)
+                return sb
+            kind = "memory" if memory and info.kind == "memory" else "boot"
+            t0 = time.perf_counter()
+            try:
+                if self._closed:
+                    raise ManagerClosed("the sandbox manager is shutting down; no resumes")
+                with self.admission.starting(sb.template, sb.build.machine.mem_mb):
+                    restored = await self.suspender.resume(
+                        sb.restored, info, memory=memory, egress=sb.egress, env_vars=sb.env_vars,
+                        kill_with_owner=not self.keep)
+            except BaseException as e:
+                self._observe_suspend(SuspendEvent("resume", sb.template, kind, time.perf_counter() - t0, type(e).__name__))
+                raise
+            now = time.time()
+            left = info.timeout_left
+            sb.restored, sb.pause_info, sb.paused = restored, None, False
+            sb.end_at = max(now + left, now + seconds) if seconds is not None else now + left
+            sb.pid_started_at = adopt.process_started_at(restored.vm.pid) or now
+            sb.ports = {}  # forwards belonged to the VMM that is gone
+            write_network_state(sb.restored.workdir, sb.network_state())
+            self.admission.add_running(sb.template)
             if self.store is not None:
-                self.store.set_state(sb.id, RUNNING)
+                self.store.put(sb.record())
+            self._watch_vm(sb)
+            self._observe_suspend(SuspendEvent("resume", sb.template, kind, time.perf_counter() - t0, "ok"))
+            if self._closed:  # the manager closed while it resumed: it would outlive the server
+                sb.ending = True
+                await asyncio.shield(self._start_finish(sb, "shutdown"))
         return sb
+
+    async def connect(self, sandbox_id: str, timeout_s: float, *, memory: bool = True) -> tuple[Sandbox, bool]:
+        """E2B's connect: resume the sandbox if it is paused, and make it live at least ``timeout_s``
+        more seconds (never shortened). (sandbox, whether it was resumed)."""
+        sb = self.get(sandbox_id)
+        seconds = check_timeout(timeout_s, self.config.orchestrator.max_timeout_s)
+        resumed = False
+        if sb.paused:
+            try:
+                await self.resume(sandbox_id, timeout_s=seconds, memory=memory)
+                resumed = True
+            except SandboxConflict:
+                pass  # resumed by a concurrent call meanwhile
+        sb = self.get(sandbox_id)
+        if sb.paused:  # paused again by a concurrent call: its timeout is frozen, keep it
+            return sb, resumed
+        self._set_end(sb, extended_deadline(sb.end_at, seconds))
+        return sb, resumed
+
+    def _check_live(self, sb: Sandbox) -> None:
+        if sb.ending or sb.id not in self._sandboxes:
+            raise SandboxNotFound(sb.id, "it is being killed")
+
+    def _watch_vm(self, sb: Sandbox) -> None:
+        if sb.pause_info is None and (sb._watcher is None or sb._watcher.done()):
+            sb._watcher = asyncio.get_running_loop().create_task(self._watch(sb), name=f"watch-{sb.id}")
+
+    def _observe_suspend(self, event: SuspendEvent) -> None:
+        for observer in self.suspend_observers:
+            try:
+                observer(event)
+            except Exception:  # noqa: BLE001 - metrics must never break a pause
+                log.exception("pause/resume observer failed")
 
     # -- memory -----------------------------------------------------------------------------
 
@@ -716,13 +858,18 @@ class SandboxManager:
     # -- kill and death -------------------------------------------------------------------
 
     async def kill(self, sandbox_id: str, *, reason: str = "killed") -> None:
-        """Kill the sandbox's VM and remove its files. Raises :class:`SandboxNotFound`."""
+        """Kill the sandbox's VM and remove its files (a paused one's saved state too). Raises
+        :class:`SandboxNotFound`. Waits for a pause or resume in progress."""
         sb = self.get(sandbox_id)
         if sb.ending:
             await sb._ended.wait()
             return
-        sb.ending = True
-        await asyncio.shield(self._start_finish(sb, reason))
+        async with sb._state_lock:
+            if sb.ending:
+                await sb._ended.wait()
+                return
+            sb.ending = True
+            await asyncio.shield(self._start_finish(sb, reason))
         log.info("sandbox %s ended: %s", sandbox_id, reason)
 
     def _start_finish(self, sb: Sandbox, reason: str) -> asyncio.Task[None]:
@@ -736,7 +883,8 @@ class SandboxManager:
     def _forget(self, sb: Sandbox, reason: str) -> None:
         """At once: the sandbox is no longer running (listed as ended, its slot freed)."""
         self._sandboxes.pop(sb.id, None)
-        self.admission.remove_running(sb.template)
+        if sb.pause_info is None:
+            self.admission.remove_running(sb.template)
         rec = sb.record()
         rec.state, rec.end_reason, rec.ended_at = EXITED, reason, time.time()
         rec.access_token, rec.env_vars = "", {}
@@ -746,8 +894,9 @@ class SandboxManager:
 
     async def _destroy(self, sb: Sandbox) -> None:
         """Kill the VM and remove the sandbox's files."""
-        with contextlib.suppress(Exception):
-            self.admission.observe_cost(sb.template, sb.memory()[1])
+        if sb.pause_info is None:
+            with contextlib.suppress(Exception):
+                self.admission.observe_cost(sb.template, sb.memory()[1])
         try:
             current = asyncio.current_task()
             if sb._watcher is not None and sb._watcher is not current:
@@ -777,6 +926,18 @@ class SandboxManager:
 
     async def _recover(self) -> None:
         assert self.store is not None
+        for rec in self.store.paused():
+            try:
+                sb = self._paused_from_record(rec)
+            except Exception as e:  # noqa: BLE001
+                log.warning("sandbox %s: paused, but cannot be taken back (%s); removing it", rec.id, e)
+                self._cleanup_record(rec, f"lost_paused: {e}")
+                continue
+            self._sandboxes[sb.id] = sb
+            self.recovered_paused.append(sb.id)
+            log.info("sandbox %s: paused (%s), %.1f MiB stored, %.0f s of its timeout left", sb.id,
+                     sb.pause_info.kind if sb.pause_info else "?",
+                     (sb.pause_info.stored_bytes if sb.pause_info else 0) / MiB, sb.timeout_left)
         for rec in self.store.running():
             if not adopt.is_our_vmm(rec.pid, rec.pid_started_at, adopt.process_marker(rec.vmm_type, rec.id)):
                 self._cleanup_record(rec, "died_while_down")
@@ -842,6 +1003,32 @@ class SandboxManager:
             ports=dict(rec.ports), paused=rec.state == PAUSED, egress=net.egress,
             allow_public_traffic=net.allow_public_traffic, traffic_access_token=net.traffic_access_token,
             allow_internet_access=net.allow_internet_access, mask_request_host=net.mask_request_host,
+        )
+
+    def _paused_from_record(self, rec: SandboxRecord) -> Sandbox:
+        """A sandbox paused to disk, from its record: no process to adopt, its files checked."""
+        path = Path(rec.build_path)
+        manifest = TemplateManifest.model_validate_json((path / MANIFEST).read_text())
+        build = TemplateBuild(path, manifest)
+        info = PauseInfo.from_json(rec.pause)
+        workdir = Path(rec.workdir)
+        missing = stored_files_present(workdir, info)
+        if missing:
+            raise RuntimeError(missing)
+        net = read_network_state(workdir)
+        spec = self.restorer.vm_spec(build, rec.id, workdir, kill_with_owner=False)
+        endpoint = TcpEndpoint(spec.guest_address or "127.0.0.1", rec.agent_port or AGENT_PORT)
+        vm = StoppedVm(spec, endpoint, rec.agent_port)
+        restored = RestoredVm(
+            sandbox_id=rec.id, build=build, vm=vm, agent=AgentClient.for_endpoint(endpoint, access_token=rec.access_token),
+            access_token=rec.access_token, workdir=workdir, slot=None, times=dict(rec.start_times), source="paused",
+        )
+        return Sandbox(
+            restored, template=rec.template, created_at=rec.created_at, metadata=dict(rec.metadata),
+            env_vars=dict(rec.env_vars), end_at=rec.end_at, pid_started_at=0.0, adopted=True, ports={},
+            paused=True, pause_info=info, egress=net.egress, allow_public_traffic=net.allow_public_traffic,
+            traffic_access_token=net.traffic_access_token, allow_internet_access=net.allow_internet_access,
+            mask_request_host=net.mask_request_host,
         )
 
     def _cleanup_record(self, rec: SandboxRecord, reason: str) -> None:

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 2
-"""1: the first schema; 2: column ``vmm_type`` (rows of version 1 are QEMU sandboxes)."""
+SCHEMA_VERSION = 3
+"""1: the first schema; 2: column ``vmm_type`` (rows of version 1 are QEMU sandboxes); 3: column
+``pause`` (what a pause to disk stored; rows of before were never paused to disk)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -48,13 +49,15 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     env_vars        TEXT NOT NULL,
     start_times     TEXT NOT NULL,
     ports           TEXT NOT NULL DEFAULT '{}',
-    vmm_type        TEXT NOT NULL DEFAULT 'qemu'
+    vmm_type        TEXT NOT NULL DEFAULT 'qemu',
+    pause           TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
 """
 
 _ADDED_COLUMNS = {
     "vmm_type": "TEXT NOT NULL DEFAULT 'qemu'",
+    "pause": "TEXT NOT NULL DEFAULT '{}'",
 }
 """Columns added after version 1, with the definition that fills them in existing rows."""
 
@@ -90,8 +93,11 @@ class SandboxRecord:
     ended_at: float | None = None
     vmm_type: str = "qemu"
     """The VMM running the sandbox (``VmmType`` value: qemu, firecracker, cloud-hypervisor)."""
+    pause: dict[str, Any] = field(default_factory=dict)
+    """A sandbox paused to disk: what its pause stored (:class:`trenvx.sandbox.suspend.PauseInfo`);
+    it has no VMM process then (``pid`` 0). Empty otherwise."""
 
-    _JSON = ("metadata", "env_vars", "start_times", "ports")
+    _JSON = ("metadata", "env_vars", "start_times", "ports", "pause")
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -105,7 +111,10 @@ class SandboxRecord:
         for k in cls._JSON:
             d[k] = json.loads(d[k] or "{}")
         d["ports"] = {int(a): int(b) for a, b in d["ports"].items()}
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in _FIELDS})
+
+
+_FIELDS = {f for f in SandboxRecord.__dataclass_fields__ if not f.startswith("_")}
 
 
 class StateStore:
@@ -152,8 +161,8 @@ class StateStore:
         return SandboxRecord.from_row(row) if row else None
 
     def running(self) -> list[SandboxRecord]:
-        """Sandboxes whose VM should exist (running or paused)."""
-        return list(self._select("state != ?", (EXITED,)))
+        """Sandboxes whose VM should exist (running, or paused in memory by a server of before pauses to disk)."""
+        return [r for r in self._select("state != ?", (EXITED,)) if not r.pause]
 
     def ended(self) -> list[SandboxRecord]:
         return list(self._select("state = ?", (EXITED,)))
@@ -171,6 +180,10 @@ class StateStore:
     def set_state(self, sandbox_id: str, state: str) -> None:
         self._db.execute("UPDATE sandboxes SET state = ? WHERE id = ?", (state, sandbox_id))
 
+    def paused(self) -> list[SandboxRecord]:
+        """Sandboxes paused to disk (no VMM process: a record and files)."""
+        return [r for r in self._select("state = ?", (PAUSED,)) if r.pause]
+
     def set_ports(self, sandbox_id: str, ports: dict[int, int]) -> None:
         self._db.execute(
             "UPDATE sandboxes SET ports = ? WHERE id = ?",
@@ -179,8 +192,8 @@ class StateStore:
 
     def mark_ended(self, sandbox_id: str, reason: str, at: float | None = None) -> None:
         self._db.execute(
-            "UPDATE sandboxes SET state = ?, end_reason = ?, ended_at = ?, access_token = '', env_vars = '{}' "
-            "WHERE id = ?",
+            "UPDATE sandboxes SET state = ?, end_reason = ?, ended_at = ?, access_token = '', env_vars = '{}', "
+            "pause = '{}' WHERE id = ?",
             (EXITED, reason, at if at is not None else time.time(), sandbox_id),
         )
 

@@ -113,7 +113,7 @@ def _adjust_openapi(spec: dict[str, Any], *, api_key: bool, max_timeout_s: int) 
         comps.pop("securitySchemes", None)
     schemas = comps.get("schemas", {})
     for name, field in (("NewSandbox", "timeout"), ("TimeoutRequest", "timeout"), ("RefreshRequest", "duration"),
-                        ("ConnectRequest", "timeout")):
+                        ("ConnectRequest", "timeout"), ("ResumeRequest", "timeout")):
         prop = schemas.get(name, {}).get("properties", {}).get(field)
         if prop is None:
             continue

@@ -8,7 +8,11 @@ scrape time. Every series is labelled with the template; create series also with
 - ``trenvx_creates_total{template,source,outcome}``
 - ``trenvx_create_seconds{template,source}``: create -> agent answered (histogram)
 - ``trenvx_create_stage_seconds{stage,source}``: disk, spawn, load, resume, init (histogram)
-- ``trenvx_sandboxes_running{template}``
+- ``trenvx_sandboxes_running{template}``, ``trenvx_sandboxes_paused{template}``
+- ``trenvx_paused_stored_bytes{template}``: bytes the paused sandboxes' memory takes on disk now
+- ``trenvx_pauses_total{template,kind,outcome}``, ``trenvx_resumes_total{template,kind,outcome}``
+  (kind: memory / filesystem; a resume: memory / boot), ``trenvx_pause_seconds{kind}``,
+  ``trenvx_resume_seconds{kind}`` (histograms), ``trenvx_pause_stored_bytes_total{template}``
 - ``trenvx_pool_ready{template,tier}``, ``trenvx_pool_target{template,tier}``
 - ``trenvx_pool_takes_total{template,result}``: hot, warm or miss
 """
@@ -23,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..sandbox.manager import CreateEvent, SandboxManager
+from ..sandbox.manager import CreateEvent, SandboxManager, SuspendEvent
 from .auth import require_api_key
 from .models import Error
 
@@ -38,10 +42,24 @@ class _StateCollector(Collector):
         self.manager = manager
 
     def collect(self) -> Iterator[Metric]:
+        sandboxes = self.manager.list()
         running = GaugeMetricFamily("trenvx_sandboxes_running", "Sandboxes running now.", labels=["template"])
-        for template, n in sorted(Tally(sb.template for sb in self.manager.list()).items()):
+        for template, n in sorted(Tally(sb.template for sb in sandboxes if not sb.paused).items()):
             running.add_metric([template], n)
         yield running
+        paused = GaugeMetricFamily("trenvx_sandboxes_paused", "Sandboxes paused now.", labels=["template"])
+        stored = GaugeMetricFamily("trenvx_paused_stored_bytes",
+                                   "Bytes stored for the memory and device state of the sandboxes paused now.",
+                                   labels=["template"])
+        bytes_of: Tally[str] = Tally()
+        for sb in sandboxes:
+            if sb.paused:
+                bytes_of[sb.template] += sb.pause_info.stored_bytes if sb.pause_info is not None else 0
+        for template, n in sorted(Tally(sb.template for sb in sandboxes if sb.paused).items()):
+            paused.add_metric([template], n)
+            stored.add_metric([template], bytes_of[template])
+        yield paused
+        yield stored
         ready = GaugeMetricFamily("trenvx_pool_ready", "Pooled VMs ready to be taken.", labels=["template", "tier"])
         target = GaugeMetricFamily("trenvx_pool_target", "Size each pool tier is refilled to.", labels=["template", "tier"])
         takes = CounterMetricFamily("trenvx_pool_takes", "Creates served by a pool tier, or missed.",
@@ -74,8 +92,19 @@ class ServerMetrics:
                                         ["template", "source"], buckets=BUCKETS, registry=self.registry)
         self.stage_seconds = Histogram("trenvx_create_stage_seconds", "Seconds per stage on the create path.",
                                        ["stage", "source"], buckets=BUCKETS, registry=self.registry)
+        self.pauses = Counter("trenvx_pauses", "Pauses to disk, by kind and how they ended.",
+                              ["template", "kind", "outcome"], registry=self.registry)
+        self.resumes = Counter("trenvx_resumes", "Resumes of paused sandboxes, by kind and how they ended.",
+                               ["template", "kind", "outcome"], registry=self.registry)
+        self.pause_seconds = Histogram("trenvx_pause_seconds", "Pause to disk, in seconds.", ["kind"],
+                                       buckets=BUCKETS, registry=self.registry)
+        self.resume_seconds = Histogram("trenvx_resume_seconds", "Resume -> agent answered, in seconds.", ["kind"],
+                                        buckets=BUCKETS, registry=self.registry)
+        self.stored = Counter("trenvx_pause_stored_bytes", "Bytes written by pauses (memory and device state).",
+                              ["template"], registry=self.registry)
         self.registry.register(_StateCollector(manager))
         manager.observers.append(self.observe)
+        manager.suspend_observers.append(self.observe_suspend)
 
     def observe(self, event: CreateEvent) -> None:
         self.creates.labels(event.template, event.source, event.outcome).inc()
@@ -84,6 +113,15 @@ class ServerMetrics:
         self.create_seconds.labels(event.template, event.source).observe(event.total_s)
         for stage, seconds in event.stages.items():
             self.stage_seconds.labels(stage, event.source).observe(seconds)
+
+    def observe_suspend(self, event: SuspendEvent) -> None:
+        counter, seconds = (self.pauses, self.pause_seconds) if event.op == "pause" else (self.resumes, self.resume_seconds)
+        counter.labels(event.template, event.kind, event.outcome).inc()
+        if event.outcome != "ok":
+            return
+        seconds.labels(event.kind).observe(event.seconds)
+        if event.stored_bytes:
+            self.stored.labels(event.template).inc(event.stored_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -304,6 +304,18 @@ class CreatedSandbox(BaseModel):
     )
 
 
+class PauseDetail(BaseModel):
+    """trenvx: what a paused sandbox's pause stored."""
+
+    kind: Literal["memory", "filesystem"] = Field(description="memory: processes resume; filesystem: it boots again.")
+    pausedAt: dt.datetime
+    storedBytes: int = Field(description="Bytes stored for its memory and device state (the pages that differ "
+                                         "from its template's); its disk is its own anyway.")
+    ramPages: int = Field(description="Pages of guest RAM stored (4 KiB each).")
+    pauseSeconds: float
+    frozen: list[str] = Field(default_factory=list, description="Filesystems frozen (synced) before the pause.")
+
+
 class TrenvxSandboxInfo(BaseModel):
     """trenvx's additions to a listed sandbox."""
 
@@ -319,6 +331,7 @@ class TrenvxSandboxInfo(BaseModel):
     accelerator: str | None = None
     startTimes: dict[str, float] = Field(default_factory=dict, description="Milliseconds per restore stage.")
     startSource: str | None = Field(default=None, description="hot / warm (pool) or cold (new VMM process).")
+    pause: PauseDetail | None = Field(default=None, description="Set while the sandbox is paused to disk.")
 
 
 class ListedSandbox(BaseModel):
@@ -336,6 +349,8 @@ class ListedSandbox(BaseModel):
     state: SandboxStateName
     envdVersion: str
     metadata: dict[str, str] = Field(default_factory=dict)
+    envdUnresponsiveAtPause: bool | None = Field(
+        default=None, description="Paused while its agent did not answer: it resumes only with memory false.")
     trenvx: TrenvxSandboxInfo = Field(default_factory=TrenvxSandboxInfo)
 
 
@@ -396,10 +411,33 @@ class ReclaimedMemory(BaseModel):
 
 
 class ConnectRequest(BaseModel):
-    """POST /sandboxes/{sandboxID}/connect: extends the timeout to at least ``timeout`` seconds."""
+    """POST /sandboxes/{sandboxID}/connect: resumes a paused sandbox, and extends the timeout to at
+    least ``timeout`` seconds."""
 
     model_config = ConfigDict(extra="ignore")
     timeout: JsonInt | None = None
+    memory: StrictBool | None = Field(
+        default=None, description="false: a paused sandbox boots from its disk (its processes are gone) instead of "
+                                  "resuming its memory; no effect on a running sandbox.")
+
+
+class ResumeRequest(ConnectRequest):
+    """POST /sandboxes/{sandboxID}/resume (E2B's deprecated ``ResumedSandbox``)."""
+
+    autoPause: UnimplementedFlag = Field(
+        default=None, description="Not implemented yet: only false (the sandbox is killed when its timeout ends).")
+
+
+class PauseRequest(BaseModel):
+    """POST /sandboxes/{sandboxID}/pause (E2B's ``SandboxPauseRequest``)."""
+
+    model_config = ConfigDict(extra="ignore")
+    memory: StrictBool | None = Field(
+        default=None, description="true (default): memory and filesystem, processes resume; false: only the "
+                                  "filesystem (synced and frozen first), a resume boots from it.")
+    requireHealthyGuest: StrictBool | None = Field(
+        default=None, description="true: refuse (503) when the sandbox's agent does not answer, instead of pausing "
+                                  "its memory anyway (which then resumes only with memory false).")
 
 
 class TemplateBuildInfo(BaseModel):

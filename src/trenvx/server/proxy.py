@@ -364,12 +364,13 @@ class SandboxProxy:
     # -- the sandbox going away mid-stream ------------------------------------------------------
 
     def _gone_reason(self, sid: str) -> str | None:
-        """None while the sandbox runs; once it is gone, why (``""`` when unknown)."""
+        """None while the sandbox runs; once it is gone, why (``""`` when unknown). A sandbox paused
+        to disk has no VM to answer: its streams end as they would if it were gone."""
         try:
-            self.manager.get(sid)
+            sb = self.manager.get(sid)
         except SandboxNotFound as e:
             return e.reason or ""
-        return None
+        return "it was paused" if sb.pause_info is not None else None
 
     @staticmethod
     def _not_found_message(sid: str, reason: str) -> str:

@@ -8,9 +8,11 @@
     DELETE /sandboxes/{sandboxID}               kill (204)
     POST   /sandboxes/{sandboxID}/timeout       the sandbox ends `timeout` s from now (204)
     POST   /sandboxes/{sandboxID}/refreshes     keep alive `duration` more seconds (204)
-    POST   /sandboxes/{sandboxID}/connect       (and /v2/...) E2B's connect: resume, extend, return tokens
-    POST   /sandboxes/{sandboxID}/pause         stop its vCPUs (204; 409 if paused)
-    POST   /sandboxes/{sandboxID}/resume        continue (201; 409 if running)
+    POST   /sandboxes/{sandboxID}/connect       (and /v2/...) E2B's connect: resume (201) or extend (200),
+                                                return tokens
+    POST   /sandboxes/{sandboxID}/pause         pause to disk (204; 409 if paused, 503 if its agent
+                                                does not freeze and the pause needs it)
+    POST   /sandboxes/{sandboxID}/resume        resume (201; 409 if running; E2B: deprecated)
     PUT    /sandboxes/{sandboxID}/network       replace the egress rules (204)
     GET    /sandboxes/{sandboxID}/metrics       CPU, memory and disk samples (query start/end: unix seconds)
     GET    /sandboxes/metrics?sandbox_ids=a,b   the latest sample of each (at most 100 ids)
@@ -25,6 +27,13 @@ E2B options trenvx does not implement (``autoPause: true``, ``autoResume``, ``mc
 ``volumeMounts``, the network's ``rules``, ``egressProxy``, ``httpsPorts``) are a 400 naming them
 when given a value that asks for them, never dropped: a caller relying on them must learn that
 they are not there. The list is :data:`.unimplemented.UNIMPLEMENTED_OPTIONS`.
+
+Pause (E2B's shapes, :mod:`trenvx.sandbox.suspend`): ``{memory: false}`` keeps only the
+filesystem (a resume boots it); ``requireHealthyGuest: true`` refuses (503) a pause whose agent does
+not answer, which otherwise goes ahead and marks the sandbox ``envdUnresponsiveAtPause``: then only a
+resume with ``memory: false`` is accepted (409 ``sandbox_snapshot_guest_agent_unresponsive``
+otherwise). A paused sandbox's timeout does not run; connect and resume give it back what was left,
+extended to their ``timeout`` if that is later.
 
 Metrics (E2B's shape): the server's :class:`~trenvx.sandbox.metrics_sampler.MetricsSampler` samples
 every running sandbox's agent every 5 s (less often with many sandboxes) and keeps the last 30
@@ -48,17 +57,18 @@ from ..network.policy import EgressPolicy, PolicyError
 from ..sandbox.lifecycle import InvalidTimeout, check_timeout
 from ..sandbox.limits import AdmissionError
 from ..sandbox.manager import (
-    ManagerClosed, NetworkUnavailable, Sandbox, SandboxManager, SandboxNotFound, TemplateNetworkMismatch,
+    ManagerClosed, NetworkUnavailable, PauseRefused, PauseUnsupported, ResumeRefused, Sandbox, SandboxConflict,
+    SandboxManager, SandboxNotFound, TemplateNetworkMismatch,
 )
 from ..sandbox.metrics_sampler import MetricSample, MetricsSampler
 from ..sandbox.state import SandboxRecord
 from ..template.store import TemplateNotFound
 from .auth import require_api_key
-from .errors import ApiError
+from .errors import ApiError, error_response
 from .models import (
-    ConnectRequest, CreatedSandbox, Error, ListedSandbox, NetworkConfig, NetworkUpdate, NewSandbox, ReclaimedMemory,
-    RefreshRequest, SandboxDetail, SandboxesWithMetrics, SandboxMetric, SandboxNetworkInfo, TimeoutRequest,
-    TrenvxSandboxInfo,
+    ConnectRequest, CreatedSandbox, Error, ListedSandbox, NetworkConfig, NetworkUpdate, NewSandbox, PauseDetail,
+    PauseRequest, ReclaimedMemory, RefreshRequest, ResumeRequest, SandboxDetail, SandboxesWithMetrics, SandboxMetric,
+    SandboxNetworkInfo, TimeoutRequest, TrenvxSandboxInfo,
 )
 from .proxy import announced_domain
 from .unimplemented import note_unknown_fields, refuse_unimplemented
@@ -124,16 +134,22 @@ def _info_of_running(request: Request, sb: Sandbox, with_memory: bool) -> dict:
     if with_memory:
         rss, pss = sb.memory()
     m = sb.build.manifest
+    info = sb.pause_info
+    pause = None if info is None else PauseDetail(
+        kind=info.kind, pausedAt=_ts(info.paused_at), storedBytes=info.stored_bytes, ramPages=info.ram_pages,
+        pauseSeconds=round(info.seconds, 3), frozen=list(info.frozen),
+    )
     return dict(
         templateID=sb.template, alias=sb.template, sandboxID=sb.id, clientID=request.app.state.client_id,
-        startedAt=_ts(sb.created_at), endAt=_ts(sb.end_at), cpuCount=m.machine.vcpu, memoryMB=m.machine.mem_mb,
-        diskSizeMB=sb.record().disk_mb, state=sb.state, envdVersion=request.app.state.envd_version,
+        startedAt=_ts(sb.created_at), endAt=_ts(sb.shown_end_at), cpuCount=m.machine.vcpu, memoryMB=m.machine.mem_mb,
+        diskSizeMB=sb.build.disk_mb, state=sb.state, envdVersion=request.app.state.envd_version,
         metadata=dict(sb.metadata),
+        envdUnresponsiveAtPause=True if info is not None and info.envd_unresponsive else None,
         trenvx=TrenvxSandboxInfo(
-            pid=sb.pid, rssBytes=rss, pssBytes=pss, timeoutLeft=round(sb.timeout_left, 3), adopted=sb.adopted,
+            pid=sb.pid or None, rssBytes=rss, pssBytes=pss, timeoutLeft=round(sb.timeout_left, 3), adopted=sb.adopted,
             buildID=m.build_id, vmm=m.vmm_type, accelerator=m.machine.accelerator,
             startTimes={k: round(v * 1000, 3) for k, v in sb.start_times.items()},
-            startSource=sb.restored.source,
+            startSource=sb.restored.source, pause=pause,
         ),
     )
 
@@ -475,37 +491,84 @@ async def refresh(request: Request, sandboxID: str, body: Annotated[RefreshReque
     return Response(status_code=204)
 
 
-async def _connect(request: Request, sandboxID: str, body: ConnectRequest | None) -> CreatedSandbox:
+GUEST_UNRESPONSIVE = {"model": Error, "description": "Paused while its agent did not answer: resume it with "
+                                                    "memory false (error_code sandbox_snapshot_guest_agent_unresponsive)"}
+RESUME_RESPONSES = {
+    201: {"model": CreatedSandbox, "description": "It was paused, and is resumed"},
+    400: ERRORS[400], 404: ERRORS[404], 409: GUEST_UNRESPONSIVE,
+    429: {"model": Error, "description": "A sandbox limit is reached: it stays paused"},
+    500: {"model": Error, "description": "The resume failed (the message says why): it stays paused"},
+    503: {"model": Error, "description": "Not enough free memory on the host: it stays paused"},
+}
+
+
+async def _resume_call(coro):  # noqa: ANN001, ANN202 - the manager's resume/connect, its errors as the API's
+    try:
+        return await coro
+    except ResumeRefused as e:
+        return error_response(409, str(e), error_code=e.error_code)
+    except (SandboxNotFound, SandboxConflict, AdmissionError, InvalidTimeout, ManagerClosed):
+        raise
+    except Exception as e:  # noqa: BLE001 - a VMM or agent failure: said plainly; the sandbox stays paused
+        log.exception("resuming sandbox failed")
+        raise ApiError(500, f"the sandbox failed to resume (it stays paused): {type(e).__name__}: {e}") from None
+
+
+async def _connect(request: Request, response: Response, sandboxID: str,
+                   body: ConnectRequest | None) -> CreatedSandbox | Response:
     manager = manager_of(request)
-    sb = manager.get(sandboxID)
+    manager.get(sandboxID)
     orch = manager.config.orchestrator
     seconds = _timeout(body.timeout if body else None, orch.default_timeout_s, orch.max_timeout_s, "timeout")
-    if sb.paused:
-        await manager.resume(sandboxID)
-    manager.refresh(sandboxID, seconds)
+    memory = body is None or body.memory is not False
+    got = await _resume_call(manager.connect(sandboxID, seconds, memory=memory))
+    if isinstance(got, Response):
+        return got
+    sb, resumed = got
+    response.status_code = 201 if resumed else 200
     return _created(request, sb)
 
 
-@router.post("/sandboxes/{sandboxID}/connect", response_model=CreatedSandbox,
-             responses={400: ERRORS[400], 404: ERRORS[404]},
-             summary="Connect to a running sandbox: extends its timeout, returns its tokens")
-async def connect(request: Request, sandboxID: str,
-                  body: Annotated[ConnectRequest | None, Body()] = None) -> CreatedSandbox:
-    return await _connect(request, sandboxID, body)
+CONNECT_SUMMARY = ("Connect to a sandbox: resume it if it is paused (201), else extend its timeout (200, never "
+                   "shortened); returns its tokens")
 
 
-@router.post("/v2/sandboxes/{sandboxID}/connect", response_model=CreatedSandbox,
-             responses={400: ERRORS[400], 404: ERRORS[404]}, summary="Connect to a running sandbox (E2B v2 path)")
-async def connect_v2(request: Request, sandboxID: str,
-                     body: Annotated[ConnectRequest | None, Body()] = None) -> CreatedSandbox:
-    return await _connect(request, sandboxID, body)
+@router.post("/sandboxes/{sandboxID}/connect", response_model=CreatedSandbox, responses=RESUME_RESPONSES,
+             summary=CONNECT_SUMMARY)
+async def connect(request: Request, response: Response, sandboxID: str,
+                  body: Annotated[ConnectRequest | None, Body()] = None) -> CreatedSandbox | Response:
+    return await _connect(request, response, sandboxID, body)
+
+
+@router.post("/v2/sandboxes/{sandboxID}/connect", response_model=CreatedSandbox, responses=RESUME_RESPONSES,
+             summary=CONNECT_SUMMARY + " (E2B v2 path)")
+async def connect_v2(request: Request, response: Response, sandboxID: str,
+                     body: Annotated[ConnectRequest | None, Body()] = None) -> CreatedSandbox | Response:
+    return await _connect(request, response, sandboxID, body)
 
 
 @router.post("/sandboxes/{sandboxID}/pause", status_code=204,
-             responses={404: ERRORS[404], 409: {"model": Error, "description": "Already paused"}},
-             summary="Pause a sandbox: its vCPUs stop, its memory stays (the timeout keeps running)")
-async def pause(request: Request, sandboxID: str) -> Response:
-    await manager_of(request).pause(sandboxID)
+             responses={400: ERRORS[400], 404: ERRORS[404],
+                        409: {"model": Error, "description": "Already paused, or its VMM cannot "
+                                                                                "pause to disk"},
+                        500: {"model": Error, "description": "The pause failed (the message says why): it runs on"},
+                        503: {"model": Error, "description": "Its agent did not freeze its filesystems and the "
+                                                             "pause needs it (memory false, or requireHealthyGuest)"}},
+             summary="Pause a sandbox to disk: its state is stored, its VMM ends (its timeout stops)")
+async def pause(request: Request, sandboxID: str, body: Annotated[PauseRequest | None, Body()] = None) -> Response:
+    manager = manager_of(request)
+    try:
+        await manager.pause(sandboxID, memory=body is None or body.memory is not False,
+                            strict=body is not None and body.requireHealthyGuest is True)
+    except PauseRefused as e:
+        raise ApiError(503, str(e), {"Retry-After": "5"}) from None
+    except PauseUnsupported as e:
+        raise ApiError(409, str(e)) from None
+    except (SandboxNotFound, SandboxConflict):
+        raise
+    except Exception as e:  # noqa: BLE001 - a VMM or agent failure: said plainly; the sandbox runs on
+        log.exception("pausing sandbox %s failed", sandboxID)
+        raise ApiError(500, f"the sandbox failed to pause (it keeps running): {type(e).__name__}: {e}") from None
     return Response(status_code=204)
 
 
@@ -520,8 +583,21 @@ async def reclaim(request: Request, sandboxID: str) -> ReclaimedMemory:
 
 
 @router.post("/sandboxes/{sandboxID}/resume", status_code=201, response_model=CreatedSandbox,
-             responses={404: ERRORS[404], 409: {"model": Error, "description": "Not paused"}},
-             summary="Resume a paused sandbox")
-async def resume(request: Request, sandboxID: str) -> CreatedSandbox:
-    sb = await manager_of(request).resume(sandboxID)
-    return _created(request, sb)
+             responses={**RESUME_RESPONSES, 409: {"model": Error, "description": "Not paused, or paused while its "
+                                                                                  "agent did not answer"}},
+             summary="Resume a paused sandbox (E2B: deprecated, use connect)")
+async def resume(request: Request, sandboxID: str,
+                 body: Annotated[ResumeRequest | None, Body()] = None) -> CreatedSandbox | Response:
+    manager = manager_of(request)
+    manager.get(sandboxID)
+    if body is not None and body.autoPause:
+        raise ApiError(400, "body field autoPause: pausing the sandbox when its timeout ends is not implemented in "
+                            "trenvx yet; leave it out (or send it false)")
+    orch = manager.config.orchestrator
+    seconds = None if body is None or body.timeout is None else _timeout(
+        body.timeout, orch.default_timeout_s, orch.max_timeout_s, "timeout")
+    got = await _resume_call(manager.resume(sandboxID, timeout_s=seconds,
+                                            memory=body is None or body.memory is not False))
+    if isinstance(got, Response):
+        return got
+    return _created(request, got)
