@@ -85,13 +85,20 @@ def test_state_store_records_the_vmm_and_migrates_a_version_1_database(tmp_path:
     s.close()
     s = StateStore(path)  # a migrated database reopens as it is
     assert s.get("fc").vmm_type == "firecracker" and s.get("old").vmm_type == "qemu"
+    assert s.get("old").pause == {}, "rows of before pauses to disk were never paused to disk"
+    # a sandbox paused to disk has no VMM: it is not among those whose VM should exist
+    s.put(rec("p", state="paused", pause={"kind": "memory", "paused_at": 1.0, "timeout_left": 5.0}))
+    assert {r.id for r in s.running()} == {"old", "fc"} and [r.id for r in s.paused()] == ["p"]
+    assert s.get("p").pause["kind"] == "memory"
+    s.mark_ended("p", "killed")
+    assert s.get("p").pause == {} and s.paused() == []
     s.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
-    db.execute("PRAGMA user_version=3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    db.execute("PRAGMA user_version=4")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="schema version 3, newer than this trenvx's 2; run the newer trenvx"):
+    with pytest.raises(RuntimeError, match="schema version 4, newer than this trenvx's 3; run the newer trenvx"):
         StateStore(path)
 
 
