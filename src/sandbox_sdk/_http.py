@@ -117,6 +117,10 @@ async def _read_error(response: httpx.Response) -> bytes:
 # --------------------------------------------------------------------------- REST API
 
 
+PAUSE_RESUME_TIMEOUT = 600.0
+"""Seconds a pause or resume may take (a boot from disk takes minutes under software emulation)."""
+
+
 def _items(value: Any, key: str) -> List[Dict[str, Any]]:
     """A JSON list of objects, also when wrapped as ``{key: [...]}``."""
     if isinstance(value, dict):
@@ -288,6 +292,42 @@ class ApiClient:
             context="sandbox",
             sandbox_id=sandbox_id,
         )
+
+    async def pause_sandbox(
+        self, sandbox_id: str, *, memory: bool = True, strict: bool = False, request_timeout: Optional[float] = None,
+    ) -> bool:
+        """``POST /sandboxes/{id}/pause``: True once paused, False if it was paused already."""
+        body: Dict[str, Any] = {"memory": bool(memory)}
+        if strict:
+            body["requireHealthyGuest"] = True
+        r = await self._call(
+            "POST", f"/sandboxes/{sandbox_id}/pause", json=body, context="sandbox", sandbox_id=sandbox_id,
+            request_timeout=request_timeout if request_timeout is not None else PAUSE_RESUME_TIMEOUT, ok=(204, 409),
+        )
+        if r.status_code == 409:
+            body_bytes = await _read_error(r)
+            if b"already paused" in body_bytes:
+                return False
+            raise http_error(409, body_bytes, context="sandbox", sandbox_id=sandbox_id)
+        await r.aclose()
+        return True
+
+    async def connect_sandbox(
+        self, sandbox_id: str, timeout: Optional[int] = None, *, memory: bool = True,
+        request_timeout: Optional[float] = None,
+    ) -> Tuple[SandboxConnectionInfo, bool]:
+        """``POST /sandboxes/{id}/connect``: resumes a paused sandbox (``memory=False``: boots it from
+        its disk), extends its timeout to ``timeout`` if longer. (its info, whether it was resumed)."""
+        body: Dict[str, Any] = {}
+        if timeout is not None:
+            body["timeout"] = int(timeout)
+        if not memory:
+            body["memory"] = False
+        r = await self._call(
+            "POST", f"/sandboxes/{sandbox_id}/connect", json=body, context="sandbox", sandbox_id=sandbox_id,
+            request_timeout=request_timeout if request_timeout is not None else PAUSE_RESUME_TIMEOUT,
+        )
+        return SandboxConnectionInfo.from_json(r.json()), r.status_code == 201
 
     async def health(self, request_timeout: Optional[float] = None) -> bool:
         try:

@@ -55,6 +55,7 @@ class FakeBackend:
         self.route("POST", "/sandboxes", lambda r: httpx.Response(201, json=self.sandbox))
         self.route("GET", "/sandboxes/sbx1", lambda r: httpx.Response(200, json={**self.sandbox, "state": "running"}))
         self.route("DELETE", "/sandboxes/sbx1", lambda r: httpx.Response(204))
+        self.route("POST", "/sandboxes/sbx1/connect", lambda r: httpx.Response(200, json=self.sandbox))
 
     def route(self, method: str, path: str, handler: Callable[[httpx.Request], httpx.Response]) -> None:
         self.routes[(method, path)] = handler
@@ -438,3 +439,55 @@ async def test_trenvx_surface_over_the_fake(fake: FakeBackend, monkeypatch: pyte
     assert json.loads(fake.last("/sandboxes/sbx1/refreshes").content) == {"duration": 900}
     await ci.close()
     assert fake.requests[-1].method == "DELETE"
+
+
+async def test_pause_and_connect_in_e2b_shapes(fake: FakeBackend) -> None:
+    """pause(): POST /pause {memory}, True, or False when already paused (409); connect() resumes
+    (POST /connect, memory false for on_resume="reboot"); bad modes are refused before any request."""
+    answers = [httpx.Response(204), httpx.Response(409, json={"code": 409, "message": "sandbox sbx1 is already paused"})]
+    fake.route("POST", "/sandboxes/sbx1/pause", lambda r: answers.pop(0))
+    sbx = await AsyncSandbox.connect("sbx1", **conn(fake))
+    assert json.loads(fake.last("/sandboxes/sbx1/connect").content) == {}
+    assert await sbx.pause() is True
+    assert json.loads(fake.last("/sandboxes/sbx1/pause").content) == {"memory": True}
+    assert await AsyncSandbox.pause("sbx1", mode="filesystem", strict=True, **conn(fake)) is False
+    assert json.loads(fake.last("/sandboxes/sbx1/pause").content) == {"memory": False, "requireHealthyGuest": True}
+    fake.route("POST", "/sandboxes/sbx1/connect", lambda r: httpx.Response(201, json=fake.sandbox))
+    assert await sbx.connect(600, on_resume="reboot") is sbx
+    assert json.loads(fake.last("/sandboxes/sbx1/connect").content) == {"timeout": 600, "memory": False}
+    again = await AsyncSandbox.connect("sbx1", 60, **conn(fake))
+    assert again.envd_access_token == "tok" and json.loads(fake.last("/sandboxes/sbx1/connect").content) == {"timeout": 60}
+    n = len(fake.requests)
+    with pytest.raises(exceptions.InvalidArgumentError, match="mode"):
+        await sbx.pause(mode="disk")
+    with pytest.raises(exceptions.InvalidArgumentError, match="not both"):
+        await sbx.pause(False, mode="full")
+    with pytest.raises(exceptions.InvalidArgumentError, match="on_resume"):
+        await sbx.connect(on_resume="later")
+    assert len(fake.requests) == n
+    # a 409 that is not "already paused" (a VMM that cannot pause) is an error, not False
+    fake.route("POST", "/sandboxes/sbx1/pause", lambda r: httpx.Response(
+        409, json={"code": 409, "message": "pausing to disk is not supported by this VMM yet (firecracker)"}))
+    with pytest.raises(exceptions.ConflictError, match="not supported"):
+        await sbx.pause()
+    fake.route("POST", "/sandboxes/sbx1/pause", lambda r: httpx.Response(404, json={"code": 404, "message": "gone"}))
+    with pytest.raises(exceptions.SandboxNotFoundError):
+        await sbx.pause()
+
+
+def test_sync_pause_and_connect(fake: FakeBackend) -> None:
+    fake.route("POST", "/sandboxes/sbx1/pause", lambda r: httpx.Response(204))
+    sbx = Sandbox.connect("sbx1", **conn(fake))
+    assert sbx.pause(keep_memory=False) is True
+    assert json.loads(fake.last("/sandboxes/sbx1/pause").content) == {"memory": False}
+    assert Sandbox.pause("sbx1", **conn(fake)) is True
+    assert sbx.connect() is sbx and Sandbox.connect("sbx1", 30, **conn(fake)).sandbox_id == "sbx1"
+
+
+async def test_trenvx_surface_pause_and_resume(fake: FakeBackend) -> None:
+    fake.route("POST", "/sandboxes/sbx1/pause", lambda r: httpx.Response(204))
+    ci = await TrenvxSandbox.connect("sbx1", **conn(fake))
+    assert await ci.pause(keep_memory=False) is True
+    assert json.loads(fake.last("/sandboxes/sbx1/pause").content) == {"memory": False}
+    await ci.resume(keep_alive=300, reboot=True)
+    assert json.loads(fake.last("/sandboxes/sbx1/connect").content) == {"timeout": 300, "memory": False}

@@ -72,6 +72,31 @@ from ..models import (
 log = logging.getLogger("sandbox_sdk")
 
 
+SnapshotMode = Literal["full", "filesystem"]
+"""What a pause keeps: ``full`` (memory and filesystem: processes resume) or ``filesystem`` (a resume boots)."""
+OnResume = Literal["restore", "reboot"]
+"""How a paused sandbox comes back: ``restore`` its memory, or ``reboot`` from its disk."""
+
+
+def pause_memory(mode: Optional[str], keep_memory: Optional[bool]) -> bool:
+    """Whether a pause keeps the memory: ``mode`` (or E2B's deprecated ``keep_memory``)."""
+    if mode is not None and keep_memory is not None:
+        raise InvalidArgumentError("pass either mode or the deprecated keep_memory, not both")
+    if mode is None:
+        return keep_memory is not False
+    if mode not in ("full", "filesystem"):
+        raise InvalidArgumentError(f"mode must be 'full' or 'filesystem', not {mode!r}")
+    return mode == "full"
+
+
+def resume_memory(on_resume: Optional[str]) -> bool:
+    if on_resume is None or on_resume == "restore":
+        return True
+    if on_resume == "reboot":
+        return False
+    raise InvalidArgumentError(f"on_resume must be 'restore' or 'reboot', not {on_resume!r}")
+
+
 def _unix(t: Optional[datetime.datetime]) -> Optional[int]:
     """Unix seconds of ``t`` (a naive datetime is local time, as ``datetime.timestamp`` reads it)."""
     return int(t.timestamp()) if t is not None else None
@@ -1242,24 +1267,81 @@ class AsyncSandbox:
             raise
         return cls(info, config, client, user=user)
 
-    @classmethod
-    async def connect(cls, sandbox_id: str, *, user: Optional[str] = None, **connection: Any) -> "AsyncSandbox":
-        """Connect to a running sandbox by id (raises :class:`SandboxNotFoundError`).
+    @dual_method
+    async def connect(
+        cls, sandbox_id: str, timeout: Optional[int] = None, *, on_resume: OnResume = "restore",
+        user: Optional[str] = None, **connection: Any,
+    ) -> "AsyncSandbox":
+        """Connect to a sandbox by id, resuming it if it is paused (raises :class:`SandboxNotFoundError`).
+
+        ``timeout``: it lives at least that many more seconds (never shortened); ``on_resume="reboot"``:
+        a paused sandbox boots from its disk instead of resuming its memory (its processes are gone).
+        On an instance: ``await sandbox.connect()`` resumes it.
 
         Example::
 
+            await sandbox.pause()
             same = await AsyncSandbox.connect(sandbox.sandbox_id)
         """
+        memory = resume_memory(on_resume)
         config = ConnectionConfig.resolve(**connection)
         client = make_client(config)
         try:
-            detail = await ApiClient(client, config).get_sandbox(sandbox_id, connection.get("request_timeout"))
+            info, _ = await ApiClient(client, config).connect_sandbox(
+                sandbox_id, timeout, memory=memory, request_timeout=connection.get("request_timeout"))
         except BaseException:
             await client.aclose()
             raise
-        info = SandboxConnectionInfo.from_json(detail)
         info.sandbox_id = info.sandbox_id or sandbox_id
         return cls(info, config, client, user=user)
+
+    @connect.instance
+    async def _connect(self, timeout: Optional[int] = None, *, on_resume: OnResume = "restore",
+                       request_timeout: Optional[float] = None) -> "AsyncSandbox":
+        """Resume this sandbox if it is paused and make it live at least ``timeout`` more seconds.
+
+        Example::
+
+            await sandbox.pause()
+            await sandbox.connect()
+            print((await sandbox.commands.run("cat /home/user/notes.txt")).stdout)
+        """
+        self._require_backend("connect")
+        await self._api.connect_sandbox(self.sandbox_id, timeout, memory=resume_memory(on_resume),
+                                        request_timeout=request_timeout)
+        return self  # same id, same tokens
+
+    @dual_method
+    async def pause(cls, sandbox_id: str, keep_memory: Optional[bool] = None, *, mode: Optional[SnapshotMode] = None,
+                    strict: bool = False, **connection: Any) -> bool:
+        """Pause a sandbox to disk: ``await AsyncSandbox.pause(id)`` or ``await sandbox.pause()``.
+
+        Its state is stored and its VM ends (its memory goes back to the host; its timeout stops).
+        ``mode="filesystem"`` keeps only its files (synced first): a resume boots it, its processes
+        are gone. ``strict=True``: refuse (:class:`InsufficientCapacityError`, 503) when its agent
+        does not answer, instead of pausing it anyway. True once paused, False if it was already.
+        Resume it with :meth:`connect`.
+        """
+        memory = pause_memory(mode, keep_memory)
+        config = ConnectionConfig.resolve(**connection)
+        async with make_client(config) as client:
+            return await ApiClient(client, config).pause_sandbox(
+                sandbox_id, memory=memory, strict=strict, request_timeout=connection.get("request_timeout"))
+
+    @pause.instance
+    async def _pause(self, keep_memory: Optional[bool] = None, *, mode: Optional[SnapshotMode] = None,
+                     strict: bool = False, request_timeout: Optional[float] = None) -> bool:
+        """Pause this sandbox to disk (see the class-level form); resume it with :meth:`connect`.
+
+        Example::
+
+            await sandbox.files.write("/home/user/notes.txt", "kept")
+            await sandbox.pause()
+            await sandbox.connect()
+        """
+        self._require_backend("pause")
+        return await self._api.pause_sandbox(self.sandbox_id, memory=pause_memory(mode, keep_memory), strict=strict,
+                                             request_timeout=request_timeout)
 
     @classmethod
     async def connect_direct(

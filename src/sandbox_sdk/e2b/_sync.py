@@ -49,7 +49,7 @@ from ..models import (
     WriteEntry,
     WriteInfo,
 )
-from ._async import AsyncCommandHandle, AsyncSandbox, AsyncWatchHandle
+from ._async import AsyncCommandHandle, AsyncSandbox, AsyncWatchHandle, OnResume, SnapshotMode
 
 _END = "end"
 
@@ -650,10 +650,32 @@ class Sandbox:
         return cls(_run(AsyncSandbox.create(template, timeout, metadata, envs, secure, allow_internet_access,
                                             network=network, user=user, **connection)))
 
-    @classmethod
-    def connect(cls, sandbox_id: str, *, user: Optional[str] = None, **connection: Any) -> "Sandbox":
-        """Connect to a running sandbox. Example: ``Sandbox.connect(sandbox_id)``"""
-        return cls(_run(AsyncSandbox.connect(sandbox_id, user=user, **connection)))
+    @dual_method
+    def connect(cls, sandbox_id: str, timeout: Optional[int] = None, *, on_resume: OnResume = "restore",
+                user: Optional[str] = None, **connection: Any) -> "Sandbox":
+        """Connect to a sandbox, resuming it if it is paused; see :meth:`AsyncSandbox.connect`.
+        Example: ``Sandbox.connect(sandbox_id)`` or ``sandbox.connect()``"""
+        return cls(_run(AsyncSandbox.connect(sandbox_id, timeout, on_resume=on_resume, user=user, **connection)))
+
+    @connect.instance
+    def _connect(self, timeout: Optional[int] = None, *, on_resume: OnResume = "restore",
+                 request_timeout: Optional[float] = None) -> "Sandbox":
+        _run(self._async.connect(timeout, on_resume=on_resume, request_timeout=request_timeout))
+        return self
+
+    @dual_method
+    def pause(cls, sandbox_id: str, keep_memory: Optional[bool] = None, *, mode: Optional[SnapshotMode] = None,
+              strict: bool = False, **connection: Any) -> bool:
+        """Pause a sandbox to disk (True; False if it was paused already); see :meth:`AsyncSandbox.pause`.
+        Example: ``sandbox.pause()``, then ``sandbox.connect()``"""
+        paused: bool = _run(AsyncSandbox.pause(sandbox_id, keep_memory, mode=mode, strict=strict, **connection))
+        return paused
+
+    @pause.instance
+    def _pause(self, keep_memory: Optional[bool] = None, *, mode: Optional[SnapshotMode] = None,
+               strict: bool = False, request_timeout: Optional[float] = None) -> bool:
+        paused: bool = _run(self._async.pause(keep_memory, mode=mode, strict=strict, request_timeout=request_timeout))
+        return paused
 
     @classmethod
     def connect_direct(cls, envd_url: str, **kwargs: Any) -> "Sandbox":

@@ -245,6 +245,31 @@ class Sandbox:
         """Whether the sandbox's agent answers."""
         return await self._core.is_running()
 
+    async def pause(self, *, keep_memory: bool = True, timeout: Optional[float] = None) -> bool:
+        """Pause the sandbox to disk: its state is stored, its VM ends, its timeout stops.
+
+        ``keep_memory=False`` keeps only its files (a resume boots it: its processes are gone).
+        True once paused, False if it was paused already.
+
+        Example::
+
+            await sandbox.pause()
+            await sandbox.resume()
+        """
+        return await self._core.pause(keep_memory, request_timeout=timeout)
+
+    async def resume(self, *, keep_alive: Optional[int] = None, reboot: bool = False,
+                     timeout: Optional[float] = None) -> None:
+        """Resume a paused sandbox (same id; with its memory, its processes go on) and make it live at
+        least ``keep_alive`` more seconds; ``reboot=True``: boot it from its disk instead. A running
+        sandbox only gets its ``keep_alive``.
+
+        Example::
+
+            await sandbox.resume(keep_alive=600)
+        """
+        await self._core.connect(keep_alive, on_resume="reboot" if reboot else "restore", request_timeout=timeout)
+
     async def close(self) -> None:
         """Kill the sandbox and release the connection (idempotent).
 
