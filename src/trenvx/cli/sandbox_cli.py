@@ -10,6 +10,8 @@
     sandbox-cli sandbox exec ID -- CMD...         streams output, exits with the command's code
     sandbox-cli sandbox shell ID                  interactive shell in the sandbox (PTY)
     sandbox-cli sandbox info ID | timeout ID SECONDS  (info: its settings and network rules)
+    sandbox-cli sandbox pause ID [--filesystem] [--strict]   pause to disk (its VM ends, its timeout stops)
+    sandbox-cli sandbox resume ID [--timeout S] [--reboot]   resume it (same id, files, processes)
     sandbox-cli sandbox metrics ID [--since SECONDS]  CPU, memory and disk samples (every 5 s)
     sandbox-cli template ls
 
@@ -270,10 +272,13 @@ def ls(
         if state == "exited" and x.get("endReason"):
             state = f"exited ({x['endReason'].split(':', 1)[0]})"
         left = x.get("timeoutLeft")
+        pause = x.get("pause") or {}
+        if pause:
+            state = f"paused ({pause.get('kind', '?')})"
         table.add_row(
             s["sandboxID"], s["templateID"], state, _fmt_age(now - _ts(s["startedAt"])),
-            _fmt_age(left) if left and s["state"] == "running" else "-",
-            _fmt_bytes(x.get("pssBytes") or x.get("rssBytes")),
+            _fmt_age(left) if left and s["state"] in ("running", "paused") else "-",
+            f"{_fmt_bytes(pause.get('storedBytes'))} stored" if pause else _fmt_bytes(x.get("pssBytes") or x.get("rssBytes")),
         )
     out.print(table)
     if not items:
@@ -382,6 +387,12 @@ def info(sandbox_id: str, ip: Optional[str] = IpOpt, port: Optional[int] = PortO
         ("memory used", _fmt_bytes(x.get("pssBytes") or x.get("rssBytes"))),
         ("vmm", f"{x.get('vmm', '?')}/{x.get('accelerator', '?')}" + (f", pid {x['pid']}" if x.get("pid") else "")),
     ]
+    pause = x.get("pause") or {}
+    if pause:
+        rows.append(("paused", f"{pause['kind']} since {pause['pausedAt']}, {_fmt_bytes(pause['storedBytes'])} stored "
+                               f"({pause['ramPages']} pages of RAM), paused in {pause['pauseSeconds']:.1f} s"))
+    if d.get("envdUnresponsiveAtPause"):
+        rows.append(("resumes", "only with --reboot: its agent did not answer when it was paused"))
     if d.get("metadata"):
         rows.append(("metadata", ", ".join(f"{k}={v}" for k, v in d["metadata"].items())))
     _print_rows(rows + _network_rows(d))
@@ -452,6 +463,67 @@ def set_timeout(sandbox_id: str, seconds: int, ip: Optional[str] = IpOpt, port: 
     """The sandbox is killed SECONDS from now."""
     t = _merge(ip, port, api_key, None)
     Api(t).call("POST", f"/sandboxes/{sandbox_id}/timeout", json={"timeout": seconds})
+
+
+PAUSE_RESUME_TIMEOUT_S = 600.0
+"""A resume that boots the sandbox from its disk takes minutes under software emulation."""
+
+
+@sandbox_app.command("pause")
+def pause(
+    sandbox_id: str,
+    filesystem: bool = typer.Option(False, "--filesystem", help="keep only its files (a resume boots it; its "
+                                                                "processes are gone)"),
+    strict: bool = typer.Option(False, "--strict", help="refuse when its agent does not answer (else it is "
+                                                        "paused anyway, and resumes only with --reboot)"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """Pause a sandbox to disk: its state is stored, its VM ends, its timeout stops. Resume it with
+    `sandbox resume ID`."""
+    t = _merge(ip, port, api_key, as_json)
+    api = Api(t)
+    body: dict[str, Any] = {"memory": not filesystem}
+    if strict:
+        body["requireHealthyGuest"] = True
+    t0 = time.monotonic()
+    api.call("POST", f"/sandboxes/{sandbox_id}/pause", json=body, timeout=PAUSE_RESUME_TIMEOUT_S)
+    seconds = time.monotonic() - t0
+    p = ((api.call("GET", f"/sandboxes/{sandbox_id}").json().get("trenvx") or {}).get("pause") or {})
+    if t.as_json:
+        print(json.dumps({"sandboxID": sandbox_id, "pause": p}, indent=2))
+        return
+    print(f"{sandbox_id} paused ({p.get('kind', 'memory' if not filesystem else 'filesystem')}) in {seconds:.1f} s, "
+          f"{_fmt_bytes(p.get('storedBytes'))} stored")
+
+
+@sandbox_app.command("resume")
+def resume(
+    sandbox_id: str,
+    timeout: Optional[int] = typer.Option(None, "--timeout", "-t", help="live at least this many more seconds"),
+    reboot: bool = typer.Option(False, "--reboot", help="boot it from its disk instead of resuming its memory"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """Resume a paused sandbox (same id, files, tokens; with its memory, its processes go on). A
+    running sandbox only gets its timeout extended."""
+    t = _merge(ip, port, api_key, as_json)
+    body: dict[str, Any] = {}
+    if timeout is not None:
+        body["timeout"] = timeout
+    if reboot:
+        body["memory"] = False
+    t0 = time.monotonic()
+    r = Api(t).call("POST", f"/sandboxes/{sandbox_id}/connect", json=body, timeout=PAUSE_RESUME_TIMEOUT_S)
+    seconds = time.monotonic() - t0
+    if t.as_json:
+        print(json.dumps({**r.json(), "resumed": r.status_code == 201}, indent=2))
+        return
+    if r.status_code == 201:
+        how = "booted from its disk" if reboot else "its memory restored"
+        print(f"{sandbox_id} resumed in {seconds:.1f} s ({how})")
+    else:
+        print(f"{sandbox_id} was running")
 
 
 def _connect(t: Target, sandbox_id: str, user: str = "root") -> AgentClient:
