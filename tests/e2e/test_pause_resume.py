@@ -351,3 +351,44 @@ def _same_file(a: Path, b: Path) -> bool:
                 return False
             if not x:
                 return True
+
+
+STOP_AGENT = r"""
+for p in /proc/[0-9]*; do
+  if [ "$(cat $p/comm 2>/dev/null)" = python3 ] && tr '\0' ' ' < $p/cmdline | grep -q "m trenvx""_agent"; then a=${p#/proc/}; fi
+done
+setsid sh -c "sleep 1; kill -STOP $a; sleep 300; kill -CONT $a" >/dev/null 2>&1 < /dev/null &
+echo $a
+"""
+
+
+async def test_a_guest_whose_agent_hangs_does_not_hold_the_pause(manager, test_template, monkeypatch) -> None:
+    """The guest stops its own agent: the freeze gets no answer. A strict or filesystem-only pause
+    is refused within the freeze's bound and the sandbox runs on; a plain pause goes ahead, marked,
+    and the sandbox then resumes only by booting its disk (E2B's semantics)."""
+    from trenvx.sandbox import suspend
+    from trenvx.sandbox.suspend import PauseRefused, ResumeRefused
+
+    monkeypatch.setattr(suspend, "FREEZE_TIMEOUT_S", 5.0)
+    sb = await manager.create(test_template, timeout_s=600)
+    try:
+        r = await sb.run(["/bin/sh", "-c", STOP_AGENT])
+        assert r.exit_code == 0 and r.stdout.strip().isdigit(), r
+        await asyncio.sleep(2)
+        assert not await sb.agent.health()
+        pid = sb.pid
+        for kw in ({"strict": True}, {"memory": False}):
+            with pytest.raises(PauseRefused, match="did not freeze"):
+                # (a hang guard only: the refusal comes after the freeze's 5 s bound)
+                await asyncio.wait_for(manager.pause(sb.id, **kw), 300)
+            assert sb.state == "running" and sb.pid == pid and pid_running(pid)
+        await manager.pause(sb.id)
+        assert sb.state == "paused" and sb.pause_info.envd_unresponsive and sb.pause_info.frozen == []
+        with pytest.raises(ResumeRefused, match="memory: false"):
+            await manager.resume(sb.id)
+        assert sb.state == "paused"
+        await manager.resume(sb.id, memory=False)
+        assert sb.state == "running" and await sb.agent.health()
+        assert (await sb.run(["/bin/sh", "-c", "echo booted"])).stdout == b"booted\n"
+    finally:
+        await manager.kill(sb.id)

@@ -63,8 +63,12 @@ VMSTATE = "vmstate"
 FREEZE_TIMEOUT_S = 30.0
 """How long the agent may take to sync and freeze (a guest with much unwritten data takes a while
 under TCG); past it the guest counts as refusing."""
-THAW_AFTER_S = 120.0
-"""The agent thaws by itself after this much of the guest's time if the host never thaws it."""
+THAW_AFTER_S = 60.0
+"""The agent thaws by itself after this much of the guest's time if the host never thaws it. The
+guest's clock stops with its vCPUs, so this only has to cover the moment between the freeze and
+the VM's stop. It also ends a freeze that reaches a hung agent too late: an agent that did not
+answer in time is thawed by the host, but the freeze it takes up when it runs again would arrive
+after that thaw; its filesystems are then frozen for at most this long."""
 SYNC_TIMEOUT_S = 60.0
 
 PauseKind = Literal["memory", "filesystem"]
