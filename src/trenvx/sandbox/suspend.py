@@ -301,6 +301,7 @@ class Suspender:
         missing = stored_files_present(workdir, info)
         if missing:
             raise VmmError(f"sandbox {sid} cannot resume: {missing}")
+        self.restorer.check_network(build)  # its device state holds the NIC's backend (a 409 naming the mismatch)
         times: dict[str, float] = {}
         slot: NetworkSlot | None = None
         vm: Vm | None = None
