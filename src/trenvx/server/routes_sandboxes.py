@@ -507,7 +507,7 @@ async def _resume_call(coro):  # noqa: ANN001, ANN202 - the manager's resume/con
         return await coro
     except ResumeRefused as e:
         return error_response(409, str(e), error_code=e.error_code)
-    except (SandboxNotFound, SandboxConflict, AdmissionError, InvalidTimeout, ManagerClosed):
+    except (SandboxNotFound, SandboxConflict, AdmissionError, InvalidTimeout, ManagerClosed, TemplateNetworkMismatch):
         raise
     except Exception as e:  # noqa: BLE001 - a VMM or agent failure: said plainly; the sandbox stays paused
         log.exception("resuming sandbox failed")
