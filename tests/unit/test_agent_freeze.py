@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from trenvx.guest.agent.freeze import FIFREEZE, FITHAW, FreezeUnavailable, Freezer, SystemOps, parse_mountinfo, thaw_after
+from trenvx.guest.agent.freeze import FIFREEZE, FreezeUnavailable, Freezer, SystemOps, parse_mountinfo, thaw_after
 from trenvx.guest.agent.identity import SYSTEM_STEPS, SystemIdentity
 from trenvx.guest.agent.server import Agent, AgentHTTPServer
 from trenvx.guest.client import AgentClient, AgentError
