@@ -1,0 +1,326 @@
+"""A checkpoint of a running QEMU VM, taken in place: the VM stops for it and runs on.
+
+What a checkpoint is, in ``dest`` (a directory the caller made, mode 0700):
+
+- ``memory``: ONE full memory file (read-only, 0400): the base memory file the VM's RAM was
+  mapped from (its template's), with every page of the VM's RAM written over it
+  (:func:`write_memory_file`; a sparse file: zero pages are holes). VMs restored from it map it ``share=off``, like a
+  template's: they share its pages in the host's page cache and copy only the pages they write.
+- ``vmstate`` (0600): the migration stream without any page of that RAM block: device state, and
+  the small RAM blocks (firmware, ACPI tables) as they were.
+- ``layer.qcow2``: the VM's disk as it was, an immutable qcow2 layer whose backing file is what
+  the VM's disk was based on. A VM restored from the checkpoint gets its own overlay on it.
+
+How, in order (the caller freezes the guest's filesystems before and thaws them after):
+
+1. ``stop``: the vCPUs stop, QEMU flushes its disks.
+2. The disk switch: the VM's disk file ``disk.qcow2`` gets a second name ``layer-N.qcow2``; a new
+   empty overlay ``top-N.qcow2`` whose backing file is ``layer-N.qcow2`` becomes the VM's disk
+   (QMP ``blockdev-snapshot-sync``, ``mode: existing``: QEMU opens it with the open flags of the
+   image it replaces, i.e. the drive's cache and discard modes); ``disk.qcow2`` is then made a
+   name of the new overlay, so the disk path stays the VM's writable image for anything that
+   opens it again (a restore after a pause to disk). QEMU keeps the layer open read-only: nothing
+   writes to it again. Both names stay: QEMU reopens an image by the name it opened it with.
+3. ``migrate`` into a file in ``dest``: every page of the RAM (a VM's RAM mapped ``share=off`` is
+   all in the stream; QEMU sends zero pages as one byte), device state. A local write: about
+   0.1 s for a 256 MiB guest here.
+4. ``cont`` (QEMU takes its disk images back after the migration and runs on).
+5. While the VM runs, :func:`write_memory_file` turns the stream into the memory file and the
+   device state (under TCG here, ~0.6 s for 256 MiB: Python parses the stream).
+
+Nothing is copied but the RAM (the memory file is the base's, reflinked where the filesystem can,
+plus the pages); the disk is the layer the VM wrote until now, shared by name, never copied. The
+cost of a checkpoint grows with the VM's RAM, not with its disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from .base import VmmError, VmState
+from .qemu import QemuDriver, QemuVm
+from .qemu_stream import MAIN_BLOCK, PAGE_SIZE, ZERO_PAGE, PageRecord, RamBlock, StreamFormatError, StreamStats, rewrite
+
+DRIVE_ID = "root"
+"""The ``-drive id=`` of the VM's writable disk (see :func:`trenvx.vmm.qemu.qemu_argv`)."""
+MEMORY = "memory"
+VMSTATE = "vmstate"
+LAYER = "layer.qcow2"
+BANDWIDTH = 64 << 30
+"""``max-bandwidth`` (bytes/s) of the migration: QEMU's default (128 MiB/s) is for networks."""
+QEMU_IMG_TIMEOUT_S = 30.0
+STREAM = ".stream"
+"""The migration stream, in ``dest`` until it is merged."""
+COPY_PAGES = 256
+"""Pages copied from the base memory file at a time (1 MiB) where the stream did not carry them."""
+
+
+@dataclass
+class Checkpoint:
+    """The files of a checkpoint and what it cost."""
+
+    vmstate: Path
+    memory_file: Path
+    layer: Path
+    stats: StreamStats
+    stopped_s: float = 0.0
+    """How long the VM's vCPUs were stopped."""
+    times: dict[str, float] = field(default_factory=dict)
+    """Seconds of each step: ``disk`` (the switch), ``migrate`` (into a file), ``cont``, and
+    ``merge`` (the file into the memory file, while the VM runs)."""
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.vmstate, self.memory_file))
+
+
+async def checkpoint(driver: QemuDriver, vm: QemuVm, *, base_memory: Path, dest: Path) -> Checkpoint:
+    """Checkpoint ``vm`` (its RAM mapped from ``base_memory``) into ``dest``; see the module's text.
+
+    The VM is stopped only for the disk switch and the migration into a file in ``dest`` (a
+    local write of its RAM's non-zero pages); it runs again before that file is turned into the
+    memory file. It runs again also when the checkpoint fails (then ``dest`` holds nothing of it;
+    a disk switch already made stays: the VM's disk is one layer deeper, with the same content).
+    Raises :class:`VmmError`."""
+    disk = vm.spec.own_disk
+    if disk.format != "qcow2" or disk.read_only:
+        raise VmmError(f"VM {vm.spec.name}: its disk {disk.path} is {disk.format}"
+                       f"{' and read-only' if disk.read_only else ''}; a checkpoint needs a writable qcow2 overlay")
+    if vm.state not in (VmState.running, VmState.paused):
+        raise VmmError(f"VM {vm.spec.name} is {vm.state.value}: only a running or paused VM can be checkpointed")
+    was_running = vm.state is VmState.running
+    times: dict[str, float] = {}
+    memory_out, vmstate_out, layer_out = dest / MEMORY, dest / VMSTATE, dest / LAYER
+    stream = dest / STREAM
+    t_stop = time.perf_counter()
+    try:
+        await vm.pause()
+        try:
+            t0 = time.perf_counter()
+            layer = await switch_disk(vm, disk.path)
+            times["disk"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            await _migrate_to_file(driver, vm, stream)
+            times["migrate"] = time.perf_counter() - t0
+        finally:
+            if was_running:
+                t0 = time.perf_counter()
+                await vm.resume()
+                times["cont"] = time.perf_counter() - t0
+        stopped = time.perf_counter() - t_stop
+        t0 = time.perf_counter()
+        stats = await asyncio.to_thread(_merge_file, stream, vmstate_out, base_memory, memory_out)
+        times["merge"] = time.perf_counter() - t0
+        os.chmod(memory_out, 0o400)  # the driver maps only read-only memory files privately
+        _link_or_copy(layer, layer_out)
+    except StreamFormatError as e:
+        _remove(vmstate_out, memory_out, layer_out)
+        raise VmmError(f"checkpoint of {vm.spec.name}: its migration stream: {e}") from None
+    except BaseException:
+        _remove(vmstate_out, memory_out, layer_out)
+        raise
+    finally:
+        stream.unlink(missing_ok=True)
+    return Checkpoint(vmstate_out, memory_out, layer_out, stats, stopped, times)
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
+        p.with_name(p.name + ".part").unlink(missing_ok=True)
+
+
+async def switch_disk(vm: QemuVm, disk: Path) -> Path:
+    """Make the VM's disk image ``disk`` an immutable layer under a new overlay (steps of the
+    module's text; the VM must be stopped). Returns the layer's own name, ``layer-N.qcow2``."""
+    blocks = await vm.execute("query-block")
+    found = [b for b in blocks if b.get("device") == DRIVE_ID and b.get("inserted")]
+    if not found:
+        raise VmmError(f"VM {vm.spec.name} has no drive {DRIVE_ID!r} (query-block: {[b.get('device') for b in blocks]})")
+    size = int(found[0]["inserted"]["image"]["virtual-size"])
+    n = 1
+    while disk.with_name(f"layer-{n}.qcow2").exists() or disk.with_name(f"top-{n}.qcow2").exists():
+        n += 1
+    layer, top = disk.with_name(f"layer-{n}.qcow2"), disk.with_name(f"top-{n}.qcow2")
+    os.link(disk, layer)
+    try:
+        await _qemu_img("create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(layer), str(top), str(size))
+        os.chmod(top, 0o600)
+        await vm.execute("blockdev-snapshot-sync", {
+            "device": DRIVE_ID, "snapshot-file": str(top), "format": "qcow2", "mode": "existing",
+        })
+    except BaseException:
+        top.unlink(missing_ok=True)
+        layer.unlink(missing_ok=True)
+        raise
+    tmp = disk.with_name(f".{disk.name}.{n}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.link(top, tmp)
+    os.replace(tmp, disk)
+    return layer
+
+
+async def _qemu_img(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), QEMU_IMG_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise VmmError(f"qemu-img {args[0]} timed out after {QEMU_IMG_TIMEOUT_S:.0f}s") from None
+    if proc.returncode != 0:
+        raise VmmError(f"qemu-img {' '.join(args)} failed: {out.decode(errors='replace').strip()}")
+
+
+async def _migrate_to_file(driver: QemuDriver, vm: QemuVm, stream: Path) -> None:
+    """Migrate the stopped VM into the file ``stream`` (0600): all of its RAM, device state."""
+    await vm.execute(
+        "migrate-set-capabilities",
+        {"capabilities": [{"capability": "x-ignore-shared", "state": True}, {"capability": "events", "state": True}]},
+    )
+    await vm.execute("migrate-set-parameters", {"max-bandwidth": BANDWIDTH})
+    fd = os.open(stream, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        await driver._send_fd(vm, fd, "checkpoint")
+    finally:
+        os.close(fd)  # QEMU has its own copy
+    try:
+        await driver._migrate_and_wait(vm, "migrate", {"uri": "fd:checkpoint"})
+    except BaseException:
+        with contextlib.suppress(Exception):  # an fd QEMU never used stays open in it
+            await vm.execute("closefd", {"fdname": "checkpoint"}, timeout=5)
+        raise
+
+
+def _merge_file(stream: Path, vmstate_out: Path, base_memory: Path, memory_out: Path) -> StreamStats:
+    """The merge's thread: the stream file into the memory file and the device state."""
+    fd = os.open(vmstate_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(stream, "rb", buffering=1 << 20) as src, os.fdopen(fd, "wb", buffering=1 << 20) as dst:
+        stats = write_memory_file(src, dst, base_memory, memory_out)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return stats
+
+
+def write_memory_file(src: BinaryIO, dst: BinaryIO, base_memory: Path, memory_out: Path,
+                      block: str = MAIN_BLOCK) -> StreamStats:
+    """Like :func:`~trenvx.vmm.qemu_stream.merge_into` (``memory_out``: ``base_memory`` with the
+    stream's pages of ``block`` written over it; ``dst``: the stream without them), for a stream
+    that carries (nearly) every page of the block, as a migration of a VM whose RAM is private
+    does: the pages are written into a sparse file (zero pages stay holes), and only pages the
+    stream did not carry are copied from ``base_memory``. No copy of the base first: half the
+    writes, and the file takes the space of the guest's non-zero pages."""
+    size = base_memory.stat().st_size
+    if size % PAGE_SIZE:
+        raise StreamFormatError(f"the memory file {base_memory} is {size} bytes, not a whole number of pages")
+    part = memory_out.with_name(memory_out.name + ".part")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        seen = bytearray(size // PAGE_SIZE)
+        """Per page of the block: 0 never sent, 1 sent and left a hole (zero), 2 written."""
+        run = _Run(fd)
+
+        def keep(rec: PageRecord) -> bool:
+            if rec.block != block:
+                return True
+            if rec.offset + PAGE_SIZE > size:
+                raise StreamFormatError(f"a page of block {block!r} at offset {rec.offset:#x} lies beyond the "
+                                        f"{size} bytes of {base_memory}")
+            index = rec.offset // PAGE_SIZE
+            if rec.zero and rec.data != b"\0":
+                data = rec.data * PAGE_SIZE  # a ZERO record's fill byte that is not 0
+            elif rec.zero:  # (QEMU sends a page of zeros as a ZERO record)
+                if seen[index] == 2:
+                    run.write(rec.offset, ZERO_PAGE)  # a page sent again, zero this time
+                seen[index] = max(seen[index], 1)
+                return False
+            else:
+                data = rec.data
+            run.write(rec.offset, data)
+            seen[index] = 2
+            return False
+
+        def check(blocks: list[RamBlock]) -> None:
+            found = [b for b in blocks if b.name == block]
+            if not found or found[0].length != size:
+                raise StreamFormatError(
+                    f"the stream's RAM block {block!r} is {found[0].length if found else 'missing'} and the memory "
+                    f"file {base_memory} {size} bytes: the stream is not of a VM of that memory file")
+
+        stats = rewrite(src, dst, keep, check)
+        run.flush()
+        stats.merged_pages = len(seen) - seen.count(0)
+        _fill_unsent(fd, base_memory, seen)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        part.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(part, memory_out)
+    return stats
+
+
+class _Run:
+    """Pages written at increasing offsets, gathered into one ``pwrite`` per contiguous run."""
+
+    MAX = 1 << 20
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.start = 0
+        self.parts: list[bytes] = []
+        self.length = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.parts and (offset != self.start + self.length or self.length >= self.MAX):
+            self.flush()
+        if not self.parts:
+            self.start = offset
+        self.parts.append(data)
+        self.length += len(data)
+
+    def flush(self) -> None:
+        if self.parts:
+            os.pwrite(self.fd, b"".join(self.parts), self.start)
+            self.parts, self.length = [], 0
+
+
+def _fill_unsent(fd: int, base_memory: Path, seen: bytearray) -> None:
+    """Copy the pages no record carried from ``base_memory`` (runs at a time; zero runs stay holes)."""
+    with open(base_memory, "rb") as base:
+        index, pages = 0, len(seen)
+        while index < pages:
+            if seen[index]:
+                index += 1
+                continue
+            end = index
+            while end < pages and not seen[end] and end - index < COPY_PAGES:
+                end += 1
+            base.seek(index * PAGE_SIZE)
+            chunk = base.read((end - index) * PAGE_SIZE)
+            if chunk.count(0) != len(chunk):
+                os.pwrite(fd, chunk, index * PAGE_SIZE)
+            index = end
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a second name of ``src`` (the same inode: no copy), or a copy across filesystems."""
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        shutil.copyfile(src, dst)
+        os.chmod(dst, 0o600)
