@@ -1,4 +1,5 @@
-"""Per-sandbox disks: a qcow2 overlay on the template's read-only raw image, never a copy."""
+"""Per-sandbox disks: a qcow2 overlay on the template's read-only raw image (or on a snapshot's
+qcow2 layer), never a copy."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ class DiskError(Exception):
     pass
 
 
-async def create_overlay(base: Path, overlay: Path, qemu_img: str = "qemu-img") -> Path:
-    """Create ``overlay`` as a qcow2 whose backing file is the raw image ``base``."""
+BACKING_FORMATS = ("raw", "qcow2")
+
+
+async def create_overlay(base: Path, overlay: Path, backing_format: str = "raw", qemu_img: str = "qemu-img") -> Path:
+    """Create ``overlay`` as a qcow2 whose backing file is ``base``: a template's raw image, or a
+    snapshot's qcow2 layer (``backing_format="qcow2"``; its own backing chain stays as it is)."""
+    if backing_format not in BACKING_FORMATS:
+        raise DiskError(f"cannot put an overlay on a {backing_format!r} image; backing formats: {', '.join(BACKING_FORMATS)}")
     proc = await asyncio.create_subprocess_exec(
-        qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay),
+        qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", backing_format, str(overlay),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     try:
@@ -27,3 +34,40 @@ async def create_overlay(base: Path, overlay: Path, qemu_img: str = "qemu-img") 
     if proc.returncode != 0:
         raise DiskError(f"qemu-img create {overlay} on {base} failed: {out.decode(errors='replace').strip()}")
     return overlay
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+MAX_CHAIN = 64
+
+
+def qcow2_backing(path: Path) -> Path | None:
+    """The backing file a qcow2 image's header names (an absolute path, or relative to the image's
+    directory), or None: no backing file, not a qcow2 image, or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+            if len(header) < 20 or header[:4] != QCOW2_MAGIC:
+                return None
+            offset = int.from_bytes(header[8:16], "big")
+            size = int.from_bytes(header[16:20], "big")
+            if not offset or not 0 < size <= 1023:
+                return None
+            f.seek(offset)
+            name = f.read(size).decode(errors="replace")
+    except OSError:
+        return None
+    backing = Path(name)
+    return backing if backing.is_absolute() else path.parent / backing
+
+
+def backing_chain(path: Path) -> list[Path]:
+    """The images below the qcow2 image ``path``, nearest first (ends at a raw image, a missing
+    file, or after :data:`MAX_CHAIN` images)."""
+    chain: list[Path] = []
+    current: Path | None = path
+    while current is not None and len(chain) < MAX_CHAIN:
+        current = qcow2_backing(current)
+        if current is None or current in chain:
+            break
+        chain.append(current)
+    return chain

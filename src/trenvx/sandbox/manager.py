@@ -63,6 +63,7 @@ from ..network.slot import HostNetwork, NetworkSlot
 from .network_state import NetworkState, read_network_state, write_network_state
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
 from .restore import RestoredVm, SnapshotRestore, TemplateNetworkMismatch
+from .snapshots import Snapshots
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
 from .suspend import PauseInfo, PauseRefused, PauseUnsupported, ResumeRefused, StoppedVm, Suspender, stored_files_present
 
@@ -313,6 +314,8 @@ class SandboxManager:
         )
         self.restorer = SnapshotRestore(config, self.data_root, self.network)
         self.suspender = Suspender(self.restorer)
+        self.snapshots = Snapshots(self)
+        """Snapshots and forks of running sandboxes (:mod:`.snapshots`)."""
         self.admission = admission or Admission(
             Limits(orch.max_sandboxes, orch.max_sandboxes_per_template, orch.memory_headroom_mb)
         )
@@ -457,8 +460,38 @@ class SandboxManager:
         self.restorer.check_network(build)  # TemplateNetworkMismatch: a clear refusal, before any work
         if egress is not None:
             self._check_enforceable(egress)
+        return await self.create_from_build(
+            build, name, env_vars=env_vars, metadata=metadata, timeout_s=timeout, egress=egress,
+            allow_public_traffic=allow_public_traffic, allow_internet_access=allow_internet_access,
+            mask_request_host=mask_request_host,
+        )
+
+    async def create_from_build(
+        self,
+        build: TemplateBuild,
+        template: str,
+        *,
+        env_vars: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+        egress: EgressPolicy | None = None,
+        allow_public_traffic: bool = True,
+        allow_internet_access: bool | None = None,
+        mask_request_host: str | None = None,
+    ) -> Sandbox:
+        """:meth:`create` from ``build`` (a fork's snapshot), reported as a sandbox of ``template``."""
+        if self._closed:
+            raise ManagerClosed("the sandbox manager is shutting down; no new sandboxes")
+        await self.start()
+        timeout = check_timeout(
+            self.config.orchestrator.default_timeout_s if timeout_s is None else timeout_s,
+            self.config.orchestrator.max_timeout_s,
+        )
+        self.restorer.check_network(build)
+        if egress is not None:
+            self._check_enforceable(egress)
         task = asyncio.get_running_loop().create_task(
-            self._create(build, name, dict(env_vars or {}), dict(metadata or {}), timeout,
+            self._create(build, template, dict(env_vars or {}), dict(metadata or {}), timeout,
                          egress or DEFAULT_POLICY, allow_public_traffic, allow_internet_access, mask_request_host)
         )
         self._creating.add(task)
@@ -516,7 +549,7 @@ class SandboxManager:
 
         The sandbox's egress rules are in place before its VM runs on the create path."""
         pool = self.pools.get(name)
-        item = pool.take(build) if pool is not None else None
+        item = pool.take(build) if pool is not None and build.name == name else None  # not a fork's child
         if item is not None:
             item.prepared.times.clear()  # stages done ahead of the create are not on its path
             try:
@@ -904,6 +937,7 @@ class SandboxManager:
             await self.restorer.destroy(sb.restored)
         finally:
             sb._ended.set()
+            self.snapshots.sandbox_ended()  # the snapshot it started from may be needed no more
 
     async def _watch(self, sb: Sandbox) -> None:
         """Wait for the VMM process to end; if nobody asked for it, the sandbox died."""

@@ -34,6 +34,7 @@ from ..network.policy import EgressPolicy
 from ..network.slot import HostNetwork, NetworkSlot
 from .disk import create_overlay
 from .network_state import SLOT_FILE
+from .snapshots import add_user
 
 
 
@@ -168,6 +169,7 @@ class SnapshotRestore:
         workdir.mkdir(parents=True)
         slot: NetworkSlot | None = None
         try:
+            add_user(build, sandbox_id, workdir)  # a snapshot's files stay while this directory does
             t0 = time.perf_counter()
             if self.network is not None and self.uses_slot(build):
                 slot = await self.network.acquire()
@@ -177,7 +179,9 @@ class SnapshotRestore:
             own = self._disk(build, workdir)
             spec = self.vm_spec(build, sandbox_id, workdir, kill_with_owner=kill_with_owner, slot=slot)
             if own.format == "qcow2":
-                await create_overlay(build.writable_base, own.path)
+                # The base by its real path: the overlay's header names it, and a snapshot's layer made
+                # of this overlay must find it whatever way data_root was reached.
+                await create_overlay(build.writable_base.resolve(), own.path, build.writable_format)
             else:
                 await clone_file(build.writable_base, own.path)
             t1 = time.perf_counter()
@@ -228,7 +232,7 @@ class SnapshotRestore:
             try:
                 spec = dataclasses.replace(
                     self.vm_spec(build, workdir.name, workdir, slot=slot), anonymous_memory=False,
-                    **self._disks(build, DiskSpec(build.writable_base, "raw", read_only=True)),
+                    **self._disks(build, DiskSpec(build.writable_base, build.writable_format, read_only=True)),  # type: ignore[arg-type]
                 )
                 return await make(spec, build.snapshot, dest)
             finally:
@@ -261,7 +265,8 @@ class SnapshotRestore:
         """Give a running guest its identity (the agent's first reply of this sandbox)."""
         vm, workdir, times = prepared.vm, prepared.workdir, prepared.times
         token = secrets.token_urlsafe(24)
-        agent = AgentClient.for_endpoint(vm.agent_endpoint, timeout=INIT_TIMEOUT_S)
+        # A snapshot's agent still holds its source sandbox's token: its /init must carry it.
+        agent = AgentClient.for_endpoint(vm.agent_endpoint, timeout=INIT_TIMEOUT_S, access_token=build.init_token)
         try:
             t0 = time.perf_counter()
             # The template's default user is given here, not baked into the snapshot: the agent

@@ -28,6 +28,13 @@ UPPER = "upper.ext4"
 """Overlay mode: the writable layer the template's VM left behind, base of each sandbox's disk."""
 MEMORY = "memory"
 VMSTATE = "vmstate"
+LAYER = "layer.qcow2"
+"""A snapshot of a sandbox: its disk as it was, a qcow2 layer over its template's image (or over
+the snapshot it was restored from), base of each new sandbox's own overlay."""
+AGENT_TOKEN = "agent.token"
+"""A snapshot of a sandbox: the access token its guest agent holds in the snapshot's memory (the
+source sandbox's), which the first request to a restored copy must carry; that request gives the
+copy its own token."""
 
 
 class TemplateNotFound(Exception):
@@ -60,6 +67,26 @@ class MachineRecord(BaseModel):
         )
 
 
+class SnapshotOrigin(BaseModel):
+    """A build that is a snapshot of a running sandbox (E2B's snapshot templates, and the
+    snapshots forks start from): where it came from and which files it depends on."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source_sandbox: str
+    source_template: str
+    """The template the source sandbox was created from (what its forks report as theirs)."""
+    source_build: str
+    """The build directory the source sandbox ran from: a template's build or another snapshot."""
+    requires: list[str]
+    """Build directories whose files this snapshot's refer to by path (its disk layer's backing
+    chain): they must outlive it, whatever happens to their template (rebuilt, deleted)."""
+    names: list[str] = []
+    """E2B's names of the snapshot (the name it was given; empty for an unnamed one)."""
+    ephemeral: bool = False
+    """Taken for a fork: never listed, removed once no sandbox uses it."""
+
+
 class TemplateManifest(BaseModel):
     """What a build is: its resolved config, inputs, versions, sizes and how long each stage took."""
 
@@ -85,6 +112,8 @@ class TemplateManifest(BaseModel):
     default_workdir: str | None = None
     """That account's home: where processes start and relative paths resolve when a request
     gives no directory (None: the agent uses each user's own home)."""
+    snapshot: SnapshotOrigin | None = None
+    """Set when the build is a snapshot of a running sandbox (see :mod:`trenvx.sandbox.snapshots`)."""
 
 
 class TemplateBuild:
@@ -127,9 +156,32 @@ class TemplateBuild:
         return self.path / UPPER
 
     @property
+    def is_snapshot(self) -> bool:
+        return self.manifest.snapshot is not None
+
+    @property
     def writable_base(self) -> Path:
-        """The image a sandbox's own disk starts from: the upper layer in overlay mode, else the root."""
+        """The image a sandbox's own disk starts from: a snapshot's disk layer, else the upper
+        layer in overlay mode, else the root."""
+        if self.is_snapshot:
+            return self.path / LAYER
         return self.upper if self.overlay else self.rootfs
+
+    @property
+    def writable_format(self) -> str:
+        """The format of :attr:`writable_base` (a qcow2 overlay names it as its backing format)."""
+        return "qcow2" if self.is_snapshot else "raw"
+
+    @property
+    def init_token(self) -> str | None:
+        """The token the guest agent of a restored copy of this build holds until its ``/init``
+        (a snapshot's: its source sandbox's); None for templates (their agent has none)."""
+        if not self.is_snapshot:
+            return None
+        try:
+            return (self.path / AGENT_TOKEN).read_text().strip() or None
+        except OSError:
+            return None
 
     @property
     def disk_mb(self) -> int:
@@ -141,7 +193,8 @@ class TemplateBuild:
 
     def files(self) -> list[Path]:
         """The build's images and memory, all read-only once published."""
-        return [self.rootfs, self.snapshot.memory_file, *([self.upper] if self.overlay else [])]
+        return [self.rootfs, self.snapshot.memory_file, *([self.upper] if self.overlay else []),
+                *([self.path / LAYER] if self.is_snapshot else [])]
 
     @property
     def snapshot(self) -> SnapshotFiles:
@@ -239,15 +292,31 @@ class TemplateStore:
                 continue
         return out
 
+    def required_by_snapshots(self) -> set[str]:
+        """Build directories some snapshot's files refer to (:attr:`SnapshotOrigin.requires`)."""
+        out: set[str] = set()
+        if not self.data_root.templates.is_dir():
+            return out
+        for manifest in self.data_root.templates.glob(f"*/*/{MANIFEST}"):
+            try:
+                m = TemplateManifest.model_validate_json(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            if m.snapshot is not None:
+                out.update(m.snapshot.requires)
+        return out
+
     def prune(self, name: str, in_use: set[str]) -> list[str]:
-        """Delete builds of ``name`` that are neither current nor in ``in_use`` (build ids)."""
+        """Delete builds of ``name`` that are neither current, nor in ``in_use`` (build ids), nor
+        needed by a snapshot of a sandbox (its disk layer refers to their images)."""
         try:
             current = self.data_root.template_current(name).resolve(strict=True).name
         except OSError:
             current = ""
         removed = []
+        required = self.required_by_snapshots()
         for p in self.builds(name):
-            if p.name != current and p.name not in in_use:
+            if p.name != current and p.name not in in_use and str(p.resolve()) not in required:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
         return removed
