@@ -25,10 +25,11 @@ from .. import __version__ as trenvx_version
 from ..config import Config
 from ..sandbox.manager import SandboxManager
 from ..sandbox.metrics_sampler import MetricsSampler
-from . import errors, routes_builds, routes_not_implemented, routes_sandboxes, routes_templates
+from . import errors, routes_builds, routes_not_implemented, routes_sandboxes, routes_snapshots, routes_templates
 from .errors import error_body
 from .metrics import ServerMetrics
 from .metrics import router as metrics_router
+from .metrics_snapshots import register_snapshot_metrics
 from .models import Error, Health
 from .proxy import SandboxProxy
 
@@ -104,6 +105,11 @@ def _adjust_openapi(spec: dict[str, Any], *, api_key: bool, max_timeout_s: int) 
         for op in item.values():
             if not isinstance(op, dict):
                 continue
+            if "requestBody" in op:  # the body limit answers every route with a body
+                op.setdefault("responses", {}).setdefault("413", {
+                    "description": "Request body too large (orchestrator.max_request_body_kb)",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                })
             if api_key:
                 op.get("responses", {}).pop("403", None)  # only keyless servers refuse remote callers
             else:
@@ -113,7 +119,7 @@ def _adjust_openapi(spec: dict[str, Any], *, api_key: bool, max_timeout_s: int) 
         comps.pop("securitySchemes", None)
     schemas = comps.get("schemas", {})
     for name, field in (("NewSandbox", "timeout"), ("TimeoutRequest", "timeout"), ("RefreshRequest", "duration"),
-                        ("ConnectRequest", "timeout"), ("ResumeRequest", "timeout")):
+                        ("ConnectRequest", "timeout"), ("ResumeRequest", "timeout"), ("ForkRequest", "timeout")):
         prop = schemas.get(name, {}).get("properties", {}).get(field)
         if prop is None:
             continue
@@ -175,6 +181,7 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
     app.include_router(routes_sandboxes.router)
     app.include_router(routes_templates.router)
     app.state.metrics = ServerMetrics(manager)
+    register_snapshot_metrics(app.state.metrics.registry, manager)
     app.include_router(metrics_router)
 
     @app.get("/health", response_model=Health, tags=["health"], summary="Liveness (no API key needed)")
@@ -199,6 +206,7 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
     app.add_middleware(BodyLimit, limit=orch.max_request_body_kb * 1024)
     routes_builds.install(app)  # template builds; its upload links are served in front of the body limit
     app.include_router(routes_not_implemented.router)  # last: E2B endpoints not built yet answer 501
+    app.include_router(routes_snapshots.router)  # after: DELETE /templates/tags is not a template's delete
 
     class _Proxy(SandboxProxy):
         def __init__(self, inner: Any) -> None:

@@ -27,6 +27,8 @@ SANDBOX_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,63}$"
 TEMPLATE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 SANDBOX_ID_RE = re.compile(SANDBOX_ID_PATTERN)
 TEMPLATE_ID_RE = re.compile(TEMPLATE_ID_PATTERN)
+TEMPLATE_REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:[A-Za-z0-9._-]{1,64})?$"
+"""A template id as a create names it: E2B's SDK adds a tag to snapshot ids (``abc:default``)."""
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,255}$")
 
 MAX_METADATA_ENTRIES = 64
@@ -245,9 +247,10 @@ class NewSandbox(BaseModel):
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
 
-    templateID: Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=TEMPLATE_ID_PATTERN)] | None = Field(
+    templateID: Annotated[StrictStr, Field(min_length=1, max_length=193, pattern=TEMPLATE_REF_PATTERN)] | None = Field(
         default=None,
-        description="Template name. Absent (or null), or E2B's default `base`, means the server's default template."
+        description="Template name, or a snapshot id (`<id>:default`; the tag `default` or `latest` may follow any "
+                    "name). Absent (or null), or E2B's default `base`, means the server's default template."
     )
     timeout: JsonInt | None = Field(
         default=None, description="Seconds until the sandbox is killed (default: orchestrator.default_timeout_s)."

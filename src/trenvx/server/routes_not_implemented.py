@@ -1,8 +1,8 @@
 """E2B endpoints trenvx knows but does not serve yet: a 501 that says which, and why.
 
-Without these routes a call such as E2B's ``sandbox.create_snapshot()`` reaches no route, gets
-the router's 404 and the SDK reports "sandbox not found", which sends the user looking for a
-missing sandbox. A 501 names the endpoint, says it is not implemented in trenvx and where it
+Without these routes a call of E2B's SDK (``Sandbox.get_logs``, say) reaches no route, gets the
+router's 404 and the SDK reports "sandbox not found", which sends the user looking for a missing
+sandbox. A 501 names the endpoint, says it is not implemented in trenvx and where it
 is planned; the issue that implements an endpoint removes its entry from :data:`NOT_IMPLEMENTED`.
 
 Only paths the API does not serve in any method are listed: a method the API does not serve on
@@ -33,13 +33,9 @@ class PlannedEndpoint:
     plan: str
 
 
-_PAUSE_ISSUE = "planned with pause to disk, fork and snapshots (issue 14)"
 _NO_PLAN = "no issue plans it yet"
 
 NOT_IMPLEMENTED: tuple[PlannedEndpoint, ...] = (
-    PlannedEndpoint("POST", "/sandboxes/{sandboxID}/fork", "forking a running sandbox", _PAUSE_ISSUE),
-    PlannedEndpoint("POST", "/sandboxes/{sandboxID}/snapshots", "snapshots of a sandbox", _PAUSE_ISSUE),
-    PlannedEndpoint("GET", "/snapshots", "listing snapshots", _PAUSE_ISSUE),
     PlannedEndpoint("GET", "/sandboxes/{sandboxID}/logs", "sandbox logs", _NO_PLAN),
     PlannedEndpoint("GET", "/v2/sandboxes/{sandboxID}/logs", "sandbox logs", _NO_PLAN),
     PlannedEndpoint("GET", "/secrets", "secrets", _NO_PLAN),

@@ -61,6 +61,7 @@ from ..sandbox.manager import (
     SandboxManager, SandboxNotFound, TemplateNetworkMismatch,
 )
 from ..sandbox.metrics_sampler import MetricSample, MetricsSampler
+from ..sandbox.snapshots import InvalidSnapshotRequest, template_name_of
 from ..sandbox.state import SandboxRecord
 from ..template.store import TemplateNotFound
 from .auth import require_api_key
@@ -209,6 +210,10 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
     egress = egress_of_create(body)
     public = True if body.network is None or body.network.allowPublicTraffic is None else body.network.allowPublicTraffic
     template = body.templateID or manager.config.default_template
+    try:
+        template = template_name_of(template)  # a snapshot id: "<id>:default"
+    except InvalidSnapshotRequest as e:
+        raise ApiError(404, f"body field templateID: {e}") from None
     if template == E2B_DEFAULT_TEMPLATE and template not in manager.templates.names():
         template = manager.config.default_template
     try:

@@ -67,6 +67,8 @@ async def list_templates(request: Request) -> list[dict]:
             build = store.current(name)
         except TemplateNotFound:
             continue
+        if build.manifest.snapshot is not None:
+            continue  # snapshots of sandboxes are listed by GET /snapshots
         out.append(_template(request, build, _builds(request, name)))
     return out
 
