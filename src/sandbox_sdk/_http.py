@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json as _json
 import logging
 import random
 import ssl
@@ -23,7 +24,7 @@ from ._config import ENVD_PORT, ConnectionConfig
 from ._errors import Context, connect_error, http_error, transport_error
 from ._network import create_network_body, update_network_body
 from .exceptions import InvalidArgumentError, SandboxError, StreamError, TimeoutError
-from .models import SandboxConnectionInfo, SandboxInfo, SandboxMetrics, TemplateInfo
+from .models import SandboxConnectionInfo, SandboxInfo, SandboxMetrics, SnapshotInfo, TemplateInfo
 
 log = logging.getLogger("sandbox_sdk")
 
@@ -119,6 +120,8 @@ async def _read_error(response: httpx.Response) -> bytes:
 
 PAUSE_RESUME_TIMEOUT = 600.0
 """Seconds a pause or resume may take (a boot from disk takes minutes under software emulation)."""
+MAX_FORK_COUNT = 100
+"""Children one fork may ask for (the backend's limit, E2B's API's)."""
 
 
 def _items(value: Any, key: str) -> List[Dict[str, Any]]:
@@ -328,6 +331,69 @@ class ApiClient:
             request_timeout=request_timeout if request_timeout is not None else PAUSE_RESUME_TIMEOUT,
         )
         return SandboxConnectionInfo.from_json(r.json()), r.status_code == 201
+
+    async def fork_sandbox(
+        self, sandbox_id: str, timeout: Optional[int] = None, count: Optional[int] = None,
+        request_timeout: Optional[float] = None,
+    ) -> List[Union[SandboxConnectionInfo, SandboxError]]:
+        """``POST /sandboxes/{id}/fork``: one entry per child, its connection info or the error that
+        kept it from starting (a refused request raises: nothing was forked)."""
+        body: Dict[str, Any] = {}
+        if timeout is not None:
+            body["timeout"] = int(timeout)
+        if count is not None:
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_FORK_COUNT:
+                raise InvalidArgumentError(f"count must be an integer from 1 to {MAX_FORK_COUNT}, not {count!r}")
+            body["count"] = count
+        r = await self._call(
+            "POST", f"/sandboxes/{sandbox_id}/fork", json=body, context="sandbox", sandbox_id=sandbox_id,
+            request_timeout=request_timeout if request_timeout is not None else PAUSE_RESUME_TIMEOUT,
+        )
+        out: List[Union[SandboxConnectionInfo, SandboxError]] = []
+        for item in _items(r.json(), "results"):
+            sandbox, error = item.get("sandbox"), item.get("error")
+            if isinstance(sandbox, dict) and sandbox.get("sandboxID"):
+                out.append(SandboxConnectionInfo.from_json(sandbox))
+                continue
+            error = error if isinstance(error, dict) else {"code": 500, "message": "the child did not start"}
+            code = error.get("code") if isinstance(error.get("code"), int) else 500
+            out.append(http_error(code, _json.dumps(error).encode(), context="create"))
+        return out
+
+    async def create_snapshot(
+        self, sandbox_id: str, name: Optional[str] = None, *, memory: bool = True,
+        request_timeout: Optional[float] = None,
+    ) -> SnapshotInfo:
+        """``POST /sandboxes/{id}/snapshots``: snapshot a running sandbox (it runs on)."""
+        body: Dict[str, Any] = {}
+        if name:
+            body["name"] = str(name)
+        if not memory:
+            body["memory"] = False
+        r = await self._call(
+            "POST", f"/sandboxes/{sandbox_id}/snapshots", json=body, context="sandbox", sandbox_id=sandbox_id,
+            request_timeout=request_timeout if request_timeout is not None else PAUSE_RESUME_TIMEOUT,
+        )
+        return SnapshotInfo.from_json(r.json())
+
+    async def list_snapshots(
+        self, sandbox_id: Optional[str] = None, name: Optional[str] = None, limit: Optional[int] = None,
+        next_token: Optional[str] = None, request_timeout: Optional[float] = None,
+    ) -> Tuple[List[SnapshotInfo], Optional[str]]:
+        """``GET /snapshots``: one page (newest first) and the token of the next one (None: the last)."""
+        params: Dict[str, Any] = {}
+        for key, value in (("sandboxID", sandbox_id), ("name", name), ("limit", limit), ("nextToken", next_token)):
+            if value is not None and value != "":
+                params[key] = value
+        r = await self._call("GET", "/snapshots", params=params or None, request_timeout=request_timeout)
+        return [SnapshotInfo.from_json(item) for item in _items(r.json(), "snapshots")], r.headers.get("x-next-token")
+
+    async def delete_snapshot(self, snapshot_id: str, request_timeout: Optional[float] = None) -> bool:
+        """``DELETE /templates/{id}``: True once deleted, False if there was no such snapshot."""
+        path = "/templates/" + urllib.parse.quote(snapshot_id, safe="")
+        r = await self._call("DELETE", path, request_timeout=request_timeout, ok=(204, 404))
+        await r.aclose()
+        return r.status_code == 204
 
     async def health(self, request_timeout: Optional[float] = None) -> bool:
         try:

@@ -254,6 +254,22 @@ class SandboxConnectionInfo:
         )
 
 
+@dataclass
+class SnapshotInfo:
+    """A snapshot of a sandbox (``create_snapshot``, ``list_snapshots``): start sandboxes from it
+    with ``Sandbox.create(snapshot_id)``."""
+
+    snapshot_id: str
+    """``<id or name>:default``: a template id."""
+    names: List[str] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "SnapshotInfo":
+        names = d.get("names")
+        return cls(snapshot_id=str(d.get("snapshotID") or ""),
+                   names=[str(n) for n in names] if isinstance(names, list) else [])
+
+
 # --------------------------------------------------------------------------- files
 
 

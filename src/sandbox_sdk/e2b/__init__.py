@@ -27,11 +27,13 @@ from ..models import (
     SandboxNetworkInfo,
     SandboxNetworkOpts,
     SandboxNetworkUpdate,
+    SnapshotInfo,
     TemplateInfo,
     WriteEntry,
     WriteInfo,
 )
 from ._async import AsyncCommandHandle, AsyncCommands, AsyncFilesystem, AsyncPty, AsyncSandbox, AsyncWatchHandle
+from ._snapshots import AsyncSnapshotPaginator, SnapshotPaginator
 from ._sync import CommandHandle, Commands, Filesystem, Pty, Sandbox, WatchHandle
 
 __all__ = [
@@ -60,6 +62,9 @@ __all__ = [
     "SandboxNetworkOpts",
     "SandboxNetworkSelectorContext",
     "SandboxNetworkUpdate",
+    "SnapshotInfo",
+    "SnapshotPaginator",
+    "AsyncSnapshotPaginator",
     "ALL_TRAFFIC",
     "TemplateInfo",
     "WriteEntry",

@@ -64,10 +64,12 @@ from ..models import (
     SandboxMetrics,
     SandboxNetworkOpts,
     SandboxNetworkUpdate,
+    SnapshotInfo,
     TemplateInfo,
     WriteEntry,
     WriteInfo,
 )
+from ._snapshots import AsyncSnapshotPaginator
 
 log = logging.getLogger("sandbox_sdk")
 
@@ -1342,6 +1344,100 @@ class AsyncSandbox:
         self._require_backend("pause")
         return await self._api.pause_sandbox(self.sandbox_id, memory=pause_memory(mode, keep_memory), strict=strict,
                                              request_timeout=request_timeout)
+
+    @dual_method
+    async def fork(cls, sandbox_id: str, timeout: Optional[int] = None, count: Optional[int] = None,
+                   **connection: Any) -> List[Union["AsyncSandbox", SandboxError]]:
+        """Fork a running sandbox: ``await AsyncSandbox.fork(id, count=2)`` or ``await sandbox.fork(count=2)``.
+
+        The sandbox is snapshotted once (it stops for a moment and runs on with its id and timeout)
+        and ``count`` (1-100, default 1) new sandboxes start from the snapshot, each with the
+        source's files, memory and processes, and its own id, tokens, hostname, machine id and
+        entropy. One entry per child: a sandbox, or the error that kept it from starting.
+        ``timeout``: the children's lifetime in seconds.
+
+        Example::
+
+            left, right = await sandbox.fork(count=2)
+            await left.commands.run("echo only-left > /tmp/side")
+        """
+        config = ConnectionConfig.resolve(**connection)
+        async with make_client(config) as client:
+            results = await ApiClient(client, config).fork_sandbox(
+                sandbox_id, timeout, count, request_timeout=connection.get("request_timeout"))
+        return [r if isinstance(r, SandboxError) else cls(r, config, make_client(config)) for r in results]
+
+    @fork.instance
+    async def _fork(self, timeout: Optional[int] = None, count: Optional[int] = None,
+                    request_timeout: Optional[float] = None) -> List[Union["AsyncSandbox", SandboxError]]:
+        """Fork this sandbox (see the class-level form)."""
+        self._require_backend("fork")
+        results = await self._api.fork_sandbox(self.sandbox_id, timeout, count, request_timeout=request_timeout)
+        return [r if isinstance(r, SandboxError) else type(self)(r, self._config, make_client(self._config))
+                for r in results]
+
+    @dual_method
+    async def create_snapshot(cls, sandbox_id: str, name: Optional[str] = None, *, mode: Optional[SnapshotMode] = None,
+                              **connection: Any) -> SnapshotInfo:
+        """Snapshot a running sandbox (it runs on): ``await sandbox.create_snapshot()`` or
+        ``await AsyncSandbox.create_snapshot(id)``. New sandboxes start from it with
+        ``AsyncSandbox.create(info.snapshot_id)``; it outlives its source until
+        :meth:`delete_snapshot`. ``name``: publish it under that name (a new build of it if it
+        exists). ``mode="filesystem"`` is refused by trenvx (snapshots keep the memory).
+
+        Example::
+
+            info = await sandbox.create_snapshot()
+            copy = await AsyncSandbox.create(info.snapshot_id)
+        """
+        config = ConnectionConfig.resolve(**connection)
+        async with make_client(config) as client:
+            return await ApiClient(client, config).create_snapshot(
+                sandbox_id, name, memory=pause_memory(mode, None), request_timeout=connection.get("request_timeout"))
+
+    @create_snapshot.instance
+    async def _create_snapshot(self, name: Optional[str] = None, *, mode: Optional[SnapshotMode] = None,
+                               request_timeout: Optional[float] = None) -> SnapshotInfo:
+        self._require_backend("create_snapshot")
+        return await self._api.create_snapshot(self.sandbox_id, name, memory=pause_memory(mode, None),
+                                               request_timeout=request_timeout)
+
+    @dual_method
+    def list_snapshots(cls, sandbox_id: Optional[str] = None, limit: Optional[int] = None,
+                       next_token: Optional[str] = None, name: Optional[str] = None,
+                       **connection: Any) -> AsyncSnapshotPaginator:
+        """The backend's snapshots (of ``sandbox_id``, named ``name``), newest first, as a paginator.
+        On an instance: its own snapshots.
+
+        Example::
+
+            paginator = AsyncSandbox.list_snapshots()
+            while paginator.has_next:
+                for snap in await paginator.next_items():
+                    print(snap.snapshot_id)
+        """
+        return AsyncSnapshotPaginator(sandbox_id, limit, next_token, name, **connection)
+
+    @list_snapshots.instance
+    def _list_snapshots(self, limit: Optional[int] = None, next_token: Optional[str] = None,
+                        name: Optional[str] = None, **connection: Any) -> AsyncSnapshotPaginator:
+        self._require_backend("list_snapshots")
+        if connection:
+            return AsyncSnapshotPaginator(self.sandbox_id, limit, next_token, name, **connection)
+        return AsyncSnapshotPaginator(self.sandbox_id, limit, next_token, name, config=self._config)
+
+    @classmethod
+    async def delete_snapshot(cls, snapshot_id: str, **connection: Any) -> bool:
+        """Delete a snapshot: no sandbox starts from it any more (those started from it run on).
+        True once deleted, False if there was no such snapshot.
+
+        Example::
+
+            await AsyncSandbox.delete_snapshot(info.snapshot_id)
+        """
+        config = ConnectionConfig.resolve(**connection)
+        async with make_client(config) as client:
+            return await ApiClient(client, config).delete_snapshot(snapshot_id, connection.get("request_timeout"))
 
     @classmethod
     async def connect_direct(

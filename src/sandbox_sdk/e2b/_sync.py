@@ -45,11 +45,13 @@ from ..models import (
     SandboxMetrics,
     SandboxNetworkOpts,
     SandboxNetworkUpdate,
+    SnapshotInfo,
     TemplateInfo,
     WriteEntry,
     WriteInfo,
 )
 from ._async import AsyncCommandHandle, AsyncSandbox, AsyncWatchHandle, OnResume, SnapshotMode
+from ._snapshots import SnapshotPaginator
 
 _END = "end"
 
@@ -676,6 +678,55 @@ class Sandbox:
                strict: bool = False, request_timeout: Optional[float] = None) -> bool:
         paused: bool = _run(self._async.pause(keep_memory, mode=mode, strict=strict, request_timeout=request_timeout))
         return paused
+
+    @dual_method
+    def fork(cls, sandbox_id: str, timeout: Optional[int] = None, count: Optional[int] = None,
+             **connection: Any) -> List[Union["Sandbox", SandboxError]]:
+        """Fork a running sandbox; one entry per child (a sandbox or its error); see :meth:`AsyncSandbox.fork`.
+        Example: ``left, right = sandbox.fork(count=2)``"""
+        results = _run(AsyncSandbox.fork(sandbox_id, timeout, count, **connection))
+        return [r if isinstance(r, SandboxError) else cls(r) for r in results]
+
+    @fork.instance
+    def _fork(self, timeout: Optional[int] = None, count: Optional[int] = None,
+              request_timeout: Optional[float] = None) -> List[Union["Sandbox", SandboxError]]:
+        results = _run(self._async.fork(timeout, count, request_timeout=request_timeout))
+        return [r if isinstance(r, SandboxError) else type(self)(r) for r in results]
+
+    @dual_method
+    def create_snapshot(cls, sandbox_id: str, name: Optional[str] = None, *, mode: Optional[SnapshotMode] = None,
+                        **connection: Any) -> SnapshotInfo:
+        """Snapshot a running sandbox (it runs on); start sandboxes from it with
+        ``Sandbox.create(info.snapshot_id)``; see :meth:`AsyncSandbox.create_snapshot`."""
+        info: SnapshotInfo = _run(AsyncSandbox.create_snapshot(sandbox_id, name, mode=mode, **connection))
+        return info
+
+    @create_snapshot.instance
+    def _create_snapshot(self, name: Optional[str] = None, *, mode: Optional[SnapshotMode] = None,
+                         request_timeout: Optional[float] = None) -> SnapshotInfo:
+        info: SnapshotInfo = _run(self._async.create_snapshot(name, mode=mode, request_timeout=request_timeout))
+        return info
+
+    @dual_method
+    def list_snapshots(cls, sandbox_id: Optional[str] = None, limit: Optional[int] = None,
+                       next_token: Optional[str] = None, name: Optional[str] = None,
+                       **connection: Any) -> SnapshotPaginator:
+        """The backend's snapshots, newest first, as a paginator (``has_next``, ``next_items()``).
+        Example: ``Sandbox.list_snapshots(sandbox_id=sandbox.sandbox_id).next_items()``"""
+        return SnapshotPaginator(sandbox_id, limit, next_token, name, **connection)
+
+    @list_snapshots.instance
+    def _list_snapshots(self, limit: Optional[int] = None, next_token: Optional[str] = None,
+                        name: Optional[str] = None, **connection: Any) -> SnapshotPaginator:
+        if connection:
+            return SnapshotPaginator(self.sandbox_id, limit, next_token, name, **connection)
+        return SnapshotPaginator(self.sandbox_id, limit, next_token, name, config=self._async.connection_config)
+
+    @classmethod
+    def delete_snapshot(cls, snapshot_id: str, **connection: Any) -> bool:
+        """Delete a snapshot (True; False if there was none). Example: ``Sandbox.delete_snapshot(info.snapshot_id)``"""
+        deleted: bool = _run(AsyncSandbox.delete_snapshot(snapshot_id, **connection))
+        return deleted
 
     @classmethod
     def connect_direct(cls, envd_url: str, **kwargs: Any) -> "Sandbox":

@@ -13,6 +13,9 @@
     sandbox-cli sandbox pause ID [--filesystem] [--strict]   pause to disk (its VM ends, its timeout stops)
     sandbox-cli sandbox resume ID [--timeout S] [--reboot]   resume it (same id, files, processes)
     sandbox-cli sandbox metrics ID [--since SECONDS]  CPU, memory and disk samples (every 5 s)
+    sandbox-cli sandbox fork ID [--count N] [--timeout S]   N copies of a running sandbox (it runs on)
+    sandbox-cli snapshot create ID [--name N]     snapshot a running sandbox; prints the snapshot's id
+    sandbox-cli snapshot ls [--sandbox ID] | snapshot rm SNAPSHOT...
     sandbox-cli template ls
 
 Every command takes --ip/-i and --port/-p (the backend, default 127.0.0.1:5000; also
@@ -29,6 +32,7 @@ import shlex
 import signal
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, NoReturn, Optional
 
@@ -58,6 +62,8 @@ template_app = typer.Typer(help="Templates built on the backend.", no_args_is_he
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(sandbox_app, name="sb", hidden=True)
 app.add_typer(template_app, name="template")
+snapshot_app = typer.Typer(help="Snapshots of running sandboxes: create, list, delete.", no_args_is_help=True)
+app.add_typer(snapshot_app, name="snapshot")
 
 
 @dataclass
@@ -102,6 +108,12 @@ def _root(ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Opt
 @sandbox_app.callback()
 def _sandbox_group(ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
                    as_json: Optional[bool] = JsonOpt) -> None:
+    _merge(ip, port, api_key, as_json)
+
+
+@snapshot_app.callback()
+def _snapshot_group(ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+                    as_json: Optional[bool] = JsonOpt) -> None:
     _merge(ip, port, api_key, as_json)
 
 
@@ -526,6 +538,40 @@ def resume(
         print(f"{sandbox_id} was running")
 
 
+@sandbox_app.command("fork")
+def fork(
+    sandbox_id: str,
+    count: int = typer.Option(1, "--count", "-n", help="children to start (1-100)"),
+    timeout: Optional[int] = typer.Option(None, "--timeout", "-t", help="children's lifetime in seconds "
+                                                                        "(default: the server's)"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """Fork a running sandbox: it is snapshotted once (it runs on, same id and timeout) and COUNT
+    sandboxes start from the snapshot with its files, memory and processes, each its own identity.
+    Prints one line per child: its id, or why it did not start (exit code 1 if any did not)."""
+    t = _merge(ip, port, api_key, as_json)
+    body: dict[str, Any] = {"count": count}
+    if timeout is not None:
+        body["timeout"] = timeout
+    t0 = time.monotonic()
+    results = Api(t).call("POST", f"/sandboxes/{sandbox_id}/fork", json=body, timeout=PAUSE_RESUME_TIMEOUT_S).json()
+    seconds = time.monotonic() - t0
+    failed = [r for r in results if not r.get("sandbox")]
+    if t.as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if r.get("sandbox"):
+                print(r["sandbox"]["sandboxID"])
+            else:
+                e = r.get("error") or {}
+                err.print(f"[red]child failed:[/] {escape(str(e.get('message')))} (HTTP {e.get('code')})", markup=True)
+        err.print(f"{len(results) - len(failed)} of {len(results)} children of {sandbox_id} started in {seconds:.1f} s")
+    if failed:
+        raise typer.Exit(1)
+
+
 def _connect(t: Target, sandbox_id: str, user: str = "root") -> AgentClient:
     """The sandbox's agent, reached through the server's proxy."""
     detail = Api(t).call("GET", f"/sandboxes/{sandbox_id}").json()
@@ -719,6 +765,75 @@ def template_ls(ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_ke
                       str(tpl["cpuCount"]), f"{tpl['memoryMB']} MiB",
                       f"{x.get('vmmType', '?')}/{x.get('accelerator', '?')}", str(tpl.get("spawnCount", 0)))
     out.print(table)
+
+
+# -- snapshots ------------------------------------------------------------------------------------
+
+
+@snapshot_app.command("create")
+def snapshot_create(
+    sandbox_id: str,
+    name: Optional[str] = typer.Option(None, "--name", help="publish it under this name (a new build of it "
+                                                            "if it exists); default: a new id"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """Snapshot a running sandbox (it runs on) and print the snapshot's id. Start sandboxes from it with `sandbox create -t ID`; it stays until `snapshot rm ID`, also after its sandbox ends."""
+    t = _merge(ip, port, api_key, as_json)
+    body: dict[str, Any] = {"name": name} if name else {}
+    t0 = time.monotonic()
+    info = Api(t).call("POST", f"/sandboxes/{sandbox_id}/snapshots", json=body, timeout=PAUSE_RESUME_TIMEOUT_S).json()
+    if t.as_json:
+        print(json.dumps(info, indent=2))
+        return
+    print(info["snapshotID"])
+    err.print(f"snapshot of {sandbox_id} taken in {time.monotonic() - t0:.1f} s")
+
+
+@snapshot_app.command("ls")
+def snapshot_ls(
+    sandbox_id: Optional[str] = typer.Option(None, "--sandbox", "-s", help="only the snapshots of this sandbox"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """Snapshots on the backend, newest first."""
+    t = _merge(ip, port, api_key, as_json)
+    api = Api(t)
+    params: dict[str, Any] = {"sandboxID": sandbox_id} if sandbox_id else {}
+    items: list[dict[str, Any]] = []
+    while True:
+        r = api.call("GET", "/snapshots", params=params)
+        items += r.json()
+        token = r.headers.get("x-next-token")
+        if not token:
+            break
+        params["nextToken"] = token
+    if t.as_json:
+        print(json.dumps(items, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("SNAPSHOT", "NAMES"):
+        table.add_column(col, no_wrap=True)
+    for s in items:
+        table.add_row(s["snapshotID"], ", ".join(s.get("names") or []) or "-")
+    out.print(table)
+
+
+@snapshot_app.command("rm")
+def snapshot_rm(
+    snapshot_ids: list[str] = typer.Argument(..., help="snapshot ids (or names)"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """Delete snapshots: no sandbox starts from them any more (those started from one run on)."""
+    t = _merge(ip, port, api_key, as_json)
+    api = Api(t)
+    for sid in snapshot_ids:
+        api.call("DELETE", "/templates/" + urllib.parse.quote(sid, safe=""))
+        if not t.as_json:
+            print(f"{sid} deleted")
+    if t.as_json:
+        print(json.dumps({"deleted": snapshot_ids}))
 
 
 def main() -> None:
