@@ -58,6 +58,7 @@ BANDWIDTH = 64 << 30
 """``max-bandwidth`` (bytes/s) of the migration: QEMU's default (128 MiB/s) is for networks."""
 QEMU_IMG_TIMEOUT_S = 30.0
 STREAM = ".stream"
+FINALIZE_TIMEOUT_S = 30.0
 """The migration stream, in ``dest`` until it is merged."""
 COPY_PAGES = 256
 """Pages copied from the base memory file at a time (1 MiB) where the stream did not carry them."""
@@ -200,6 +201,21 @@ async def _migrate_to_file(driver: QemuDriver, vm: QemuVm, stream: Path) -> None
         with contextlib.suppress(Exception):  # an fd QEMU never used stays open in it
             await vm.execute("closefd", {"fdname": "checkpoint"}, timeout=5)
         raise
+    await _wait_finalized(vm)
+
+
+async def _wait_finalized(vm: QemuVm) -> None:
+    """Wait until QEMU has left the run state ``finish-migrate``: its MIGRATION event says
+    ``completed`` a moment before, and a ``cont`` in that moment is refused ("Migration is not
+    finalized yet")."""
+    deadline = time.monotonic() + FINALIZE_TIMEOUT_S
+    while True:
+        status = (await vm.execute("query-status")).get("status")
+        if status != "finish-migrate":
+            return
+        if time.monotonic() > deadline:
+            raise VmmError(f"VM {vm.spec.name} stayed in finish-migrate {FINALIZE_TIMEOUT_S:.0f}s after its migration")
+        await asyncio.sleep(0.005)
 
 
 def _merge_file(stream: Path, vmstate_out: Path, base_memory: Path, memory_out: Path) -> StreamStats:
