@@ -314,8 +314,12 @@ async def test_snapshot_chain_and_the_source_disk_after_a_pause(manager, test_te
     builds: list = []
     try:
         await src.run("echo one > /tmp/one && sync", user="root")
+        rss_before = src.memory()[0]
         s1 = await manager.snapshots.take(src.id)
         builds.append(s1)
+        # the migration read all of its RAM; the pages it faulted in only for that are given back
+        grown = src.memory()[0] - rss_before
+        assert grown < (src.build.machine.mem_mb << 20) // 2, f"the source's RSS grew by {grown >> 20} MiB"
         await src.run("echo two > /tmp/two && sync", user="root")
         child = await manager.create(s1.name, timeout_s=300)
         made.append(child)

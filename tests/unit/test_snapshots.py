@@ -12,6 +12,7 @@ import io
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -388,3 +389,47 @@ async def test_a_named_snapshot_taken_again_replaces_its_build(api) -> None:
     await asyncio.sleep(0)
     await api.manager.snapshots.collect()
     assert not old.exists() and new.is_dir()
+
+
+# -- the pages a checkpoint's migration read, given back -------------------------------------------
+
+def test_file_pages_present_and_page_out(tmp_path: Path) -> None:
+    """A process maps a file privately, reads every page and writes a few: the read pages are the
+    file's (given back by page_out), the written ones its own (never in the set, never lost)."""
+    from trenvx.vmm import ram_pages
+
+    pages = 256
+    path = tmp_path / "memory"
+    with open(path, "wb") as f:
+        f.write(b"\x07" * ram_pages.PAGE_SIZE * pages)
+        os.fsync(f.fileno())  # clean pages: a dirty page cache page is not paged out
+    script = (
+        "import mmap, sys\n"
+        f"f = open({str(path)!r}, 'rb')\n"
+        "m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)\n"
+        f"total = sum(m[i * {ram_pages.PAGE_SIZE}] for i in range({pages}))\n"
+        f"for i in range(0, {pages}, 16):\n"
+        f"    m[i * {ram_pages.PAGE_SIZE}] = 9\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        f"print(sum(m[i * {ram_pages.PAGE_SIZE}] for i in range({pages})), flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        start, length = ram_pages.mapping_of(proc.pid, path)
+        assert length == pages * ram_pages.PAGE_SIZE
+        present = ram_pages.file_pages_present(proc.pid, start, length)
+        written = {i for i in range(0, pages, 16)}
+        assert [i for i in range(pages) if not present[i]] == sorted(written)  # anonymous now
+        assert ram_pages.page_out(proc.pid, start, present) == (pages - len(written)) * ram_pages.PAGE_SIZE
+        assert sum(ram_pages.file_pages_present(proc.pid, start, length)) < pages - len(written)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        # every page reads back what it held: the file's, or what the process wrote
+        assert int(proc.stdout.readline()) == 9 * len(written) + 7 * (pages - len(written))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert ram_pages.mapping_of(os.getpid(), tmp_path / "nothing") is None
+    assert ram_pages.page_out(os.getpid(), 0, bytearray(8)) == 0

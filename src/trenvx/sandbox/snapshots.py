@@ -329,9 +329,10 @@ class Snapshots:
         sizes = build.manifest.sizes
         stored = sizes["memory_bytes"] + sizes["vmstate_bytes"]
         log.info("snapshot %s of sandbox %s: %.0f MiB memory file, %d pages of RAM merged, %.1f MiB disk layer; "
-                 "the sandbox stopped for %.0f ms %s", snapshot_name, sb.id, sizes["memory_bytes"] / (1 << 20),
-                 cp.stats.merged_pages, sizes["layer_bytes"] / (1 << 20), cp.stopped_s * 1000,
-                 {k: round(v * 1000) for k, v in cp.times.items()})
+                 "the sandbox stopped for %.0f ms %s, then gave back %.0f MiB its migration had read",
+                 snapshot_name, sb.id, sizes["memory_bytes"] / (1 << 20), cp.stats.merged_pages,
+                 sizes["layer_bytes"] / (1 << 20), cp.stopped_s * 1000, {k: round(v * 1000) for k, v in cp.times.items()},
+                 cp.released_bytes / (1 << 20))
         if not ephemeral:
             await self.collect()  # a named snapshot's older builds nobody uses
         return build, cp.stopped_s, stored

@@ -24,7 +24,9 @@ How, in order (the caller freezes the guest's filesystems before and thaws them 
 3. ``migrate`` into a file in ``dest``: every page of the RAM (a VM's RAM mapped ``share=off`` is
    all in the stream; QEMU sends zero pages as one byte), device state. A local write: about
    0.1 s for a 256 MiB guest here.
-4. ``cont`` (QEMU takes its disk images back after the migration and runs on).
+4. ``cont`` (QEMU takes its disk images back after the migration and runs on). The pages of the
+   RAM file the migration faulted into the VMM only to read them are given back
+   (:mod:`.ram_pages`): without that the source's resident memory grows by most of its RAM.
 5. While the VM runs, :func:`write_memory_file` turns the stream into the memory file and the
    device state (under TCG here, ~0.6 s for 256 MiB: Python parses the stream).
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import time
@@ -47,7 +50,11 @@ from typing import BinaryIO
 
 from .base import VmmError, VmState
 from .qemu import QemuDriver, QemuVm
+from .ram_pages import PAGE_SIZE as HOST_PAGE
+from .ram_pages import file_pages_present, mapping_of, page_out
 from .qemu_stream import MAIN_BLOCK, PAGE_SIZE, ZERO_PAGE, PageRecord, RamBlock, StreamFormatError, StreamStats, rewrite
+
+log = logging.getLogger(__name__)
 
 DRIVE_ID = "root"
 """The ``-drive id=`` of the VM's writable disk (see :func:`trenvx.vmm.qemu.qemu_argv`)."""
@@ -75,8 +82,11 @@ class Checkpoint:
     stopped_s: float = 0.0
     """How long the VM's vCPUs were stopped."""
     times: dict[str, float] = field(default_factory=dict)
-    """Seconds of each step: ``disk`` (the switch), ``migrate`` (into a file), ``cont``, and
-    ``merge`` (the file into the memory file, while the VM runs)."""
+    """Seconds of each step: ``disk`` (the switch), ``migrate`` (into a file), ``cont``, and, while
+    the VM runs, ``release`` (the pages the migration read given back) and ``merge`` (the file into
+    the memory file)."""
+    released_bytes: int = 0
+    """Bytes of the RAM file the VMM mapped only because the migration read them, given back."""
 
     @property
     def stored_bytes(self) -> int:
@@ -101,6 +111,7 @@ async def checkpoint(driver: QemuDriver, vm: QemuVm, *, base_memory: Path, dest:
     times: dict[str, float] = {}
     memory_out, vmstate_out, layer_out = dest / MEMORY, dest / VMSTATE, dest / LAYER
     stream = dest / STREAM
+    mapped = await asyncio.to_thread(_mapped_before, vm, base_memory)  # before the stop: it stays short
     t_stop = time.perf_counter()
     try:
         await vm.pause()
@@ -118,6 +129,9 @@ async def checkpoint(driver: QemuDriver, vm: QemuVm, *, base_memory: Path, dest:
                 times["cont"] = time.perf_counter() - t0
         stopped = time.perf_counter() - t_stop
         t0 = time.perf_counter()
+        released = await asyncio.to_thread(_release_read_pages, vm, mapped)
+        times["release"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         stats = await asyncio.to_thread(_merge_file, stream, vmstate_out, base_memory, memory_out)
         times["merge"] = time.perf_counter() - t0
         os.chmod(memory_out, 0o400)  # the driver maps only read-only memory files privately
@@ -130,7 +144,35 @@ async def checkpoint(driver: QemuDriver, vm: QemuVm, *, base_memory: Path, dest:
         raise
     finally:
         stream.unlink(missing_ok=True)
-    return Checkpoint(vmstate_out, memory_out, layer_out, stats, stopped, times)
+    return Checkpoint(vmstate_out, memory_out, layer_out, stats, stopped, times, released)
+
+
+def _mapped_before(vm: QemuVm, base_memory: Path) -> tuple[int, bytearray] | None:
+    """Where the VM's RAM file is mapped and which of its pages the VMM maps, before the migration
+    reads them all (None where that cannot be read: nothing is given back then). A page the guest
+    faults in after this is given back too: it comes back on its next use."""
+    try:
+        found = mapping_of(vm.pid, base_memory)
+        if found is None:
+            return None
+        return found[0], file_pages_present(vm.pid, *found)
+    except OSError as e:
+        log.info("checkpoint of %s: cannot read the pages its VMM maps (%s); none will be given back", vm.spec.name, e)
+        return None
+
+
+def _release_read_pages(vm: QemuVm, before: tuple[int, bytearray] | None) -> int:
+    """Give back the file pages the migration faulted in (see :mod:`.ram_pages`); bytes advised."""
+    if before is None:
+        return 0
+    start, was = before
+    try:
+        now = file_pages_present(vm.pid, start, len(was) * HOST_PAGE)
+        fresh = bytearray(a & ~b & 1 for a, b in zip(now, was))
+        return page_out(vm.pid, start, fresh)
+    except OSError as e:
+        log.info("checkpoint of %s: the pages its migration read were not given back: %s", vm.spec.name, e)
+        return 0
 
 
 def _remove(*paths: Path) -> None:
