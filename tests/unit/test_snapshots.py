@@ -145,9 +145,12 @@ async def test_collect_keeps_what_is_published_used_or_required(tmp_path: Path) 
                    "x", elsewhere)
     snaps.add_user(TemplateBuild(stale, TemplateManifest.model_validate_json((stale / MANIFEST).read_text())),
                    "y", tmp_path / "no-such-dir")
+    snaps.add_user(TemplateBuild(published, TemplateManifest.model_validate_json((published / MANIFEST).read_text())),
+                   "ended", tmp_path / "no-such-dir")
     running = [TemplateBuild(used_here, TemplateManifest.model_validate_json((used_here / MANIFEST).read_text()))]
 
     removed = await _snapshots_of(tmp_path, running).collect()
+    assert not (published / snaps.USERS / "ended").exists()  # the entries of ended users go
 
     assert sorted(p.parent.name for p in removed) == [".fork-c", "gone"]
     assert not deleted.parent.exists() and not stale.parent.exists()  # their template directories too

@@ -509,7 +509,8 @@ class Snapshots:
                     continue
                 if m.snapshot is not None:
                     snapshots[_real(manifest.parent)] = m
-        keep = {p for p in snapshots if p in published or p in in_use or has_users(Path(p))}
+        used = {p for p in snapshots if has_users(Path(p))}  # (also drops the entries of ended users)
+        keep = {p for p in snapshots if p in published or p in in_use or p in used}
         todo = list(keep)
         while todo:  # what kept snapshots require is kept too
             for r in snapshots[todo.pop()].snapshot.requires:  # type: ignore[union-attr]
