@@ -151,6 +151,13 @@ class OrchestratorConfig(_Strict):
     """How often expired sandboxes are looked for."""
     ended_retention_s: int = Field(default=3600, ge=0)
     """How long ended sandboxes stay listed (``sandbox ls -a``) and explained in 404s."""
+    paused_retention_s: int = Field(default=7 * 24 * 3600, ge=0)
+    """How long a sandbox may stay paused (by a pause call or its lifecycle's auto-pause); past it
+    the sandbox is killed (end reason ``paused_retention_expired``) and its files removed. 0: kept
+    until killed."""
+    auto_resume_wait_s: float = Field(default=120.0, gt=0, le=3600)
+    """How long a request through the proxy waits for the auto-resume of a paused sandbox it woke
+    (past it: 503 with Retry-After; the resume goes on)."""
     start_mode: StartMode = StartMode.snapshot
     """How a sandbox starts. ``snapshot``: restored from the template's snapshot, guest RAM shared
     copy-on-write (the product). The other two are baselines for ``benchmarks/``:

@@ -92,13 +92,18 @@ def test_state_store_records_the_vmm_and_migrates_a_version_1_database(tmp_path:
     assert s.get("p").pause["kind"] == "memory"
     s.mark_ended("p", "killed")
     assert s.get("p").pause == {} and s.paused() == []
+    assert s.get("old").lifecycle == {}, "rows of before lifecycles are killed at their timeout"
+    s.put(rec("l", lifecycle={"auto_pause": True, "auto_resume": True, "timeout_s": 30.0}))
+    s.close()
+    s = StateStore(path)
+    assert s.get("l").lifecycle == {"auto_pause": True, "auto_resume": True, "timeout_s": 30.0}
     s.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
-    db.execute("PRAGMA user_version=4")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+    db.execute("PRAGMA user_version=5")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="schema version 4, newer than this trenvx's 3; run the newer trenvx"):
+    with pytest.raises(RuntimeError, match="schema version 5, newer than this trenvx's 4; run the newer trenvx"):
         StateStore(path)
 
 

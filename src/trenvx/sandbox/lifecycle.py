@@ -8,8 +8,15 @@ Every sandbox has a deadline (``end_at``, seconds since the epoch). The E2B sema
 - ``refresh(d)`` (POST /sandboxes/{id}/refreshes) and ``connect(t)``: the deadline moves to
   ``now + d`` only if that is later (a refresh never shortens a sandbox's life).
 
+What a deadline does is the sandbox's :class:`LifecyclePolicy` (E2B's ``lifecycle``: create's
+``autoPause``, ``autoPauseMemory``, ``autoResume``): by default the sandbox is killed; with
+``auto_pause`` it is paused to disk instead (with its memory unless ``auto_pause_memory`` is
+False), and with ``auto_resume`` traffic that reaches it while paused resumes it. An auto-paused
+sandbox gets its create's timeout again when it resumes.
+
 The :class:`Reaper` wakes every ``interval`` seconds, hands the ids whose deadline has passed to
-an ``expire`` callback (the manager kills them), and never dies of an error in one of them.
+an ``expire`` callback (the manager kills or pauses them, and kills paused sandboxes kept past
+``paused_retention_s``), and never dies of an error in one of them.
 """
 
 from __future__ import annotations
@@ -18,12 +25,46 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
 
 class InvalidTimeout(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class LifecyclePolicy:
+    """What happens to a sandbox at its timeout, and to traffic that reaches it while it is paused.
+
+    Kept in the sandbox's record (a JSON column of the state store): it holds across any number
+    of pause/resume cycles and server restarts."""
+
+    auto_pause: bool = False
+    """At its timeout the sandbox is paused to disk (E2B's ``on_timeout: "pause"``), not killed."""
+    auto_pause_memory: bool = True
+    """The auto-pause keeps its memory (processes resume); False: only its filesystem (a resume boots)."""
+    auto_resume: bool = False
+    """Traffic through the proxy to the sandbox while paused (by its timeout or a pause call) resumes
+    it (E2B's ``auto_resume``, which E2B's API takes apart from ``autoPause``). Not a sandbox paused
+    without its memory: that one boots, so traffic does not wake it; ``connect`` does."""
+    timeout_s: float = 0.0
+    """The create's timeout: what an auto-paused sandbox gets again when it resumes (0: unknown)."""
+
+    @property
+    def on_timeout(self) -> Literal["kill", "pause"]:
+        return "pause" if self.auto_pause else "kill"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any] | None) -> "LifecyclePolicy":
+        """From a record; an empty one (rows of before lifecycles) is the default: kill at timeout."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (value or {}).items() if k in names})
 
 
 def check_timeout(seconds: float, max_s: int, what: str = "timeout") -> float:

@@ -11,7 +11,10 @@ This is the Python API below the HTTP server::
 What it adds to a bare restore:
 
 - **Timeouts.** Every sandbox has a deadline (default ``orchestrator.default_timeout_s``);
-  :meth:`set_timeout`, :meth:`refresh` and :meth:`connect` move it; a reaper kills expired ones.
+  :meth:`set_timeout`, :meth:`refresh` and :meth:`connect` move it; a reaper kills expired ones,
+  or pauses them to disk when their :class:`~.lifecycle.LifecyclePolicy` says ``auto_pause``
+  (E2B's lifecycle); with ``auto_resume``, :meth:`wake` resumes a paused one for the traffic that
+  reached it. A sandbox paused longer than ``orchestrator.paused_retention_s`` is killed.
 - **Admission.** Limits per host and per template (429) and a memory headroom (503), checked
   before any work (see :mod:`.limits`).
 - **Pools** (``[pool]`` in the config, :mod:`.pool`): a create takes a hot or warm VM made
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -54,7 +58,7 @@ from ..layout import DataRoot
 from ..template.store import MANIFEST, TemplateBuild, TemplateManifest, TemplateNotFound, TemplateStore
 from ..vmm.process import memory_of, pid_alive
 from . import adopt
-from .lifecycle import InvalidTimeout, Reaper, check_timeout, deadline_after, extended_deadline
+from .lifecycle import InvalidTimeout, LifecyclePolicy, Reaper, check_timeout, deadline_after, extended_deadline
 from .limits import Admission, AdmissionError, Limits, LimitReached, OutOfMemory
 from .reclaim import PASS_DEADLINE_S, RECLAIM_AGAIN_S, Reclaimed, reclaim
 from ..network import mode as network_mode
@@ -73,7 +77,7 @@ MiB = 1 << 20
 __all__ = [
     "AdmissionError", "CreateEvent", "InvalidTimeout", "LimitReached", "ManagerClosed", "NetworkUnavailable", "OutOfMemory",
     "PauseRefused", "PauseUnsupported", "PortUnavailable", "ResumeRefused", "SuspendEvent", "TemplateNetworkMismatch",
-    "Sandbox", "SandboxConflict", "SandboxManager", "SandboxNotFound", "TemplateNotFound",
+    "Sandbox", "SandboxConflict", "SandboxManager", "SandboxNotFound", "TemplateNotFound", "LifecyclePolicy",
 ]
 
 ADOPT_HEALTH_TIMEOUT_S = 5.0
@@ -117,6 +121,8 @@ END_REASONS = {
     "died_while_down": "its VM exited while the server was not running",
     "lost": "the restarted server could not re-attach to its VM",
     "lost_paused": "the restarted server found its saved state incomplete",
+    "paused_retention_expired": "it stayed paused longer than this server keeps paused sandboxes "
+                                "(orchestrator.paused_retention_s)",
     "shutdown": "the server stopped",
 }
 
@@ -164,6 +170,8 @@ class Sandbox:
     """E2B's ``allow_internet_access`` as the client gave it (reported back; ``egress`` holds its effect)."""
     mask_request_host: str | None = None
     """E2B's ``network.maskRequestHost`` as the client gave it (reported back; the proxy does not use it)."""
+    lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
+    """What its timeout does (kill, or pause to disk) and whether traffic resumes it when paused."""
     _port_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     _state_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
     """Held by a pause, a resume and a kill: one change of its state at a time."""
@@ -259,6 +267,7 @@ class Sandbox:
             metadata=dict(self.metadata), env_vars=dict(self.env_vars), start_times=dict(self.start_times),
             ports=dict(self.ports), state=self.state, vmm_type=self.vmm_type,
             pause=self.pause_info.to_json() if self.pause_info is not None else {},
+            lifecycle=self.lifecycle.to_json(),
         )
 
 
@@ -340,6 +349,10 @@ class SandboxManager:
         """Called after every pause and resume attempt."""
         self.recovered_paused: list[str] = []
         """Paused sandboxes a restarted manager found in its state (records and files, no VMM)."""
+        self._waking: dict[str, asyncio.Task[Sandbox]] = {}
+        """Auto-resumes in progress (:meth:`wake`), one per sandbox, shared by the requests that wait."""
+        self._auto_pausing: dict[str, asyncio.Task[None]] = {}
+        """Auto-pauses in progress (a timed-out sandbox whose lifecycle says pause)."""
 
     async def __aenter__(self) -> "SandboxManager":
         await self.start()
@@ -390,6 +403,10 @@ class SandboxManager:
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
         if self._creating:
             await asyncio.gather(*self._creating, return_exceptions=True)
+        # Auto-pauses in flight complete first: their sandboxes are then paused, kept for the next
+        # server below (auto-resumes in flight complete too; one that completes now ends with the server).
+        while self._auto_pausing or self._waking:
+            await asyncio.gather(*self._auto_pausing.values(), *self._waking.values(), return_exceptions=True)
         kept_slots: set[int] = set()
         if self.store is not None:
             # Paused sandboxes are a record and files: the next server resumes them, whatever --keep says.
@@ -436,15 +453,17 @@ class SandboxManager:
         allow_public_traffic: bool = True,
         allow_internet_access: bool | None = None,
         mask_request_host: str | None = None,
+        lifecycle: LifecyclePolicy | None = None,
     ) -> Sandbox:
         """Restore a new sandbox from the current build of ``template`` (default: the config's).
 
         ``egress``: what it may reach outside (default: everything the operator does not block);
         ``allow_public_traffic=False``: its ports answer only requests carrying its
-        ``traffic_access_token``.
+        ``traffic_access_token``; ``lifecycle``: what its timeout does (default: kill it).
 
         Raises :class:`TemplateNotFound`, :class:`InvalidTimeout`, :class:`LimitReached`,
-        :class:`OutOfMemory`, :class:`ManagerClosed`, or the restore's error.
+        :class:`OutOfMemory`, :class:`ManagerClosed`, :class:`PauseUnsupported` (an auto-pause its
+        VMM cannot do), or the restore's error.
         The restore is shielded from the caller's cancellation: a sandbox that was started is
         always registered (and ends by its timeout) rather than leaked.
         """
@@ -458,12 +477,14 @@ class SandboxManager:
         )
         build = self.templates.current(name)
         self.restorer.check_network(build)  # TemplateNetworkMismatch: a clear refusal, before any work
+        if lifecycle is not None and lifecycle.auto_pause:
+            self.suspender.check_supported(build)  # PauseUnsupported: refused before any work too
         if egress is not None:
             self._check_enforceable(egress)
         return await self.create_from_build(
             build, name, env_vars=env_vars, metadata=metadata, timeout_s=timeout, egress=egress,
             allow_public_traffic=allow_public_traffic, allow_internet_access=allow_internet_access,
-            mask_request_host=mask_request_host,
+            mask_request_host=mask_request_host, lifecycle=lifecycle,
         )
 
     async def create_from_build(
@@ -478,6 +499,7 @@ class SandboxManager:
         allow_public_traffic: bool = True,
         allow_internet_access: bool | None = None,
         mask_request_host: str | None = None,
+        lifecycle: LifecyclePolicy | None = None,
     ) -> Sandbox:
         """:meth:`create` from ``build`` (a fork's snapshot), reported as a sandbox of ``template``."""
         if self._closed:
@@ -492,7 +514,8 @@ class SandboxManager:
             self._check_enforceable(egress)
         task = asyncio.get_running_loop().create_task(
             self._create(build, template, dict(env_vars or {}), dict(metadata or {}), timeout,
-                         egress or DEFAULT_POLICY, allow_public_traffic, allow_internet_access, mask_request_host)
+                         egress or DEFAULT_POLICY, allow_public_traffic, allow_internet_access, mask_request_host,
+                         lifecycle or LifecyclePolicy())
         )
         self._creating.add(task)
         task.add_done_callback(self._creating.discard)
@@ -502,6 +525,7 @@ class SandboxManager:
         self, build: TemplateBuild, name: str, env_vars: dict[str, str], metadata: dict[str, str], timeout: float,
         egress: EgressPolicy = DEFAULT_POLICY, allow_public_traffic: bool = True,
         allow_internet_access: bool | None = None, mask_request_host: str | None = None,
+        lifecycle: LifecyclePolicy = LifecyclePolicy(),
     ) -> Sandbox:
         t0 = time.perf_counter()
         source = "cold"
@@ -529,6 +553,7 @@ class SandboxManager:
             egress=egress, allow_public_traffic=allow_public_traffic,
             traffic_access_token="" if allow_public_traffic else secrets.token_urlsafe(24),
             allow_internet_access=allow_internet_access, mask_request_host=mask_request_host,
+            lifecycle=dataclasses.replace(lifecycle, timeout_s=timeout),  # what an auto-paused one resumes with
         )
         write_network_state(sb.restored.workdir, sb.network_state())
         self._register(sb)
@@ -634,14 +659,60 @@ class SandboxManager:
             self.store.set_end_at(sb.id, end_at)
 
     def _due(self, now: float) -> list[str]:
-        return [i for i, sb in self._sandboxes.items() if sb.end_at <= now and not sb.ending and not sb.paused]
+        """Running sandboxes past their deadline, and paused ones kept past ``paused_retention_s``."""
+        return [i for i, sb in self._sandboxes.items()
+                if not sb.ending and i not in self._auto_pausing
+                and (self._retention_over(sb, now) if sb.paused else sb.end_at <= now)]
+
+    def _retention_over(self, sb: Sandbox, now: float) -> bool:
+        keep = self.config.orchestrator.paused_retention_s
+        return bool(keep) and sb.pause_info is not None and sb.pause_info.paused_at + keep <= now
 
     async def _expire(self, sandbox_id: str) -> None:
+        """What the reaper does to a sandbox that is due: its lifecycle's auto-pause, else a kill."""
         sb = self._sandboxes.get(sandbox_id)
-        if sb is None or sb.ending or sb.paused or sb.end_at > time.time():
+        if sb is None or sb.ending:
+            return
+        now = time.time()
+        if sb.paused:
+            if self._retention_over(sb, now):
+                log.info("sandbox %s was paused longer than %d s: killing it", sandbox_id,
+                         self.config.orchestrator.paused_retention_s)
+                await self.kill(sandbox_id, reason="paused_retention_expired")
+            return
+        if sb.end_at > now:
+            return
+        if sb.lifecycle.auto_pause:
+            # In a task of its own: a pause takes seconds, the reaper goes on meanwhile (and a
+            # stopping manager waits for it, see close).
+            if sandbox_id not in self._auto_pausing:
+                task = asyncio.get_running_loop().create_task(self._auto_pause(sb), name=f"auto-pause-{sandbox_id}")
+                self._auto_pausing[sandbox_id] = task
+                task.add_done_callback(lambda _t: self._auto_pausing.pop(sandbox_id, None))
             return
         log.info("sandbox %s timed out", sandbox_id)
         await self.kill(sandbox_id, reason="timeout")
+
+    async def _auto_pause(self, sb: Sandbox) -> None:
+        """Pause a timed-out sandbox to disk (its lifecycle's ``on_timeout: pause``). Its record says
+        why (its pause's reason ``timeout``); a resume gives it its create's timeout again. A pause
+        that fails ends it as a timeout would, the failure in its end reason."""
+        policy = sb.lifecycle
+        async with sb._state_lock:
+            if sb.ending or sb.paused or sb.id not in self._sandboxes or sb.end_at > time.time():
+                return  # killed, paused or given more time meanwhile
+            log.info("sandbox %s timed out: pausing it (%s)", sb.id,
+                     "with its memory" if policy.auto_pause_memory else "its filesystem only")
+            try:
+                await self._pause_locked(sb, memory=policy.auto_pause_memory, strict=False,
+                                         timeout_left=policy.timeout_s or self.config.orchestrator.default_timeout_s,
+                                         reason="timeout")
+                return
+            except Exception as e:  # noqa: BLE001 - said in its end reason
+                log.warning("sandbox %s: its auto-pause failed (%s: %s); killing it", sb.id, type(e).__name__, e)
+                failure = f"{type(e).__name__}: {e}"
+        with contextlib.suppress(SandboxNotFound):
+            await self.kill(sb.id, reason=f"timeout: its auto-pause failed ({failure})")
 
     def _housekeeping(self, now: float) -> None:
         cutoff = now - self.config.orchestrator.ended_retention_s
@@ -649,6 +720,18 @@ class SandboxManager:
             del self._ended[i]
         if self.store is not None:
             self.store.prune_ended(cutoff)
+
+    def set_lifecycle(self, sandbox_id: str, lifecycle: LifecyclePolicy) -> Sandbox:
+        """Replace what the sandbox's timeout does (E2B's deprecated resume sets ``autoPause``); its
+        create's timeout stays what an auto-paused sandbox resumes with. Raises
+        :class:`PauseUnsupported` for an auto-pause its VMM cannot do."""
+        sb = self.get(sandbox_id)
+        if lifecycle.auto_pause:
+            self.suspender.check_supported(sb.build)
+        sb.lifecycle = dataclasses.replace(lifecycle, timeout_s=lifecycle.timeout_s or sb.lifecycle.timeout_s)
+        if self.store is not None:
+            self.store.put(sb.record())
+        return sb
 
     # -- network --------------------------------------------------------------------------
 
@@ -698,25 +781,33 @@ class SandboxManager:
             self._check_live(sb)
             if sb.paused:
                 raise SandboxConflict(f"sandbox {sandbox_id} is already paused")
-            kind = "memory" if memory else "filesystem"
-            t0 = time.perf_counter()
-            self.suspender.check_supported(sb.build)
-            if sb._watcher is not None:  # the VMM's end is ours, not a death
-                sb._watcher.cancel()
-                sb._watcher = None
-            try:
-                restored, info = await self.suspender.pause(sb.restored, memory=memory, strict=strict,
-                                                            timeout_left=sb.timeout_left)
-            except BaseException as e:
-                self._watch_vm(sb)
-                self._observe_suspend(SuspendEvent("pause", sb.template, kind, time.perf_counter() - t0, type(e).__name__))
-                raise
-            sb.restored, sb.pause_info, sb.paused = restored, info, True
-            self.admission.remove_running(sb.template)
-            if self.store is not None:
-                self.store.put(sb.record())
-            self._observe_suspend(SuspendEvent("pause", sb.template, kind, info.seconds, "ok", info.stored_bytes))
+            await self._pause_locked(sb, memory=memory, strict=strict, timeout_left=sb.timeout_left,
+                                     reason="requested")
         return sb
+
+    async def _pause_locked(self, sb: Sandbox, *, memory: bool, strict: bool, timeout_left: float,
+                            reason: str) -> None:
+        """Pause ``sb`` (running; its state lock held): ``timeout_left`` seconds are its timeout when it
+        resumes, ``reason`` is recorded with its pause."""
+        kind = "memory" if memory else "filesystem"
+        t0 = time.perf_counter()
+        self.suspender.check_supported(sb.build)
+        if sb._watcher is not None:  # the VMM's end is ours, not a death
+            sb._watcher.cancel()
+            sb._watcher = None
+        try:
+            restored, info = await self.suspender.pause(sb.restored, memory=memory, strict=strict,
+                                                        timeout_left=timeout_left)
+        except BaseException as e:
+            self._watch_vm(sb)
+            self._observe_suspend(SuspendEvent("pause", sb.template, kind, time.perf_counter() - t0, type(e).__name__))
+            raise
+        info.reason = reason
+        sb.restored, sb.pause_info, sb.paused = restored, info, True
+        self.admission.remove_running(sb.template)
+        if self.store is not None:
+            self.store.put(sb.record())
+        self._observe_suspend(SuspendEvent("pause", sb.template, kind, info.seconds, "ok", info.stored_bytes))
 
     async def resume(self, sandbox_id: str, *, timeout_s: float | None = None, memory: bool = True) -> Sandbox:
         """Bring a paused sandbox back (same id, token, files; with its memory, its processes;
@@ -781,6 +872,37 @@ class SandboxManager:
             return sb, resumed
         self._set_end(sb, extended_deadline(sb.end_at, seconds))
         return sb, resumed
+
+    async def wake(self, sandbox_id: str) -> Sandbox:
+        """Auto-resume: bring back a paused sandbox whose lifecycle says ``auto_resume``, for traffic
+        that reached it. Concurrent callers share one resume, which completes even if they stop
+        waiting. A running sandbox is returned as it is. Raises :class:`SandboxConflict` when it is
+        paused without auto-resume, or without its memory (a resume boots it: its processes are gone,
+        so traffic does not wake it), :class:`SandboxNotFound`, or the resume's error (it stays paused)."""
+        sb = self.get(sandbox_id)
+        if not sb.paused:
+            return sb
+        if not sb.lifecycle.auto_resume:
+            raise SandboxConflict(f"sandbox {sandbox_id} is paused and was not created with auto-resume; resume "
+                                  f"it with POST /sandboxes/{sandbox_id}/connect")
+        if sb.pause_info is None or sb.pause_info.kind != "memory" or sb.pause_info.envd_unresponsive:
+            raise SandboxConflict(f"sandbox {sandbox_id} is paused without its memory (a resume boots it), which "
+                                  f"traffic does not wake; resume it with POST /sandboxes/{sandbox_id}/connect")
+        task = self._waking.get(sandbox_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._wake(sandbox_id), name=f"wake-{sandbox_id}")
+            self._waking[sandbox_id] = task
+            task.add_done_callback(lambda _t: self._waking.pop(sandbox_id, None))
+        return await asyncio.shield(task)
+
+    async def _wake(self, sandbox_id: str) -> Sandbox:
+        """Resume for traffic: it runs for at least its create's timeout (E2B's auto-resume), so a
+        sandbox paused with a moment left does not end again at once."""
+        log.info("sandbox %s: auto-resume for traffic that reached it", sandbox_id)
+        try:
+            return await self.resume(sandbox_id, timeout_s=self.get(sandbox_id).lifecycle.timeout_s or None)
+        except SandboxConflict:  # resumed by someone else meanwhile
+            return self.get(sandbox_id)
 
     def _check_live(self, sb: Sandbox) -> None:
         if sb.ending or sb.id not in self._sandboxes:
@@ -1037,6 +1159,7 @@ class SandboxManager:
             ports=dict(rec.ports), paused=rec.state == PAUSED, egress=net.egress,
             allow_public_traffic=net.allow_public_traffic, traffic_access_token=net.traffic_access_token,
             allow_internet_access=net.allow_internet_access, mask_request_host=net.mask_request_host,
+            lifecycle=LifecyclePolicy.from_json(rec.lifecycle),
         )
 
     def _paused_from_record(self, rec: SandboxRecord) -> Sandbox:
@@ -1062,7 +1185,7 @@ class SandboxManager:
             env_vars=dict(rec.env_vars), end_at=rec.end_at, pid_started_at=0.0, adopted=True, ports={},
             paused=True, pause_info=info, egress=net.egress, allow_public_traffic=net.allow_public_traffic,
             traffic_access_token=net.traffic_access_token, allow_internet_access=net.allow_internet_access,
-            mask_request_host=net.mask_request_host,
+            mask_request_host=net.mask_request_host, lifecycle=LifecyclePolicy.from_json(rec.lifecycle),
         )
 
     def _cleanup_record(self, rec: SandboxRecord, reason: str) -> None:

@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: the first schema; 2: column ``vmm_type`` (rows of version 1 are QEMU sandboxes); 3: column
-``pause`` (what a pause to disk stored; rows of before were never paused to disk)."""
+``pause`` (what a pause to disk stored; rows of before were never paused to disk); 4: column
+``lifecycle`` (auto-pause and auto-resume; rows of before are killed at their timeout)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -50,7 +51,8 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     start_times     TEXT NOT NULL,
     ports           TEXT NOT NULL DEFAULT '{}',
     vmm_type        TEXT NOT NULL DEFAULT 'qemu',
-    pause           TEXT NOT NULL DEFAULT '{}'
+    pause           TEXT NOT NULL DEFAULT '{}',
+    lifecycle       TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
 """
@@ -58,6 +60,7 @@ CREATE INDEX IF NOT EXISTS sandboxes_state ON sandboxes(state);
 _ADDED_COLUMNS = {
     "vmm_type": "TEXT NOT NULL DEFAULT 'qemu'",
     "pause": "TEXT NOT NULL DEFAULT '{}'",
+    "lifecycle": "TEXT NOT NULL DEFAULT '{}'",
 }
 """Columns added after version 1, with the definition that fills them in existing rows."""
 
@@ -96,8 +99,11 @@ class SandboxRecord:
     pause: dict[str, Any] = field(default_factory=dict)
     """A sandbox paused to disk: what its pause stored (:class:`trenvx.sandbox.suspend.PauseInfo`);
     it has no VMM process then (``pid`` 0). Empty otherwise."""
+    lifecycle: dict[str, Any] = field(default_factory=dict)
+    """What its timeout does and whether traffic resumes it when paused
+    (:class:`trenvx.sandbox.lifecycle.LifecyclePolicy`); empty: the default (killed at its timeout)."""
 
-    _JSON = ("metadata", "env_vars", "start_times", "ports", "pause")
+    _JSON = ("metadata", "env_vars", "start_times", "ports", "pause", "lifecycle")
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)

@@ -104,6 +104,8 @@ class PauseInfo:
     frozen: list[str] = field(default_factory=list)
     ram_pages: int = 0
     """Pages of guest RAM saved (those that differ from the template's)."""
+    reason: str = "requested"
+    """Why it paused: ``requested`` (a pause call) or ``timeout`` (its lifecycle's auto-pause)."""
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
