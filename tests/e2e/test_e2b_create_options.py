@@ -16,12 +16,12 @@ def _running_ids() -> set[str]:
     return {s.sandbox_id for s in e2b.Sandbox.list().next_items()}
 
 
-def test_auto_pause_is_refused_with_a_message_naming_it(e2b_env: str, test_template: str) -> None:
+def test_an_unimplemented_option_is_refused_with_a_message_naming_it(e2b_env: str, test_template: str) -> None:
     before = _running_ids()
     with pytest.raises(e2b.exceptions.SandboxException) as ei:
-        e2b.Sandbox.create(test_template, timeout=60, lifecycle={"on_timeout": "pause"})
+        e2b.Sandbox.create(test_template, timeout=60, volume_mounts={"/mnt/data": "data"})
     message = str(ei.value)
-    assert "body field autoPause" in message and "not implemented in trenvx yet" in message, message
+    assert "body field volumeMounts" in message and "not implemented in trenvx yet" in message, message
     with pytest.raises(e2b.exceptions.SandboxException, match="body field mcp: .*not implemented in trenvx yet"):
         e2b.Sandbox.create(test_template, timeout=60, mcp={"exa": {"apiKey": "k"}})
     assert _running_ids() <= before  # nothing was started

@@ -78,7 +78,7 @@ async def test_bad_requests_change_nothing(api) -> None:
     assert (await api.post(f"/sandboxes/{sid}/pause")).status_code == 204
     r = await api.post(f"/sandboxes/{sid}/pause")
     assert r.status_code == 409 and "already paused" in r.json()["message"]
-    r = await api.post(f"/sandboxes/{sid}/resume", json={"autoPause": True})
+    r = await api.post(f"/sandboxes/{sid}/resume", json={"autoPause": "yes"})
     assert r.status_code == 400 and "autoPause" in r.json()["message"]
     assert api.manager.get(sid).state == "paused" and len(api.manager.suspender.calls) == 1
     # killed while paused: its files go, and it stays a 404 with the reason

@@ -66,6 +66,9 @@ ACCEPTED: list[dict[str, Any]] = [
     {},
     # e2b 2.63's v1 NewSandbox model with its defaults (older SDKs send these on POST /sandboxes)
     {"timeout": 15, "autoPause": False, "autoPauseMemory": True},
+    # e2b 2.63's lifecycle={"on_timeout": "kill"} and {"on_timeout": "pause", "auto_resume": True} (issue 14)
+    {"autoPause": False}, {"autoPause": True, "autoResume": {"enabled": True}},
+    {"autoPause": True, "autoPauseMemory": False},
     # e2b 2.63's Sandbox.create() with defaults on POST /v2/sandboxes
     {"metadata": {}, "envVars": {}},
     {"secure": True}, {"secure": False}, {"autoPauseMemory": False},
@@ -118,7 +121,7 @@ def test_the_openapi_document_admits_only_the_harmless_values(tmp_path: Path, up
     cfg = make_config(tmp_path)
     schema = create_app(cfg, manager=fake_manager(cfg, upstream.port)).openapi()
     props = schema["components"]["schemas"]["NewSandbox"]["properties"]
-    assert {"type": "boolean", "enum": [False]} in props["autoPause"]["anyOf"]
+    assert {"type": "object", "maxProperties": 0} in props["mcp"]["anyOf"]
     assert {"type": "array", "maxItems": 0, "items": {"type": "object"}} in props["volumeMounts"]["anyOf"]
     for opt in UNIMPLEMENTED_OPTIONS:
         top = opt.path.split(".")[0]
@@ -135,8 +138,8 @@ def test_unmodified_e2b_sdk_carries_the_refusal(tmp_path: Path, upstream, monkey
         for k, v in (("E2B_API_URL", url), ("E2B_SANDBOX_URL", url), ("E2B_API_KEY", KEY)):
             monkeypatch.setenv(k, v)
         monkeypatch.delenv("E2B_DEBUG", raising=False)
-        with pytest.raises(e2b.exceptions.SandboxException, match=r"autoPause.*not implemented in trenvx yet"):
-            e2b.Sandbox.create("tpl", timeout=60, lifecycle={"on_timeout": "pause"})
+        with pytest.raises(e2b.exceptions.SandboxException, match=r"body field volumeMounts: .*not implemented"):
+            e2b.Sandbox.create("tpl", timeout=60, volume_mounts={"/mnt/data": "data"})
         with pytest.raises(e2b.exceptions.SandboxException, match=r"body field mcp: .*not implemented"):
             e2b.Sandbox.create("tpl", timeout=60, mcp={"exa": {"apiKey": "k"}})
         kept = e2b.Sandbox.create("tpl", timeout=60, lifecycle={"on_timeout": "kill"}, secure=True)

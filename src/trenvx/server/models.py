@@ -76,10 +76,6 @@ UnsupportedPorts = Annotated[
 # parsed loosely enough that the refusal, not a type error, names them; documented with only the
 # values that change nothing.
 _NOT_YET = "Not implemented in trenvx yet: only the value(s) that change nothing are accepted."
-UnimplementedFlag = Annotated[
-    StrictBool | None, WithJsonSchema({"anyOf": [{"type": "boolean", "enum": [False]}, {"type": "null"}],
-                                       "description": _NOT_YET}),
-]
 UnimplementedObject = Annotated[
     dict[str, Any] | None,
     WithJsonSchema({"anyOf": [{"type": "object", "maxProperties": 0}, {"type": "null"}], "description": _NOT_YET}),
@@ -95,7 +91,7 @@ class AutoResumeConfig(BaseModel):
     """E2B's ``SandboxAutoResumeConfig`` (``enabled`` is required there too)."""
 
     model_config = ConfigDict(extra="ignore")
-    enabled: StrictBool
+    enabled: StrictBool = Field(description="true: traffic through the proxy resumes the sandbox while it is paused.")
 
 
 class IamConfig(BaseModel):
@@ -105,11 +101,6 @@ class IamConfig(BaseModel):
     tokens: dict[str, Any] | None = None
 
 
-UnimplementedAutoResume = Annotated[
-    AutoResumeConfig | None,
-    WithJsonSchema({"anyOf": [{"type": "object", "properties": {"enabled": {"type": "boolean", "enum": [False]}},
-                               "required": ["enabled"]}, {"type": "null"}], "description": _NOT_YET}),
-]
 UnimplementedIam = Annotated[
     IamConfig | None,
     WithJsonSchema({"anyOf": [{"type": "object", "properties": {"tokens": {
@@ -261,11 +252,15 @@ class NewSandbox(BaseModel):
     envVars: dict[EnvName, EnvValue] | None = Field(
         default=None, max_length=MAX_ENV_VARS, description="Environment of every process."
     )
-    autoPause: UnimplementedFlag = Field(
-        default=None, description="Not implemented yet: only false (the sandbox is killed when its timeout ends).")
+    autoPause: StrictBool | None = Field(
+        default=None, description="true: when its timeout ends the sandbox is paused to disk, not killed (E2B's "
+                                  "lifecycle on_timeout \"pause\"). Default false.")
     autoPauseMemory: StrictBool | None = Field(
-        default=None, description="Accepted, no effect: it only matters with autoPause true, which is not implemented.")
-    autoResume: UnimplementedAutoResume = Field(default=None, description="Not implemented yet: only enabled false.")
+        default=None, description="With autoPause: true (default) keeps its memory, so processes resume; false keeps "
+                                  "only its filesystem (a resume boots it, and traffic does not wake it).")
+    autoResume: AutoResumeConfig | None = Field(
+        default=None, description="enabled true: a request through the proxy to the sandbox while it is paused "
+                                  "(with its memory) resumes it and is then answered. Default false.")
     secure: StrictBool | None = Field(
         default=None, description="Accepted, either value: the agent always requires the sandbox's access token.")
     mcp: UnimplementedObject = Field(default=None, description="Not implemented yet: only null or {}.")
@@ -317,6 +312,8 @@ class PauseDetail(BaseModel):
     ramPages: int = Field(description="Pages of guest RAM stored (4 KiB each).")
     pauseSeconds: float
     frozen: list[str] = Field(default_factory=list, description="Filesystems frozen (synced) before the pause.")
+    reason: Literal["requested", "timeout"] = Field(
+        default="requested", description="requested: a pause call; timeout: its lifecycle's auto-pause.")
 
 
 class TrenvxSandboxInfo(BaseModel):
@@ -357,6 +354,14 @@ class ListedSandbox(BaseModel):
     trenvx: TrenvxSandboxInfo = Field(default_factory=TrenvxSandboxInfo)
 
 
+class SandboxLifecycle(BaseModel):
+    """``lifecycle`` of GET /sandboxes/{sandboxID} (E2B's ``SandboxLifecycle``)."""
+
+    onTimeout: Literal["kill", "pause"] = Field(description="What its timeout does: kill it, or pause it to disk.")
+    autoResume: bool = Field(description="Whether traffic through the proxy resumes it while it is paused.")
+    autoPauseMemory: bool = Field(default=True, description="trenvx: whether its auto-pause keeps its memory.")
+
+
 class SandboxDetail(ListedSandbox):
     """GET /sandboxes/{sandboxID}."""
 
@@ -367,6 +372,7 @@ class SandboxDetail(ListedSandbox):
                                                                        "/network; null: not set explicitly.")
     domain: str | None = None
     network: SandboxNetworkInfo = Field(default_factory=SandboxNetworkInfo)
+    lifecycle: SandboxLifecycle | None = None
 
 
 class SandboxMetric(BaseModel):
@@ -427,8 +433,9 @@ class ConnectRequest(BaseModel):
 class ResumeRequest(ConnectRequest):
     """POST /sandboxes/{sandboxID}/resume (E2B's deprecated ``ResumedSandbox``)."""
 
-    autoPause: UnimplementedFlag = Field(
-        default=None, description="Not implemented yet: only false (the sandbox is killed when its timeout ends).")
+    autoPause: StrictBool | None = Field(
+        default=None, description="true: from now on its timeout pauses it (as create's autoPause); false: its "
+                                  "timeout kills it. Absent: unchanged.")
 
 
 class PauseRequest(BaseModel):

@@ -29,6 +29,15 @@ answers only requests whose ``e2b-traffic-access-token`` header holds the sandbo
 token, else 403 with E2B's messages (header missing / token invalid). That header is never passed
 into the sandbox.
 
+Paused sandboxes: one created with auto-resume (E2B's ``lifecycle.auto_resume``) is resumed by the
+request that reaches it (:meth:`SandboxManager.wake`: concurrent requests share one resume), which
+is then answered; the request waits at most ``orchestrator.auto_resume_wait_s`` (then 503 with
+Retry-After, the resume goes on). A request to the agent's port wakes it only when it carries the
+sandbox's access token (``X-Access-Token``, as E2B's SDKs send it) or a signed file URL: nobody
+without the sandbox's secrets resumes it through the agent's port (its other ports are as public
+as the sandbox made them: a private sandbox's need its traffic token first). Without auto-resume a
+paused sandbox answers 502, as in E2B.
+
 Errors follow E2B's proxy, whose messages E2B's SDKs recognise: 502 ``The sandbox ... was not
 found`` (killed, timed out or never existed) and 502 ``... port is not open``.
 
@@ -78,6 +87,8 @@ SANDBOX_ID_HEADER = b"e2b-sandbox-id"
 SANDBOX_PORT_HEADER = b"e2b-sandbox-port"
 TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
 """E2B's header for the traffic access token of a sandbox whose ports are not public."""
+ACCESS_TOKEN_HEADER = b"x-access-token"
+"""The header carrying a sandbox's access token to its agent (E2B's envd)."""
 CONNECT_STREAM_TYPE = "application/connect+"
 END_STREAM_FLAG = 0x02
 HOST_RE = re.compile(r"^(\d{1,5})-([a-z0-9][a-z0-9-]{0,63})\.(.+)$")
@@ -202,6 +213,7 @@ class SandboxProxy:
             if scope["type"] == "http":
                 return await _respond(send, 400, str(e))
             return await _ws_refuse(scope, receive, send, 400, str(e))
+        signed = False
         if target is None and scope["type"] == "http":
             # A signed /files URL names its sandbox only by the token that signed it (signed_files).
             try:
@@ -210,6 +222,7 @@ class SandboxProxy:
             except SignedUrlRefused as e:
                 return await _respond(send, e.status, e.message)
             target = (sid, AGENT_PORT) if sid is not None else None
+            signed = target is not None
         if target is None:
             return await self.app(scope, receive, send)
         sid, port = target
@@ -217,28 +230,72 @@ class SandboxProxy:
             denied = self._traffic_denied(scope, sid)
             if denied is not None:
                 return await self._refuse(scope, receive, send, 403, denied, sandboxId=sid)
-        try:
-            endpoint = await self.manager.port_endpoint(sid, port)
-        except SandboxNotFound as e:
-            msg = f"The sandbox {sid} was not found" + (f": {e.reason}" if e.reason else "")
-            return await self._refuse(scope, receive, send, 502, msg, sandboxId=sid)
-        except SandboxConflict as e:
-            # A paused sandbox (the only conflict here): E2B's proxy answers 502, which E2B's SDKs
-            # read as "not running" (is_running() -> False) rather than as an error.
-            return await self._refuse(scope, receive, send, 502, f"The sandbox {sid} is paused: {e}", sandboxId=sid)
-        except PortUnavailable as e:
-            return await self._refuse(scope, receive, send, 502,
-                                      f"The sandbox {sid} is running but port is not open (port {port}: {e})", sandboxId=sid)
+        woken = False
+        while True:
+            try:
+                endpoint = await self.manager.port_endpoint(sid, port)
+                break
+            except SandboxNotFound as e:
+                msg = f"The sandbox {sid} was not found" + (f": {e.reason}" if e.reason else "")
+                return await self._refuse(scope, receive, send, 502, msg, sandboxId=sid)
+            except SandboxConflict as e:
+                # A paused sandbox (the only conflict here): resumed if it was created with
+                # auto-resume, else E2B's proxy's 502, which E2B's SDKs read as "not running"
+                # (is_running() -> False) rather than as an error.
+                if not woken and self._may_wake(scope, sid, port, signed):
+                    refusal = await self._wake(sid)
+                    if refusal is None:
+                        woken = True
+                        continue
+                    status, message, headers = refusal
+                    return await self._refuse(scope, receive, send, status, message, headers=headers, sandboxId=sid)
+                return await self._refuse(scope, receive, send, 502, f"The sandbox {sid} is paused: {e}", sandboxId=sid)
+            except PortUnavailable as e:
+                return await self._refuse(scope, receive, send, 502, f"The sandbox {sid} is running but port is not "
+                                          f"open (port {port}: {e})", sandboxId=sid)
         if scope["type"] == "http":
             await self._http(scope, receive, send, sid, port, endpoint)
         else:
             await self._websocket(scope, receive, send, sid, port, endpoint)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str, **extra: Any) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str,
+                      headers: dict[str, str] | None = None, **extra: Any) -> None:
         if scope["type"] == "http":
-            await _respond(send, status, message, **extra)
+            await _respond(send, status, message, headers=headers, **extra)
         else:
             await _ws_refuse(scope, receive, send, status, message, **extra)
+
+    def _may_wake(self, scope: Scope, sid: str, port: int, signed: bool) -> bool:
+        """Whether this request resumes the paused sandbox ``sid``: it was created with auto-resume,
+        and a request to its agent's port carries its access token (or came by a signed file URL)."""
+        try:
+            sb = self.manager.get(sid)
+        except SandboxNotFound:
+            return False
+        if not sb.paused or not sb.lifecycle.auto_resume:
+            return False
+        if port != AGENT_PORT or signed:
+            return True
+        presented = next((v for k, v in scope.get("headers", ()) if k == ACCESS_TOKEN_HEADER), None)
+        token = str(sb.access_token or "").encode()
+        return presented is not None and bool(token) and hmac.compare_digest(presented.strip(), token)
+
+    async def _wake(self, sid: str) -> tuple[int, str, dict[str, str]] | None:
+        """Auto-resume ``sid`` within ``auto_resume_wait_s``: None once it runs, else the refusal to answer."""
+        wait_s = self.manager.config.orchestrator.auto_resume_wait_s
+        try:
+            await asyncio.wait_for(self.manager.wake(sid), wait_s)
+        except asyncio.TimeoutError:
+            return 503, (f"The sandbox {sid} is resuming (auto-resume) and did not run within {wait_s:g} s; "
+                         "try again"), {"Retry-After": "5"}
+        except SandboxNotFound as e:
+            return 502, self._not_found_message(sid, e.reason), {}
+        except SandboxConflict as e:
+            return 502, f"The sandbox {sid} is paused: {e}", {}
+        except Exception as e:  # noqa: BLE001 - the resume's failure, said to the client; it stays paused
+            log.warning("sandbox %s: its auto-resume failed: %r", sid, e)
+            return 502, f"The sandbox {sid} is paused and its auto-resume failed: {type(e).__name__}: {e}", {}
+        return None
 
     def _traffic_denied(self, scope: Scope, sid: str) -> str | None:
         """Why a request to a port of a private sandbox is refused (E2B's words); None when it may pass.
@@ -645,10 +702,12 @@ async def _wait_disconnect(receive: Receive, body_done: asyncio.Event, disconnec
             return
 
 
-async def _respond(send: Send, status: int, message: str, **extra: Any) -> None:
+async def _respond(send: Send, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
     body = error_body(status, message, **extra)
+    more = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *more]})
     await send({"type": "http.response.body", "body": body})
 
 

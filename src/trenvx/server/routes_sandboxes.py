@@ -23,10 +23,17 @@ Network (issue 12, E2B's shapes): a create takes ``allow_internet_access`` and `
 manager enforces (a host that cannot is a 409). ``allowPublicTraffic: false`` makes the create
 answer carry ``trafficAccessToken``. ``GET /sandboxes/{id}`` reports the rules in force.
 
-E2B options trenvx does not implement (``autoPause: true``, ``autoResume``, ``mcp``, ``iam``,
-``volumeMounts``, the network's ``rules``, ``egressProxy``, ``httpsPorts``) are a 400 naming them
-when given a value that asks for them, never dropped: a caller relying on them must learn that
-they are not there. The list is :data:`.unimplemented.UNIMPLEMENTED_OPTIONS`.
+Lifecycle (E2B's create fields, :class:`~trenvx.sandbox.lifecycle.LifecyclePolicy`): ``autoPause:
+true`` pauses the sandbox to disk at its timeout instead of killing it (with its memory unless
+``autoPauseMemory: false``); ``autoResume: {enabled: true}`` lets a request through the proxy
+resume it while it is paused with its memory (by its timeout or a pause call). ``GET
+/sandboxes/{id}`` reports ``lifecycle`` {onTimeout, autoResume}; the deprecated resume's
+``autoPause`` changes it.
+
+E2B options trenvx does not implement (``mcp``, ``iam``, ``volumeMounts``, the network's
+``rules``, ``egressProxy``, ``httpsPorts``) are a 400 naming them when given a value that asks for
+them, never dropped: a caller relying on them must learn that they are not there. The list is
+:data:`.unimplemented.UNIMPLEMENTED_OPTIONS`.
 
 Pause (E2B's shapes, :mod:`trenvx.sandbox.suspend`): ``{memory: false}`` keeps only the
 filesystem (a resume boots it); ``requireHealthyGuest: true`` refuses (503) a pause whose agent does
@@ -44,6 +51,7 @@ its holder: there is no other team whose sandboxes could be asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -54,7 +62,7 @@ from typing import Annotated, Literal, cast
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 
 from ..network.policy import EgressPolicy, PolicyError
-from ..sandbox.lifecycle import InvalidTimeout, check_timeout
+from ..sandbox.lifecycle import InvalidTimeout, LifecyclePolicy, check_timeout
 from ..sandbox.limits import AdmissionError
 from ..sandbox.manager import (
     ManagerClosed, NetworkUnavailable, PauseRefused, PauseUnsupported, ResumeRefused, Sandbox, SandboxConflict,
@@ -69,7 +77,7 @@ from .errors import ApiError, error_response
 from .models import (
     ConnectRequest, CreatedSandbox, Error, ListedSandbox, NetworkConfig, NetworkUpdate, NewSandbox, PauseDetail,
     PauseRequest, ReclaimedMemory, RefreshRequest, ResumeRequest, SandboxDetail, SandboxesWithMetrics, SandboxMetric,
-    SandboxNetworkInfo, TimeoutRequest, TrenvxSandboxInfo,
+    SandboxLifecycle, SandboxNetworkInfo, TimeoutRequest, TrenvxSandboxInfo,
 )
 from .proxy import announced_domain
 from .unimplemented import note_unknown_fields, refuse_unimplemented
@@ -120,6 +128,20 @@ def egress_of_create(body: NewSandbox) -> EgressPolicy | None:
                    dns_servers=net.dnsServers if net else None)
 
 
+def lifecycle_of_create(body: NewSandbox) -> LifecyclePolicy:
+    """The lifecycle a create body asks for (E2B's ``autoPause``, ``autoPauseMemory``, ``autoResume``).
+    As in E2B's API, ``autoResume`` stands apart from ``autoPause`` (it also wakes a sandbox paused
+    by a pause call); E2B's SDKs refuse the combinations that make no sense before they send them."""
+    return LifecyclePolicy(auto_pause=body.autoPause is True, auto_pause_memory=body.autoPauseMemory is not False,
+                           auto_resume=body.autoResume is not None and body.autoResume.enabled)
+
+
+def _lifecycle_info(sb: Sandbox) -> SandboxLifecycle:
+    policy = sb.lifecycle
+    return SandboxLifecycle(onTimeout=policy.on_timeout, autoResume=policy.auto_resume,
+                            autoPauseMemory=policy.auto_pause_memory)
+
+
 def _network_info(request: Request, sb: Sandbox) -> tuple[SandboxNetworkInfo, bool | None]:
     e2b = sb.egress.to_e2b()
     info = SandboxNetworkInfo(
@@ -139,6 +161,7 @@ def _info_of_running(request: Request, sb: Sandbox, with_memory: bool) -> dict:
     pause = None if info is None else PauseDetail(
         kind=info.kind, pausedAt=_ts(info.paused_at), storedBytes=info.stored_bytes, ramPages=info.ram_pages,
         pauseSeconds=round(info.seconds, 3), frozen=list(info.frozen),
+        reason="timeout" if info.reason == "timeout" else "requested",
     )
     return dict(
         templateID=sb.template, alias=sb.template, sandboxID=sb.id, clientID=request.app.state.client_id,
@@ -208,6 +231,7 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
     note_unknown_fields(body, "POST /sandboxes")
     timeout = _timeout(body.timeout, orch.default_timeout_s, orch.max_timeout_s, "timeout")
     egress = egress_of_create(body)
+    lifecycle = lifecycle_of_create(body)
     public = True if body.network is None or body.network.allowPublicTraffic is None else body.network.allowPublicTraffic
     template = body.templateID or manager.config.default_template
     try:
@@ -220,9 +244,12 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
         sb = await manager.create(template, env_vars=body.envVars, metadata=body.metadata, timeout_s=timeout,
                                   egress=egress, allow_public_traffic=public,
                                   allow_internet_access=body.allow_internet_access,
-                                  mask_request_host=body.network.maskRequestHost if body.network else None)
+                                  mask_request_host=body.network.maskRequestHost if body.network else None,
+                                  lifecycle=lifecycle)
     except TemplateNotFound as e:
         raise ApiError(404, f"body field templateID: {e}") from None
+    except PauseUnsupported as e:
+        raise ApiError(409, f"body field autoPause: {e}") from None
     except (AdmissionError, InvalidTimeout, ManagerClosed, NetworkUnavailable, TemplateNetworkMismatch):
         raise
     except Exception as e:  # noqa: BLE001 - a VMM or agent failure: the server's fault, said plainly
@@ -240,7 +267,8 @@ async def _create(request: Request, response: Response, body: NewSandbox) -> Cre
 
 CREATE_RESPONSES = {
     **ERRORS,
-    409: {"model": Error, "description": "Egress rules were asked for and this server cannot enforce them"},
+    409: {"model": Error, "description": "Egress rules were asked for and this server cannot enforce them, or "
+                                         "autoPause for a template whose VMM cannot pause to disk"},
     429: {"model": Error, "description": "A sandbox limit (per host or per template) is reached"},
     500: {"model": Error, "description": "The sandbox failed to start (the message says why)"},
     503: {"model": Error, "description": "Not enough free memory on the host, or the server is stopping"},
@@ -452,7 +480,8 @@ async def get_sandbox(request: Request, sandboxID: str) -> dict:
     info = _info_of_running(request, sb, True)
     network, allow_internet_access = _network_info(request, sb)
     return {**info, "envdAccessToken": sb.access_token, "trafficAccessToken": sb.traffic_access_token or None,
-            "allowInternetAccess": allow_internet_access, "network": network, "domain": _domain(request)}
+            "allowInternetAccess": allow_internet_access, "network": network, "domain": _domain(request),
+            "lifecycle": _lifecycle_info(sb)}
 
 
 @router.put("/sandboxes/{sandboxID}/network", status_code=204,
@@ -594,10 +623,15 @@ async def reclaim(request: Request, sandboxID: str) -> ReclaimedMemory:
 async def resume(request: Request, sandboxID: str,
                  body: Annotated[ResumeRequest | None, Body()] = None) -> CreatedSandbox | Response:
     manager = manager_of(request)
-    manager.get(sandboxID)
-    if body is not None and body.autoPause:
-        raise ApiError(400, "body field autoPause: pausing the sandbox when its timeout ends is not implemented in "
-                            "trenvx yet; leave it out (or send it false)")
+    sb = manager.get(sandboxID)
+    lifecycle = None
+    if body is not None and body.autoPause is not None:  # E2B's deprecated resume sets the auto-pause
+        lifecycle = dataclasses.replace(sb.lifecycle, auto_pause=body.autoPause)
+        if lifecycle.auto_pause:
+            try:
+                manager.suspender.check_supported(sb.build)
+            except PauseUnsupported as e:
+                raise ApiError(409, f"body field autoPause: {e}") from None
     orch = manager.config.orchestrator
     seconds = None if body is None or body.timeout is None else _timeout(
         body.timeout, orch.default_timeout_s, orch.max_timeout_s, "timeout")
@@ -605,4 +639,6 @@ async def resume(request: Request, sandboxID: str,
                                             memory=body is None or body.memory is not False))
     if isinstance(got, Response):
         return got
+    if lifecycle is not None:  # once resumed: a refused or failed resume changes nothing
+        manager.set_lifecycle(sandboxID, lifecycle)
     return _created(request, got)

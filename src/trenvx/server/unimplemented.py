@@ -1,15 +1,14 @@
 """E2B options trenvx does not implement (yet): refused with a 400 that names them, never ignored.
 
-A caller who asks E2B for ``autoPause: true`` relies on the sandbox being paused, not killed,
-when its timeout ends; silently dropping the option would lose their work. So every option of
-E2B's create body (``NewSandbox``/``NewSandboxV2`` in E2B's OpenAPI spec and its SDKs' models) is
-either implemented, or listed in :data:`UNIMPLEMENTED_OPTIONS` with the values that leave
-behaviour as without it (E2B's defaults, which E2B's SDKs send, stay accepted: ``autoPause:
-false``, ``autoResume: {"enabled": false}``, ``mcp: null``, empty lists and maps). Any other
-value is a 400::
+A caller who asks E2B for ``volumeMounts`` relies on their data being on a persistent volume;
+silently dropping the option would lose their work. So every option of E2B's create body
+(``NewSandbox``/``NewSandboxV2`` in E2B's OpenAPI spec and its SDKs' models) is either
+implemented, or listed in :data:`UNIMPLEMENTED_OPTIONS` with the values that leave behaviour as
+without it (E2B's defaults, which E2B's SDKs send, stay accepted: ``mcp: null``, empty lists and
+maps). Any other value is a 400::
 
-    body field autoPause: pausing the sandbox when its timeout ends (E2B's lifecycle
-    on_timeout "pause") is not implemented in trenvx yet; leave it out (or send it false)
+    body field mcp: starting an MCP gateway with the given servers in the sandbox is not
+    implemented in trenvx yet; leave it out (or send it null or {})
 
 **When an issue implements one of these, it removes its entry from the list** (and the test
 over the list follows by itself).
@@ -24,9 +23,10 @@ E2B's create options and where each stands:
                             refused below
 ``secure``                  accepted, either value: trenvx always secures the agent with the
                             sandbox's access token (as E2B does now: E2B ignores the field)
-``autoPauseMemory``         accepted, either value: it only matters with ``autoPause: true``,
-                            which is refused
-``autoPause``, ``autoResume``, ``mcp``, ``iam``, ``volumeMounts``: refused below
+``autoPause``,              implemented (issue 14): the sandbox's lifecycle
+``autoPauseMemory``,        (:class:`trenvx.sandbox.lifecycle.LifecyclePolicy`)
+``autoResume``
+``mcp``, ``iam``, ``volumeMounts``: refused below
 ==========================  ===================================================================
 
 **Fields E2B adds later** (unknown to this list and to the model) are ignored, so that a newer
@@ -58,11 +58,6 @@ def _not_null(v: Any) -> bool:
     return v is not None
 
 
-def _enabled(v: Any) -> bool:
-    """``autoResume``: only ``{"enabled": true}`` asks for it."""
-    return v is not None and bool(v.get("enabled") if isinstance(v, dict) else getattr(v, "enabled", False))
-
-
 def _iam_tokens(v: Any) -> bool:
     """``iam``: E2B enables workload identity only for a non-empty ``tokens`` map."""
     tokens = v.get("tokens") if isinstance(v, dict) else getattr(v, "tokens", None)
@@ -90,12 +85,6 @@ class UnimplementedOption:
 _NOT_YET = "is not implemented in trenvx yet"
 
 UNIMPLEMENTED_OPTIONS: tuple[UnimplementedOption, ...] = (
-    UnimplementedOption(
-        "autoPause", f'pausing the sandbox when its timeout ends (E2B\'s lifecycle on_timeout "pause") {_NOT_YET}',
-        "false", _truthy, True),
-    UnimplementedOption(
-        "autoResume", f"resuming a paused sandbox when traffic reaches it (E2B's lifecycle auto_resume) {_NOT_YET}",
-        '{"enabled": false}', _enabled, {"enabled": True}),
     UnimplementedOption(
         "mcp", f"starting an MCP gateway with the given servers in the sandbox {_NOT_YET}", "null or {}", _truthy,
         {"github/owner/repo": {"installCmd": "npm i", "runCmd": "npm start"}}),
