@@ -22,6 +22,7 @@ import httpx
 from . import _connect
 from ._config import ENVD_PORT, ConnectionConfig
 from ._errors import Context, connect_error, http_error, transport_error
+from ._lifecycle import create_lifecycle_body
 from ._network import create_network_body, update_network_body
 from .exceptions import InvalidArgumentError, SandboxError, StreamError, TimeoutError
 from .models import SandboxConnectionInfo, SandboxInfo, SandboxMetrics, SnapshotInfo, TemplateInfo
@@ -179,6 +180,7 @@ class ApiClient:
         *,
         allow_internet_access: Optional[bool] = None,
         network: Optional[Mapping[str, Any]] = None,
+        lifecycle: Optional[Mapping[str, Any]] = None,
     ) -> SandboxConnectionInfo:
         body: Dict[str, Any] = {}
         if template:
@@ -196,6 +198,7 @@ class ApiClient:
         net = create_network_body(network)
         if net is not None:
             body["network"] = net
+        body.update(create_lifecycle_body(lifecycle))
         r = await self._call(
             "POST", "/sandboxes", json=body, request_timeout=request_timeout, context="create", template=template
         )

@@ -6,7 +6,7 @@ import base64
 import datetime as _dt
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import IO, Any, Dict, List, Mapping, Optional, TypedDict, Union
+from typing import IO, Any, Dict, List, Literal, Mapping, Optional, TypedDict, Union
 
 
 def _parse_time(value: Any) -> Optional[_dt.datetime]:
@@ -105,6 +105,21 @@ class SandboxNetworkInfo(TypedDict, total=False):
     mask_request_host: str
 
 
+class SandboxInfoLifecycle(TypedDict):
+    """``lifecycle`` of ``get_info()`` (E2B's ``SandboxInfoLifecycle``): what its timeout does, and
+    whether a request to it resumes it while it is paused."""
+
+    on_timeout: Literal["pause", "kill"]
+    auto_resume: bool
+
+
+def _lifecycle_info(value: Any) -> Optional[SandboxInfoLifecycle]:
+    """``lifecycle`` of ``GET /sandboxes/{id}`` (``{"onTimeout", "autoResume"}``) in E2B's Python names."""
+    if not isinstance(value, Mapping) or value.get("onTimeout") not in ("pause", "kill"):
+        return None
+    return {"on_timeout": value["onTimeout"], "auto_resume": value.get("autoResume") is True}
+
+
 def _network_info(value: Any) -> Optional[SandboxNetworkInfo]:
     """``network`` of ``GET /sandboxes/{id}`` in E2B's Python names (``allow_out``, ...)."""
     if not isinstance(value, Mapping):
@@ -144,6 +159,9 @@ class SandboxInfo:
     """As given on create or by the last ``update_network`` (None: not set explicitly)."""
     network: Optional[SandboxNetworkInfo] = None
     """The egress rules in force and public access (``get_info()`` only; None in ``list()``)."""
+    lifecycle: Optional[SandboxInfoLifecycle] = None
+    """What its timeout does, E2B's shape: ``{"on_timeout": "kill" | "pause", "auto_resume": bool}``
+    (``get_info()`` only; None in ``list()``)."""
 
     @property
     def id(self) -> str:
@@ -171,6 +189,7 @@ class SandboxInfo:
             client_id=d.get("clientID"),
             allow_internet_access=d["allowInternetAccess"] if isinstance(d.get("allowInternetAccess"), bool) else None,
             network=_network_info(d.get("network")),
+            lifecycle=_lifecycle_info(d.get("lifecycle")),
         )
 
 

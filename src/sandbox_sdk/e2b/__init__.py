@@ -12,6 +12,7 @@ Code written for E2B's Python SDK mostly runs unchanged with
 
 from ..exceptions import *  # noqa: F401,F403 - E2B code imports errors from the same place
 from ..exceptions import __all__ as _errors
+from .._lifecycle import SandboxLifecycle
 from .._network import SandboxNetworkSelectorContext
 from ..models import (
     ALL_TRAFFIC,
@@ -23,6 +24,7 @@ from ..models import (
     ProcessInfo,
     PtySize,
     SandboxInfo,
+    SandboxInfoLifecycle,
     SandboxMetrics,
     SandboxNetworkInfo,
     SandboxNetworkOpts,
@@ -49,6 +51,8 @@ __all__ = [
     "AsyncPty",
     "WatchHandle",
     "AsyncWatchHandle",
+    "SandboxLifecycle",
+    "SandboxInfoLifecycle",
     "CommandResult",
     "EntryInfo",
     "FilesystemEvent",

@@ -42,6 +42,7 @@ from .._config import (
 )
 from .._dual import dual_method
 from .._http import ApiClient, EnvdClient, ServerStream, make_client
+from .._lifecycle import SandboxLifecycle
 from ..exceptions import (
     AlreadyExistsError,
     CommandExitError,
@@ -1238,6 +1239,7 @@ class AsyncSandbox:
         allow_internet_access: Optional[bool] = None,
         *,
         network: Optional[SandboxNetworkOpts] = None,
+        lifecycle: Optional[SandboxLifecycle] = None,
         user: Optional[str] = None,
         **connection: Any,
     ) -> "AsyncSandbox":
@@ -1247,7 +1249,10 @@ class AsyncSandbox:
         ``metadata`` is stored with it (filter ``list`` on it); ``envs`` are set for every
         command. ``allow_internet_access=False``: no egress at all (the same as
         ``network={"deny_out": [ALL_TRAFFIC]}``); ``network``: E2B's egress rules and public
-        access (see :class:`~sandbox_sdk.models.SandboxNetworkOpts`). ``secure`` is accepted for
+        access (see :class:`~sandbox_sdk.models.SandboxNetworkOpts`). ``lifecycle``: what its
+        timeout does, E2B's shape (``{"on_timeout": "pause", "auto_resume": True}``: paused to disk
+        instead of killed, and resumed by a request to it through the backend; see
+        :class:`~sandbox_sdk._lifecycle.SandboxLifecycle`). ``secure`` is accepted for
         E2B compatibility: trenvx sandboxes always require their access token.
 
         Example::
@@ -1256,13 +1261,14 @@ class AsyncSandbox:
             offline = await AsyncSandbox.create(allow_internet_access=False)
             pypi_only = await AsyncSandbox.create(network={"allow_out": ["pypi.org", "*.pythonhosted.org"],
                                                            "deny_out": [ALL_TRAFFIC]})
+            sleeper = await AsyncSandbox.create(lifecycle={"on_timeout": "pause", "auto_resume": True})
         """
         config = ConnectionConfig.resolve(**connection)
         client = make_client(config)
         try:
             info = await ApiClient(client, config).create_sandbox(
                 template, timeout, metadata, envs, request_timeout=connection.get("request_timeout"),
-                allow_internet_access=allow_internet_access, network=network,
+                allow_internet_access=allow_internet_access, network=network, lifecycle=lifecycle,
             )
         except BaseException:
             await client.aclose()

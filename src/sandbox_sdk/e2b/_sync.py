@@ -50,6 +50,7 @@ from ..models import (
     WriteEntry,
     WriteInfo,
 )
+from .._lifecycle import SandboxLifecycle
 from ._async import AsyncCommandHandle, AsyncSandbox, AsyncWatchHandle, OnResume, SnapshotMode
 from ._snapshots import SnapshotPaginator
 
@@ -639,18 +640,21 @@ class Sandbox:
         allow_internet_access: Optional[bool] = None,
         *,
         network: Optional[SandboxNetworkOpts] = None,
+        lifecycle: Optional[SandboxLifecycle] = None,
         user: Optional[str] = None,
         **connection: Any,
     ) -> "Sandbox":
-        """Start a new sandbox; see :meth:`AsyncSandbox.create` (``allow_internet_access``, ``network``).
+        """Start a new sandbox; see :meth:`AsyncSandbox.create` (``allow_internet_access``, ``network``,
+        ``lifecycle``).
 
         Example::
 
             sandbox = Sandbox.create("default-sandbox", timeout=600, envs={"A": "1"})
             offline = Sandbox.create(allow_internet_access=False)
+            sleeper = Sandbox.create(lifecycle={"on_timeout": "pause", "auto_resume": True})
         """
         return cls(_run(AsyncSandbox.create(template, timeout, metadata, envs, secure, allow_internet_access,
-                                            network=network, user=user, **connection)))
+                                            network=network, lifecycle=lifecycle, user=user, **connection)))
 
     @dual_method
     def connect(cls, sandbox_id: str, timeout: Optional[int] = None, *, on_resume: OnResume = "restore",

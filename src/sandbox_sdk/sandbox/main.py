@@ -24,6 +24,7 @@ from typing import IO, Any, Callable, List, Mapping, Optional, Union
 from .._config import ConnectionConfig
 from .._dual import dual_method
 from .._http import ApiClient, make_client
+from .._lifecycle import SandboxLifecycle
 from ..e2b._async import AsyncSandbox
 from ..exceptions import SandboxError
 from ..models import SandboxInfo, SandboxNetworkOpts, SandboxNetworkUpdate, TemplateInfo
@@ -150,6 +151,7 @@ class Sandbox:
         user: Optional[str] = "root",
         allow_internet_access: Optional[bool] = None,
         network: Optional[SandboxNetworkOpts] = None,
+        lifecycle: Optional[SandboxLifecycle] = None,
         **connection: Any,
     ) -> "Sandbox":
         """Start a sandbox from ``template`` (else the class's ``template``, else the backend's
@@ -161,7 +163,9 @@ class Sandbox:
         sandbox. ``timeout`` bounds the create request (seconds); ``sandbox_timeout`` is the
         sandbox's lifetime (None: the backend's default; extend it with ``keep_alive``).
         ``allow_internet_access`` and ``network`` are E2B's egress rules and public access, as in
-        ``sandbox_sdk.e2b.Sandbox.create`` (``update_network`` changes the rules later).
+        ``sandbox_sdk.e2b.Sandbox.create`` (``update_network`` changes the rules later);
+        ``lifecycle`` too (``{"on_timeout": "pause", "auto_resume": True}``: at ``sandbox_timeout``
+        it is paused to disk, not killed, and a request to it through the backend resumes it).
 
         Example::
 
@@ -177,6 +181,7 @@ class Sandbox:
             env_vars,
             allow_internet_access=allow_internet_access,
             network=network,
+            lifecycle=lifecycle,
             user=user,
             target_addr=target_addr,
             **connection,
