@@ -28,7 +28,8 @@ from trenvx.template.store import (
     LAYER, MANIFEST, MEMORY, VMSTATE, SnapshotOrigin, TemplateBuild, TemplateManifest, TemplateStore,
 )
 from trenvx.vmm import qemu_stream as qs
-from trenvx.vmm.qemu_checkpoint import Checkpoint, write_memory_file
+from trenvx.vmm.qemu_checkpoint import Checkpoint
+from trenvx.vmm.qemu_stream import merge_into
 
 from .server_fakes import ThreadedServer, UpstreamState, fake_manager, make_config, make_template, upstream_app
 from .test_qemu_stream import SETTINGS, Stream, encode, load, streams
@@ -49,7 +50,7 @@ def test_the_memory_file_is_the_merge_of_the_stream(tmp_path: Path, case: tuple[
     original = encode(s)
     mem, others, tail = load(original, template)
     out = io.BytesIO()
-    stats = write_memory_file(io.BytesIO(original), out, base, tmp_path / "merged")
+    stats = merge_into(io.BytesIO(original), out, base, tmp_path / "merged")
     assert (tmp_path / "merged").read_bytes() == mem
     assert stats.kept(qs.MAIN_BLOCK) == 0
     assert load(out.getvalue(), mem) == (mem, others, tail)
@@ -64,7 +65,7 @@ def test_zero_pages_stay_holes_and_unsent_pages_come_from_the_base(tmp_path: Pat
     base.write_bytes(b"\x11" * P * pages)
     sent = [Rec(qs.MAIN_BLOCK, i, True, b"\0") for i in range(0, 32)] + [Rec(qs.MAIN_BLOCK, 40, False, b"\x22" * P)]
     stream = encode(Stream([(qs.MAIN_BLOCK, pages)], [sent]))
-    write_memory_file(io.BytesIO(stream), io.BytesIO(), base, tmp_path / "merged")
+    merge_into(io.BytesIO(stream), io.BytesIO(), base, tmp_path / "merged")
     data = (tmp_path / "merged").read_bytes()
     assert data[:32 * P] == bytes(32 * P)
     assert data[40 * P:41 * P] == b"\x22" * P
@@ -78,7 +79,7 @@ def test_a_stream_of_another_memory_size_is_refused(tmp_path: Path) -> None:
     base.write_bytes(bytes(4 * P))
     stream = encode(Stream([(qs.MAIN_BLOCK, 8)], [[]]))
     with pytest.raises(qs.StreamFormatError, match="not of a VM of that memory file"):
-        write_memory_file(io.BytesIO(stream), io.BytesIO(), base, tmp_path / "merged")
+        merge_into(io.BytesIO(stream), io.BytesIO(), base, tmp_path / "merged")
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.part").exists()
 
 

@@ -4,7 +4,7 @@ What a checkpoint is, in ``dest`` (a directory the caller made, mode 0700):
 
 - ``memory``: ONE full memory file (read-only, 0400): the base memory file the VM's RAM was
   mapped from (its template's), with every page of the VM's RAM written over it
-  (:func:`write_memory_file`; a sparse file: zero pages are holes). VMs restored from it map it ``share=off``, like a
+  (:func:`~trenvx.vmm.qemu_stream.merge_into`; a sparse file: zero pages are holes). VMs restored from it map it ``share=off``, like a
   template's: they share its pages in the host's page cache and copy only the pages they write.
 - ``vmstate`` (0600): the migration stream without any page of that RAM block: device state, and
   the small RAM blocks (firmware, ACPI tables) as they were.
@@ -27,7 +27,7 @@ How, in order (the caller freezes the guest's filesystems before and thaws them 
 4. ``cont`` (QEMU takes its disk images back after the migration and runs on). The pages of the
    RAM file the migration faulted into the VMM only to read them are given back
    (:mod:`.ram_pages`): without that the source's resident memory grows by most of its RAM.
-5. While the VM runs, :func:`write_memory_file` turns the stream into the memory file and the
+5. While the VM runs, :func:`~trenvx.vmm.qemu_stream.merge_into` turns the stream into the memory file and the
    device state (under TCG here, ~0.6 s for 256 MiB: Python parses the stream).
 
 Nothing is copied but the RAM (the memory file is the base's, reflinked where the filesystem can,
@@ -46,13 +46,12 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from .base import VmmError, VmState
 from .qemu import QemuDriver, QemuVm
 from .ram_pages import PAGE_SIZE as HOST_PAGE
 from .ram_pages import file_pages_present, mapping_of, page_out
-from .qemu_stream import MAIN_BLOCK, PAGE_SIZE, ZERO_PAGE, PageRecord, RamBlock, StreamFormatError, StreamStats, rewrite
+from .qemu_stream import StreamFormatError, StreamStats, merge_into
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,6 @@ QEMU_IMG_TIMEOUT_S = 30.0
 STREAM = ".stream"
 FINALIZE_TIMEOUT_S = 30.0
 """The migration stream, in ``dest`` until it is merged."""
-COPY_PAGES = 256
-"""Pages copied from the base memory file at a time (1 MiB) where the stream did not carry them."""
 
 
 @dataclass
@@ -264,113 +261,10 @@ def _merge_file(stream: Path, vmstate_out: Path, base_memory: Path, memory_out: 
     """The merge's thread: the stream file into the memory file and the device state."""
     fd = os.open(vmstate_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with open(stream, "rb", buffering=1 << 20) as src, os.fdopen(fd, "wb", buffering=1 << 20) as dst:
-        stats = write_memory_file(src, dst, base_memory, memory_out)
+        stats = merge_into(src, dst, base_memory, memory_out)
         dst.flush()
         os.fsync(dst.fileno())
     return stats
-
-
-def write_memory_file(src: BinaryIO, dst: BinaryIO, base_memory: Path, memory_out: Path,
-                      block: str = MAIN_BLOCK) -> StreamStats:
-    """Like :func:`~trenvx.vmm.qemu_stream.merge_into` (``memory_out``: ``base_memory`` with the
-    stream's pages of ``block`` written over it; ``dst``: the stream without them), for a stream
-    that carries (nearly) every page of the block, as a migration of a VM whose RAM is private
-    does: the pages are written into a sparse file (zero pages stay holes), and only pages the
-    stream did not carry are copied from ``base_memory``. No copy of the base first: half the
-    writes, and the file takes the space of the guest's non-zero pages."""
-    size = base_memory.stat().st_size
-    if size % PAGE_SIZE:
-        raise StreamFormatError(f"the memory file {base_memory} is {size} bytes, not a whole number of pages")
-    part = memory_out.with_name(memory_out.name + ".part")
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, size)
-        seen = bytearray(size // PAGE_SIZE)
-        """Per page of the block: 0 never sent, 1 sent and left a hole (zero), 2 written."""
-        run = _Run(fd)
-
-        def keep(rec: PageRecord) -> bool:
-            if rec.block != block:
-                return True
-            if rec.offset + PAGE_SIZE > size:
-                raise StreamFormatError(f"a page of block {block!r} at offset {rec.offset:#x} lies beyond the "
-                                        f"{size} bytes of {base_memory}")
-            index = rec.offset // PAGE_SIZE
-            if rec.zero and rec.data != b"\0":
-                data = rec.data * PAGE_SIZE  # a ZERO record's fill byte that is not 0
-            elif rec.zero:  # (QEMU sends a page of zeros as a ZERO record)
-                if seen[index] == 2:
-                    run.write(rec.offset, ZERO_PAGE)  # a page sent again, zero this time
-                seen[index] = max(seen[index], 1)
-                return False
-            else:
-                data = rec.data
-            run.write(rec.offset, data)
-            seen[index] = 2
-            return False
-
-        def check(blocks: list[RamBlock]) -> None:
-            found = [b for b in blocks if b.name == block]
-            if not found or found[0].length != size:
-                raise StreamFormatError(
-                    f"the stream's RAM block {block!r} is {found[0].length if found else 'missing'} and the memory "
-                    f"file {base_memory} {size} bytes: the stream is not of a VM of that memory file")
-
-        stats = rewrite(src, dst, keep, check)
-        run.flush()
-        stats.merged_pages = len(seen) - seen.count(0)
-        _fill_unsent(fd, base_memory, seen)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        part.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(part, memory_out)
-    return stats
-
-
-class _Run:
-    """Pages written at increasing offsets, gathered into one ``pwrite`` per contiguous run."""
-
-    MAX = 1 << 20
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.start = 0
-        self.parts: list[bytes] = []
-        self.length = 0
-
-    def write(self, offset: int, data: bytes) -> None:
-        if self.parts and (offset != self.start + self.length or self.length >= self.MAX):
-            self.flush()
-        if not self.parts:
-            self.start = offset
-        self.parts.append(data)
-        self.length += len(data)
-
-    def flush(self) -> None:
-        if self.parts:
-            os.pwrite(self.fd, b"".join(self.parts), self.start)
-            self.parts, self.length = [], 0
-
-
-def _fill_unsent(fd: int, base_memory: Path, seen: bytearray) -> None:
-    """Copy the pages no record carried from ``base_memory`` (runs at a time; zero runs stay holes)."""
-    with open(base_memory, "rb") as base:
-        index, pages = 0, len(seen)
-        while index < pages:
-            if seen[index]:
-                index += 1
-                continue
-            end = index
-            while end < pages and not seen[end] and end - index < COPY_PAGES:
-                end += 1
-            base.seek(index * PAGE_SIZE)
-            chunk = base.read((end - index) * PAGE_SIZE)
-            if chunk.count(0) != len(chunk):
-                os.pwrite(fd, chunk, index * PAGE_SIZE)
-            index = end
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -434,29 +434,62 @@ def filter_against(src: BinaryIO, dst: BinaryIO, template_memory: Path, block: s
         return rewrite(src, dst, keep, _block_check(block, tpl.size, template_memory))
 
 
-def merge_into(src: BinaryIO, dst: BinaryIO, template_memory: Path, memory_out: Path,
-               block: str = MAIN_BLOCK) -> StreamStats:
-    """Write ``memory_out`` as ``template_memory`` with every page of block ``block`` in ``src``
-    applied to it, and ``dst`` as the stream without any page of that block: restoring ``dst`` over
-    ``memory_out`` gives the VM of ``src`` (``src`` may be filtered or not)."""
-    size = template_memory.stat().st_size
+COPY_PAGES = 256
+"""Pages copied from the base memory file at a time (1 MiB) where the stream did not carry them."""
+
+
+def merge_into(src: BinaryIO, dst: BinaryIO, base_memory: Path, memory_out: Path,
+                      block: str = MAIN_BLOCK) -> StreamStats:
+    """Write ``memory_out`` as ``base_memory`` with every page of block ``block`` in ``src`` applied
+    to it, and ``dst`` as the stream without any page of that block: restoring ``dst`` over
+    ``memory_out`` gives the VM of ``src`` (``src`` may be filtered or not).
+
+    The pages are written into a sparse file (zero pages stay holes) and only the pages the stream
+    did not carry are copied from ``base_memory``: for the stream of a VM whose RAM is private
+    (nearly every page), half the writes of copying the base first, and the file takes the space
+    of the guest's non-zero pages."""
+    size = base_memory.stat().st_size
+    if size % PAGE_SIZE:
+        raise StreamFormatError(f"the memory file {base_memory} is {size} bytes, not a whole number of pages")
     part = memory_out.with_name(memory_out.name + ".part")
-    _copy_file(template_memory, part)
-    fd = os.open(part, os.O_WRONLY)
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
+        os.ftruncate(fd, size)
+        seen = bytearray(size // PAGE_SIZE)
+        """Per page of the block: 0 never sent, 1 sent and left a hole (zero), 2 written."""
+        run = _Run(fd)
+
         def keep(rec: PageRecord) -> bool:
             if rec.block != block:
                 return True
             if rec.offset + PAGE_SIZE > size:
                 raise StreamFormatError(f"a page of block {block!r} at offset {rec.offset:#x} lies beyond the "
-                                        f"{size} bytes of {template_memory}")
-            os.pwrite(fd, ZERO_PAGE if rec.zero else rec.data, rec.offset)
-            merged[0] += 1
+                                        f"{size} bytes of {base_memory}")
+            index = rec.offset // PAGE_SIZE
+            if rec.zero and rec.data != b"\0":
+                data = rec.data * PAGE_SIZE  # a ZERO record's fill byte that is not 0
+            elif rec.zero:  # (QEMU sends a page of zeros as a ZERO record)
+                if seen[index] == 2:
+                    run.write(rec.offset, ZERO_PAGE)  # a page sent again, zero this time
+                seen[index] = max(seen[index], 1)
+                return False
+            else:
+                data = rec.data
+            run.write(rec.offset, data)
+            seen[index] = 2
             return False
 
-        merged = [0]
-        stats = rewrite(src, dst, keep, _block_check(block, size, template_memory))
-        stats.merged_pages = merged[0]
+        def check(blocks: list[RamBlock]) -> None:
+            found = [b for b in blocks if b.name == block]
+            if not found or found[0].length != size:
+                raise StreamFormatError(
+                    f"the stream's RAM block {block!r} is {found[0].length if found else 'missing'} and the memory "
+                    f"file {base_memory} {size} bytes: the stream is not of a VM of that memory file")
+
+        stats = rewrite(src, dst, keep, check)
+        run.flush()
+        stats.merged_pages = len(seen) - seen.count(0)
+        _fill_unsent(fd, base_memory, seen)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -467,29 +500,50 @@ def merge_into(src: BinaryIO, dst: BinaryIO, template_memory: Path, memory_out: 
     return stats
 
 
+class _Run:
+    """Pages written at increasing offsets, gathered into one ``pwrite`` per contiguous run."""
+
+    MAX = 1 << 20
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.start = 0
+        self.parts: list[bytes] = []
+        self.length = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.parts and (offset != self.start + self.length or self.length >= self.MAX):
+            self.flush()
+        if not self.parts:
+            self.start = offset
+        self.parts.append(data)
+        self.length += len(data)
+
+    def flush(self) -> None:
+        if self.parts:
+            os.pwrite(self.fd, b"".join(self.parts), self.start)
+            self.parts, self.length = [], 0
+
+
+def _fill_unsent(fd: int, base_memory: Path, seen: bytearray) -> None:
+    """Copy the pages no record carried from ``base_memory`` (runs at a time; zero runs stay holes)."""
+    with open(base_memory, "rb") as base:
+        index, pages = 0, len(seen)
+        while index < pages:
+            if seen[index]:
+                index += 1
+                continue
+            end = index
+            while end < pages and not seen[end] and end - index < COPY_PAGES:
+                end += 1
+            base.seek(index * PAGE_SIZE)
+            chunk = base.read((end - index) * PAGE_SIZE)
+            if chunk.count(0) != len(chunk):
+                os.pwrite(fd, chunk, index * PAGE_SIZE)
+            index = end
+
 def summarize(src: BinaryIO) -> StreamStats:
     """Read a stream through, keeping nothing: its machine, blocks and page counts."""
     return rewrite(src, None, lambda rec: True)
 
 
-def _copy_file(src: Path, dst: Path) -> None:
-    """``dst`` with ``src``'s bytes: a reflink where the filesystem shares blocks, else a copy that
-    leaves holes for runs of zeros."""
-    from .hostfs import reflink
-
-    dst.unlink(missing_ok=True)
-    try:
-        reflink(src, dst)
-        return
-    except OSError:
-        dst.unlink(missing_ok=True)
-    with open(src, "rb") as s, open(dst, "wb") as d:
-        while True:
-            chunk = s.read(COPY_CHUNK)
-            if not chunk:
-                break
-            if chunk.count(0) == len(chunk):
-                d.seek(len(chunk), os.SEEK_CUR)
-            else:
-                d.write(chunk)
-        d.truncate()
