@@ -322,9 +322,11 @@ async def test_refused_forks_and_snapshots_change_nothing(api) -> None:
         assert r.status_code == 400 and field in r.json()["message"], (body, r.text)
     assert (await api.post("/sandboxes/nosuch/fork", json={})).status_code == 404
     assert (await api.post("/sandboxes/nosuch/snapshots", json={})).status_code == 404
-    for name in ("tpl", "Bad Name", "ns/x", "x:v1"):
+    for name in ("Bad Name", "ns/x", "x:v1"):
         r = await api.post(f"/sandboxes/{src}/snapshots", json={"name": name})
         assert r.status_code == 400, r.text
+    r = await api.post(f"/sandboxes/{src}/snapshots", json={"name": "tpl"})  # a template's name: taken
+    assert r.status_code == 409 and "name of a" in r.json()["message"], r.text
     r = await api.post(f"/sandboxes/{src}/snapshots", json={"memory": False})
     assert r.status_code == 400 and "filesystem-only" in r.json()["message"]
     assert (await api.post(f"/sandboxes/{src}/pause")).status_code == 204

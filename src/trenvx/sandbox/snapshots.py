@@ -81,6 +81,10 @@ class SnapshotError(RuntimeError):
     """A snapshot or fork could not be made; the message says why."""
 
 
+class SnapshotNameTaken(RuntimeError):
+    """The name asked for a snapshot is a template's (409: a conflict, not a malformed request)."""
+
+
 class InvalidSnapshotRequest(ValueError):
     """A request the API answers with 400 (a bad name, count or tag)."""
 
@@ -355,15 +359,15 @@ class Snapshots:
     def _check_name_free(self, name: str) -> None:
         """A name is a snapshot's (a new build of it) or nobody's; a template's is refused."""
         if name in self.manager.config.template:
-            raise InvalidSnapshotRequest(f"snapshot name {name!r} is the name of a configured template; choose another")
+            raise SnapshotNameTaken(f"snapshot name {name!r} is the name of a configured template; choose another")
         try:
             current = self.store.current(name)
         except TemplateNotFound:
             if self.store.builds(name) and not any(b.manifest.snapshot for b in self.store.published(name)):
-                raise InvalidSnapshotRequest(f"snapshot name {name!r} is the name of a template; choose another") from None
+                raise SnapshotNameTaken(f"snapshot name {name!r} is the name of a template; choose another") from None
             return
         if current.manifest.snapshot is None:
-            raise InvalidSnapshotRequest(f"snapshot name {name!r} is the name of a template; choose another")
+            raise SnapshotNameTaken(f"snapshot name {name!r} is the name of a template; choose another")
 
     # -- fork -------------------------------------------------------------------------------------
 

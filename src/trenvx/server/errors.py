@@ -25,6 +25,7 @@ from ..network.policy import PolicyError
 from ..sandbox.manager import (
     ManagerClosed, NetworkUnavailable, PortUnavailable, SandboxConflict, SandboxNotFound, TemplateNetworkMismatch,
 )
+from ..sandbox.snapshots import SnapshotNameTaken
 from ..template.store import TemplateNotFound
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def error_body(status: int, message: str, **extra: Any) -> bytes:
 #: exception type -> (status, extra headers)
 STATUS_OF: list[tuple[type[BaseException], int, dict[str, str] | None]] = [
     (SandboxNotFound, 404, None),
+    (SnapshotNameTaken, 409, None),
     (TemplateNotFound, 404, None),
     (InvalidTimeout, 400, None),
     (SandboxConflict, 409, None),

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, WithJs
 from ..sandbox.lifecycle import InvalidTimeout
 from ..sandbox.manager import Sandbox, SandboxConflict, SandboxManager, SandboxNotFound
 from ..sandbox.snapshots import (
-    MAX_FORK_COUNT, SNAPSHOT_NAME_PATTERN, InvalidSnapshotRequest, SnapshotError, SnapshotNotFound,
+    MAX_FORK_COUNT, SNAPSHOT_NAME_PATTERN, InvalidSnapshotRequest, SnapshotError, SnapshotNameTaken, SnapshotNotFound,
     SnapshotUnsupported, Snapshots, snapshot_id_of,
 )
 from ..template.store import TemplateBuild
@@ -107,7 +107,7 @@ def _refusal(e: Exception, sandbox_id: str) -> ApiError:
         return ApiError(404, str(e))
     if isinstance(e, SandboxConflict):
         return ApiError(409, str(e))
-    if isinstance(e, SnapshotUnsupported):
+    if isinstance(e, (SnapshotUnsupported, SnapshotNameTaken)):
         return ApiError(409, str(e))
     if isinstance(e, (InvalidSnapshotRequest, InvalidTimeout)):
         return ApiError(400, str(e))
@@ -142,7 +142,7 @@ async def fork_sandbox(request: Request, sandboxID: str, body: ForkRequest | Non
                             "nothing was forked")
     try:
         results = await snapshots.fork(sandboxID, count=count, timeout_s=timeout)
-    except (SandboxNotFound, SandboxConflict, SnapshotUnsupported, InvalidSnapshotRequest, InvalidTimeout,
+    except (SandboxNotFound, SandboxConflict, SnapshotUnsupported, SnapshotNameTaken, InvalidSnapshotRequest, InvalidTimeout,
             SnapshotError) as e:
         raise _refusal(e, sandboxID) from None
     out: list[dict[str, Any]] = []
