@@ -14,7 +14,6 @@ what children share (read-only files only), the files' modes. And ``sandbox_sdk`
 
 from __future__ import annotations
 
-import os
 import re
 import stat
 import subprocess
@@ -27,9 +26,9 @@ import httpx
 import pytest
 
 from trenvx.sandbox.snapshots import AGENT_TOKEN, USERS
-from trenvx.template.store import LAYER, MANIFEST, MEMORY, VMSTATE
+from trenvx.template.store import MANIFEST, MEMORY, VMSTATE
 
-from .server_helpers import running_server, wait_until
+from .server_helpers import e2b_pointed_at, running_server, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -62,13 +61,9 @@ def server(tmp_path_factory, e2e_config, test_template):
 
 
 @pytest.fixture
-def e2b_env(server, monkeypatch):
-    monkeypatch.setenv("E2B_API_URL", server.url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
-    monkeypatch.setenv("E2B_API_KEY", API_KEY)
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    return server
+def e2b_env(server):
+    with e2b_pointed_at(server.url, API_KEY):
+        yield server
 
 
 def templates_dir(e2e_config) -> Path:

@@ -25,7 +25,7 @@ from trenvx.guest.client import AgentClient
 from trenvx.vmm import SnapshotFiles, qemu_stream
 from trenvx.vmm.qemu import QemuVm
 
-from .server_helpers import make_server, pid_running, running_server, through_proxy, vm_pid, wait_until
+from .server_helpers import e2b_pointed_at, make_server, pid_running, running_server, through_proxy, vm_pid, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -43,13 +43,9 @@ def server(tmp_path_factory, e2e_config, test_template):
 
 
 @pytest.fixture
-def e2b_env(server, monkeypatch):
-    monkeypatch.setenv("E2B_API_URL", server.url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
-    monkeypatch.setenv("E2B_API_KEY", API_KEY)
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    return server
+def e2b_env(server):
+    with e2b_pointed_at(server.url, API_KEY):
+        yield server
 
 
 def lines(sbx, path: str) -> list[int]:

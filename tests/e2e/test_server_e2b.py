@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from .server_helpers import pid_running, running_server, vm_pid
+from .server_helpers import e2b_pointed_at, pid_running, running_server, vm_pid
 
 pytestmark = pytest.mark.e2e
 
@@ -28,13 +28,9 @@ def server(tmp_path_factory, e2e_config, test_template):
 
 
 @pytest.fixture
-def e2b_env(server, monkeypatch):
-    monkeypatch.setenv("E2B_API_URL", server.url)
-    monkeypatch.setenv("E2B_SANDBOX_URL", server.url)
-    monkeypatch.setenv("E2B_API_KEY", API_KEY)
-    monkeypatch.delenv("E2B_DEBUG", raising=False)
-    monkeypatch.delenv("E2B_DOMAIN", raising=False)
-    return server
+def e2b_env(server):
+    with e2b_pointed_at(server.url, API_KEY):
+        yield server
 
 
 def test_sync_sdk_scenario(e2b_env, test_template) -> None:
