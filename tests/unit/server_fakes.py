@@ -466,3 +466,24 @@ def pid_gone(pid: int) -> bool:
 
 def rm(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def fake_api(data_root: Path, agent_port: int, *, network: bool = False, **orch: Any) -> Any:
+    """The real app over a fake manager (template ``tpl``, agents answered by the upstream on
+    ``agent_port``), as an httpx client on it; ``client.manager`` is the manager."""
+    import httpx  # (the fakes themselves need no HTTP client)
+
+    from trenvx.server.app import create_app
+
+    make_template(data_root, "tpl")
+    cfg = make_config(data_root, **orch)
+    m = fake_manager(cfg, agent_port, network=network)
+    await m.start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(cfg, manager=m)),
+                                     base_url="http://testserver") as c:
+            c.manager = m  # type: ignore[attr-defined]
+            yield c
+    finally:
+        await m.close()

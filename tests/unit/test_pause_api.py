@@ -11,9 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from trenvx.server.app import create_app
-
-from .server_fakes import ThreadedServer, UpstreamState, fake_manager, make_config, make_template, pid_gone, upstream_app
+from .server_fakes import ThreadedServer, UpstreamState, fake_api, pid_gone, upstream_app
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +22,8 @@ def upstream():
 
 @pytest.fixture
 async def api(tmp_path: Path, upstream):
-    make_template(tmp_path, "tpl")
-    cfg = make_config(tmp_path)
-    m = fake_manager(cfg, upstream.port)
-    await m.start()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(cfg, manager=m)),
-                                 base_url="http://testserver") as c:
-        c.manager = m  # type: ignore[attr-defined]
+    async with fake_api(tmp_path, upstream.port) as c:
         yield c
-    await m.close()
 
 
 async def create(c: httpx.AsyncClient, **body) -> str:

@@ -16,7 +16,7 @@ from trenvx.server.app import create_app
 from trenvx.server.auth import is_loopback
 from trenvx.server.runner import UnsafeBind, check_bind, resolve_api_key
 
-from .server_fakes import ThreadedServer, UpstreamState, fake_manager, make_config, make_template, upstream_app
+from .server_fakes import ThreadedServer, UpstreamState, fake_api, fake_manager, make_config, make_template, upstream_app
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +27,8 @@ def upstream():
 
 @pytest.fixture
 async def api(tmp_path: Path, upstream):
-    make_template(tmp_path, "tpl")
-    cfg = make_config(tmp_path)
-    m = fake_manager(cfg, upstream.port, network=True)
-    await m.start()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(cfg, manager=m)),
-                                 base_url="http://testserver") as c:
-        c.manager = m  # type: ignore[attr-defined]
+    async with fake_api(tmp_path, upstream.port, network=True) as c:
         yield c
-    await m.close()
 
 
 async def create(c: httpx.AsyncClient, **body) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from trenvx.server.app import create_app
 from trenvx.server.routes_not_implemented import NOT_IMPLEMENTED
 
-from .server_fakes import ThreadedServer, UpstreamState, fake_manager, make_config, make_template, upstream_app
+from .server_fakes import ThreadedServer, UpstreamState, fake_api, fake_manager, make_config, make_template, upstream_app
 
 KEY = "planned-key"
 
@@ -25,15 +25,8 @@ def upstream():
 
 @pytest.fixture
 async def api(tmp_path: Path, upstream):
-    make_template(tmp_path, "tpl")
-    cfg = make_config(tmp_path, api_key=KEY)
-    m = fake_manager(cfg, upstream.port)
-    await m.start()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(cfg, manager=m)),
-                                 base_url="http://testserver") as c:
-        c.manager = m  # type: ignore[attr-defined]
+    async with fake_api(tmp_path, upstream.port, api_key=KEY) as c:
         yield c
-    await m.close()
 
 
 def concrete(path: str) -> str:

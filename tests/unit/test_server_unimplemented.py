@@ -9,13 +9,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from trenvx.server.app import create_app
 from trenvx.server.unimplemented import UNIMPLEMENTED_OPTIONS, UnimplementedOption
 
-from .server_fakes import ThreadedServer, UpstreamState, fake_manager, make_config, make_template, upstream_app
+from .server_fakes import ThreadedServer, UpstreamState, fake_api, fake_manager, make_config, make_template, upstream_app
 
 KEY = "options-key"
 
@@ -28,15 +27,8 @@ def upstream():
 
 @pytest.fixture
 async def api(tmp_path: Path, upstream):
-    make_template(tmp_path, "tpl")
-    cfg = make_config(tmp_path)
-    m = fake_manager(cfg, upstream.port)
-    await m.start()
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(cfg, manager=m)),
-                                 base_url="http://testserver") as c:
-        c.manager = m  # type: ignore[attr-defined]
+    async with fake_api(tmp_path, upstream.port) as c:
         yield c
-    await m.close()
 
 
 def body_with(path: str, value: Any) -> dict[str, Any]:
