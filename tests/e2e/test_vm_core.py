@@ -56,7 +56,10 @@ async def test_restore_runs_hello_world_and_the_start_cmd_is_running(vmm_manager
     manager = await vmm_managers.get(vmm_type)
     sb = await manager.create()
     try:
-        assert {"load", "resume", "init"} <= set(sb.start_times)
+        # a hot pooled VM was loaded before the create (the session's manager has pools): its
+        # create resumes and inits it; a warm or cold one also loads the snapshot on the create's path
+        expected = {"resume", "init"} | ({"load"} if sb.restored.source != "hot" else set())
+        assert expected <= set(sb.start_times), (sb.restored.source, sb.start_times)
         res = await sb.run(HELLO)
         assert (res.stdout, res.exit_code) == (b"Hello World\n", 0), res
         # the Dockerfile's RUN step is in the image, the start_cmd's server survived the snapshot
