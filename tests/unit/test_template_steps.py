@@ -326,3 +326,18 @@ def test_configured_templates_are_not_the_apis(tmp_path: Path) -> None:
         await svc.aclose()
 
     asyncio.run(go())
+
+
+def test_build_request_sizes_are_json_integers_within_bounds() -> None:
+    """A string of digits is refused, not coerced (the fuzzer sent "64" and it was taken), and the
+    bounds reach the OpenAPI document as minimum/maximum."""
+    from pydantic import ValidationError
+
+    from trenvx.server.routes_builds import TemplateBuildRequestV3 as Req
+
+    assert Req(name="t", memoryMB=128.0, cpuCount=1, minFreeDiskMB=0).memoryMB == 128
+    for bad in ({"memoryMB": "128"}, {"cpuCount": True}, {"minFreeDiskMB": 1.5}, {"memoryMB": 10}, {"minFreeDiskMB": -1}):
+        with pytest.raises(ValidationError):
+            Req(name="t", **bad)
+    schema = Req.model_json_schema()["properties"]["memoryMB"]["anyOf"][0]
+    assert schema["minimum"] == 64 and "ge" not in schema

@@ -44,19 +44,27 @@ MAX_DNS_SERVERS = 10
 SandboxStateName = Literal["running", "paused", "exited"]
 
 
-def _json_int(v: Any) -> Any:
+def json_integer(v: Any, unit: str = "") -> Any:
     """A JSON integer (``60`` or ``60.0``), not a string, a bool or a fraction."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError("must be an integer number of seconds")
+        raise ValueError(f"must be an integer number{unit}")
     if isinstance(v, float):
         if not v.is_integer():
-            raise ValueError("must be a whole number of seconds")
+            raise ValueError(f"must be a whole number{unit}")
         return int(v)
     return v
 
 
+def _json_int(v: Any) -> Any:
+    return json_integer(v, " of seconds")
+
+
 JsonInt = Annotated[int, BeforeValidator(_json_int)]
-PortNumber = Annotated[JsonInt, Field(ge=1, le=65535)]
+"""Seconds as a JSON integer (pydantic's lax mode would take ``"60"``)."""
+JsonInteger = Annotated[int, BeforeValidator(json_integer)]
+"""A count or size as a JSON integer. Bounds go before the validator, ``Annotated[int, Field(ge=..),
+BeforeValidator(json_integer)]``: after it pydantic writes ``ge`` into the JSON schema, not ``minimum``."""
+PortNumber = Annotated[int, Field(ge=1, le=65535), BeforeValidator(json_integer)]
 
 # E2B features trenvx refuses (400 "not supported by trenvx", from the routes): the document says
 # only their empty forms are accepted, the models still parse the rest so that the refusal names them.

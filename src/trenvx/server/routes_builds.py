@@ -35,14 +35,14 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from ..template.build_api import BuildApiError, BuildRecord, BuildService, LogEntry
 from ..template.steps import FILES_HASH_RE
 from ..template.uploads import MAX_UPLOAD_BYTES, UnsafeArchive
 from .auth import require_api_key
 from .errors import ApiError, error_body
-from .models import TEMPLATE_ID_RE, Error
+from .models import TEMPLATE_ID_RE, Error, json_integer
 
 UPLOAD_LINK_TTL_S = 3600
 _UPLOAD_PATH = re.compile(r"^/templates/([^/]+)/files/([0-9a-f]{64})$")
@@ -72,9 +72,10 @@ class TemplateBuildRequestV3(BaseModel):
     alias: Annotated[str, StringConstraints(pattern=BUILD_NAME_PATTERN)] | None = None
     tags: list[Literal["latest"]] | None = Field(default=None, max_length=1)
     teamID: str | None = Field(default=None, max_length=200, description="Accepted, not used (one team per server).")
-    cpuCount: int | None = Field(default=None, ge=1, le=_HOST_CPUS)
-    memoryMB: int | None = Field(default=None, ge=64, le=max(64, _HOST_MB // 2))
-    minFreeDiskMB: int | None = Field(default=None, ge=0, le=1024 * 1024)
+    # JSON integers ("64" is refused, not coerced), bounds before the validator (see models.JsonInteger)
+    cpuCount: Annotated[int, Field(ge=1, le=_HOST_CPUS), BeforeValidator(json_integer)] | None = None
+    memoryMB: Annotated[int, Field(ge=64, le=max(64, _HOST_MB // 2)), BeforeValidator(json_integer)] | None = None
+    minFreeDiskMB: Annotated[int, Field(ge=0, le=1024 * 1024), BeforeValidator(json_integer)] | None = None
 
 
 class TemplateStep(BaseModel):
