@@ -167,6 +167,7 @@ class TemplateBuilder:
             # The NIC's backend is in the snapshot: a tap in a network slot, or user networking.
             "network": self.network_kind(tpl),
             "trenvx": __version__,
+            "snapshot": str(SNAPSHOT_RECIPE),
         }
         return _digest(inputs), inputs
 
@@ -314,6 +315,7 @@ class TemplateBuilder:
             await self._stage(times, "start", start_stage)
 
             async def snapshot_stage() -> None:
+                await wait_until_idle(running_vm)
                 await driver.snapshot(running_vm, staging)
 
             await self._stage(times, "snapshot", snapshot_stage)
@@ -408,6 +410,37 @@ class TemplateBuilder:
                 raise RuntimeError(f"sync in the guest failed: {res.stderr!r}")
         finally:
             await client.aclose()
+
+
+SETTLE_WINDOW_S = 0.5
+SETTLE_BUSY_FRACTION = 0.04
+SETTLE_TIMEOUT_S = 30.0
+SNAPSHOT_RECIPE = 2
+"""Changes of how the snapshot is taken (2: the guest settles first), an input of every build."""
+
+
+async def wait_until_idle(vm: Vm, *, timeout_s: float = SETTLE_TIMEOUT_S) -> float:
+    """Wait until the guest has finished what it was doing (its VMM process used under
+    SETTLE_BUSY_FRACTION of a core over two windows of SETTLE_WINDOW_S), at most ``timeout_s``.
+
+    Whatever the guest is still doing when the snapshot is taken, every sandbox restored from it
+    does again: right after its agent ran ``sync`` a guest had ~160 ms of work left (TCG), which
+    each restore then paid before its agent answered. Measured from the host (the VMM's CPU
+    time), so that asking does not itself wake the guest. Returns the seconds waited."""
+    from ..vmm.process import cpu_seconds_of
+
+    t0 = time.monotonic()
+    quiet = 0
+    before = cpu_seconds_of(vm.pid)
+    while quiet < 2 and time.monotonic() - t0 < timeout_s:
+        await asyncio.sleep(SETTLE_WINDOW_S)
+        now = cpu_seconds_of(vm.pid)
+        quiet = quiet + 1 if now - before < SETTLE_BUSY_FRACTION * SETTLE_WINDOW_S else 0
+        before = now
+    waited = time.monotonic() - t0
+    if quiet < 2:
+        log.warning("the guest was still busy after %.0f s; snapshotting it as it is", waited)
+    return waited
 
 
 def _read_envfile(path: str) -> dict[str, str]:
