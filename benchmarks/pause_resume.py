@@ -17,8 +17,19 @@ process per create, the baseline). For each amount W of guest memory written (Mi
   1.25x of written + device state.
 
 Then ``--creates`` cold creates of the same template (create -> its agent answered): the resume
-target is a p50 no more than 2x a cold create's. A table on stdout, JSON in benchmarks/results/.
-Every figure names the accelerator (TCG here: guest code is 10-50x slower than under KVM).
+target is a p50 no more than 2x a cold create's.
+
+**Fork**: a source sandbox that wrote ``--fork-written`` MiB (a process keeps them) is forked into
+N children for each N of ``--forks`` (``--fork-repeat`` times): the time until every child has
+answered (the fork's call returns when each child's agent took its identity), against N fresh
+creates of the template started at once in the same run. Memory, 2 s after the children are up:
+the source's PSS before the fork, each child's PSS (its VMM process; shared pages are divided among
+the processes that map them) and the drop of the host's MemAvailable per child, each also without
+TCG's translated code (private to each QEMU process under TCG, absent under KVM). The issue's
+targets: a fork of 10 ready within 2 s, a child at most a quarter of its parent's memory.
+
+A table on stdout, JSON in benchmarks/results/. Every figure names the accelerator (TCG here:
+guest code is 10-50x slower than under KVM).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from _common import pct, run_cancellable  # benchmarks/ is on sys.path when run 
 
 from trenvx.config import Config, PoolConfig, load_config
 from trenvx.sandbox.manager import SandboxManager
+from trenvx.vmm.process import TCG_CODE, memory_parts_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1 << 20
@@ -122,6 +134,88 @@ async def measure_creates(m: SandboxManager, template: str, n: int) -> dict[str,
     return {"create_s": summary(times)}
 
 
+def mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def pss_of(sandboxes: list[Any]) -> tuple[float, float]:
+    """Mean PSS of the sandboxes' VMM processes, and the same without TCG's translated code (MiB)."""
+    parts = [memory_parts_of(sb.restored.vm.pid) for sb in sandboxes]
+    total = [sum(p.values()) for p in parts]
+    code = [p.get(TCG_CODE, 0) for p in parts]
+    n = max(1, len(parts))
+    return sum(total) / n / MiB, (sum(total) - sum(code)) / n / MiB
+
+
+SETTLE_S = 2.0
+"""Seconds the children (or fresh sandboxes) run idle before their memory is read."""
+
+
+async def measure_fork(m: SandboxManager, template: str, counts: list[int], repeat: int, written_mib: int,
+                       ) -> list[dict[str, Any]]:
+    """Fork a source N times per count, against N fresh creates at once; see the module's docstring."""
+    rows = []
+    src = await m.create(template, timeout_s=3600)
+    try:
+        if written_mib:
+            await src.run(filler(written_mib), user="root")
+            await wait_filled(src)
+        await asyncio.sleep(SETTLE_S)
+        src_pss, src_pss_no_code = pss_of([src])
+        for n in counts:
+            row: dict[str, Any] = {"children": n, "source_written_mib": written_mib,
+                                   "source_pss_mib": src_pss, "source_pss_no_tcg_code_mib": src_pss_no_code}
+            for kind in ("fork", "fresh"):
+                secs, pss, pss_nc, drops, failed = [], [], [], [], 0
+                for _ in range(repeat):
+                    avail0 = mem_available()
+                    t0 = time.perf_counter()
+                    if kind == "fork":
+                        out = await m.snapshots.fork(src.id, count=n, timeout_s=600)
+                    else:
+                        out = await asyncio.gather(*(m.create(template, timeout_s=600) for _ in range(n)),
+                                                   return_exceptions=True)
+                    secs.append(time.perf_counter() - t0)
+                    ok = [x for x in out if not isinstance(x, BaseException)]
+                    failed += n - len(ok)
+                    await asyncio.sleep(SETTLE_S)
+                    p, pnc = pss_of(ok)
+                    pss.append(p)
+                    pss_nc.append(pnc)
+                    drops.append((avail0 - mem_available()) / max(1, len(ok)) / MiB)
+                    await asyncio.gather(*(m.kill(sb.id) for sb in ok))
+                row[kind] = {"ready_s": summary(secs), "pss_mib": pct(pss, 50), "pss_no_tcg_code_mib": pct(pss_nc, 50),
+                             "memavailable_drop_mib": pct(drops, 50), "failed": failed}
+            rows.append(row)
+    finally:
+        await m.kill(src.id)
+    return rows
+
+
+def print_fork_table(rows: list[dict[str, Any]], accel: str) -> None:
+    if not rows:
+        return
+    r0 = rows[0]
+    print(f"\nfork vs fresh creates ({accel.upper()}): source wrote {r0['source_written_mib']} MiB, its PSS "
+          f"{r0['source_pss_mib']:.1f} MiB ({r0['source_pss_no_tcg_code_mib']:.1f} without TCG code)")
+    print(f"{'N':>4} {'how':>6} {'ready p50':>10} {'ready max':>10} {'PSS/child':>10} {'no TCG code':>12} "
+          f"{'/ source':>9} {'avail drop':>11} {'failed':>7}")
+    for r in rows:
+        for kind in ("fork", "fresh"):
+            k = r[kind]
+            ratio = k["pss_no_tcg_code_mib"] / r["source_pss_no_tcg_code_mib"]
+            k["pss_no_tcg_code_over_source"] = ratio
+            k["pss_over_source"] = k["pss_mib"] / r["source_pss_mib"]
+            print(f"{r['children']:>4} {kind:>6} {k['ready_s']['p50']:>9.2f}s {k['ready_s']['max']:>9.2f}s "
+                  f"{k['pss_mib']:>8.1f}Mi {k['pss_no_tcg_code_mib']:>10.1f}Mi {ratio:>9.2f} "
+                  f"{k['memavailable_drop_mib']:>9.1f}Mi {k['failed']:>7}")
+    print("targets: a fork of 10 ready within 2 s; a child at most 0.25 of its source's memory")
+
+
 def no_pools(cfg: Config, template: str) -> Config:
     pools = PoolConfig(templates=[template], warm_min=0, warm_max=0, hot_min=0, hot_max=0)
     return cfg.model_copy(update={"pool": pools})
@@ -134,6 +228,9 @@ async def main() -> int:
     ap.add_argument("--written", default="0,16,64", help="MiB of guest memory written before pausing")
     ap.add_argument("--repeat", type=int, default=5, help="pause/resume cycles per amount (default 5)")
     ap.add_argument("--creates", type=int, default=10, help="cold creates for the baseline (default 10)")
+    ap.add_argument("--forks", default="1,10,50", help="children per fork ('' for none)")
+    ap.add_argument("--fork-repeat", type=int, default=3, help="forks per count (default 3)")
+    ap.add_argument("--fork-written", type=int, default=16, help="MiB the fork's source wrote (default 16)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
 
@@ -148,6 +245,8 @@ async def main() -> int:
         for w in (int(x) for x in args.written.split(",") if x.strip()):
             rows.append(await measure_pauses(m, template, w, args.repeat))
         creates = await measure_creates(m, template, args.creates)
+        counts = [int(x) for x in args.forks.split(",") if x.strip()]
+        forks = await measure_fork(m, template, counts, args.fork_repeat, args.fork_written) if counts else []
 
     print(f"\npause to disk / resume: template {template} ({mem_mb} MiB guest), accelerator {accel.upper()}, "
           f"{os.cpu_count()} cores, {args.repeat} cycles each")
@@ -164,11 +263,12 @@ async def main() -> int:
     print(f"cold create (same run, no pools): p50 {c['p50'] * 1000:.0f} ms, p99 {c['p99'] * 1000:.0f} ms (n={c['n']})")
     worst = max(r["resume_s"]["p50"] for r in rows)
     print(f"resume p50 / cold create p50: {worst / c['p50']:.2f}x (target <= 2x)")
+    print_fork_table(forks, accel)
     print(E2B_PUBLISHED)
 
     out = {"benchmark": "pause_resume", "template": template, "mem_mb": mem_mb, "accelerator": accel,
            "host": platform.node(), "cores": os.cpu_count(), "repeat": args.repeat, "rows": rows,
-           "cold_create": creates, "e2b_published": E2B_PUBLISHED, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "cold_create": creates, "forks": forks, "e2b_published": E2B_PUBLISHED, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = Path(args.json) if args.json else RESULTS / f"pause-resume-{time.strftime('%Y%m%dT%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=str))
