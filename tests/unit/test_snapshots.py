@@ -302,6 +302,18 @@ async def test_fork_answers_one_entry_per_child(api) -> None:
     assert not fork_dir.exists() and not fork_dir.parent.exists()
 
 
+async def test_children_keep_the_sources_lifecycle_with_their_own_timeout(api) -> None:
+    src = await _create(api, autoPause=True, autoPauseMemory=False, autoResume={"enabled": True}, timeout=300)
+    r = await api.post(f"/sandboxes/{src['sandboxID']}/fork", json={"count": 2, "timeout": 90})
+    assert r.status_code == 201, r.text
+    for x in r.json():
+        kid = x["sandbox"]["sandboxID"]
+        lc = api.manager.get(kid).lifecycle
+        assert (lc.auto_pause, lc.auto_pause_memory, lc.auto_resume, lc.timeout_s) == (True, False, True, 90)
+        info = (await api.get(f"/sandboxes/{kid}")).json()
+        assert info["lifecycle"]["onTimeout"] == "pause" and info["lifecycle"]["autoResume"] is True
+
+
 async def test_children_that_cannot_start_are_errors_in_the_list(api) -> None:
     src = await _create(api)
     r = await api.post(f"/sandboxes/{src['sandboxID']}/fork", json={"count": 7})  # max_sandboxes = 6

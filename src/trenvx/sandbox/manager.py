@@ -136,6 +136,25 @@ def describe_end(reason: str, ended_at: float | None) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class SandboxOptions:
+    """What a create asks of a new sandbox besides its template (one value for :meth:`SandboxManager.create`,
+    a fork's children and the create path under them)."""
+
+    env_vars: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    timeout_s: float | None = None
+    """Seconds until its timeout (None: the orchestrator's default)."""
+    egress: EgressPolicy | None = None
+    """What it may reach outside (None: everything the operator does not block)."""
+    allow_public_traffic: bool = True
+    """False: its ports answer only requests carrying its ``traffic_access_token``."""
+    allow_internet_access: bool | None = None
+    mask_request_host: str | None = None
+    lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
+    """What its timeout does (default: kill it)."""
+
+
 @dataclass(eq=False)
 class Sandbox:
     """One running sandbox. ``agent`` talks to the guest agent with this sandbox's access token."""
@@ -183,6 +202,15 @@ class Sandbox:
     @property
     def id(self) -> str:
         return self.restored.sandbox_id
+
+    def options_for_copy(self, timeout_s: float) -> SandboxOptions:
+        """What a fork's child of this sandbox gets: its environment, metadata, network rules and
+        lifecycle (auto-pause and auto-resume), with its own timeout."""
+        return SandboxOptions(
+            env_vars=dict(self.env_vars), metadata=dict(self.metadata), timeout_s=timeout_s, egress=self.egress,
+            allow_public_traffic=self.allow_public_traffic, allow_internet_access=self.allow_internet_access,
+            mask_request_host=self.mask_request_host, lifecycle=self.lifecycle,
+        )
 
     @property
     def agent(self) -> AgentClient:
@@ -457,9 +485,10 @@ class SandboxManager:
     ) -> Sandbox:
         """Restore a new sandbox from the current build of ``template`` (default: the config's).
 
-        ``egress``: what it may reach outside (default: everything the operator does not block);
-        ``allow_public_traffic=False``: its ports answer only requests carrying its
-        ``traffic_access_token``; ``lifecycle``: what its timeout does (default: kill it).
+        The keywords are :class:`SandboxOptions`'s: ``egress``: what it may reach outside (default:
+        everything the operator does not block); ``allow_public_traffic=False``: its ports answer
+        only requests carrying its ``traffic_access_token``; ``lifecycle``: what its timeout does
+        (default: kill it).
 
         Raises :class:`TemplateNotFound`, :class:`InvalidTimeout`, :class:`LimitReached`,
         :class:`OutOfMemory`, :class:`ManagerClosed`, :class:`PauseUnsupported` (an auto-pause its
@@ -471,62 +500,44 @@ class SandboxManager:
             raise ManagerClosed("the sandbox manager is shutting down; no new sandboxes")
         await self.start()
         name = template or self.config.default_template
-        timeout = check_timeout(
-            self.config.orchestrator.default_timeout_s if timeout_s is None else timeout_s,
-            self.config.orchestrator.max_timeout_s,
-        )
-        build = self.templates.current(name)
-        self.restorer.check_network(build)  # TemplateNetworkMismatch: a clear refusal, before any work
-        if lifecycle is not None and lifecycle.auto_pause:
-            self.suspender.check_supported(build)  # PauseUnsupported: refused before any work too
-        if egress is not None:
-            self._check_enforceable(egress)
-        return await self.create_from_build(
-            build, name, env_vars=env_vars, metadata=metadata, timeout_s=timeout, egress=egress,
+        options = SandboxOptions(
+            env_vars=dict(env_vars or {}), metadata=dict(metadata or {}), timeout_s=timeout_s, egress=egress,
             allow_public_traffic=allow_public_traffic, allow_internet_access=allow_internet_access,
-            mask_request_host=mask_request_host, lifecycle=lifecycle,
+            mask_request_host=mask_request_host, lifecycle=lifecycle or LifecyclePolicy(),
         )
+        self._check_timeout(options)
+        build = self.templates.current(name)
+        return await self.create_from_build(build, name, options)
 
-    async def create_from_build(
-        self,
-        build: TemplateBuild,
-        template: str,
-        *,
-        env_vars: dict[str, str] | None = None,
-        metadata: dict[str, str] | None = None,
-        timeout_s: float | None = None,
-        egress: EgressPolicy | None = None,
-        allow_public_traffic: bool = True,
-        allow_internet_access: bool | None = None,
-        mask_request_host: str | None = None,
-        lifecycle: LifecyclePolicy | None = None,
-    ) -> Sandbox:
-        """:meth:`create` from ``build`` (a fork's snapshot), reported as a sandbox of ``template``."""
+    def _check_timeout(self, options: SandboxOptions) -> float:
+        orch = self.config.orchestrator
+        return check_timeout(orch.default_timeout_s if options.timeout_s is None else options.timeout_s,
+                             orch.max_timeout_s)
+
+    async def create_from_build(self, build: TemplateBuild, template: str, options: SandboxOptions) -> Sandbox:
+        """:meth:`create` from ``build`` (a template's current build, or a fork's snapshot), reported
+        as a sandbox of ``template``. Refusals (timeout, network mode, an auto-pause the VMM cannot
+        do, egress rules the network cannot enforce) come before any work."""
         if self._closed:
             raise ManagerClosed("the sandbox manager is shutting down; no new sandboxes")
         await self.start()
-        timeout = check_timeout(
-            self.config.orchestrator.default_timeout_s if timeout_s is None else timeout_s,
-            self.config.orchestrator.max_timeout_s,
-        )
-        self.restorer.check_network(build)
-        if egress is not None:
-            self._check_enforceable(egress)
+        timeout = self._check_timeout(options)
+        self.restorer.check_network(build)  # TemplateNetworkMismatch
+        if options.lifecycle.auto_pause:
+            self.suspender.check_supported(build)  # PauseUnsupported
+        if options.egress is not None:
+            self._check_enforceable(options.egress)
         task = asyncio.get_running_loop().create_task(
-            self._create(build, template, dict(env_vars or {}), dict(metadata or {}), timeout,
-                         egress or DEFAULT_POLICY, allow_public_traffic, allow_internet_access, mask_request_host,
-                         lifecycle or LifecyclePolicy())
+            self._create(build, template, dataclasses.replace(options, timeout_s=timeout))
         )
         self._creating.add(task)
         task.add_done_callback(self._creating.discard)
         return await asyncio.shield(task)
 
-    async def _create(
-        self, build: TemplateBuild, name: str, env_vars: dict[str, str], metadata: dict[str, str], timeout: float,
-        egress: EgressPolicy = DEFAULT_POLICY, allow_public_traffic: bool = True,
-        allow_internet_access: bool | None = None, mask_request_host: str | None = None,
-        lifecycle: LifecyclePolicy = LifecyclePolicy(),
-    ) -> Sandbox:
+    async def _create(self, build: TemplateBuild, name: str, options: SandboxOptions) -> Sandbox:
+        """The create itself (``options.timeout_s`` checked and set)."""
+        assert options.timeout_s is not None
+        timeout, egress = options.timeout_s, options.egress or DEFAULT_POLICY
         t0 = time.perf_counter()
         source = "cold"
         try:
@@ -540,20 +551,20 @@ class SandboxManager:
             pass  # refused below, with its event recorded
         try:
             with self.admission.starting(name, build.machine.mem_mb):
-                restored = await self._restore(build, name, env_vars, egress)
+                restored = await self._restore(build, name, options.env_vars, egress)
                 source = restored.source
         except BaseException as e:
             self._observe(CreateEvent(name, source, {}, time.perf_counter() - t0, type(e).__name__))
             raise
         now = time.time()
         sb = Sandbox(
-            restored, template=name, created_at=now, metadata=metadata, env_vars=env_vars,
+            restored, template=name, created_at=now, metadata=dict(options.metadata), env_vars=dict(options.env_vars),
             end_at=deadline_after(timeout, now),
             pid_started_at=adopt.process_started_at(restored.vm.pid) or time.time(),
-            egress=egress, allow_public_traffic=allow_public_traffic,
-            traffic_access_token="" if allow_public_traffic else secrets.token_urlsafe(24),
-            allow_internet_access=allow_internet_access, mask_request_host=mask_request_host,
-            lifecycle=dataclasses.replace(lifecycle, timeout_s=timeout),  # what an auto-paused one resumes with
+            egress=egress, allow_public_traffic=options.allow_public_traffic,
+            traffic_access_token="" if options.allow_public_traffic else secrets.token_urlsafe(24),
+            allow_internet_access=options.allow_internet_access, mask_request_host=options.mask_request_host,
+            lifecycle=dataclasses.replace(options.lifecycle, timeout_s=timeout),  # what an auto-paused one resumes with
         )
         write_network_state(sb.restored.workdir, sb.network_state())
         self._register(sb)

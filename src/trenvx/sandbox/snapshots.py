@@ -374,7 +374,7 @@ class Snapshots:
     async def fork(self, sandbox_id: str, *, count: int = 1, timeout_s: float | None = None) -> list["Sandbox | Exception"]:
         """Snapshot the running sandbox once and start ``count`` sandboxes from it; one entry per
         child, each a sandbox or the exception that kept it from starting. The children inherit the
-        source's template name, metadata, environment and network rules; each has its own identity.
+        source's template name, metadata, environment, network rules and lifecycle; each has its own identity.
 
         Raises (nothing started): :class:`InvalidSnapshotRequest` (count), ``InvalidTimeout``,
         :class:`SandboxNotFound`, :class:`SandboxConflict` (paused), :class:`SnapshotUnsupported`,
@@ -399,11 +399,7 @@ class Snapshots:
 
             async def child() -> "Sandbox":
                 async with sem:
-                    return await self.manager.create_from_build(
-                        build, template, env_vars=dict(sb.env_vars), metadata=dict(sb.metadata), timeout_s=timeout,
-                        egress=sb.egress, allow_public_traffic=sb.allow_public_traffic,
-                        allow_internet_access=sb.allow_internet_access, mask_request_host=sb.mask_request_host,
-                    )
+                    return await self.manager.create_from_build(build, template, sb.options_for_copy(timeout))
 
             results = await asyncio.gather(*(child() for _ in range(count)), return_exceptions=True)
         finally:
