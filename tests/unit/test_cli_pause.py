@@ -56,6 +56,24 @@ def test_pause_ls_info_resume(server) -> None:
     assert server.manager.suspender.calls[-1] == ("resume", sid, False)
 
 
+def test_create_with_a_lifecycle(server) -> None:
+    code, out = cli(server, "sandbox", "create", "-t", "tpl", "--on-timeout", "pause", "--auto-resume")
+    assert code == 0, out
+    lc = server.manager.get(out.strip()).lifecycle
+    assert (lc.auto_pause, lc.auto_pause_memory, lc.auto_resume) == (True, True, True)
+    code, out = cli(server, "sandbox", "info", out.strip())
+    assert "on timeout" in out and "pause, traffic resumes it" in out, out
+    code, out = cli(server, "sandbox", "create", "-t", "tpl", "--on-timeout", "pause-filesystem")
+    lc = server.manager.get(out.strip()).lifecycle
+    assert code == 0 and (lc.auto_pause, lc.auto_pause_memory, lc.auto_resume) == (True, False, False)
+    code, out = cli(server, "sandbox", "info", out.strip())
+    assert "pause (filesystem only)" in out, out
+    code, out = cli(server, "sandbox", "create", "-t", "tpl")
+    assert code == 0 and not server.manager.get(out.strip()).lifecycle.auto_pause
+    code, out = cli(server, "sandbox", "create", "-t", "tpl", "--on-timeout", "sleep")
+    assert code == 2 and "'sleep'" in out and "pause-filesystem" in out, out
+
+
 def test_unknown_sandbox(server) -> None:
     for cmd in ("pause", "resume"):
         code, out = cli(server, "sandbox", cmd, "nosuchsandbox")

@@ -203,6 +203,14 @@ def _egress_fields(allow_out: list[str], deny_out: list[str], dns: list[str]) ->
     return out
 
 
+ON_TIMEOUT: dict[str, dict[str, bool]] = {
+    "kill": {},
+    "pause": {"autoPause": True},
+    "pause-filesystem": {"autoPause": True, "autoPauseMemory": False},
+}
+"""``--on-timeout`` as E2B's create fields (its SDK's ``lifecycle={"on_timeout": ...}``)."""
+
+
 @sandbox_app.command("create")
 def create(
     template: Optional[str] = typer.Option(None, "--template", "-t", help="template name (default: the server's)"),
@@ -215,10 +223,16 @@ def create(
     dns_server: list[str] = DnsServerOpt,
     no_public_traffic: bool = typer.Option(False, "--no-public-traffic", help="its ports answer only requests "
                                            "carrying its traffic access token (header e2b-traffic-access-token)"),
+    on_timeout: str = typer.Option("kill", "--on-timeout", help="what its timeout does: kill, pause (to disk, "
+                                   "with its memory and processes) or pause-filesystem (only its files are kept)"),
+    auto_resume: bool = typer.Option(False, "--auto-resume", help="traffic to its ports through the backend "
+                                     "resumes it when paused"),
     ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
     as_json: Optional[bool] = JsonOpt,
 ) -> None:
     """Create a sandbox and print its id (egress: open unless --no-internet / --deny-out say otherwise)."""
+    if on_timeout not in ON_TIMEOUT:
+        raise typer.BadParameter(f"{on_timeout!r}: use one of {', '.join(ON_TIMEOUT)}", param_hint="--on-timeout")
     t = _merge(ip, port, api_key, as_json)
     body: dict[str, Any] = {"templateID": template or "base"}
     if timeout is not None:
@@ -234,6 +248,9 @@ def create(
         network["allowPublicTraffic"] = False
     if network:
         body["network"] = network
+    body.update(ON_TIMEOUT[on_timeout])
+    if auto_resume:
+        body["autoResume"] = {"enabled": True}
     r = Api(t).call("POST", "/sandboxes", json=body)
     data = r.json()
     if t.as_json:
@@ -403,6 +420,12 @@ def info(sandbox_id: str, ip: Optional[str] = IpOpt, port: Optional[int] = PortO
     if pause:
         rows.append(("paused", f"{pause['kind']} since {pause['pausedAt']}, {_fmt_bytes(pause['storedBytes'])} stored "
                                f"({pause['ramPages']} pages of RAM), paused in {pause['pauseSeconds']:.1f} s"))
+    lc = d.get("lifecycle") or {}
+    if lc:
+        on_timeout = lc.get("onTimeout", "kill")
+        if on_timeout == "pause" and lc.get("autoPauseMemory") is False:
+            on_timeout = "pause (filesystem only)"
+        rows.append(("on timeout", on_timeout + (", traffic resumes it" if lc.get("autoResume") else "")))
     if d.get("envdUnresponsiveAtPause"):
         rows.append(("resumes", "only with --reboot: its agent did not answer when it was paused"))
     if d.get("metadata"):
