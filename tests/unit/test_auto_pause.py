@@ -82,10 +82,13 @@ def test_policy_reads_old_and_newer_records() -> None:
 # -- the reaper: pause, not kill ------------------------------------------------------------------
 
 async def test_a_timeout_pauses_a_sandbox_whose_lifecycle_says_so_and_kills_the_others(manager) -> None:
+    events = []
+    manager.suspend_observers.append(events.append)
     paused = await manager.create("tpl", timeout_s=1, lifecycle=PAUSE)
     killed = await manager.create("tpl", timeout_s=1)
     pid, workdir = paused.pid, paused.restored.workdir
     assert await until(lambda: paused.paused and killed.ending)
+    assert [(e.op, e.reason, e.outcome) for e in events] == [("pause", "timeout", "ok")], "the metrics tell auto-pauses"
     assert pid_gone(pid) and workdir.is_dir() and paused.id in {s.id for s in manager.list()}
     assert paused.pause_info.reason == "timeout" and paused.pause_info.kind == "memory"
     assert paused.pause_info.timeout_left == 1.0, "an auto-paused sandbox gets its create's timeout again"
@@ -206,6 +209,8 @@ def test_the_retention_default_is_a_week() -> None:
 # -- wake (auto-resume) ---------------------------------------------------------------------------
 
 async def test_wake_resumes_once_for_many_waiters_and_only_with_auto_resume(manager) -> None:
+    events = []
+    manager.suspend_observers.append(events.append)
     sb = await manager.create("tpl", timeout_s=300, lifecycle=PAUSE_AND_RESUME)
     plain = await manager.create("tpl", lifecycle=PAUSE)
     manager.set_timeout(sb.id, 2)  # paused with a moment left ...
@@ -228,6 +233,7 @@ async def test_wake_resumes_once_for_many_waiters_and_only_with_auto_resume(mana
     assert all(r is sb for r in results) and not sb.paused
     assert sb.timeout_left > 250, "... woken, it runs for its create's timeout, as E2B's auto-resume"
     assert calls(manager, "resume") == [("resume", sb.id, True)]
+    assert [(e.op, e.reason) for e in events if e.op == "resume"] == [("resume", "traffic")]
     assert await manager.wake(sb.id) is sb  # running: nothing to do
     with pytest.raises(SandboxConflict, match="not created with auto-resume"):
         await manager.wake(plain.id)

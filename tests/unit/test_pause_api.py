@@ -152,11 +152,11 @@ async def test_listing_and_metrics(api) -> None:
     text = (await api.get("/metrics")).text
     assert 'trenvx_sandboxes_paused{template="tpl"} 1.0' in text
     assert 'trenvx_sandboxes_running{template="tpl"} 1.0' in text
-    assert 'trenvx_pauses_total{kind="memory",outcome="ok",template="tpl"} 1.0' in text
+    assert 'trenvx_pauses_total{kind="memory",outcome="ok",reason="requested",template="tpl"} 1.0' in text
     assert 'trenvx_paused_stored_bytes{template="tpl"} 110.0' in text
     assert (await api.post(f"/sandboxes/{a}/connect")).status_code == 201
     text = (await api.get("/metrics")).text
-    assert 'trenvx_resumes_total{kind="memory",outcome="ok",template="tpl"} 1.0' in text
+    assert 'trenvx_resumes_total{kind="memory",outcome="ok",reason="requested",template="tpl"} 1.0' in text
     assert 'trenvx_pause_stored_bytes_total{template="tpl"} 110.0' in text
 
 

@@ -327,6 +327,9 @@ class SuspendEvent:
     outcome: str
     """``ok``, or the exception's class name."""
     stored_bytes: int = 0
+    reason: str = "requested"
+    """Why: ``requested`` (the API), a pause's ``timeout`` (its lifecycle's auto-pause), a resume's
+    ``traffic`` (auto-resume)."""
 
 
 class SandboxManager:
@@ -811,19 +814,22 @@ class SandboxManager:
                                                         timeout_left=timeout_left)
         except BaseException as e:
             self._watch_vm(sb)
-            self._observe_suspend(SuspendEvent("pause", sb.template, kind, time.perf_counter() - t0, type(e).__name__))
+            self._observe_suspend(SuspendEvent("pause", sb.template, kind, time.perf_counter() - t0, type(e).__name__,
+                                              reason=reason))
             raise
         info.reason = reason
         sb.restored, sb.pause_info, sb.paused = restored, info, True
         self.admission.remove_running(sb.template)
         if self.store is not None:
             self.store.put(sb.record())
-        self._observe_suspend(SuspendEvent("pause", sb.template, kind, info.seconds, "ok", info.stored_bytes))
+        self._observe_suspend(SuspendEvent("pause", sb.template, kind, info.seconds, "ok", info.stored_bytes, reason))
 
-    async def resume(self, sandbox_id: str, *, timeout_s: float | None = None, memory: bool = True) -> Sandbox:
+    async def resume(self, sandbox_id: str, *, timeout_s: float | None = None, memory: bool = True,
+                     reason: str = "requested") -> Sandbox:
         """Bring a paused sandbox back (same id, token, files; with its memory, its processes;
         ``memory=False``: booted from its disk). Its timeout runs again from what was left of it,
-        extended to ``timeout_s`` from now if that is later. 409 if it is running."""
+        extended to ``timeout_s`` from now if that is later. 409 if it is running. ``reason``: for
+        the metrics (``traffic``: an auto-resume)."""
         sb = self.get(sandbox_id)
         seconds = None if timeout_s is None else check_timeout(timeout_s, self.config.orchestrator.max_timeout_s)
         async with sb._state_lock:
@@ -847,7 +853,8 @@ class SandboxManager:
                         sb.restored, info, memory=memory, egress=sb.egress, env_vars=sb.env_vars,
                         kill_with_owner=not self.keep)
             except BaseException as e:
-                self._observe_suspend(SuspendEvent("resume", sb.template, kind, time.perf_counter() - t0, type(e).__name__))
+                self._observe_suspend(SuspendEvent("resume", sb.template, kind, time.perf_counter() - t0, type(e).__name__,
+                                                  reason=reason))
                 raise
             now = time.time()
             left = info.timeout_left
@@ -860,7 +867,7 @@ class SandboxManager:
             if self.store is not None:
                 self.store.put(sb.record())
             self._watch_vm(sb)
-            self._observe_suspend(SuspendEvent("resume", sb.template, kind, time.perf_counter() - t0, "ok"))
+            self._observe_suspend(SuspendEvent("resume", sb.template, kind, time.perf_counter() - t0, "ok", reason=reason))
             if self._closed:  # the manager closed while it resumed: it would outlive the server
                 sb.ending = True
                 await asyncio.shield(self._start_finish(sb, "shutdown"))
@@ -911,7 +918,8 @@ class SandboxManager:
         sandbox paused with a moment left does not end again at once."""
         log.info("sandbox %s: auto-resume for traffic that reached it", sandbox_id)
         try:
-            return await self.resume(sandbox_id, timeout_s=self.get(sandbox_id).lifecycle.timeout_s or None)
+            return await self.resume(sandbox_id, timeout_s=self.get(sandbox_id).lifecycle.timeout_s or None,
+                                     reason="traffic")
         except SandboxConflict:  # resumed by someone else meanwhile
             return self.get(sandbox_id)
 

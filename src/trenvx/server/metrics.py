@@ -10,8 +10,9 @@ scrape time. Every series is labelled with the template; create series also with
 - ``trenvx_create_stage_seconds{stage,source}``: disk, spawn, load, resume, init (histogram)
 - ``trenvx_sandboxes_running{template}``, ``trenvx_sandboxes_paused{template}``
 - ``trenvx_paused_stored_bytes{template}``: bytes the paused sandboxes' memory takes on disk now
-- ``trenvx_pauses_total{template,kind,outcome}``, ``trenvx_resumes_total{template,kind,outcome}``
-  (kind: memory / filesystem; a resume: memory / boot), ``trenvx_pause_seconds{kind}``,
+- ``trenvx_pauses_total{template,kind,reason,outcome}``, ``trenvx_resumes_total{template,kind,reason,outcome}``
+  (kind: memory / filesystem; a resume: memory / boot; reason: requested, a pause's timeout (auto-pause),
+  a resume's traffic (auto-resume)), ``trenvx_pause_seconds{kind}``,
   ``trenvx_resume_seconds{kind}`` (histograms), ``trenvx_pause_stored_bytes_total{template}``
 - ``trenvx_pool_ready{template,tier}``, ``trenvx_pool_target{template,tier}``
 - ``trenvx_pool_takes_total{template,result}``: hot, warm or miss
@@ -92,10 +93,10 @@ class ServerMetrics:
                                         ["template", "source"], buckets=BUCKETS, registry=self.registry)
         self.stage_seconds = Histogram("trenvx_create_stage_seconds", "Seconds per stage on the create path.",
                                        ["stage", "source"], buckets=BUCKETS, registry=self.registry)
-        self.pauses = Counter("trenvx_pauses", "Pauses to disk, by kind and how they ended.",
-                              ["template", "kind", "outcome"], registry=self.registry)
-        self.resumes = Counter("trenvx_resumes", "Resumes of paused sandboxes, by kind and how they ended.",
-                               ["template", "kind", "outcome"], registry=self.registry)
+        self.pauses = Counter("trenvx_pauses", "Pauses to disk, by kind, why (requested or timeout) and how they "
+                              "ended.", ["template", "kind", "reason", "outcome"], registry=self.registry)
+        self.resumes = Counter("trenvx_resumes", "Resumes of paused sandboxes, by kind, why (requested or traffic) "
+                               "and how they ended.", ["template", "kind", "reason", "outcome"], registry=self.registry)
         self.pause_seconds = Histogram("trenvx_pause_seconds", "Pause to disk, in seconds.", ["kind"],
                                        buckets=BUCKETS, registry=self.registry)
         self.resume_seconds = Histogram("trenvx_resume_seconds", "Resume -> agent answered, in seconds.", ["kind"],
@@ -116,7 +117,7 @@ class ServerMetrics:
 
     def observe_suspend(self, event: SuspendEvent) -> None:
         counter, seconds = (self.pauses, self.pause_seconds) if event.op == "pause" else (self.resumes, self.resume_seconds)
-        counter.labels(event.template, event.kind, event.outcome).inc()
+        counter.labels(event.template, event.kind, event.reason, event.outcome).inc()
         if event.outcome != "ok":
             return
         seconds.labels(event.kind).observe(event.seconds)
