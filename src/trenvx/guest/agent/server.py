@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import socket
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -313,18 +315,68 @@ class _Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
 
+IDLE_WORKERS = 4
+"""Connection threads kept waiting for the next connection (started with the agent, so they are
+in the template's snapshot). Under TCG a new thread is expensive the first time in each VM: QEMU
+translates the guest's clone and CPython's thread start anew in every restored sandbox (~9,000
+blocks, ~100 ms); handing a connection to a waiting thread is a lock release."""
+
+
 class AgentHTTPServer(ThreadingHTTPServer):
-    """The listening server; one daemon thread per connection."""
+    """The listening server: each connection gets a thread of its own, a waiting one when there is
+    one (up to IDLE_WORKERS wait between connections), else a new one."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 256
 
-    def __init__(self, address: tuple[str, int], agent: Agent) -> None:
+    def __init__(self, address: tuple[str, int], agent: Agent, idle_workers: int = IDLE_WORKERS) -> None:
         self.agent = agent
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+        self.start_workers(idle_workers)
+
+    def start_workers(self, idle_workers: int) -> None:
+        """Start the waiting connection threads (a subclass that skips __init__ calls it)."""
+        self._handoff: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
+        self._waiting = 0
+        self._max_idle = idle_workers
+        self._workers_lock = threading.Lock()
+        self._closing = False
+        for _ in range(idle_workers):
+            with self._workers_lock:
+                self._waiting += 1
+            threading.Thread(target=self._work, args=(None,), daemon=True, name="agent-conn").start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._workers_lock:
+            if self._waiting > 0:
+                self._waiting -= 1
+                self._handoff.put((request, client_address))
+                return
+        threading.Thread(target=self._work, args=((request, client_address),), daemon=True,
+                         name="agent-conn").start()
+
+    def _work(self, first: tuple[Any, Any] | None) -> None:
+        """Serve ``first`` (or wait for a connection, counted as waiting), then wait for the next
+        while fewer than the idle bound wait."""
+        item = first if first is not None else self._handoff.get()
+        while item is not None:
+            self.process_request_thread(*item)
+            with self._workers_lock:
+                if self._closing or self._waiting >= self._max_idle:
+                    return
+                self._waiting += 1
+            item = self._handoff.get()
+
+    def server_close(self) -> None:
+        with self._workers_lock:
+            self._closing = True
+            waiting, self._waiting = self._waiting, 0
+        for _ in range(waiting):
+            self._handoff.put(None)
+        super().server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]

@@ -15,7 +15,7 @@ import socketserver
 import threading
 from typing import Any
 
-from .server import Agent, AgentHTTPServer, _Handler
+from .server import IDLE_WORKERS, Agent, AgentHTTPServer, _Handler
 
 log = logging.getLogger("trenvx_agent.vsock")
 
@@ -33,6 +33,7 @@ class AgentVsockServer(AgentHTTPServer):
         self.agent = agent
         cid_any = getattr(socket, "VMADDR_CID_ANY", 0xFFFFFFFF)
         socketserver.TCPServer.__init__(self, (cid_any, port), _VsockHandler)
+        self.start_workers(IDLE_WORKERS)
 
     def server_bind(self) -> None:  # HTTPServer's would resolve the CID as a host name
         socketserver.TCPServer.server_bind(self)
