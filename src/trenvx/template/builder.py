@@ -52,7 +52,7 @@ from ..vmm.qemu import GUEST_DNS, GUEST_NET, PMEM_ALIGN
 from ..build_errors import BuildError
 from .image import make_empty_ext4, make_ext4_image, pad_to
 from .accounts import Account, find_account
-from .inject import check_python, inject_guest_files
+from .inject import check_python, init_script, inject_guest_files
 from .tree import in_tree
 from .rootfs import prepared_rootfs, rootfs_input_digest
 from .store import MEMORY, ROOTFS, UPPER, MachineRecord, TemplateBuild, TemplateManifest, TemplateStore
@@ -96,9 +96,11 @@ def _digest(obj: Any) -> str:
 
 
 def agent_digest() -> str:
+    """The guest files trenvx injects: the agent's sources and the guest's init script."""
     h = hashlib.sha256()
     for p in sorted(AGENT_SRC.glob("*.py")):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
+    h.update(b"init\0" + init_script().encode())
     return h.hexdigest()
 
 

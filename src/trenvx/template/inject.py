@@ -53,6 +53,16 @@ ln -sfn /proc/self/fd/1 /dev/stdout
 ln -sfn /proc/self/fd/2 /dev/stderr
 [ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
 [ -s /etc/hostname ] && cat /etc/hostname > /proc/sys/kernel/hostname 2>/dev/null
+# The sandbox's identity files live in memory, bind-mounted over /etc as a container's are: the
+# agent's /init rewrites them in every restored sandbox, and a first write through overlayfs and
+# ext4 (a copy-up) cost every restore ~100 ms of translation under TCG. They are in the VM's
+# memory, so pauses, forks and snapshots keep them; /init writes them again after a boot from disk.
+mkdir -p /run/trenvx/etc
+for f in hostname hosts machine-id; do
+	[ -e /etc/$f ] || : > /etc/$f
+	cat /etc/$f > /run/trenvx/etc/$f 2>/dev/null
+	mount -o bind /run/trenvx/etc/$f /etc/$f 2>/dev/null
+done
 
 # trenvx.dns=IP[,IP...] on the kernel command line: the resolver the sandbox network offers.
 for a in $(cat /proc/cmdline); do

@@ -127,25 +127,29 @@ class SystemIdentity:
             err = ctypes.get_errno()
             raise OSError(err, f"clock_settime: {os.strerror(err)}")
 
+    # Files are read and written as bytes: a text file's codec lookup imports modules in the guest,
+    # which each restored sandbox would pay for (translated anew under TCG) on its /init.
+
     def set_hostname(self, hostname: str) -> None:
         socket.sethostname(hostname)
-        with open(os.path.join(self.etc, "hostname"), "w", encoding="utf-8") as f:
-            f.write(hostname + "\n")
+        name = hostname.encode("ascii")  # validated by the caller: letters, digits, '-' and '.'
+        with open(os.path.join(self.etc, "hostname"), "wb") as f:
+            f.write(name + b"\n")
         hosts_path = os.path.join(self.etc, "hosts")
         try:
-            with open(hosts_path, encoding="utf-8") as f:
+            with open(hosts_path, "rb") as f:
                 lines = f.read().splitlines()
         except FileNotFoundError:
-            lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-        lines = [line for line in lines if not line.split() or line.split()[0] != "127.0.1.1"]
-        lines.append(f"127.0.1.1\t{hostname}")
-        # Rewrite in place: /etc/hosts may be a bind mount that cannot be renamed over.
-        with open(hosts_path, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+            lines = [b"127.0.0.1\tlocalhost", b"::1\tlocalhost ip6-localhost ip6-loopback"]
+        lines = [line for line in lines if not line.split() or line.split()[0] != b"127.0.1.1"]
+        lines.append(b"127.0.1.1\t" + name)
+        # Rewrite in place: /etc/hosts is a bind mount (the guest's init) that cannot be renamed over.
+        with open(hosts_path, "wb") as f:
+            f.write(b"\n".join(lines) + b"\n")
 
     def write_machine_id(self, machine_id: str) -> None:
-        with open(os.path.join(self.etc, "machine-id"), "w", encoding="ascii") as f:
-            f.write(machine_id + "\n")
+        with open(os.path.join(self.etc, "machine-id"), "wb") as f:
+            f.write(machine_id.encode("ascii") + b"\n")
 
     def seed_rng(self, entropy: bytes) -> None:
         """Mix ``entropy`` into the kernel pool (credited), then force a CRNG reseed."""
@@ -219,6 +223,6 @@ class InitApi:
         if pbjson.has(body, "accessToken"):
             self.state.set_token(pbjson.get_str(body, "accessToken") or None)
         self.last_warnings = [w for w in warnings if w]
-        log.info("init: sandbox %s, hostname %s, %d env vars, token %s",
+        log.debug("init: sandbox %s, hostname %s, %d env vars, token %s",
                  sandbox_id or "-", hostname or "-", len(env_vars), "set" if self.state.has_token else "none")
         return self.last_warnings

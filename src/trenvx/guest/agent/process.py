@@ -260,7 +260,7 @@ class ManagedProcess:
             pass
         self._pump_thread.join()
         end = _end_event(returncode)
-        log.info("process %d (%s) ended: %s", self.pid, self.spec.cmd, end.status)
+        log.debug("process %d (%s) ended: %s", self.pid, self.spec.cmd, end.status)
         for callback in self._on_end:
             try:
                 callback()
@@ -500,7 +500,7 @@ class ProcessService:
         sub = proc.subscribe()
         self.table.add(proc)
         proc.run()
-        log.info("started process %d as %s: %s %s", proc.pid, spec.user.name, spec.cmd, spec.args)
+        log.debug("started process %d as %s: %s %s", proc.pid, spec.user.name, spec.cmd, spec.args)
         return proc, sub
 
     def start(self, ctx: RpcContext, req: dict[str, Any], stream: ServerStream) -> None:
