@@ -308,6 +308,7 @@ def test_configured_templates_are_not_the_apis(tmp_path: Path) -> None:
         rec = svc.request("api-made", cpu_count=1, memory_mb=128)
         assert rec.status == "waiting" and rec.machine["mem_mb"] == 128 and svc.owned("api-made")
         assert svc.knows("api-made") and svc.get("api-made", rec.build_id) is rec
+        assert not svc.data_root.template_dir("api-made").exists(), "a request alone leaves nothing on disk"
         with pytest.raises(InvalidRequest, match="memoryMB"):
             svc.request("api-made", memory_mb=10)
         # What cannot be built fails the build at once, with the reason (the SDK raises it).
@@ -341,3 +342,20 @@ def test_build_request_sizes_are_json_integers_within_bounds() -> None:
             Req(name="t", **bad)
     schema = Req.model_json_schema()["properties"]["memoryMB"]["anyOf"][0]
     assert schema["minimum"] == 64 and "ge" not in schema
+
+
+def test_a_failed_api_build_gives_its_name_back(tmp_path: Path) -> None:
+    """A build that failed and left no build on disk: its marker and directory go; a name with a
+    build on disk keeps them."""
+    svc = BuildService(Config(data_root=tmp_path))
+    svc._mark("failed-once")
+    d = svc.data_root.template_dir("failed-once")
+    assert (d / ".build-api").is_file()
+    svc._unmark_if_unbuilt("failed-once")
+    assert not d.exists()
+    svc._mark("built")
+    build = svc.data_root.template_dir("built") / "20260101T000000-abcd"
+    build.mkdir()
+    (build / "manifest.json").write_text("{}")
+    svc._unmark_if_unbuilt("built")
+    assert (svc.data_root.template_dir("built") / ".build-api").is_file()

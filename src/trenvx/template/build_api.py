@@ -181,8 +181,28 @@ class BuildService:
     # -- names
 
     def owned(self, name: str) -> bool:
-        """The template was made through this API (its name is the API's to build again)."""
-        return (self.data_root.template_dir(name) / MARKER).is_file()
+        """The template was made through this API (its name is the API's to build again), or a
+        build of it was requested here."""
+        return (self.data_root.template_dir(name) / MARKER).is_file() or any(
+            r.template == name for r in self._records.values())
+
+    def _mark(self, name: str) -> None:
+        """The name becomes the API's on disk when a build of it starts (not when it is requested:
+        a request never started left a directory behind for good)."""
+        marker = self.data_root.template_dir(name) / MARKER
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
+    def _unmark_if_unbuilt(self, name: str) -> None:
+        """After a failed build: a name with no build on disk and no other build under way is
+        nobody's again, and its directory goes (if the build left nothing else in it)."""
+        if self.store.builds(name) or any(
+                r.template == name and r.status in ("waiting", "building") and r.started for r in self._records.values()):
+            return
+        d = self.data_root.template_dir(name)
+        with contextlib.suppress(OSError):
+            (d / MARKER).unlink()
+            d.rmdir()
 
     def knows(self, name: str) -> bool:
         """A template of that name exists, or has a build requested through the API."""
@@ -232,9 +252,6 @@ class BuildService:
         template = split_name(name, tags)
         self._check_name_free(template)
         machine = self.machine(cpu_count, memory_mb, min_free_disk_mb)
-        marker = self.data_root.template_dir(template) / MARKER
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
         rec = BuildRecord(build_id=str(uuid.uuid4()), template=template, machine=machine, created_at=_now())
         rec.add(f"build {rec.build_id} of template {template!r} requested "
                 f"({machine.get('vcpu')} vCPU, {machine.get('mem_mb')} MiB)")
@@ -282,6 +299,7 @@ class BuildService:
         if plan.final_user.split(":")[0] not in ("root", "user"):
             rec.add(f"the template's sandboxes will run as 'user': an account made by a build step "
                     f"({plan.final_user!r}) cannot be their default user yet", "warn")
+        self._mark(template)
         rec.task = asyncio.get_running_loop().create_task(self._run(rec, plan, tpl), name=f"build-{template}")
         return rec
 
@@ -327,6 +345,8 @@ class BuildService:
                 self._fail(rec, f"{type(e).__name__}: {e}", None)
         finally:
             rec.finished_at = _now()
+            if rec.status == "error":
+                self._unmark_if_unbuilt(rec.template)
 
     def _refuse(self, rec: BuildRecord, message: str, step: str | None = None) -> None:
         self._fail(rec, f"this build cannot run here: {message}", step)
