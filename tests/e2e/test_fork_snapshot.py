@@ -158,8 +158,9 @@ def test_fork_children_have_files_and_memory_diverge_and_own_identity(e2b_env, t
         # the fork's snapshot is on disk while its children run, and listed nowhere
         fork_dirs = snapshot_dirs(e2e_config) - dirs_before
         assert len(fork_dirs) == 1
-        assert all(s.snapshot_id.split(":")[0] not in next(iter(fork_dirs))
-                   for s in Sandbox.list_snapshots().next_items())
+        fork_name = Path(next(iter(fork_dirs))).parent.name  # templates/<name>/<build>
+        assert fork_name.startswith(".fork-")
+        assert all(s.snapshot_id.split(":")[0] != fork_name for s in Sandbox.list_snapshots().next_items())
         with httpx.Client(base_url=e2b_env.url, headers={"X-API-Key": API_KEY}) as h:
             metrics = h.get("/metrics").text
         assert re.search(rf'trenvx_forks_total{{outcome="ok",template="{test_template}"}} [1-9]', metrics), metrics
