@@ -80,6 +80,10 @@ class StartCommand(_Strict):
     """A file of KEY=VALUE lines (relative to the config file) exported to the start command."""
 
 
+TEMPLATE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""A template's name or alias (the API's template ids)."""
+
+
 class TemplateConfig(_Strict):
     """One ``[template."NAME"]`` table."""
 
@@ -107,6 +111,14 @@ class TemplateConfig(_Strict):
     ready_cmd: str = ""
     ready_timeout_s: float = Field(default=120.0, gt=0)
     boot_timeout_s: float = Field(default=300.0, gt=0)
+    code_interpreter: bool = False
+    """Run trenvx's code interpreter in the template's sandboxes: a server on port 49999 speaking
+    E2B's code-interpreter protocol, with a Python kernel (numpy, pandas, matplotlib imported when
+    the image has them) already running in the snapshot. The image needs python3-ipykernel and
+    python3-jupyter-client (configs/code-interpreter.Dockerfile)."""
+    aliases: list[str] = Field(default_factory=list)
+    """Other names a create may give for this template (E2B's SDKs ask for ``code-interpreter-v1``,
+    TrEnv-X's for ``default-code-interpreter``). Not an input of the build."""
     user: str = "user"
     """The account commands and file calls of the template's sandboxes run as when a request names
     none (E2B's default user). Every build has ``user`` (uid 1000, home /home/user, passwordless
@@ -310,6 +322,30 @@ class Config(_Strict):
         if isinstance(v, dict):
             return {k: ({**t, "name": k} if isinstance(t, dict) else t) for k, t in v.items()}
         return v
+
+    @model_validator(mode="after")
+    def _aliases_unique(self) -> "Config":
+        seen: dict[str, str] = {}
+        for name, tpl in self.template.items():
+            for alias in tpl.aliases:
+                if not TEMPLATE_NAME_RE.fullmatch(alias):
+                    raise ValueError(f"template {name!r}: alias {alias!r} is not a template name (letters, digits, "
+                                     "'.', '_' and '-', starting with a letter or digit)")
+                other = seen.get(alias) or (alias if alias in self.template else None)
+                if other is not None:
+                    raise ValueError(f"template {name!r}: alias {alias!r} is already the name or an alias of "
+                                     f"template {other!r}; names and aliases must be unique")
+                seen[alias] = name
+        return self
+
+    def canonical_template(self, name: str) -> str:
+        """The configured template ``name`` is an alias of, else ``name`` itself."""
+        if name in self.template:
+            return name
+        for tpl_name, tpl in self.template.items():
+            if name in tpl.aliases:
+                return tpl_name
+        return name
 
     def get_template(self, name: str) -> TemplateConfig:
         try:

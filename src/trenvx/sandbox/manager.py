@@ -502,7 +502,7 @@ class SandboxManager:
         if self._closed:
             raise ManagerClosed("the sandbox manager is shutting down; no new sandboxes")
         await self.start()
-        name = template or self.config.default_template
+        name = self.config.canonical_template(template or self.config.default_template)
         options = SandboxOptions(
             env_vars=dict(env_vars or {}), metadata=dict(metadata or {}), timeout_s=timeout_s, egress=egress,
             allow_public_traffic=allow_public_traffic, allow_internet_access=allow_internet_access,
