@@ -148,6 +148,33 @@ def test_inject_guest_files(tmp_path: Path):
 
 
 @needs_tini
+def test_inject_installs_more_guest_packages_when_asked(tmp_path: Path):
+    tree = _minimal_tree(tmp_path / "tree")
+    interp = tmp_path / "interp"
+    (interp / "sub").mkdir(parents=True)
+    (interp / "__main__.py").write_text("print('interpreter')\n")
+    (interp / "sub" / "kernels.py").write_text("")
+    inject_guest_files(tree, _agent(tmp_path), {"trenvx_interpreter": interp})
+    pkg = tree / "opt/trenvx/trenvx_interpreter"
+    assert sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py")) == ["__main__.py", "sub/kernels.py"]
+    assert (pkg / "__main__.py").stat().st_mode & 0o777 == 0o644
+    inject_guest_files(tree, _agent(tmp_path / "again"))
+    assert (tree / "opt/trenvx/trenvx_agent").is_dir()
+
+
+def test_the_interpreter_is_an_input_only_of_templates_that_run_it(tmp_path: Path):
+    from trenvx.config import Config, TemplateConfig
+    from trenvx.template.builder import TemplateBuilder, interpreter_digest
+
+    cfg = Config(data_root=tmp_path, template={
+        "plain": TemplateConfig(docker_img="debian:bookworm"),
+        "ci": TemplateConfig(docker_img="debian:bookworm", code_interpreter=True)})
+    b = TemplateBuilder(cfg)
+    assert b.input_digest(cfg.get_template("plain"))[1]["interpreter"] == ""
+    assert b.input_digest(cfg.get_template("ci"))[1]["interpreter"] == interpreter_digest()
+
+
+@needs_tini
 def test_inject_keeps_existing_user_and_avoids_taken_uid(tmp_path: Path):
     tree = _minimal_tree(tmp_path / "tree")
     with open(tree / "etc/passwd", "a") as f:

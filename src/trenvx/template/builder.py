@@ -52,7 +52,7 @@ from ..vmm.qemu import GUEST_DNS, GUEST_NET, PMEM_ALIGN
 from ..build_errors import BuildError
 from .image import make_empty_ext4, make_ext4_image, pad_to
 from .accounts import Account, find_account
-from .inject import check_python, init_script, inject_guest_files
+from .inject import check_python, guest_sources, init_script, inject_guest_files
 from .tree import in_tree
 from .rootfs import prepared_rootfs, rootfs_input_digest
 from .store import MEMORY, ROOTFS, UPPER, MachineRecord, TemplateBuild, TemplateManifest, TemplateStore
@@ -60,6 +60,8 @@ from .store import MEMORY, ROOTFS, UPPER, MachineRecord, TemplateBuild, Template
 log = logging.getLogger(__name__)
 
 AGENT_SRC = Path(__file__).resolve().parent.parent / "guest" / "agent"
+INTERPRETER_SRC = AGENT_SRC.parent / "interpreter"
+INTERPRETER_PACKAGE = "trenvx_interpreter"
 STAGES = ("kernel", "accelerator", "rootfs", "boot", "start", "snapshot", "publish")
 T = TypeVar("T")
 
@@ -101,6 +103,14 @@ def agent_digest() -> str:
     for p in sorted(AGENT_SRC.glob("*.py")):
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     h.update(b"init\0" + init_script().encode())
+    return h.hexdigest()
+
+
+def interpreter_digest() -> str:
+    """The code interpreter's sources (an input of the templates that run it)."""
+    h = hashlib.sha256()
+    for p in guest_sources(INTERPRETER_SRC):
+        h.update(str(p.relative_to(INTERPRETER_SRC)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
 
 
@@ -156,10 +166,11 @@ class TemplateBuilder:
     def input_digest(self, tpl: TemplateConfig) -> tuple[str, dict[str, str]]:
         """A hash of everything that changes the build's result, without building anything."""
         tpl = self.resolved(tpl)
-        settings = tpl.model_dump(mode="json", exclude={"name", "boot_timeout_s", "ready_timeout_s"})
+        settings = tpl.model_dump(mode="json", exclude={"name", "aliases", "boot_timeout_s", "ready_timeout_s"})
         inputs = {
             "rootfs": rootfs_input_digest(tpl),
             "agent": agent_digest(),
+            "interpreter": interpreter_digest() if tpl.code_interpreter else "",
             "template": _digest(settings),
             "vmm": _digest(self.config.vmm.model_dump(mode="json")),
             "boot": _digest([kernel_cmdline("kvm", tpl.overlay), kernel_cmdline("tcg", tpl.overlay)]),
@@ -262,7 +273,7 @@ class TemplateBuilder:
         async def rootfs_stage() -> tuple[str, int, Account, bool]:
             async with prepared_rootfs(tpl, self.data_root, say) as tree:
                 check_python(tree.path)
-                inject_guest_files(tree.path, AGENT_SRC)
+                inject_guest_files(tree.path, AGENT_SRC, {INTERPRETER_PACKAGE: INTERPRETER_SRC} if tpl.code_interpreter else {})
                 account = find_account(tree.path, tpl.user)
                 home_exists = in_tree(tree.path, account.home.lstrip("/")).is_dir()
                 if not tpl.overlay:
@@ -376,35 +387,31 @@ class TemplateBuilder:
         finally:
             await client.aclose()
 
+    async def _start_background(self, client: AgentClient, cmd: str, cwd: str, envs: dict[str, str], tag: str) -> None:
+        """Start ``cmd`` as root; it keeps running (into the snapshot), only our stream of it ends."""
+        stream = client.start(cmd, envs=envs, cwd=cwd, user="root", tag=tag)
+        first = await stream.__anext__()
+        if first.kind != "start":
+            raise RuntimeError(f"{tag} did not start: {first}")
+        self.reporter.message(f"{tag} running as pid {first.pid}")
+        await stream.aclose()
+
     async def _start_and_wait_ready(self, vm: Vm, tpl: TemplateConfig) -> None:
-        """Start ``start_cmd`` in the background and run ``ready_cmd`` until it succeeds (both as
-        root: they are the operator's, and prepare the machine every sandbox starts from)."""
+        """Start the code interpreter (``code_interpreter = true``) and ``start_cmd`` in the background,
+        and wait until they are ready (its /health, ``ready_cmd``), all as root: they are the
+        operator's, and prepare the machine every sandbox starts from."""
         client = AgentClient.for_endpoint(vm.agent_endpoint, timeout=tpl.ready_timeout_s)
         try:
+            deadline = time.monotonic() + tpl.ready_timeout_s
+            if tpl.code_interpreter:
+                await self._start_background(client, INTERPRETER_CMD, "/", {}, "code_interpreter")
+                await _wait_until_ok(client, INTERPRETER_READY, deadline, "the code interpreter's server (port "
+                                     f"{INTERPRETER_PORT}) did not answer /health")
             if tpl.start_cmd.cmd:
                 envs = _read_envfile(tpl.start_cmd.envfile_path) if tpl.start_cmd.envfile_path else {}
-                stream = client.start(
-                    tpl.start_cmd.cmd, envs=envs, cwd=tpl.start_cmd.working_dir, user="root", tag="start_cmd",
-                )
-                first = await stream.__anext__()
-                if first.kind != "start":
-                    raise RuntimeError(f"start_cmd did not start: {first}")
-                self.reporter.message(f"start_cmd running as pid {first.pid}")
-                await stream.aclose()  # the process keeps running; only our stream ends
+                await self._start_background(client, tpl.start_cmd.cmd, tpl.start_cmd.working_dir, envs, "start_cmd")
             if tpl.ready_cmd:
-                deadline = time.monotonic() + tpl.ready_timeout_s
-                delay = 0.05
-                while True:
-                    res = await client.run(tpl.ready_cmd, user="root", timeout=max(1.0, deadline - time.monotonic()))
-                    if res.exit_code == 0:
-                        break
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(
-                            f"ready_cmd {tpl.ready_cmd!r} still fails after {tpl.ready_timeout_s:.0f}s "
-                            f"(exit {res.exit_code}): {res.stderr.decode(errors='replace')[-500:]}"
-                        )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+                await _wait_until_ok(client, tpl.ready_cmd, deadline, f"ready_cmd {tpl.ready_cmd!r} still fails")
             # Flush the guest's dirty pages to the disk image, so the snapshot's page cache and
             # the image the sandboxes' overlays are based on agree.
             res = await client.run(["sync"])
@@ -443,6 +450,29 @@ async def wait_until_idle(vm: Vm, *, timeout_s: float = SETTLE_TIMEOUT_S) -> flo
     if quiet < 2:
         log.warning("the guest was still busy after %.0f s; snapshotting it as it is", waited)
     return waited
+
+
+INTERPRETER_PORT = 49999
+"""E2B's code-interpreter port (its SDK's JUPYTER_PORT)."""
+INTERPRETER_CMD = f"PYTHONPATH=/opt/trenvx exec python3 -m trenvx_interpreter --port {INTERPRETER_PORT}"
+"""The code interpreter's server (src/trenvx/guest/interpreter), started as root before ``start_cmd``
+in templates with ``code_interpreter = true``; it starts the kernels as the template's user."""
+INTERPRETER_READY = ("python3 -c \"import urllib.request as u; "
+                     f"u.urlopen('http://127.0.0.1:{INTERPRETER_PORT}/health', timeout=5)\"")
+
+
+async def _wait_until_ok(client: AgentClient, cmd: str, deadline: float, failure: str) -> None:
+    """Run ``cmd`` (as root) until it exits 0, backing off up to 1 s; RuntimeError(failure) at the deadline."""
+    delay = 0.05
+    while True:
+        res = await client.run(cmd, user="root", timeout=max(1.0, deadline - time.monotonic()))
+        if res.exit_code == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{failure} within the ready timeout (exit {res.exit_code}): "
+                               f"{res.stderr.decode(errors='replace')[-500:]}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
 
 
 def _read_envfile(path: str) -> dict[str, str]:

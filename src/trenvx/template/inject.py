@@ -6,6 +6,8 @@ Layout inside the tree::
     /opt/trenvx/init                 PID 1 (a /bin/sh script): mounts, then exec tini
     /opt/trenvx/bin/tini             the host's /usr/bin/tini-static (Debian package tini)
     /opt/trenvx/trenvx_agent/*.py    the guest agent (python3 -m trenvx_agent)
+    /opt/trenvx/trenvx_interpreter/  the code interpreter's server (python3 -m trenvx_interpreter; started
+                                     by templates that want it, e.g. ``code-interpreter``)
 
 The tree comes from a user's image: every path is resolved inside the tree (a symlink such as
 ``/etc/passwd -> /somewhere`` points into the tree, never to the host: :mod:`trenvx.template.tree`).
@@ -90,14 +92,15 @@ def init_script(port: int = AGENT_PORT) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def inject_guest_files(tree: Path, agent_src: Path) -> None:
+def inject_guest_files(tree: Path, agent_src: Path, packages: dict[str, Path] | None = None) -> None:
     """Put the agent, tini, ``/opt/trenvx/init``, the user ``user`` and an empty machine-id into
-    ``tree`` (a root filesystem directory we may modify)."""
+    ``tree`` (a root filesystem directory we may modify); ``packages``: more guest Python packages
+    (``/opt/trenvx/<name>/``, from the source folder given)."""
     tree = Path(tree)
     agent_src = Path(agent_src)
     if not tree.is_dir():
         raise InjectError(f"root filesystem tree {tree} is not a directory")
-    sources = sorted(p for p in agent_src.rglob("*.py") if "__pycache__" not in p.parts) if agent_src.is_dir() else []
+    sources = guest_sources(agent_src)
     if not sources:
         raise InjectError(f"no guest agent to install: {agent_src} holds no *.py files")
     if not TINI_SOURCE.is_file():
@@ -109,17 +112,9 @@ def inject_guest_files(tree: Path, agent_src: Path) -> None:
     os.chmod(tmp, 0o1777)
 
     base = make_dirs(tree, GUEST_DIR)
-    agent_dir = base / AGENT_PACKAGE
-    if agent_dir.is_symlink() or agent_dir.is_file():
-        agent_dir.unlink()
-    elif agent_dir.exists():
-        shutil.rmtree(agent_dir)
-    agent_dir.mkdir(mode=0o755)
-    for src in sources:
-        rel = src.relative_to(agent_src)
-        dst = agent_dir / rel
-        dst.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        write_file(dst, src.read_bytes(), 0o644)
+    _install_package(base / AGENT_PACKAGE, agent_src, sources)
+    for name, src_dir in (packages or {}).items():
+        _install_package(base / name, src_dir, guest_sources(src_dir))
 
     bindir = base / "bin"
     if bindir.is_symlink():
@@ -130,6 +125,24 @@ def inject_guest_files(tree: Path, agent_src: Path) -> None:
 
     ensure_default_user(tree)
     write_file(in_tree(tree, "etc/machine-id"), b"", 0o444)
+
+
+def guest_sources(src_dir: Path) -> list[Path]:
+    """The ``*.py`` files of a guest package's source folder (none if it does not exist)."""
+    return sorted(p for p in Path(src_dir).rglob("*.py") if "__pycache__" not in p.parts) if Path(src_dir).is_dir() else []
+
+
+def _install_package(dest: Path, src_dir: Path, sources: list[Path]) -> None:
+    """``dest`` (inside the tree) becomes exactly the package's sources, 0644 files in 0755 folders."""
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(mode=0o755)
+    for src in sources:
+        dst = dest / src.relative_to(src_dir)
+        dst.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        write_file(dst, src.read_bytes(), 0o644)
 
 
 # ---------------------------------------------------------------------------------------------
