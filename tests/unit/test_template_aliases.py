@@ -64,3 +64,27 @@ async def test_create_and_lookups_by_alias(tmp_path: Path, upstream) -> None:
             assert (await c.post("/sandboxes", json={"templateID": "nope"})).status_code == 404
     finally:
         await m.close()
+
+
+async def test_a_server_without_the_templates_table_knows_the_aliases_its_build_recorded(tmp_path: Path,
+                                                                                         upstream) -> None:
+    """Servers that only serve a data root (no [template] tables) read the aliases from the build."""
+    import json
+
+    build = make_template(tmp_path, "ci")
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["config"]["aliases"] = ["code-interpreter-v1"]
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    make_template(tmp_path, "tpl")
+    cfg = make_config(tmp_path)
+    assert "ci" not in cfg.template
+    m = fake_manager(cfg, upstream.port)
+    await m.start()
+    try:
+        assert m.template_name("code-interpreter-v1") == "ci" and m.template_name("tpl") == "tpl"
+        assert m.template_name("nothing") == "nothing"
+        sb = await m.create("code-interpreter-v1")
+        assert sb.template == "ci"
+        await m.kill(sb.id)
+    finally:
+        await m.close()

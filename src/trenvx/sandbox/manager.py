@@ -502,7 +502,7 @@ class SandboxManager:
         if self._closed:
             raise ManagerClosed("the sandbox manager is shutting down; no new sandboxes")
         await self.start()
-        name = self.config.canonical_template(template or self.config.default_template)
+        name = self.template_name(template or self.config.default_template)
         options = SandboxOptions(
             env_vars=dict(env_vars or {}), metadata=dict(metadata or {}), timeout_s=timeout_s, egress=egress,
             allow_public_traffic=allow_public_traffic, allow_internet_access=allow_internet_access,
@@ -511,6 +511,24 @@ class SandboxManager:
         self._check_timeout(options)
         build = self.templates.current(name)
         return await self.create_from_build(build, name, options)
+
+    def template_name(self, name: str) -> str:
+        """The template ``name`` is an alias of (the config's aliases, then those recorded in the
+        current builds: a server without the template's table still knows them), else ``name``."""
+        canonical = self.config.canonical_template(name)
+        if canonical != name or name in self.config.template:
+            return canonical
+        names = self.templates.names()
+        if name in names:
+            return name
+        for other in names:
+            try:
+                aliases = self.templates.current(other).manifest.config.get("aliases") or []
+            except TemplateNotFound:
+                continue
+            if name in aliases:
+                return other
+        return name
 
     def _check_timeout(self, options: SandboxOptions) -> float:
         orch = self.config.orchestrator

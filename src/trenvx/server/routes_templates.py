@@ -41,7 +41,7 @@ def _template(request: Request, build: TemplateBuild, builds: list[TemplateBuild
     first = min((_created_at(b.manifest) for b in builds), default=created)
     stats = request.app.state.spawns.get(m.name, {})
     tpl = request.app.state.manager.config.template.get(m.name)
-    aliases = [m.name, *(tpl.aliases if tpl is not None else [])]
+    aliases = [m.name, *(tpl.aliases if tpl is not None else m.config.get("aliases") or [])]
     return dict(
         templateID=m.name, buildID=m.build_id, cpuCount=m.machine.vcpu, memoryMB=m.machine.mem_mb,
         diskSizeMB=build.disk_mb, aliases=aliases, names=aliases, createdAt=first, updatedAt=created,
@@ -83,7 +83,7 @@ async def template_alias(request: Request, alias: str) -> dict:
     if not TEMPLATE_ID_RE.match(alias):
         raise ApiError(404, f"no template has the alias {alias[:200]!r} (aliases are template names: letters, "
                             "digits, '.', '_', '-')")
-    name = manager.config.canonical_template(alias)  # a configured alias names its template
+    name = manager.template_name(alias)  # an alias (configured, or recorded in a build) names its template
     if name in manager.templates.names() or (builds is not None and builds.knows(name)):
         return {"templateID": name, "public": False}
     raise ApiError(404, f"no template has the alias {alias!r}")
@@ -96,7 +96,7 @@ async def get_template(request: Request, templateID: str) -> dict:
     manager = request.app.state.manager
     if not TEMPLATE_ID_RE.match(templateID):
         raise ApiError(404, f"template {templateID[:200]!r} does not exist")
-    templateID = manager.config.canonical_template(templateID)
+    templateID = manager.template_name(templateID)
     try:
         build = manager.templates.current(templateID)
     except TemplateNotFound as e:
