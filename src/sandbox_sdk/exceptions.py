@@ -28,6 +28,8 @@ error                           when
                                 ``exit_code``, ``stdout``, ``stderr``)
 :class:`CurrentWorkingDirectoryDoesntExistException`  a process was started with a ``cwd``
                                 that does not exist; also an :class:`InvalidArgumentError`
+:class:`CodeInterpreterNotAvailableError`  ``run_code`` on a sandbox whose template has no code
+                                interpreter (nothing answers on its port 49999)
 ==============================  ==================================================
 
 Grouped the way TrEnv-X's SDK groups them, so code written for it keeps its ``except``
@@ -177,6 +179,20 @@ class CurrentWorkingDirectoryDoesntExistException(ProcessException, InvalidArgum
     """
 
 
+class CodeInterpreterNotAvailableError(SandboxError):
+    """Nothing answers on the code interpreter's port (49999) of the sandbox: its template has no
+    code interpreter (create the sandbox from template ``code-interpreter``), or its interpreter
+    server stopped.
+
+    Example::
+
+        try:
+            sandbox.run_code("1 + 1")
+        except CodeInterpreterNotAvailableError as e:
+            print(e)  # ... create it from template 'code-interpreter'
+    """
+
+
 class CommandExitError(ProcessException):
     """A command exited with a non-zero exit code.
 
@@ -251,6 +267,7 @@ __all__ = [
     "FilesystemException",
     "TerminalException",
     "CurrentWorkingDirectoryDoesntExistException",
+    "CodeInterpreterNotAvailableError",
     "SandboxException",
     "TimeoutException",
     "NotFoundException",

@@ -8,10 +8,27 @@ Code written for E2B's Python SDK mostly runs unchanged with
     with Sandbox.create() as sandbox:
         result = sandbox.commands.run("echo hello")
         print(result.stdout)
+
+and so does code written for E2B's ``e2b_code_interpreter``: every sandbox has ``run_code`` and
+the code contexts, which need a sandbox of the ``code-interpreter`` template::
+
+    with Sandbox.create("code-interpreter") as sandbox:
+        print(sandbox.run_code("x = 41\nx + 1").text)  # 42
 """
 
 from ..exceptions import *  # noqa: F401,F403 - E2B code imports errors from the same place
 from ..exceptions import __all__ as _errors
+from .._code_interpreter import (
+    Chart,
+    Context,
+    Execution,
+    ExecutionError,
+    Logs,
+    MIMEType,
+    OutputMessage,
+    Result,
+    RunCodeLanguage,
+)
 from .._lifecycle import SandboxLifecycle
 from .._network import SandboxNetworkSelectorContext
 from ..models import (
@@ -73,5 +90,14 @@ __all__ = [
     "TemplateInfo",
     "WriteEntry",
     "WriteInfo",
+    "Chart",
+    "Context",
+    "Execution",
+    "ExecutionError",
+    "Logs",
+    "MIMEType",
+    "OutputMessage",
+    "Result",
+    "RunCodeLanguage",
     *_errors,
 ]

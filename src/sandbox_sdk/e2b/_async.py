@@ -34,6 +34,7 @@ from typing import (
 
 import httpx
 
+from .._code_interpreter import AsyncCodeRunner
 from .._config import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_SANDBOX_TIMEOUT,
@@ -1136,7 +1137,7 @@ async def _iter_response(response: httpx.Response) -> AsyncIterator[bytes]:
 # --------------------------------------------------------------------------- sandbox
 
 
-class AsyncSandbox:
+class AsyncSandbox(AsyncCodeRunner):
     """An E2B-style sandbox, asynchronous.
 
     Example::
@@ -1144,6 +1145,9 @@ class AsyncSandbox:
         async with await AsyncSandbox.create() as sandbox:
             r = await sandbox.commands.run("echo hello")
             print(r.stdout)
+
+    Sandboxes of the ``code-interpreter`` template also run code in a Jupyter-like interpreter:
+    ``await sandbox.run_code("1 + 1")`` and the code contexts (see :class:`AsyncCodeRunner`).
 
     Connection keywords accepted by ``create``/``connect``/``list``/``kill``: ``api_key``
     (else ``TRENVX_API_KEY``/``E2B_API_KEY``), ``api_url``, ``target_addr`` and ``port``

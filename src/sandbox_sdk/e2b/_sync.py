@@ -32,6 +32,7 @@ from typing import (
 )
 
 from .. import _loop
+from .._code_interpreter import CodeRunner
 from .._config import DEFAULT_COMMAND_TIMEOUT, DEFAULT_SANDBOX_TIMEOUT
 from .._dual import dual_method
 from ..exceptions import SandboxError
@@ -577,7 +578,7 @@ class Filesystem:
         return wh
 
 
-class Sandbox:
+class Sandbox(CodeRunner):
     """An E2B-style sandbox, synchronous (same shape as :class:`AsyncSandbox`).
 
     Example::
@@ -587,6 +588,9 @@ class Sandbox:
         with Sandbox.create() as sandbox:
             print(sandbox.commands.run("uname -a").stdout)
             sandbox.files.write("/tmp/hello.txt", "hi")
+
+        with Sandbox.create("code-interpreter") as sandbox:
+            print(sandbox.run_code("1 + 1").text)  # 2
     """
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
