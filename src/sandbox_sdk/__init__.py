@@ -11,9 +11,12 @@ Two surfaces, one implementation:
 
 Errors are in :mod:`sandbox_sdk.exceptions` (and exported here), including TrEnv-X's names
 (``ProcessException``, ``FilesystemException``, ``TerminalException``, ``RpcException``,
-``CurrentWorkingDirectoryDoesntExistException``). ``sandbox_sdk.code_interpreter.CodeInterpreter``
-is importable but not available yet (it raises ``NotImplementedError`` until the
-code-interpreter issue lands).
+``CurrentWorkingDirectoryDoesntExistException``).
+
+Code interpreter (sandboxes of the ``code-interpreter`` template): ``sandbox.run_code(...)`` and
+the code contexts on the E2B-style sandboxes (E2B's ``e2b_code_interpreter`` API), and TrEnv-X's
+``sandbox_sdk.code_interpreter.CodeInterpreter`` (``await CodeInterpreter.create()``,
+``sandbox.notebook.exec_cell(...)``).
 """
 
 from . import code_interpreter, exceptions

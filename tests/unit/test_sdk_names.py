@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 import sandbox_sdk
 from sandbox_sdk import exceptions
 
@@ -48,17 +46,24 @@ def test_trenvx_exception_hierarchy() -> None:
     assert str(err) == "the working directory '/nope' does not exist" and err.code == "invalid_argument"
 
 
-def test_code_interpreter_is_importable_but_not_available() -> None:
-    from sandbox_sdk.code_interpreter import CodeInterpreter
+def test_trenvx_code_interpreter_names() -> None:
+    """TrEnv-X's ``CodeInterpreter`` (a Sandbox with a ``notebook``) and the names its code imports;
+    ``CodeInterpreterNotAvailableError`` (the old placeholder's error) now means a sandbox without one."""
+    from sandbox_sdk.code_interpreter import (
+        CodeInterpreter,
+        CodeInterpreterNotAvailableError,
+        Error,
+        Execution,
+        KernelException,
+        Result,
+    )
+    from sandbox_sdk.sandbox import Sandbox
 
     assert sandbox_sdk.code_interpreter.CodeInterpreter is CodeInterpreter
-    with pytest.raises(NotImplementedError, match=r"issue \(15\).*sandbox_sdk\.Sandbox"):
-        CodeInterpreter()
-    with pytest.raises(NotImplementedError, match="code-interpreter issue"):
-        CodeInterpreter.create()
-    with pytest.raises(exceptions.SandboxError, match="sandbox_sdk.Sandbox"):
-
-        async def create() -> None:
-            await CodeInterpreter.create(template="code-interpreter")
-
-        asyncio.run(create())
+    assert issubclass(CodeInterpreter, Sandbox) and CodeInterpreter.template == "default-code-interpreter"
+    assert asyncio.iscoroutinefunction(CodeInterpreter.create)
+    assert CodeInterpreterNotAvailableError is exceptions.CodeInterpreterNotAvailableError
+    assert issubclass(CodeInterpreterNotAvailableError, exceptions.SandboxError)
+    assert "CodeInterpreterNotAvailableError" in sandbox_sdk.__all__
+    assert KernelException is exceptions.SandboxError and Error.__name__ == "ExecutionError"
+    assert Execution().text is None and Result(text="1", is_main_result=True).formats() == ["text"]
