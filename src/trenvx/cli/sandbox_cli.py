@@ -8,6 +8,9 @@
     sandbox-cli sandbox ls [-a]                   id, template, state, age, timeout left, memory
     sandbox-cli sandbox kill ID... | kill -a
     sandbox-cli sandbox exec ID -- CMD...         streams output, exits with the command's code
+    sandbox-cli sandbox run-code ID CODE [--language L] [--context ID] [--timeout S] [--out-dir DIR]
+                                                  runs code in its code interpreter (template
+                                                  code-interpreter): output streamed, images saved
     sandbox-cli sandbox shell ID                  interactive shell in the sandbox (PTY)
     sandbox-cli sandbox info ID | timeout ID SECONDS  (info: its settings and network rules)
     sandbox-cli sandbox pause ID [--filesystem] [--strict]   pause to disk (its VM ends, its timeout stops)
@@ -34,6 +37,7 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 import httpx
@@ -678,6 +682,53 @@ async def _pump_stdin(client: AgentClient, pid: int) -> None:
         await client.close_stdin(pid)
     except (AgentError, httpx.HTTPError, OSError):
         pass
+
+
+@sandbox_app.command("run-code")
+def run_code(
+    sandbox_id: str = typer.Argument(..., help="sandbox id (of a code-interpreter template)"),
+    code: str = typer.Argument(..., help="the code to run; - reads it from stdin"),
+    language: Optional[str] = typer.Option(None, "--language", "-l", help="python (default), javascript, r, "
+                                           "bash... (its default context); not with --context"),
+    context: Optional[str] = typer.Option(None, "--context", "-c", help="id of a context to run in (made by the "
+                                          "SDK's create_code_context)"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", "-t", min=0, help="seconds the code may run "
+                                            "(default 300, 0: no limit); then it is interrupted"),
+    out_dir: Path = typer.Option(Path("."), "--out-dir", "-o", help="where images and PDFs the code displays are "
+                                 "saved, as <sandbox id>-<n>.png|jpg|svg|pdf"),
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE for this run (repeatable)"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+    as_json: Optional[bool] = JsonOpt,
+) -> None:
+    """Run code in the sandbox's code interpreter (variables stay for the next run): its output
+    streams, each result's text is printed, its images are saved (paths printed). Exit code 1 when
+    the code raised (its traceback is printed); --json prints the whole execution at the end."""
+    from sandbox_sdk.exceptions import SandboxError
+
+    from .run_code import run_blocking
+
+    t = _merge(ip, port, api_key, as_json)
+    if language and context:
+        fail("give --language or --context, not both: a context has its own language", 2)
+    envs = _parse_pairs(env, "--env")
+    if code == "-":
+        code = sys.stdin.read()
+    detail = Api(t).call("GET", f"/sandboxes/{sandbox_id}").json()
+    try:
+        execution, files = run_blocking(t.url, t.api_key, detail, code, language=language, context=context,
+                                        timeout=timeout, envs=envs, out_dir=out_dir, as_json=t.as_json)
+    except SandboxError as e:
+        fail(str(e))
+    except (OSError, ValueError) as e:
+        fail(f"cannot save a result in {out_dir}: {e}")
+    if t.as_json:
+        print(json.dumps({**execution.to_dict(), "files": [str(f) for f in files]}, indent=2))
+    elif execution.error is not None:
+        e = execution.error
+        sys.stderr.write((e.traceback or f"{e.name}: {e.value}").rstrip("\n") + "\n")
+        sys.stderr.flush()
+    if execution.error is not None:
+        raise typer.Exit(1)
 
 
 @sandbox_app.command("shell")
