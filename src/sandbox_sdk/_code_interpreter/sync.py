@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import queue
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .. import _loop
@@ -63,6 +64,9 @@ class CodeRunner:
         events: "queue.SimpleQueue[Tuple[Any, Any]]" = queue.SimpleQueue()
         handlers = Handlers(**{f"on_{kind}": _enqueue(events, kind, cb) for kind, cb in callbacks.items()})
         runner = _loop.runner()
+        if threading.current_thread() is runner.thread:
+            raise RuntimeError("the synchronous run_code was called from the SDK's event loop thread; "
+                               "use AsyncSandbox.run_code inside async code")
         future = runner.submit(self._code_core.run_code(
             code, language, context, handlers.on_stdout, handlers.on_stderr, handlers.on_result, handlers.on_error,
             envs, timeout, request_timeout))
