@@ -153,6 +153,8 @@ class Kernel:
         self._current: Execution | None = None
         self._reseed_pending = False
         self._closed = False
+        self._generation = 0
+        """Counts kernel processes (starts and restarts)."""
         self._worker = threading.Thread(target=self._work, name=f"kernel-{language.name}-{kernel_id[:8]}",
                                          daemon=True)
         self._worker.start()
@@ -240,6 +242,7 @@ class Kernel:
             raise KernelStartError(f"cannot start the {self.language.name} kernel "
                                    f"(kernel spec {self.language.kernel_spec!r}): {exc}") from exc
         self._km = km
+        self._generation += 1
         kc = km.blocking_client()
         kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
         self._kc = kc
@@ -284,6 +287,7 @@ class Kernel:
         if km is None:
             self._start()
             return
+        self._generation += 1
         try:
             km.restart_kernel(now=True)
             self._kc.wait_for_ready(timeout=self.launch.startup_timeout_s)
@@ -334,10 +338,12 @@ class Kernel:
                 ex.emit(outputs.error("EnvironmentError", f"could not set env_vars in the kernel: {_describe(reply)}", ""))
                 self._run_silent(self.language.restore_env(ex.env), SILENT_TIMEOUT_S)
                 return
+        generation = self._generation
         try:
             self._run_cell(ex)
         finally:
-            if ex.env and self._km is not None and ex.cancel_reason not in _ABANDON:
+            # A kernel restarted during the cell has a fresh environment: nothing to restore.
+            if ex.env and generation == self._generation and ex.cancel_reason not in _ABANDON:
                 reply = self._run_silent(self.language.restore_env(ex.env), SILENT_TIMEOUT_S)
                 if reply is None or reply.get("status") != "ok":
                     log.warning("kernel %s: restoring the environment failed: %s", self.kernel_id, _describe(reply))

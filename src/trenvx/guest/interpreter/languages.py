@@ -117,8 +117,10 @@ class Bash(Language):
         )
 
     def restore_env(self, env: dict[str, str]) -> str:
+        # Only where apply_env ran (a kernel restarted in between has no saved value: leave it be).
         return "".join(
-            f'unset {key}; eval "$__trenvx_saved_{key}"; unset __trenvx_saved_{key}\n' for key in env
+            f'if [ -n "${{__trenvx_saved_{key}+set}}" ]; then unset {key}; eval "$__trenvx_saved_{key}"; '
+            f'unset __trenvx_saved_{key}; fi\n' for key in env
         )
 
     def reseed(self) -> str:
