@@ -440,6 +440,9 @@ def test_bad_requests_elsewhere(http: httpx.Client, server: Server) -> None:
     assert response.status_code == 405 and response.headers["allow"] == "POST"
     assert http.put("/contexts").status_code == 405
     assert http.post("/health").status_code == 405
+    head = http.head("/health")  # answered without a body; the connection goes on
+    assert head.status_code == 405 and head.content == b""
+    assert http.get("/health").text == "OK"
     response = http.post("/contexts", json={"language": "fortran"})
     assert response.status_code == 400 and "fortran" in response.json()["error"]
     response = http.post("/contexts", json={"cwd": "relative/dir"})

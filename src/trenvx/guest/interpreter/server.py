@@ -129,7 +129,7 @@ class Request:
         if status != 204:
             out["Content-Length"] = str(len(body))
         self._head(status, out)
-        if body and status != 204:
+        if body and status != 204 and self.method != "HEAD":
             self._h.wfile.write(body)
 
     def respond_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
@@ -238,7 +238,7 @@ class Interpreter:
             raise HttpError(404, f"no such endpoint: {path}")
 
     def _health(self, req: Request) -> None:
-        if self._ready.is_set():
+        if self._ready.is_set() or self.contexts.default_started(PYTHON):  # (a later /execute may have started it)
             req.respond(200, b"OK", "text/plain; charset=utf-8")
         elif self._startup_error is not None:
             raise HttpError(503, f"the default python kernel did not start: {self._startup_error}")
