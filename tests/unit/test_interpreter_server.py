@@ -325,6 +325,21 @@ def test_cells_on_one_context_run_one_after_the_other(http: httpx.Client, server
     assert main_result(execute(http, "order"))["text"] == repr(["a-start", "a-end", "b-start", "b-end"])
 
 
+def test_a_queued_cell_whose_client_left_does_not_run(http: httpx.Client, server: Server) -> None:
+    import threading
+
+    execute(http, "import time\nran = False")
+    busy = threading.Thread(target=lambda: execute(httpx.Client(base_url=server.url, timeout=60), "time.sleep(2)"))
+    busy.start()
+    time.sleep(0.3)
+    with httpx.Client(base_url=server.url, timeout=30) as other:
+        with other.stream("POST", "/execute", json={"code": "ran = True"}) as response:
+            assert response.status_code == 200  # queued behind the sleep; the client leaves now
+    busy.join(30)
+    time.sleep(0.5)
+    assert main_result(execute(http, "ran"))["text"] == "False"
+
+
 def test_env_vars_hold_for_one_execution_only(http: httpx.Client, server: Server) -> None:
     canary = server.home / "pwned"
     tricky = f"x'); open({str(canary)!r}, 'w'); ('\"\n\\u2028 ü"

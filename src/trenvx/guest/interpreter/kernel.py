@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -197,7 +198,19 @@ class Kernel:
         try:
             job.wait(wait_s)
         except Exception as exc:
-            log.warning("kernel %s: shutdown: %s", self.kernel_id, exc)
+            # The worker is stuck (a start that hangs): kill the process group ourselves, as the
+            # kernel does not watch for its parent's exit.
+            log.warning("kernel %s: shutdown: %s; killing its process group", self.kernel_id, exc)
+            self._kill_process_group()
+
+    def _kill_process_group(self) -> None:
+        provisioner = getattr(self._km, "provisioner", None)
+        pgid = getattr(provisioner, "pgid", None) or getattr(provisioner, "pid", None)
+        if pgid:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass
 
     @property
     def closed(self) -> bool:
