@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a cell running longer is interrupted (default 86400; 0: no bound)")
     parser.add_argument("--no-preload", action="store_true",
                         help="do not import numpy, pandas and matplotlib in python kernels at their start")
-    parser.add_argument("--startup-timeout-s", type=float, default=60.0,
-                        help="how long a kernel may take to start (default 60)")
+    parser.add_argument("--startup-timeout-s", type=float, default=180.0,
+                        help="how long a kernel may take to start, and its start-up imports "
+                             "(default 180: numpy, pandas and matplotlib take long under TCG)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     return parser.parse_args(argv)
 

@@ -78,7 +78,7 @@ class LaunchSettings:
     runtime_dir: Path
     base_env: dict[str, str]
     preload: bool = True
-    startup_timeout_s: float = 60.0
+    startup_timeout_s: float = 180.0
 
     def environment(self) -> dict[str, str]:
         env = dict(self.base_env)
