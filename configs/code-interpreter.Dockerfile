@@ -1,7 +1,12 @@
-# A code interpreter: the default sandbox plus numpy and pandas from Debian's packages.
-# Its commands run as `user` (passwordless sudo), like the default sandbox's.
+# A code interpreter: the default sandbox plus a Jupyter kernel with numpy, pandas and matplotlib
+# (Debian's packages) and bash_kernel (from PyPI; Debian has none). trenvx's code-interpreter
+# server (code_interpreter = true in the config) starts the Python kernel before the snapshot, so
+# each sandbox's first cell answers at once. Commands and cells run as `user` (passwordless sudo).
 FROM debian:bookworm
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      python3 python-is-python3 python3-numpy python3-pandas procps ca-certificates sudo \
+      python3 python-is-python3 python3-pip python3-numpy python3-pandas python3-matplotlib \
+      python3-ipykernel python3-jupyter-client python3-pexpect procps ca-certificates sudo git curl \
+ && pip3 install --no-cache-dir --break-system-packages bash_kernel==0.10.0 \
+ && python3 -m bash_kernel.install --sys-prefix \
  && rm -rf /var/lib/apt/lists/*
