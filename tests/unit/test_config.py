@@ -25,7 +25,9 @@ def test_example_config_loads_with_both_shipped_templates() -> None:
     t = cfg.get_template("default-sandbox")
     assert t.vmm_type is VmmType.qemu and t.mem_mb >= 64
     assert Path(t.dockerfile).is_file() and Path(t.context).is_dir()
-    assert cfg.get_template("code-interpreter").ready_cmd
+    ci = cfg.get_template("code-interpreter")
+    assert ci.code_interpreter and {"code-interpreter-v1", "default-code-interpreter"} <= set(ci.aliases)
+    assert cfg.canonical_template("code-interpreter-v1") == "code-interpreter"
 
 
 def test_defaults_live_in_the_schema(tmp_path: Path) -> None:
