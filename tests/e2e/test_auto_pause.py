@@ -81,7 +81,9 @@ def test_a_timeout_pauses_and_every_acknowledged_write_survives(server, test_tem
             end = time.monotonic() + TIMEOUT_S + WAIT_S
             while time.monotonic() < end:
                 try:
-                    sbx.files.write(f"{HOME}/w{acknowledged + 1}.txt", f"write {acknowledged + 1}")
+                    # bounded: a write caught by the pause's freeze would otherwise wait out the SDK's
+                    # default request timeout before the loop learns the sandbox stopped answering
+                    sbx.files.write(f"{HOME}/w{acknowledged + 1}.txt", f"write {acknowledged + 1}", request_timeout=10)
                 except Exception:  # noqa: BLE001 - the sandbox stopped answering: it is being paused
                     break
                 acknowledged += 1
