@@ -150,6 +150,18 @@ def rootfs_input_digest(template: TemplateConfig) -> str:
 # Dockerfile / image reference helpers
 
 
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+BUILD_CA_PATH = "/run/trenvx/host-ca.crt"
+"""Where a Dockerfile's RUN steps find the certificates the host trusts (read-only, during the
+build only: not in the image). Hosts behind a TLS-inspecting proxy (this project's machines)
+reach PyPI or npm only with them: ``pip install --cert /run/trenvx/host-ca.crt ...``."""
+
+
+def host_ca_volume() -> list[str]:
+    """buildah's option mounting the host's CA bundle at BUILD_CA_PATH, when the host has one."""
+    return ["--volume", f"{HOST_CA_BUNDLE}:{BUILD_CA_PATH}:ro"] if HOST_CA_BUNDLE.is_file() else []
+
+
 def dockerfile_froms(text: str) -> list[str]:
     """The base image references of a Dockerfile's FROM lines, without build-stage names."""
     stages: set[str] = set()
@@ -533,6 +545,7 @@ async def _buildah_image_for(template: TemplateConfig, bh: Buildah, data_root: D
                 "build",
                 "--isolation", "chroot",
                 f"--pull={pull}",
+                *host_ca_volume(),
                 "-f", df,
                 "-t", tag,
                 ctx,
