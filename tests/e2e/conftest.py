@@ -66,6 +66,36 @@ async def shipped_template(e2e_config: Config, test_template: str) -> str:
     return SHIPPED
 
 
+CODE_INTERPRETER = "code-interpreter"
+"""The shipped code-interpreter template (configs/example_config.toml, aliases code-interpreter-v1
+and default-code-interpreter): a Jupyter kernel with numpy, pandas and matplotlib in its snapshot."""
+
+
+def shipped_code_interpreter_config(e2e_config: Config) -> Config:
+    """The e2e config plus the shipped code-interpreter template, unchanged (its Dockerfile resolved
+    against configs/)."""
+    example = load_config(REPO / "configs" / "example_config.toml")
+    return e2e_config.model_copy(
+        update={"template": {**e2e_config.template, CODE_INTERPRETER: example.get_template(CODE_INTERPRETER)}})
+
+
+@pytest_asyncio.fixture(scope="session")
+async def code_interpreter_template(e2e_config: Config, test_template: str) -> str:
+    """code-interpreter built into the session's data_root once per run (reused while its inputs are
+    unchanged); its build records its aliases, so any server of the data root answers to them."""
+    from trenvx.template.builder import TemplateBuilder
+
+    try:
+        result = await TemplateBuilder(shipped_code_interpreter_config(e2e_config)).build(CODE_INTERPRETER)
+    except BuildError as e:
+        if e.stage == "rootfs" and NETWORK_FAILURE.search(str(e)):
+            pytest.skip(f"{CODE_INTERPRETER} installs packages from Debian's mirror, which is not reachable here: {e}")
+        raise
+    print(f"\n{CODE_INTERPRETER}: {'reused' if result.skipped else 'built'} {result.build.build_id} "
+          f"{result.build.manifest.stage_seconds}")
+    return CODE_INTERPRETER
+
+
 @pytest.fixture
 def e2b_env(sdk_backend: str) -> Iterator[str]:
     """E2B's ``e2b`` package pointed at the session backend for one test (see :func:`e2b_pointed_at`);

@@ -1,0 +1,186 @@
+"""The code interpreter's first answer, with the kernel already running in the snapshot against a
+kernel started after the restore, side by side in one run (issue 15).
+
+    python benchmarks/code_interpreter.py [--config configs/example_config.toml] [-n 50] [--idle 5]
+
+One backend (``trenvx serve``, no pools: every create is a cold restore, a new VMM process), driven
+through E2B's unmodified ``e2b_code_interpreter`` package. For each of ``-n`` rounds, a fresh
+sandbox of ``code-interpreter`` per measurement:
+
+- **trenvx** ``1+1``: create -> the first ``run_code("1+1")`` result (the kernel in the snapshot);
+- **trenvx** chart: create -> the first matplotlib PNG (matplotlib imported in the snapshot too);
+- **command**: create -> ``commands.run("true")`` answered: the issue's bar is the first result no
+  later than this plus 100 ms;
+- **baseline** ``1+1`` and chart: create -> a new context (a kernel started after the restore, as a
+  platform without the kernel in its snapshot pays) -> its first result / PNG.
+
+Then ``--idle`` sandboxes left idle for 10 s: host memory (PSS of each VMM process) per sandbox.
+A table on stdout, JSON in benchmarks/results/. Every figure names the accelerator (TCG here:
+guest code is 10-50x slower than under KVM, and a new kernel's imports are guest code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+
+from _common import pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
+from start_latency import Server, free_port
+
+from trenvx.config import PoolConfig, load_config
+from trenvx.layout import DataRoot
+from trenvx.template.store import TemplateStore
+
+TEMPLATE = "code-interpreter"
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1 << 20
+CHART = ("import matplotlib.pyplot as plt\nplt.figure(figsize=(4, 3), dpi=100)\n"
+         "plt.plot([1, 2, 3], [1, 4, 9])\nplt.show()")
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99), "max": max(xs) if xs else float("nan")}
+
+
+def measure_round(url: str) -> dict[str, float]:
+    """One of each measurement, each on a sandbox of its own (sync: the SDK is the user's)."""
+    from e2b_code_interpreter import Sandbox
+
+    out: dict[str, float] = {}
+
+    def timed(name: str, body: Any) -> None:
+        t0 = time.perf_counter()
+        sbx = Sandbox.create(TEMPLATE, timeout=300)
+        try:
+            body(sbx)
+            out[name] = time.perf_counter() - t0
+        finally:
+            sbx.kill()
+
+    def first_result(sbx: Any) -> None:
+        if sbx.run_code("1+1").text != "2":
+            raise RuntimeError("1+1 did not answer 2")
+
+    def first_png(sbx: Any, context: Any = None) -> None:
+        execution = sbx.run_code(CHART, context=context)
+        if execution.error is not None or not any(r.png for r in execution.results):
+            raise RuntimeError(f"no PNG: {execution.error or execution.results}")
+
+    def command(sbx: Any) -> None:
+        sbx.commands.run("true")
+
+    def baseline_result(sbx: Any) -> None:
+        ctx = sbx.create_code_context()
+        if sbx.run_code("1+1", context=ctx).text != "2":
+            raise RuntimeError("1+1 in a new context did not answer 2")
+
+    def baseline_png(sbx: Any) -> None:
+        first_png(sbx, sbx.create_code_context())
+
+    timed("trenvx_result", first_result)
+    timed("trenvx_png", first_png)
+    timed("command", command)
+    timed("baseline_result", baseline_result)
+    timed("baseline_png", baseline_png)
+    return out
+
+
+async def idle_memory(url: str, n: int) -> dict[str, float]:
+    from e2b_code_interpreter import Sandbox
+
+    boxes = [await asyncio.to_thread(Sandbox.create, TEMPLATE, timeout=300) for _ in range(n)]
+    try:
+        for b in boxes:
+            await asyncio.to_thread(b.run_code, "1+1")  # touched once, as a user would
+        await asyncio.sleep(10)
+        pss = []
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            for b in boxes:
+                info = (await c.get(f"/sandboxes/{b.sandbox_id}")).json().get("trenvx") or {}
+                pss.append(float(info.get("pssBytes") or 0) / MiB)
+        return {"n": n, "pss_mib_mean": sum(pss) / max(1, len(pss)), "pss_mib": pss}
+    finally:
+        for b in boxes:
+            await asyncio.to_thread(b.kill)
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=os.environ.get("TRENVX_CONFIG", "configs/example_config.toml"))
+    ap.add_argument("-n", type=int, default=50, help="rounds (default 50)")
+    ap.add_argument("--idle", type=int, default=5, help="idle sandboxes for the memory figure (default 5)")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+
+    base = load_config(args.config)
+    if TEMPLATE not in base.template:
+        print(f"{args.config} has no template {TEMPLATE!r}", file=sys.stderr)
+        return 2
+    build = TemplateStore(DataRoot(base.data_root)).current(TEMPLATE)  # TemplateNotFound says how to build it
+    accel = build.manifest.machine.accelerator
+    work = Path(tempfile.mkdtemp(prefix="ci-bench-"))
+    port = free_port()
+    orch = base.orchestrator.model_copy(update={"port": port, "host": "127.0.0.1", "api_key": "",
+                                                "max_timeout_s": 3600, "keep_on_exit": False})
+    cfg = base.model_copy(update={"orchestrator": orch, "pool": PoolConfig(templates=[TEMPLATE], warm_min=0,
+                                                                            warm_max=0, hot_min=0, hot_max=0)})
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    for t in data.get("template", {}).values():
+        t.pop("name", None)
+    (work / "config.toml").write_text(tomli_w.dumps(data))
+    server = Server(work / "config.toml", port, work / "server.log")
+    os.environ.update({"E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url, "E2B_API_KEY": "benchmark"})
+    os.environ.pop("E2B_DEBUG", None)
+    rounds: list[dict[str, float]] = []
+    try:
+        await server.start()
+        for i in range(args.n):
+            rounds.append(await asyncio.to_thread(measure_round, server.url))
+            print(f"round {i + 1}/{args.n}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in rounds[-1].items()),
+                  file=sys.stderr)
+        memory = await idle_memory(server.url, args.idle) if args.idle else {}
+    finally:
+        await server.stop()
+
+    cols = {k: summary([r[k] for r in rounds]) for k in rounds[0]} if rounds else {}
+    print(f"\ncode interpreter: template {TEMPLATE} ({build.manifest.machine.mem_mb} MiB guest), accelerator "
+          f"{accel.upper()}, {os.cpu_count()} cores, {args.n} rounds, cold creates (no pools)")
+    print(f"{'create ->':<40} {'p50':>8} {'p99':>8}")
+    labels = {
+        "trenvx_result": "first 1+1 result (kernel in the snapshot)",
+        "baseline_result": "first 1+1 result (kernel after restore)",
+        "trenvx_png": "first PNG (kernel in the snapshot)",
+        "baseline_png": "first PNG (kernel after restore)",
+        "command": "commands.run('true') answered",
+    }
+    for key, label in labels.items():
+        if key in cols:
+            print(f"{label:<40} {cols[key]['p50'] * 1000:>6.0f}ms {cols[key]['p99'] * 1000:>6.0f}ms")
+    if cols:
+        gap = (cols["trenvx_result"]["p50"] - cols["command"]["p50"]) * 1000
+        print(f"first result - command round trip (p50): {gap:+.0f} ms (bar: <= +100 ms)")
+    if memory:
+        print(f"idle code-interpreter sandbox: {memory['pss_mib_mean']:.1f} MiB PSS each ({memory['n']} idle, 10 s)")
+    out = {"benchmark": "code_interpreter", "template": TEMPLATE, "accelerator": accel, "host": platform.node(),
+           "cores": os.cpu_count(), "rounds": rounds, "summary": cols, "idle_memory": memory,
+           "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path = Path(args.json) if args.json else RESULTS / f"code-interpreter-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str))
+    print(f"JSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cancellable(main))
