@@ -14,6 +14,7 @@ import pytest_asyncio
 from tests.e2e.server_helpers import e2b_pointed_at
 from trenvx.build_errors import BuildError
 from trenvx.config import Config, load_config
+from trenvx.template.store import TemplateBuild
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = "default-sandbox"
@@ -41,58 +42,48 @@ def keyed_backend(keyed_backend_url: str) -> str:
     return keyed_backend_url
 
 
-def shipped_config(e2e_config: Config) -> Config:
-    """The e2e config (data_root, network) plus the shipped default-sandbox template, unchanged."""
-    example = load_config(REPO / "configs" / "example_config.toml")
-    return e2e_config.model_copy(update={"template": {**e2e_config.template, SHIPPED: example.get_template(SHIPPED)}})
-
-
-@pytest_asyncio.fixture(scope="session")
-async def shipped_template(e2e_config: Config, test_template: str) -> str:
-    """default-sandbox built into the session's data_root (whose templates the backends serve), once
-    per run and reused while its inputs are unchanged (shared with the demo's: the inputs are the
-    same). Skipped, with the reason, only where Debian's mirror cannot be reached for its packages."""
-    from trenvx.template.builder import TemplateBuilder
-
-    try:
-        result = await TemplateBuilder(shipped_config(e2e_config)).build(SHIPPED)
-    except BuildError as e:
-        if e.stage == "rootfs" and NETWORK_FAILURE.search(str(e)):
-            pytest.skip(f"{SHIPPED} installs packages from Debian's mirror, which is not reachable here: {e}")
-        raise
-    print(f"\n{SHIPPED}: {'reused' if result.skipped else 'built'} {result.build.build_id} "
-          f"{result.build.manifest.stage_seconds}")
-    assert (result.build.default_user, result.build.default_workdir) == ("user", "/home/user")
-    return SHIPPED
-
-
 CODE_INTERPRETER = "code-interpreter"
 """The shipped code-interpreter template (configs/example_config.toml, aliases code-interpreter-v1
 and default-code-interpreter): a Jupyter kernel with numpy, pandas and matplotlib in its snapshot."""
 
 
-def shipped_code_interpreter_config(e2e_config: Config) -> Config:
-    """The e2e config plus the shipped code-interpreter template, unchanged (its Dockerfile resolved
-    against configs/)."""
+def shipped_config(e2e_config: Config, name: str = SHIPPED) -> Config:
+    """The e2e config (data_root, network) plus the shipped template ``name``, unchanged (its
+    Dockerfile resolved against configs/)."""
     example = load_config(REPO / "configs" / "example_config.toml")
-    return e2e_config.model_copy(
-        update={"template": {**e2e_config.template, CODE_INTERPRETER: example.get_template(CODE_INTERPRETER)}})
+    return e2e_config.model_copy(update={"template": {**e2e_config.template, name: example.get_template(name)}})
+
+
+async def build_shipped(e2e_config: Config, name: str) -> TemplateBuild:
+    """The shipped template ``name`` built into the session's data_root (whose templates the
+    backends serve), reused while its inputs are unchanged. Skipped, with the reason, only where
+    Debian's mirror cannot be reached for its packages."""
+    from trenvx.template.builder import TemplateBuilder
+
+    try:
+        result = await TemplateBuilder(shipped_config(e2e_config, name)).build(name)
+    except BuildError as e:
+        if e.stage == "rootfs" and NETWORK_FAILURE.search(str(e)):
+            pytest.skip(f"{name} installs packages from Debian's mirror, which is not reachable here: {e}")
+        raise
+    print(f"\n{name}: {'reused' if result.skipped else 'built'} {result.build.build_id} "
+          f"{result.build.manifest.stage_seconds}")
+    return result.build
+
+
+@pytest_asyncio.fixture(scope="session")
+async def shipped_template(e2e_config: Config, test_template: str) -> str:
+    """default-sandbox, once per run (shared with the demo's: the inputs are the same)."""
+    build = await build_shipped(e2e_config, SHIPPED)
+    assert (build.default_user, build.default_workdir) == ("user", "/home/user")
+    return SHIPPED
 
 
 @pytest_asyncio.fixture(scope="session")
 async def code_interpreter_template(e2e_config: Config, test_template: str) -> str:
-    """code-interpreter built into the session's data_root once per run (reused while its inputs are
-    unchanged); its build records its aliases, so any server of the data root answers to them."""
-    from trenvx.template.builder import TemplateBuilder
-
-    try:
-        result = await TemplateBuilder(shipped_code_interpreter_config(e2e_config)).build(CODE_INTERPRETER)
-    except BuildError as e:
-        if e.stage == "rootfs" and NETWORK_FAILURE.search(str(e)):
-            pytest.skip(f"{CODE_INTERPRETER} installs packages from Debian's mirror, which is not reachable here: {e}")
-        raise
-    print(f"\n{CODE_INTERPRETER}: {'reused' if result.skipped else 'built'} {result.build.build_id} "
-          f"{result.build.manifest.stage_seconds}")
+    """code-interpreter, once per run; its build records its aliases, so any server of the data
+    root answers to them."""
+    await build_shipped(e2e_config, CODE_INTERPRETER)
     return CODE_INTERPRETER
 
 
