@@ -164,6 +164,21 @@ async def test_tiny_dockerfile_rootfs_leaves_nothing_behind(tmp_path: Path):
             assert len(_our_containers() - before_c) == 1
         assert _our_containers() == before_c, "buildah containers left behind"
         assert _buildah_mounts() == before_m, "mounts left behind"
+        # unchanged inputs: the image is reused, its RUN steps do not run again; --force rebuilds it
+        said: list[str] = []
+        async with prepared_rootfs(t, DATA_ROOT, said.append) as tree:
+            assert (tree.path / "hello").read_text() == "hi\n" and not (tree.path / "writable").exists()
+        assert any("is up to date" in m for m in said), said
+        said.clear()
+        async with prepared_rootfs(t, DATA_ROOT, said.append, reuse_image=False):
+            pass
+        assert any("buildah build" in m for m in said) and not any("is up to date" in m for m in said), said
+        # a changed context is a new image
+        (tmp_path / "new-file").write_text("changes the context")
+        said.clear()
+        async with prepared_rootfs(t, DATA_ROOT, said.append):
+            pass
+        assert any("buildah build" in m for m in said), said
     finally:
         _rmi("localhost/trenvx-tmpl/trenvx-test-tiny:latest")
 

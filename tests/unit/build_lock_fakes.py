@@ -43,7 +43,7 @@ class FakeStagesBuilder(TemplateBuilder):
         self.gate = gate
 
     async def _build(self, tpl: TemplateConfig, build_id: str, staging: Path, digest: str,
-                     inputs: dict[str, str]) -> BuildResult:
+                     inputs: dict[str, str], *, force: bool = False) -> BuildResult:
         journal(self.journal_path, f"start {os.getpid()} {build_id}")
         for name in (ROOTFS, MEMORY, VMSTATE):
             (staging / name).write_bytes(f"{build_id} {name}".encode())

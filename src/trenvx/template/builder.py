@@ -213,7 +213,7 @@ class TemplateBuilder:
             staging = self.store.staging_dir(name, build_id)
             staging.mkdir(parents=True)
             try:
-                return await self._build(tpl, build_id, staging, digest, inputs)
+                return await self._build(tpl, build_id, staging, digest, inputs, force=force)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -250,7 +250,8 @@ class TemplateBuilder:
         return result
 
     async def _build(
-        self, tpl: TemplateConfig, build_id: str, staging: Path, digest: str, inputs: dict[str, str]
+        self, tpl: TemplateConfig, build_id: str, staging: Path, digest: str, inputs: dict[str, str],
+        *, force: bool = False,
     ) -> BuildResult:
         times: dict[str, float] = {}
         say = self.reporter.message
@@ -271,7 +272,8 @@ class TemplateBuilder:
         say(f"accelerator: {accel.name} ({accel.reason})")
 
         async def rootfs_stage() -> tuple[str, int, Account, bool]:
-            async with prepared_rootfs(tpl, self.data_root, say) as tree:
+            # --force also rebuilds a Dockerfile's image (new packages), not only the VM's stages
+            async with prepared_rootfs(tpl, self.data_root, say, reuse_image=not force) as tree:
                 check_python(tree.path)
                 inject_guest_files(tree.path, AGENT_SRC, {INTERPRETER_PACKAGE: INTERPRETER_SRC} if tpl.code_interpreter else {})
                 account = find_account(tree.path, tpl.user)

@@ -47,6 +47,8 @@ BASE_INCLUDE = ("python3", "ca-certificates")
 BASE_IMAGE = "localhost/trenvx-base:bookworm"
 BASE_ALIASES = ("docker.io/library/debian:bookworm",)
 BASE_LABEL = "org.trenvx.base-digest"
+ROOTFS_LABEL = "org.trenvx.rootfs-digest"
+"""On a Dockerfile's image: the rootfs digest it was built from (reused while it matches)."""
 CONTAINER_PREFIX = "trenvx-rootfs-"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
@@ -520,7 +522,8 @@ async def _buildah_cleanup(bh: Buildah, name: str) -> None:
     await bh("rm", name, check=False)
 
 
-async def _buildah_image_for(template: TemplateConfig, bh: Buildah, data_root: DataRoot, log: Log) -> tuple[str, str]:
+async def _buildah_image_for(template: TemplateConfig, bh: Buildah, data_root: DataRoot, log: Log,
+                             reuse_image: bool = True) -> tuple[str, str]:
     """Build or fetch the template's image in buildah's storage; return (image, description)."""
     if template.dockerfile:
         df = Path(template.dockerfile)
@@ -539,6 +542,14 @@ async def _buildah_image_for(template: TemplateConfig, bh: Buildah, data_root: D
         pull = "never" if (template.no_pull or local) else "false"
         tag = image_tag(template.name)
         previous = await bh.inspect_image(tag)
+        # Built from trenvx's base only: the image is a function of the Dockerfile, its context and
+        # the base, all in the rootfs digest, so an image labelled with that digest is reused (an
+        # agent or interpreter change used to re-run every RUN step, minutes of apt per build).
+        digest = rootfs_input_digest(template)
+        cacheable = bool(froms) and all(_is_base_ref(ref) for ref in froms)
+        if reuse_image and cacheable and previous is not None and bh.labels(previous).get(ROOTFS_LABEL) == digest:
+            log(f"rootfs: {tag} is up to date (Dockerfile, context and base unchanged)")
+            return tag, f"Dockerfile {df} via buildah"
         log(f"rootfs: buildah build {df} (context {ctx}) -> {tag}")
         try:
             await bh(
@@ -546,6 +557,7 @@ async def _buildah_image_for(template: TemplateConfig, bh: Buildah, data_root: D
                 "--isolation", "chroot",
                 f"--pull={pull}",
                 *host_ca_volume(),
+                *(["--label", f"{ROOTFS_LABEL}={digest}"] if cacheable else []),
                 "-f", df,
                 "-t", tag,
                 ctx,
@@ -600,10 +612,11 @@ async def _buildah_image_for(template: TemplateConfig, bh: Buildah, data_root: D
 
 
 @asynccontextmanager
-async def _buildah_rootfs(template: TemplateConfig, data_root: DataRoot, log: Log, digest: str) -> AsyncIterator[RootfsTree]:
+async def _buildah_rootfs(template: TemplateConfig, data_root: DataRoot, log: Log, digest: str,
+                          reuse_image: bool = True) -> AsyncIterator[RootfsTree]:
     bh = Buildah(data_root, log)
     await bh.remove_stale_containers()
-    image, source = await _buildah_image_for(template, bh, data_root, log)
+    image, source = await _buildah_image_for(template, bh, data_root, log, reuse_image)
     name = _container_name()
     try:
         # inside the try: a cancel during `from` (a full copy with vfs) must still remove the container
@@ -712,7 +725,9 @@ async def _docker_image_for(template: TemplateConfig, data_root: DataRoot, log: 
 
 
 @asynccontextmanager
-async def _docker_rootfs(template: TemplateConfig, data_root: DataRoot, log: Log, digest: str) -> AsyncIterator[RootfsTree]:
+async def _docker_rootfs(template: TemplateConfig, data_root: DataRoot, log: Log, digest: str,
+                         reuse_image: bool = True) -> AsyncIterator[RootfsTree]:
+    # (docker's own layer cache decides what a build re-runs; reuse_image is buildah's)
     image, source = await _docker_image_for(template, data_root, log)
     work = Path(tempfile.mkdtemp(prefix=".rootfs-", dir=data_root.cache))
     name = _container_name()
@@ -745,13 +760,15 @@ async def choose_builder() -> str:
 
 
 @asynccontextmanager
-async def prepared_rootfs(template: TemplateConfig, data_root: DataRoot, log: Log = print) -> AsyncIterator[RootfsTree]:
-    """Yield the template's root filesystem as a writable directory; clean up everything on exit."""
+async def prepared_rootfs(template: TemplateConfig, data_root: DataRoot, log: Log = print, *,
+                          reuse_image: bool = True) -> AsyncIterator[RootfsTree]:
+    """Yield the template's root filesystem as a writable directory; clean up everything on exit.
+    ``reuse_image=False``: build a Dockerfile's image again even if its inputs are unchanged."""
     data_root.cache.mkdir(parents=True, exist_ok=True)
     digest = rootfs_input_digest(template)
     builder = await choose_builder()
     cm = _docker_rootfs if builder == "docker" else _buildah_rootfs
-    async with cm(template, data_root, log, digest) as tree:
+    async with cm(template, data_root, log, digest, reuse_image) as tree:
         yield tree
 
 
