@@ -227,3 +227,36 @@ async def test_trenvx_x_code_interpreter_exec_cell(ci_server) -> None:
         assert failed.error is not None and failed.error.name == "KeyError"
     finally:
         await ci.close() if hasattr(ci, "close") else await ci.kill()
+
+
+def test_a_hot_pooled_sandbox_was_warmed_silently(tmp_path_factory, e2e_config, code_interpreter_template) -> None:
+    """A server whose pool holds code-interpreter VMs: they ran one silent cell when warmed up, so
+    a user's first cell is still execution 1, and two pooled sandboxes draw different numbers."""
+    import httpx
+    from e2b_code_interpreter import Sandbox
+
+    from .server_helpers import wait_until
+
+    def hot_ready(url: str) -> bool:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        m = re.search(rf'trenvx_pool_ready{{template="{code_interpreter_template}",tier="hot"}} (\S+)', text)
+        return bool(m) and float(m.group(1)) >= 1
+
+    with running_server(tmp_path_factory.mktemp("ci-pool"), e2e_config, template=code_interpreter_template) as srv, \
+            e2b_pointed_at(srv.url):
+        assert wait_until(lambda: hot_ready(srv.url), 300, 1.0), "no hot code-interpreter VM in the pool"
+        a = Sandbox.create(timeout=120)
+        try:
+            source = httpx.get(f"{srv.url}/sandboxes/{a.sandbox_id}", timeout=30).json()["trenvx"]["startSource"]
+            assert source == "hot"
+            first = a.run_code("1+1")
+            assert first.text == "2" and first.execution_count == 1, first
+            assert wait_until(lambda: hot_ready(srv.url), 300, 1.0)
+            b = Sandbox.create(timeout=120)
+            try:
+                draw = "import random, numpy as np; (random.random(), float(np.random.rand()))"
+                assert a.run_code(draw).text != b.run_code(draw).text
+            finally:
+                b.kill()
+        finally:
+            a.kill()

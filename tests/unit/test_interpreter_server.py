@@ -208,6 +208,18 @@ def test_state_across_cells_stdout_and_value(http: httpx.Client) -> None:
     assert of_type(lines, "number_of_executions")[0]["execution_count"] == counts[0]["execution_count"] + 1
 
 
+def test_a_silent_cell_runs_without_output_or_count(http: httpx.Client) -> None:
+    """trenvx's pools warm a sandbox's request path with a silent cell: it runs, gives no result
+    and no execution count (what it prints still streams), and the user's first cell still
+    counts as the next one."""
+    before = of_type(execute(http, "1"), "number_of_executions")[0]["execution_count"]
+    lines = execute(http, "warmed = 6 * 7\nwarmed", silent=True)
+    assert lines == [{"type": "end_of_execution"}], lines
+    after = execute(http, "warmed")
+    assert main_result(after)["text"] == "42", "the silent cell ran"
+    assert of_type(after, "number_of_executions")[0]["execution_count"] == before + 1
+
+
 def test_the_default_kernel_has_numpy_pandas_and_matplotlib_loaded(http: httpx.Client, server: Server) -> None:
     loaded = value(http, "[sorted(m for m in ('numpy', 'pandas', 'matplotlib.pyplot') "
                          "if m in __import__('sys').modules), __import__('os').getcwd()]")
@@ -440,6 +452,7 @@ def test_a_dead_kernel_is_reported_and_restarted(http: httpx.Client) -> None:
     (json.dumps({"code": "1", "env_vars": ["A"]}).encode(), 400, "env_vars must be an object"),
     (json.dumps({"code": "1", "env_vars": {"A": "x\u0000"}}).encode(), 400, "NUL"),
     (json.dumps({"code": "1", "timeout": -1}).encode(), 400, "timeout must be a number"),
+    (json.dumps({"code": "1", "silent": "yes"}).encode(), 400, "silent must be true or false"),
 ])
 def test_bad_execute_requests(http: httpx.Client, body: bytes, status: int, words: str) -> None:
     response = http.post("/execute", content=body, headers={"content-type": "application/json"})

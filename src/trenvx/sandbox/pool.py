@@ -57,6 +57,15 @@ Measured: with refills at normal priority, hot creates during a sequential run t
 instead of ~30 ms."""
 
 
+INTERPRETER_WARMUP = (
+    "python3 -c \"import json, urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:49999/execute', "
+    "data=json.dumps({'code': '1+1', 'silent': True}).encode(), headers={'Content-Type': 'application/json'}), "
+    "timeout=60).read()\""
+)
+"""A hot VM of a code-interpreter template runs one silent cell (no output, no execution count)
+through its interpreter, so a user's first ``run_code`` finds that path translated (TCG) too."""
+
+
 @dataclass(eq=False)
 class PooledVm:
     """A VM made ahead of a create. ``prepared`` carries the VMM, the sandbox directory and stage times."""
@@ -277,6 +286,11 @@ class TemplatePool:
                         f"pool.hot_warmup_cmd {self.config.hot_warmup_cmd!r} exited with {res.exit_code}: "
                         f"{res.stderr[-300:].decode(errors='replace')}"
                     )
+            if item.build.manifest.config.get("code_interpreter"):
+                res = await asyncio.wait_for(agent.run(INTERPRETER_WARMUP, user="root"), WARMUP_TIMEOUT_S)
+                if res.exit_code != 0:
+                    raise RuntimeError(f"the code interpreter's warm-up cell failed (exit {res.exit_code}): "
+                                       f"{res.stderr[-300:].decode(errors='replace')}")
             await agent.health()
         # Paused while it waits: an idle guest under TCG still costs ~5% of a core (timer ticks,
         # the agent's polls), which 100 pooled VMs turned into a saturated host. Resuming takes ~1 ms

@@ -95,6 +95,9 @@ class Execution:
     code: str
     env: dict[str, str]
     bound_s: float | None
+    silent: bool = False
+    """Run it as Jupyter's silent cell: no output, no history, the execution count unchanged (a
+    warm-up: the request path runs once, translated under TCG, before a user's first cell)."""
     lines: queue.SimpleQueue[outputs.Output | None] = field(default_factory=queue.SimpleQueue)
     _cancel_reason: str | None = None
 
@@ -369,7 +372,8 @@ class Kernel:
     def _run_cell(self, ex: Execution) -> None:
         kc, km = self._kc, self._km
         assert kc is not None and km is not None
-        msg_id = kc.execute(ex.code, silent=False, store_history=True, allow_stdin=False, stop_on_error=False)
+        msg_id = kc.execute(ex.code, silent=ex.silent, store_history=not ex.silent, allow_stdin=False,
+                            stop_on_error=False)
         started = time.monotonic()
         deadline = started + ex.bound_s if ex.bound_s else None
         interrupted_at: float | None = None
@@ -433,7 +437,7 @@ class Kernel:
             count = reply["execution_count"]
         if interrupted_at is not None and not saw_error:
             ex.emit(outputs.error("KeyboardInterrupt", f"interrupted: {interrupt_reason}", ""))
-        if count is not None:
+        if count is not None and not ex.silent:
             ex.emit(outputs.execution_count(count))
 
     def _interrupt(self) -> None:

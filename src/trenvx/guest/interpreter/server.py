@@ -8,8 +8,9 @@ Routes (errors are JSON ``{"error": "..."}`` with 400, 404, 405, 411, 413 or 503
   ``application/x-ndjson``, chunked, one output object per line as it happens
   (:mod:`.outputs`). ``context_id`` and ``language`` exclude each other; neither: the
   default python context. ``timeout`` (seconds, a trenvx addition E2B's SDKs do not send)
-  bounds this cell below the server's ``--max-execution-s``. A client that disconnects
-  interrupts its cell.
+  bounds this cell below the server's ``--max-execution-s``; ``silent`` (trenvx's too) runs it
+  as Jupyter's silent cell, no output and no execution count (trenvx's pools warm the request
+  path with one). A client that disconnects interrupts its cell.
 * ``POST /contexts`` ``{"language"?, "cwd"?}``: 201 ``{"id", "language", "cwd"}``
 * ``GET /contexts``: 200, the list of contexts (the default ones included)
 * ``DELETE /contexts/{id}``: 204; ``POST /contexts/{id}/restart``: 204
@@ -293,9 +294,12 @@ class Interpreter:
         except ValueError as exc:
             raise HttpError(400, str(exc)) from None
         bound = self._bound(body.get("timeout"))
+        silent = body.get("silent", False)
+        if not isinstance(silent, bool):
+            raise HttpError(400, "silent must be true or false")
         ctx = self._context_for(context_id, language_name)
         self.contexts.before_execution()
-        execution = Execution(code, env, bound)
+        execution = Execution(code, env, bound, silent=silent)
         ctx.kernel.submit(execution)
         self._stream(req, execution)
 
