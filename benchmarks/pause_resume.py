@@ -10,7 +10,8 @@ process per create, the baseline). For each amount W of guest memory written (Mi
   pages stay written (the agent and the kernel write a few MiB of their own);
 - ``--repeat`` times: **pause** (freeze, save the difference from the template, end the VMM) and
   **resume** (a new VMM over the template's memory file + the saved pages, thaw, identity) until
-  the sandbox answers a command again; the process that wrote W MiB must still be running;
+  its agent answered, as a create is timed (then, untimed, it must answer a command and the
+  process that wrote W MiB must still be running);
 - **written** is what the sandbox really changed: the anonymous (copied-on-write) part of its
   guest RAM mapping in /proc/<qemu>/smaps just before the pause; **stored** is what the pause kept
   (device state + the pages that differ from the template). The issue's target: stored within
@@ -109,9 +110,9 @@ async def measure_pauses(m: SandboxManager, template: str, written_mib: int, rep
             pauses.append(time.perf_counter() - t0)
             stored.append(sb.pause_info.stored_bytes if sb.pause_info else 0)
             t0 = time.perf_counter()
-            await m.resume(sb.id)
-            r = await sb.run("echo back", user="root")
+            await m.resume(sb.id)  # returns once the resumed sandbox's agent answered, as a create does
             resumes.append(time.perf_counter() - t0)
+            r = await sb.run("echo back", user="root")  # (untimed: the baseline's creates run no command)
             if r.stdout.strip() not in ("back", b"back"):
                 raise RuntimeError(f"the resumed sandbox answered {r.stdout!r}")
             if written_mib:
