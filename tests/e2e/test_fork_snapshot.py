@@ -75,14 +75,17 @@ def snapshot_dirs(e2e_config) -> set[str]:
     import json
 
     out = set()
-    for manifest in templates_dir(e2e_config).glob(f"*/*/{MANIFEST}"):
-        if manifest.parent.is_symlink():
-            continue  # a template's current build, listed under its own name too
-        try:
-            if json.loads(manifest.read_text()).get("snapshot"):
-                out.add(str(manifest.parent))
-        except (OSError, ValueError):
+    for template in list(templates_dir(e2e_config).iterdir()):
+        try:  # the server may remove a snapshot while this reads (a fork's, with its last child)
+            builds = [b for b in template.iterdir() if not b.is_symlink()]
+        except OSError:
             continue
+        for build in builds:
+            try:
+                if json.loads((build / MANIFEST).read_text()).get("snapshot"):
+                    out.add(str(build))
+            except (OSError, ValueError):
+                continue
     return out
 
 
