@@ -3,10 +3,10 @@ qcow2 layer), never a copy."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-QEMU_IMG_TIMEOUT_S = 30.0
+from ..vmm.qemu_img import QemuImgError
+from ..vmm.qemu_img import qemu_img as run_qemu_img
 
 
 class DiskError(Exception):
@@ -21,18 +21,11 @@ async def create_overlay(base: Path, overlay: Path, backing_format: str = "raw",
     snapshot's qcow2 layer (``backing_format="qcow2"``; its own backing chain stays as it is)."""
     if backing_format not in BACKING_FORMATS:
         raise DiskError(f"cannot put an overlay on a {backing_format!r} image; backing formats: {', '.join(BACKING_FORMATS)}")
-    proc = await asyncio.create_subprocess_exec(
-        qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", backing_format, str(overlay),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), QEMU_IMG_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise DiskError(f"qemu-img create {overlay} timed out after {QEMU_IMG_TIMEOUT_S:.0f}s") from None
-    if proc.returncode != 0:
-        raise DiskError(f"qemu-img create {overlay} on {base} failed: {out.decode(errors='replace').strip()}")
+        await run_qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", backing_format, str(overlay),
+                           binary=qemu_img)
+    except QemuImgError as e:
+        raise DiskError(f"the overlay {overlay} on {base} could not be made: {e}") from None
     return overlay
 
 

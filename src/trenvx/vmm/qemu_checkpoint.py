@@ -51,6 +51,7 @@ from .base import VmmError, VmState
 from .qemu import QemuDriver, QemuVm
 from .ram_pages import PAGE_SIZE as HOST_PAGE
 from .ram_pages import file_pages_present, mapping_of, page_out
+from .qemu_img import qemu_img
 from .qemu_stream import StreamFormatError, StreamStats, merge_into
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,6 @@ VMSTATE = "vmstate"
 LAYER = "layer.qcow2"
 BANDWIDTH = 64 << 30
 """``max-bandwidth`` (bytes/s) of the migration: QEMU's default (128 MiB/s) is for networks."""
-QEMU_IMG_TIMEOUT_S = 30.0
 STREAM = ".stream"
 FINALIZE_TIMEOUT_S = 30.0
 """The migration stream, in ``dest`` until it is merged."""
@@ -192,7 +192,7 @@ async def switch_disk(vm: QemuVm, disk: Path) -> Path:
     layer, top = disk.with_name(f"layer-{n}.qcow2"), disk.with_name(f"top-{n}.qcow2")
     os.link(disk, layer)
     try:
-        await _qemu_img("create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(layer), str(top), str(size))
+        await qemu_img("create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(layer), str(top), str(size))
         os.chmod(top, 0o600)
         await vm.execute("blockdev-snapshot-sync", {
             "device": DRIVE_ID, "snapshot-file": str(top), "format": "qcow2", "mode": "existing",
@@ -206,20 +206,6 @@ async def switch_disk(vm: QemuVm, disk: Path) -> Path:
     os.link(top, tmp)
     os.replace(tmp, disk)
     return layer
-
-
-async def _qemu_img(*args: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), QEMU_IMG_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise VmmError(f"qemu-img {args[0]} timed out after {QEMU_IMG_TIMEOUT_S:.0f}s") from None
-    if proc.returncode != 0:
-        raise VmmError(f"qemu-img {' '.join(args)} failed: {out.decode(errors='replace').strip()}")
 
 
 async def _migrate_to_file(driver: QemuDriver, vm: QemuVm, stream: Path) -> None:
