@@ -41,6 +41,8 @@ DEFAULT_DATA_ROOT = Path("/var/lib/trenvx")
 DEFAULT_PORT = 5000
 AGENT_PORT = 49983
 """The TCP port the guest agent listens on inside every VM (the port of E2B's envd)."""
+INTERPRETER_PORT = 49999
+"""The code interpreter's port in templates that run it (E2B's code-interpreter port)."""
 USER_NAME_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 """A portable account name (what Debian's adduser accepts by default)."""
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import PoolConfig
+from ..config import INTERPRETER_PORT, PoolConfig
 from ..guest.client import AgentClient
 from ..layout import DataRoot
 from ..template.store import TemplateBuild, TemplateNotFound, TemplateStore
@@ -58,7 +58,8 @@ instead of ~30 ms."""
 
 
 INTERPRETER_WARMUP = (
-    "python3 -c \"import json, urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:49999/execute', "
+    "python3 -c \"import json, urllib.request as u; "
+    f"u.urlopen(u.Request('http://127.0.0.1:{INTERPRETER_PORT}/execute', "
     "data=json.dumps({'code': '1+1', 'silent': True}).encode(), headers={'Content-Type': 'application/json'}), "
     "timeout=60).read()\""
 )

@@ -37,7 +37,7 @@ from typing import Any, Protocol, TypeVar
 
 from .. import __version__
 from ..filelock import AsyncFileLock
-from ..config import Config, TemplateConfig, VmmType
+from ..config import INTERPRETER_PORT, Config, TemplateConfig, VmmType
 from ..guest.client import AgentClient
 from ..kernel.debian import ensure_kernel
 from ..kernel.initramfs import BUILDER_VERSION as INITRAMFS_VERSION
@@ -454,8 +454,6 @@ async def wait_until_idle(vm: Vm, *, timeout_s: float = SETTLE_TIMEOUT_S) -> flo
     return waited
 
 
-INTERPRETER_PORT = 49999
-"""E2B's code-interpreter port (its SDK's JUPYTER_PORT)."""
 INTERPRETER_CMD = f"PYTHONPATH=/opt/trenvx exec python3 -m trenvx_interpreter --port {INTERPRETER_PORT}"
 """The code interpreter's server (src/trenvx/guest/interpreter), started as root before ``start_cmd``
 in templates with ``code_interpreter = true``; it starts the kernels as the template's user."""
