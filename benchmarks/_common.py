@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -35,3 +36,12 @@ def run_cancellable(main: Callable[[], Awaitable[int]]) -> int:
             return 130
 
     return asyncio.run(guarded())
+
+
+def config_as_toml_data(cfg: Any) -> dict[str, Any]:
+    """A :class:`trenvx.config.Config` as the dict a config file holds (``tomli_w.dumps`` of it is
+    loadable by ``trenvx serve --config``): template tables without their derived ``name``."""
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    for t in data.get("template", {}).values():
+        t.pop("name", None)
+    return data

@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 import tomli_w
 
-from _common import pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
+from _common import config_as_toml_data, pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
 from start_latency import Server, free_port
 
 from trenvx.config import PoolConfig, load_config
@@ -143,10 +143,7 @@ async def main() -> int:
                                                 "max_timeout_s": 3600, "keep_on_exit": False})
     cfg = base.model_copy(update={"orchestrator": orch, "pool": PoolConfig(templates=[TEMPLATE], warm_min=0,
                                                                             warm_max=0, hot_min=0, hot_max=0)})
-    data = cfg.model_dump(mode="json", exclude_none=True)
-    for t in data.get("template", {}).values():
-        t.pop("name", None)
-    (work / "config.toml").write_text(tomli_w.dumps(data))
+    (work / "config.toml").write_text(tomli_w.dumps(config_as_toml_data(cfg)))
     server = Server(work / "config.toml", port, work / "server.log")
     os.environ.update({"E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url, "E2B_API_KEY": "benchmark"})
     os.environ.pop("E2B_DEBUG", None)
@@ -164,10 +161,7 @@ async def main() -> int:
     if args.hot:
         hot = cfg.model_copy(update={"pool": PoolConfig(templates=[TEMPLATE], warm_min=0, warm_max=0, hot_min=1,
                                                         hot_max=1, hot_warmup_cmd=base.pool.hot_warmup_cmd)})
-        data = hot.model_dump(mode="json", exclude_none=True)
-        for t in data.get("template", {}).values():
-            t.pop("name", None)
-        (work / "hot.toml").write_text(tomli_w.dumps(data))
+        (work / "hot.toml").write_text(tomli_w.dumps(config_as_toml_data(hot)))
         server = Server(work / "hot.toml", port, work / "server-hot.log")
         loop = asyncio.get_running_loop()
 

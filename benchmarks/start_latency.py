@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 import tomli_w
 
-from _common import pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
+from _common import config_as_toml_data, pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
 
 from sandbox_sdk.sandbox import Sandbox
 from trenvx.config import Config, NetworkMode, PoolConfig, StartMode, load_config
@@ -99,10 +99,7 @@ def mode_config(base: Config, mode: str, template: str, pool_size: int, port: in
         "keep_on_exit": False,
     })
     cfg = base.model_copy(update={"orchestrator": orch, "pool": pools.get(mode, no_pool)})
-    data = cfg.model_dump(mode="json", exclude_none=True)
-    for t in data.get("template", {}).values():
-        t.pop("name", None)
-    return data
+    return config_as_toml_data(cfg)
 
 
 @dataclass
