@@ -164,7 +164,13 @@ class OrchestratorConfig(_Strict):
     reaper_interval_s: float = Field(default=1.0, gt=0, le=60)
     """How often expired sandboxes are looked for."""
     ended_retention_s: int = Field(default=3600, ge=0)
-    """How long ended sandboxes stay listed (``sandbox ls -a``) and explained in 404s."""
+    """How long ended sandboxes stay listed (``sandbox ls -a``, ``GET /v2/sandboxes?state=exited``) and
+    explained in 404s; then they are forgotten (0: at once)."""
+    ended_retention_max: int = Field(default=500, ge=0)
+    """The most ended sandboxes kept, whatever their age: past it the ones that ended first are
+    forgotten as others end (0: none kept). 500, as many as ``max_sandboxes`` lets run by default: a
+    full server killed at once is still explained, and a busy hour of short-lived sandboxes (a test
+    suite, a benchmark) is not listed by the thousand."""
     paused_retention_s: int = Field(default=7 * 24 * 3600, ge=0)
     """How long a sandbox may stay paused (by a pause call or its lifecycle's auto-pause); past it
     the sandbox is killed (end reason ``paused_retention_expired``) and its files removed. 0: kept

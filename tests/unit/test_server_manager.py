@@ -79,6 +79,56 @@ async def test_create_get_list_kill_removes_process_and_files(cfg, upstream) -> 
         assert ended.id == sb.id and ended.end_reason == "killed" and ended.access_token == ""
 
 
+
+@pytest.mark.parametrize("state", [True, False], ids=["sqlite", "memory"])
+async def test_ended_sandboxes_are_kept_a_bounded_time_and_number(tmp_path: Path, upstream, state: bool) -> None:
+    """`ls -a` and the 404s explain ended sandboxes for ended_retention_s, at most ended_retention_max
+    of them, on a running server: the count holds as each one ends, the age at every reaper pass."""
+    make_template(tmp_path, "tpl")
+    cfg = make_config(tmp_path, ended_retention_max=3, reaper_interval_s=60)  # no reaper pass unless asked
+    async with fake_manager(cfg, upstream.port, state=state) as m:
+        sbs = [await m.create("tpl") for _ in range(5)]
+        for sb in sbs:
+            await m.kill(sb.id)
+        kept = [s.id for s in sbs[2:]]
+        assert [r.id for r in m.ended()] == kept, "the 3 that ended last"
+        if state:
+            assert [r.id for r in m.store.ended()] == kept and len(m.store.all()) == 3
+        with pytest.raises(SandboxNotFound, match="anymore: it was killed"):
+            m.get(kept[0])
+        with pytest.raises(SandboxNotFound, match=r"does not exist \(it was killed, timed out, or never"):
+            m.get(sbs[0].id)  # forgotten
+        await m.reaper.tick(now=time.time() + 1800)
+        assert [r.id for r in m.ended()] == kept, "within the hour"
+        await m.reaper.tick(now=time.time() + 3601)  # a pass of the running reaper, past the hour
+        assert m.ended() == [] and m._ended == {}
+        if state:
+            assert m.store.all() == []
+
+
+async def test_ended_sandboxes_of_a_previous_server_are_pruned_at_start(cfg, upstream) -> None:
+    """A restarted server (here with a lower limit) forgets what is past either bound before its
+    first listing; one ended longer ago than the retention is never listed, pruned or not yet."""
+    async with fake_manager(cfg.model_copy(update={"orchestrator": cfg.orchestrator.model_copy(
+            update={"reaper_interval_s": 60})}), upstream.port) as first:
+        sbs = [await first.create("tpl") for _ in range(4)]
+        for sb in sbs:
+            await first.kill(sb.id)
+        assert len(first.ended()) == 4
+        first.store.mark_ended(sbs[3].id, "killed", at=time.time() - 7200)  # ended two hours ago
+        assert [r.id for r in first.ended()] == [s.id for s in sbs[:3]], "listed only within the retention"
+    store = StateStore(cfg.data_root / "run" / "state.sqlite")
+    assert len(store.ended()) == 4, "nothing pruned it yet"
+    store.close()
+    second = fake_manager(make_config(cfg.data_root, ended_retention_max=2, reaper_interval_s=60), upstream.port)
+    await second.start()
+    try:
+        assert [r.id for r in second.store.ended()] == [s.id for s in sbs[1:3]]
+        assert [r.id for r in second.ended()] == [s.id for s in sbs[1:3]]
+    finally:
+        await second.close()
+
+
 async def test_unknown_template_and_bad_timeouts(cfg, upstream) -> None:
     async with fake_manager(cfg, upstream.port) as m:
         with pytest.raises(TemplateNotFound, match="not built"):

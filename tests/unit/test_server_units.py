@@ -56,6 +56,28 @@ def test_state_store_roundtrip_end_and_prune(tmp_path: Path) -> None:
     s2.close()
 
 
+
+def test_state_store_prunes_ended_by_age_and_by_count(tmp_path: Path) -> None:
+    """Ended rows go once older than the cutoff (or of an unknown end time), and beyond ``keep`` the
+    ones that ended first go; running and paused rows are never touched."""
+    s = StateStore(tmp_path / "state.sqlite")
+    for i in range(6):
+        s.put(rec(f"e{i}"))
+        s.mark_ended(f"e{i}", "killed", at=1000.0 + i)  # e0 ended first, e5 last
+    s.put(rec("run"))
+    s.put(rec("paused", state="paused", pause={"kind": "memory", "paused_at": 1.0, "timeout_left": 5.0}))
+    s.put(rec("unknown", state="exited"))  # ended, no end time: not kept forever
+    assert [r.id for r in s.ended(since=1003.0)] == ["e3", "e4", "e5"], "since: only those ended at or after it"
+    assert s.prune_ended(older_than=1001.0) == 2  # e0, and the one of unknown end time
+    assert {r.id for r in s.ended()} == {"e1", "e2", "e3", "e4", "e5"}
+    assert s.prune_ended(older_than=0.0, keep=3) == 2, "all but the 3 that ended last"
+    assert {r.id for r in s.ended()} == {"e3", "e4", "e5"}
+    assert s.prune_ended(older_than=0.0, keep=3) == 0
+    assert s.prune_ended(older_than=0.0, keep=0) == 3 and s.ended() == []
+    assert {r.id for r in s.all()} == {"run", "paused"}
+    s.close()
+
+
 SCHEMA_V1 = """
 CREATE TABLE sandboxes (
     id TEXT PRIMARY KEY, template TEXT NOT NULL, build_id TEXT NOT NULL, build_path TEXT NOT NULL,

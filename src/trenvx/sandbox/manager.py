@@ -412,6 +412,7 @@ class SandboxManager:
             await self._recover()
             if self.network is not None:
                 await self.network.sweep()
+        self._prune_ended(time.time())  # a previous server's ended sandboxes, before anything lists them
         self.reaper.start()
         if self._use_pools:
             for name in self.config.pool.templates or [self.config.default_template]:
@@ -658,10 +659,14 @@ class SandboxManager:
         return sorted(self._sandboxes.values(), key=lambda s: (s.created_at, s.id))
 
     def ended(self) -> list[SandboxRecord]:
-        """Sandboxes that ended within ``ended_retention_s``, oldest first."""
+        """Sandboxes that ended within ``ended_retention_s`` (at most ``ended_retention_max`` of them),
+        oldest first. Filtered here too, so that a reaper pass held up (by a slow kill) never lets a
+        listing show what it is about to prune."""
+        since = time.time() - self.config.orchestrator.ended_retention_s
         if self.store is not None:
-            return self.store.ended()
-        return sorted(self._ended.values(), key=lambda r: (r.created_at, r.id))
+            return self.store.ended(since=since)
+        recent = [r for r in self._ended.values() if (r.ended_at or 0) >= since]
+        return sorted(recent, key=lambda r: (r.created_at, r.id))
 
     # -- timeouts -------------------------------------------------------------------------
 
@@ -747,11 +752,24 @@ class SandboxManager:
             await self.kill(sb.id, reason=f"timeout: its auto-pause failed ({failure})")
 
     def _housekeeping(self, now: float) -> None:
-        cutoff = now - self.config.orchestrator.ended_retention_s
-        for i in [i for i, r in self._ended.items() if (r.ended_at or 0) < cutoff]:
+        """The reaper's work besides timeouts, every pass."""
+        self._prune_ended(now)
+
+    def _prune_ended(self, now: float) -> None:
+        """Forget ended sandboxes (in memory and in the state) that ended more than
+        ``ended_retention_s`` ago, and all but the ``ended_retention_max`` that ended last. Run by
+        every reaper pass, at start (a restarted server's state, a lowered limit) and whenever a
+        sandbox ends, so that neither bound waits for a restart or an hour to pass."""
+        orch = self.config.orchestrator
+        cutoff = now - orch.ended_retention_s
+        kept = sorted((r for r in self._ended.values() if (r.ended_at or 0) >= cutoff),
+                      key=lambda r: (r.ended_at or 0, r.id))
+        last = kept[max(0, len(kept) - orch.ended_retention_max):] if orch.ended_retention_max else []
+        keep = {r.id for r in last}
+        for i in [i for i in self._ended if i not in keep]:
             del self._ended[i]
         if self.store is not None:
-            self.store.prune_ended(cutoff)
+            self.store.prune_ended(cutoff, keep=orch.ended_retention_max)
 
     def set_lifecycle(self, sandbox_id: str, lifecycle: LifecyclePolicy) -> Sandbox:
         """Replace what the sandbox's timeout does (E2B's deprecated resume sets ``autoPause``); its
@@ -1078,11 +1096,13 @@ class SandboxManager:
         if sb.pause_info is None:
             self.admission.remove_running(sb.template)
         rec = sb.record()
-        rec.state, rec.end_reason, rec.ended_at = EXITED, reason, time.time()
+        now = time.time()
+        rec.state, rec.end_reason, rec.ended_at = EXITED, reason, now
         rec.access_token, rec.env_vars = "", {}
         self._ended[sb.id] = rec
         if self.store is not None:
-            self.store.mark_ended(sb.id, reason, rec.ended_at)
+            self.store.mark_ended(sb.id, reason, now)
+        self._prune_ended(now)
 
     async def _destroy(self, sb: Sandbox) -> None:
         """Kill the VM and remove the sandbox's files."""
@@ -1228,9 +1248,11 @@ class SandboxManager:
     def _cleanup_record(self, rec: SandboxRecord, reason: str) -> None:
         shutil.rmtree(rec.workdir, ignore_errors=True)
         assert self.store is not None
-        self.store.mark_ended(rec.id, reason)
-        rec.state, rec.end_reason, rec.ended_at = EXITED, reason, time.time()
+        now = time.time()
+        self.store.mark_ended(rec.id, reason, now)
+        rec.state, rec.end_reason, rec.ended_at = EXITED, reason, now
         self._ended[rec.id] = rec
+        self._prune_ended(now)
         self.cleaned.append(rec.id)
         log.info("sandbox %s: %s; its files were removed", rec.id, describe_end(reason, None))
 

@@ -4,9 +4,9 @@ Every sandbox the server starts is written here before it is handed to a client,
 restarted server needs to find it again: the VMM's pid (and that process's start time, so a
 recycled pid is never mistaken for it), which VMM it is (QEMU is re-attached through its QMP
 socket, Firecracker and Cloud Hypervisor through their API sockets), the host port of its agent
-(QEMU), its access token, its build and workdir, its deadline. Ended sandboxes stay for a while
-(``ended_retention_s``) so that ``sandbox ls -a`` can show them and a 404 can say why a sandbox
-is gone. An older database is migrated when opened (columns added with defaults for its rows).
+(QEMU), its access token, its build and workdir, its deadline. Ended sandboxes stay for a while so that ``sandbox ls -a`` can show them and a
+404 can say why a sandbox is gone: the manager prunes them (:meth:`StateStore.prune_ended`) by age
+(``ended_retention_s``) and by number (``ended_retention_max``). An older database is migrated when opened (columns added with defaults for its rows).
 
 Writes are tiny and synchronous (a few hundred microseconds with WAL); the database is owned by
 one server at a time (the server holds ``run/server.lock``).
@@ -170,8 +170,11 @@ class StateStore:
         """Sandboxes whose VM should exist (running, or paused in memory by a server of before pauses to disk)."""
         return [r for r in self._select("state != ?", (EXITED,)) if not r.pause]
 
-    def ended(self) -> list[SandboxRecord]:
-        return list(self._select("state = ?", (EXITED,)))
+    def ended(self, since: float | None = None) -> list[SandboxRecord]:
+        """Ended sandboxes, oldest first; with ``since``, only those that ended at or after it."""
+        if since is None:
+            return list(self._select("state = ?", (EXITED,)))
+        return list(self._select("state = ? AND ended_at >= ?", (EXITED, since)))
 
     def all(self) -> list[SandboxRecord]:
         return list(self._select("1", ()))
@@ -206,6 +209,16 @@ class StateStore:
     def delete(self, sandbox_id: str) -> None:
         self._db.execute("DELETE FROM sandboxes WHERE id = ?", (sandbox_id,))
 
-    def prune_ended(self, older_than: float) -> int:
-        cur = self._db.execute("DELETE FROM sandboxes WHERE state = ? AND ended_at < ?", (EXITED, older_than))
-        return cur.rowcount
+    def prune_ended(self, older_than: float, keep: int | None = None) -> int:
+        """Forget ended sandboxes: those that ended before ``older_than`` (or at an unknown time), and
+        with ``keep``, all but the ``keep`` that ended last. Returns how many rows were removed."""
+        removed = self._db.execute(
+            "DELETE FROM sandboxes WHERE state = ? AND (ended_at IS NULL OR ended_at < ?)", (EXITED, older_than),
+        ).rowcount
+        if keep is not None:
+            removed += self._db.execute(
+                "DELETE FROM sandboxes WHERE state = ? AND id NOT IN "
+                "(SELECT id FROM sandboxes WHERE state = ? ORDER BY ended_at DESC, id DESC LIMIT ?)",
+                (EXITED, EXITED, max(0, keep)),
+            ).rowcount
+        return removed
