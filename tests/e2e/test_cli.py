@@ -68,6 +68,11 @@ def test_create_ls_exec_kill(server, test_template) -> None:
     assert r.returncode == 0 and r.stdout.decode().strip() == sid
     r = cli(server, "sandbox", "ls", "-a")
     assert sid in r.stdout.decode() and "exited (killed)" in r.stdout.decode()
+    # piped in a 40-column window, as `sandbox ls -a | grep ID`: its one line, every value whole
+    r = subprocess.run([sys.executable, "-m", "trenvx.cli.sandbox_cli", "-p", str(server.port), "sandbox", "ls", "-a"],
+                       capture_output=True, timeout=60, env={**os.environ, "COLUMNS": "40"})
+    [line] = [ln for ln in r.stdout.decode().splitlines() if sid in ln]
+    assert line.split()[:3] == [sid, test_template, "exited"] and "exited (killed)" in line, r.stdout
     assert sid not in cli(server, "sandbox", "ls").stdout.decode()
 
 

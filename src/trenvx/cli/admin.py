@@ -15,9 +15,10 @@ import psutil
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
 from ..config import Config, ConfigError, load_config
+from .tables import Column, print_table
 
 err = Console(stderr=True)
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -162,11 +163,9 @@ def doctor(config: str = ConfigOpt, as_json: bool = typer.Option(False, "--json"
     if as_json:
         print(json.dumps([{"check": c, "ok": ok, "detail": d} for c, ok, d in checks], indent=2))
     else:
-        t = Table(show_header=False, box=None)
-        for c, ok, d in checks:
-            mark = "[green]ok[/]" if ok else ("[yellow]warn[/]" if ok is None else "[red]FAIL[/]")
-            t.add_row(mark, escape(c), escape(d))
-        Console().print(t)
+        marks = {True: Text("ok", "green"), None: Text("warn", "yellow"), False: Text("FAIL", "red")}
+        rows = [(marks[None if ok is None else bool(ok)], c, d) for c, ok, d in checks]
+        print_table(Console(), [Column(), Column(), Column(wrap=True)], rows, show_header=False)
     raise typer.Exit(1 if failed else 0)
 
 

@@ -6,6 +6,8 @@
     sandbox-cli sandbox network ID [--no-internet] [--allow-out X]... [--deny-out Y]... | --clear
                                                   replaces them (what is not given is cleared)
     sandbox-cli sandbox ls [-a]                   id, template, state, age, timeout left, memory
+                                                  (-a: also ended ones: by default those of the
+                                                  last hour, at most 500)
     sandbox-cli sandbox kill ID... | kill -a
     sandbox-cli sandbox exec ID -- CMD...         streams output, exits with the command's code
     sandbox-cli sandbox run-code ID CODE [--language L] [--context ID] [--timeout S] [--out-dir DIR]
@@ -23,7 +25,9 @@
 
 Every command takes --ip/-i and --port/-p (the backend, default 127.0.0.1:5000; also
 TRENVX_IP, TRENVX_PORT), --api-key (TRENVX_API_KEY) and --json (machine-readable output).
-Errors go to stderr with a non-zero exit code.
+Errors go to stderr with a non-zero exit code. Tables fit a terminal; piped (stdout not a
+terminal) every value is whole, one row per line (see :mod:`trenvx.cli.tables`), so
+`sandbox-cli sandbox ls -a | grep ID` finds a sandbox by its full id.
 """
 
 from __future__ import annotations
@@ -44,10 +48,10 @@ import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from ..config import AGENT_PORT
 from ..guest.client import AgentClient, AgentError
+from .tables import Column, print_table
 
 DEFAULT_IP = "127.0.0.1"
 DEFAULT_PORT = 5000
@@ -285,19 +289,20 @@ def _list(api: Api, all_: bool) -> list[dict[str, Any]]:
 
 @sandbox_app.command("ls")
 def ls(
-    all_: bool = typer.Option(False, "--all", "-a", help="also sandboxes that ended recently"),
+    all_: bool = typer.Option(False, "--all", "-a", help="also sandboxes that ended recently (the server keeps "
+                              "them [orchestrator] ended_retention_s, default an hour, at most "
+                              "ended_retention_max, default 500)"),
     ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
     as_json: Optional[bool] = JsonOpt,
 ) -> None:
-    """List sandboxes: id, template, state, age, timeout left, memory (PSS of the VM)."""
+    """List sandboxes: id, template, state, age, timeout left, memory (PSS of the VM). Piped, every
+    value is whole, one sandbox per line (`sandbox ls -a | grep ID`)."""
     t = _merge(ip, port, api_key, as_json)
     items = _list(Api(t), all_)
     if t.as_json:
         print(json.dumps(items, indent=2))
         return
-    table = Table(box=None, pad_edge=False)
-    for col in ("ID", "TEMPLATE", "STATE", "AGE", "TIMEOUT LEFT", "MEMORY"):
-        table.add_column(col, no_wrap=True)
+    rows: list[list[str]] = []
     now = time.time()
     for s in items:
         x = s.get("trenvx") or {}
@@ -308,12 +313,14 @@ def ls(
         pause = x.get("pause") or {}
         if pause:
             state = f"paused ({pause.get('kind', '?')})"
-        table.add_row(
+        rows.append([
             s["sandboxID"], s["templateID"], state, _fmt_age(now - _ts(s["startedAt"])),
             _fmt_age(left) if left and s["state"] in ("running", "paused") else "-",
             f"{_fmt_bytes(pause.get('storedBytes'))} stored" if pause else _fmt_bytes(x.get("pssBytes") or x.get("rssBytes")),
-        )
-    out.print(table)
+        ])
+    columns = [Column("ID", whole=True), Column("TEMPLATE"), Column("STATE"), Column("AGE"), Column("TIMEOUT LEFT"),
+               Column("MEMORY")]
+    print_table(out, columns, rows)
     if not items:
         err.print("[dim]no sandboxes[/]")
 
@@ -393,12 +400,7 @@ def _network_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _print_rows(rows: list[tuple[str, str]]) -> None:
-    table = Table(box=None, pad_edge=False, show_header=False)
-    table.add_column(style="bold", no_wrap=True)
-    table.add_column()
-    for k, v in rows:
-        table.add_row(escape(k), escape(v))
-    out.print(table)
+    print_table(out, [Column(style="bold"), Column(wrap=True)], rows, show_header=False)
 
 
 @sandbox_app.command("info")
@@ -483,15 +485,11 @@ def metrics(
     if t.as_json:
         print(json.dumps(samples, indent=2))
         return
-    table = Table(box=None, pad_edge=False)
-    for col in ("TIME", "CPU", "MEMORY", "CACHE", "DISK"):
-        table.add_column(col, no_wrap=True, justify="left" if col == "TIME" else "right")
-    for m in samples:
-        when = time.strftime("%H:%M:%S", time.localtime(m["timestampUnix"]))
-        table.add_row(when, f"{m['cpuUsedPct']:.1f}% of {m['cpuCount']}",
-                      f"{_fmt_bytes(m['memUsed'])} / {_fmt_bytes(m['memTotal'])}", _fmt_bytes(m["memCache"]),
-                      f"{_fmt_bytes(m['diskUsed'])} / {_fmt_bytes(m['diskTotal'])}")
-    out.print(table)
+    rows = [[time.strftime("%H:%M:%S", time.localtime(m["timestampUnix"])),
+             f"{m['cpuUsedPct']:.1f}% of {m['cpuCount']}", f"{_fmt_bytes(m['memUsed'])} / {_fmt_bytes(m['memTotal'])}",
+             _fmt_bytes(m["memCache"]), f"{_fmt_bytes(m['diskUsed'])} / {_fmt_bytes(m['diskTotal'])}"] for m in samples]
+    columns = [Column("TIME")] + [Column(h, justify="right") for h in ("CPU", "MEMORY", "CACHE", "DISK")]
+    print_table(out, columns, rows)
     if not samples:
         err.print("[dim]no samples yet (the sandbox is paused, or its agent has not answered)[/]")
 
@@ -830,15 +828,15 @@ def template_ls(ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_ke
     if t.as_json:
         print(json.dumps(items, indent=2))
         return
-    table = Table(box=None, pad_edge=False)
-    for col in ("TEMPLATE", "BUILD", "VCPU", "MEMORY", "VMM", "SANDBOXES STARTED"):
-        table.add_column(col, no_wrap=True)
+    rows = []
     for tpl in items:
         x = tpl.get("trenvx") or {}
-        table.add_row(tpl["templateID"] + (" (default)" if tpl.get("isDefault") else ""), tpl["buildID"],
-                      str(tpl["cpuCount"]), f"{tpl['memoryMB']} MiB",
-                      f"{x.get('vmmType', '?')}/{x.get('accelerator', '?')}", str(tpl.get("spawnCount", 0)))
-    out.print(table)
+        rows.append([tpl["templateID"] + (" (default)" if tpl.get("isDefault") else ""), tpl["buildID"],
+                     str(tpl["cpuCount"]), f"{tpl['memoryMB']} MiB",
+                     f"{x.get('vmmType', '?')}/{x.get('accelerator', '?')}", str(tpl.get("spawnCount", 0))])
+    columns = [Column("TEMPLATE", whole=True), Column("BUILD", whole=True), Column("VCPU"), Column("MEMORY"),
+               Column("VMM"), Column("SANDBOXES STARTED")]
+    print_table(out, columns, rows)
 
 
 # -- snapshots ------------------------------------------------------------------------------------
@@ -885,12 +883,8 @@ def snapshot_ls(
     if t.as_json:
         print(json.dumps(items, indent=2))
         return
-    table = Table(box=None, pad_edge=False)
-    for col in ("SNAPSHOT", "NAMES"):
-        table.add_column(col, no_wrap=True)
-    for s in items:
-        table.add_row(s["snapshotID"], ", ".join(s.get("names") or []) or "-")
-    out.print(table)
+    rows = [[s["snapshotID"], ", ".join(s.get("names") or []) or "-"] for s in items]
+    print_table(out, [Column("SNAPSHOT", whole=True), Column("NAMES", wrap=True)], rows)
 
 
 @snapshot_app.command("rm")

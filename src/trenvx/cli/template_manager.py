@@ -15,11 +15,11 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from ..config import ConfigError, load_config
 from ..template.builder import STAGES, BuildResult, TemplateBuilder
 from ..build_errors import BuildError
+from .tables import Column, print_table
 
 err = Console(stderr=True)
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -55,17 +55,25 @@ class QuietReporter:
         pass
 
 
-def _summary(result: BuildResult) -> Table:
+def _summary(result: BuildResult) -> tuple[str, list[tuple[str, str]]]:
+    """The title and (label, value) rows printed after a build."""
     m = result.build.manifest
-    t = Table(title=f"template {m.name} ({'unchanged' if result.skipped else 'built'})", show_header=False)
-    t.add_row("build", m.build_id)
-    t.add_row("path", str(result.build.path))
-    t.add_row("vmm / accelerator", f"{m.vmm_type} / {m.machine.accelerator}")
-    t.add_row("kernel", m.kernel_version)
-    t.add_row("rootfs", f"{m.sizes['rootfs_bytes'] / 2**20:.0f} MiB from {m.rootfs_source}")
-    t.add_row("memory / device state", f"{m.sizes['memory_bytes'] / 2**20:.0f} MiB / {m.sizes['vmstate_bytes'] / 1024:.0f} KiB")
-    t.add_row("stages", ", ".join(f"{k} {v:.1f}s" for k, v in m.stage_seconds.items()))
-    return t
+    title = f"template {m.name} ({'unchanged' if result.skipped else 'built'})"
+    return title, [
+        ("build", m.build_id),
+        ("path", str(result.build.path)),
+        ("vmm / accelerator", f"{m.vmm_type} / {m.machine.accelerator}"),
+        ("kernel", m.kernel_version),
+        ("rootfs", f"{m.sizes['rootfs_bytes'] / 2**20:.0f} MiB from {m.rootfs_source}"),
+        ("memory / device state", f"{m.sizes['memory_bytes'] / 2**20:.0f} MiB / {m.sizes['vmstate_bytes'] / 1024:.0f} KiB"),
+        ("stages", ", ".join(f"{k} {v:.1f}s" for k, v in m.stage_seconds.items())),
+    ]
+
+
+def print_summary(result: BuildResult, console: Console | None = None) -> None:
+    """The build's summary: a boxed table on a terminal; piped, one whole ``label   value`` line each."""
+    title, rows = _summary(result)
+    print_table(console or Console(), [Column(), Column(wrap=True)], rows, show_header=False, title=title, boxed=True)
 
 
 @app.command()
@@ -107,7 +115,7 @@ def build(
             state = "unchanged" if result.skipped else "built"
             print(f"{name}: {state} {result.build.build_id} in {time.perf_counter() - t0:.1f}s")
         else:
-            Console().print(_summary(result))
+            print_summary(result)
 
 
 def main() -> None:
