@@ -612,8 +612,9 @@ def test_reseed_only_when_the_machine_id_changes(tmp_path: Path) -> None:
 class RecordingKernel(Kernel):
     """A Kernel whose jupyter side is replaced by a recorder (logic only)."""
 
-    def __init__(self, language: languages.Language) -> None:
-        launch = LaunchSettings(run_as=resolve_user(None), runtime_dir=Path("/nonexistent"), base_env={})
+    def __init__(self, language: languages.Language, identity_file: str | None = None) -> None:
+        launch = LaunchSettings(run_as=resolve_user(None), runtime_dir=Path("/nonexistent"), base_env={},
+                                identity_file=identity_file)
         super().__init__(language, "/", launch, "recorder")
         self.sent: list[str] = []
 
@@ -657,6 +658,54 @@ def test_a_marked_kernel_sends_the_reseed_code_before_its_next_cell(language: la
         assert kernel.sent[-1] == "CELL c" and len(kernel.sent) == 6  # reseeded once only
     finally:
         kernel.shutdown()
+
+
+def test_a_kernel_that_reseeds_itself_gets_no_reseed_cell(tmp_path: Path) -> None:
+    """A python kernel watching the identity file reseeds in its own pre_execute hook: the
+    server sends no silent cell (a round trip) before a restored sandbox's first cell; bash
+    has no such hook and still gets its reseed cell."""
+    path = tmp_path / "machine-id"
+    path.write_text("one")
+    for language, expected in ((languages.PYTHON, ["CELL a"]), (languages.BASH, None)):
+        kernel = RecordingKernel(language, identity_file=str(path))
+        try:
+            kernel.request_reseed()
+            ex = Execution("a", {}, None)
+            kernel.submit(ex)
+            while ex.lines.get(timeout=10) is not None:
+                pass
+            if expected is not None:
+                assert kernel.sent == expected
+            else:
+                assert kernel.sent[0].startswith("RANDOM=") and kernel.sent[1:] == ["CELL a"]
+        finally:
+            kernel.shutdown()
+    assert "'" + str(path) + "'" in languages.PYTHON.bootstrap(True, str(path))
+
+
+def test_the_identity_hook_reseeds_when_the_file_changes(tmp_path: Path) -> None:
+    """kernelside.watch_identity, in a real IPython shell: the hook reseeds on the first
+    execution after the file changed, once, and a second setup replaces the hook."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        module: dict[str, Any] = {"__name__": "_trenvx_kernel_test"}
+        exec(compile((SRC / "trenvx/guest/interpreter/kernelside.py").read_text(), "kernelside", "exec"), module)
+        path = tmp_path / "machine-id"
+        path.write_text("one")
+        assert module["watch_identity"](str(path)) and module["watch_identity"](str(path))
+        hooks = [h for h in shell.events.callbacks["pre_execute"] if h.__name__ == "trenvx_identity_check"]
+        assert len(hooks) == 1
+        shell.run_cell("import random; random.seed(7)")
+        shell.run_cell("_a = random.random()")
+        assert shell.user_ns["_a"] == random.Random(7).random()  # same machine: no reseed
+        shell.run_cell("random.seed(7)")
+        path.write_text("two")
+        shell.run_cell("_b = random.random()")
+        assert shell.user_ns["_b"] != random.Random(7).random()
+    finally:
+        InteractiveShell.clear_instance()
 
 
 def test_the_reseed_helper_changes_random_state() -> None:

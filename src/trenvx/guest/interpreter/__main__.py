@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(runtime_dir, 0o711)  # kernels running as the user reach their own files by name only
     launch = LaunchSettings(run_as=run_as, runtime_dir=runtime_dir, base_env=kernel_base_env(),
-                            preload=not args.no_preload, startup_timeout_s=args.startup_timeout_s)
+                            preload=not args.no_preload, startup_timeout_s=args.startup_timeout_s,
+                            identity_file=args.machine_id_file)
     contexts = Contexts(launch, args.cwd, IdentityWatch(Path(args.machine_id_file)))
     app = Interpreter(contexts, max_execution_s=args.max_execution_s)
     server = InterpreterHTTPServer((args.host, args.port), app)

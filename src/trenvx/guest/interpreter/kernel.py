@@ -79,6 +79,8 @@ class LaunchSettings:
     base_env: dict[str, str]
     preload: bool = True
     startup_timeout_s: float = 180.0
+    identity_file: str | None = None
+    """The sandbox's machine id, which kernels that reseed themselves watch (see :mod:`.identity`)."""
 
     def environment(self) -> dict[str, str]:
         env = dict(self.base_env)
@@ -177,8 +179,10 @@ class Kernel:
         self._jobs.put(_Job(lambda: self._execute(execution)))
 
     def request_reseed(self) -> None:
-        """Reseed the kernel's random state before its next cell (see :mod:`.identity`)."""
-        self._reseed_pending = True
+        """Reseed the kernel's random state before its next cell (see :mod:`.identity`); a
+        kernel whose language reseeds itself has noticed the change on its own."""
+        if not (self.language.reseeds_itself and self.launch.identity_file):
+            self._reseed_pending = True
 
     def restart(self) -> None:
         """Restart the kernel (its state is gone); a running cell is abandoned."""
@@ -249,7 +253,7 @@ class Kernel:
             # independent: no JPY_PARENT_PID, so the kernel does not poll for its parent every second
             # (the server stops its kernels itself when it exits).
             km.start_kernel(cwd=self.cwd, env=launch.environment(), independent=True,
-                            **launch.run_as.popen_kwargs())
+                            extra_arguments=list(self.language.kernel_arguments), **launch.run_as.popen_kwargs())
         except Exception as exc:
             try:
                 km.cleanup_resources()  # the connection file
@@ -273,7 +277,7 @@ class Kernel:
                  time.monotonic() - started, self._pid(), self.cwd)
 
     def _bootstrap(self) -> None:
-        code = self.language.bootstrap(self.launch.preload)
+        code = self.language.bootstrap(self.launch.preload, self.launch.identity_file)
         if not code:
             return
         reply = self._run_silent(code, self.launch.startup_timeout_s * 2)
@@ -365,7 +369,7 @@ class Kernel:
                     log.warning("kernel %s: restoring the environment failed: %s", self.kernel_id, _describe(reply))
 
     def _bootstrap_helpers_only(self) -> None:
-        code = self.language.bootstrap(False)
+        code = self.language.bootstrap(False, self.launch.identity_file)
         if code:
             self._run_silent(code, SILENT_TIMEOUT_S)
 

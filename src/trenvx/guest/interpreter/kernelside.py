@@ -15,10 +15,13 @@ import sys
 _saved_env: list[dict] = []
 
 
-def setup(preload: bool) -> None:
-    """Ready the kernel for its first cell: import numpy, pandas and matplotlib (when
+def setup(preload: bool, identity_file: str | None = None) -> None:
+    """Ready the kernel for its first cell: watch the sandbox's identity (``identity_file``,
+    see :func:`watch_identity`); with ``preload``, import numpy, pandas and matplotlib (when
     importable) and configure matplotlib's inline backend, so a cell run right after a
     sandbox's restore answers at once and figures come back as PNG ``display_data``."""
+    if identity_file:
+        watch_identity(identity_file)
     if not preload:
         return
     for name in ("numpy", "pandas"):
@@ -48,6 +51,42 @@ def setup(preload: bool) -> None:
         plt.close(fig)
     except Exception as exc:  # never fail the kernel's start over a plot backend
         print(f"trenvx: matplotlib setup failed: {exc!r}", file=sys.__stderr__)
+
+
+def _read_identity(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def watch_identity(path: str) -> bool:
+    """Reseed (:func:`reseed`) before the first execution that finds ``path`` (the sandbox's
+    machine id) changed since the last one: every sandbox restored from one snapshot gets its
+    own. An IPython ``pre_execute`` hook (it runs before every cell, silent ones too), so a
+    restored sandbox's first cell costs one small file read rather than a round trip to the
+    kernel. Replaces an earlier hook of this module. False where there is no IPython shell."""
+    try:
+        from IPython import get_ipython
+    except Exception:
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+    seen = [_read_identity(path)]
+
+    def trenvx_identity_check() -> None:
+        current = _read_identity(path)
+        if current != seen[0]:
+            seen[0] = current
+            reseed()
+
+    hooks = shell.events.callbacks.get("pre_execute", [])
+    for hook in [h for h in hooks if getattr(h, "__name__", "") == trenvx_identity_check.__name__]:
+        shell.events.unregister("pre_execute", hook)
+    shell.events.register("pre_execute", trenvx_identity_check)
+    return True
 
 
 def apply_env(encoded: str) -> None:

@@ -65,9 +65,16 @@ class Language:
     name: str
     kernel_spec: str
     install_hint: str
+    reseeds_itself: bool = False
+    """Its :meth:`bootstrap` leaves a hook in the kernel that notices a new identity file before
+    each cell and reseeds there: no silent cell (a round trip to the kernel) on a restored
+    sandbox's first request. Else the server sends :meth:`reseed` before the next cell."""
+    kernel_arguments: tuple[str, ...] = ()
+    """Appended to the kernel spec's command line."""
 
-    def bootstrap(self, preload: bool) -> str:
-        """Code run once after the kernel starts (and after each restart)."""
+    def bootstrap(self, preload: bool, identity_file: str | None = None) -> str:
+        """Code run once after the kernel starts (and after each restart); ``identity_file``:
+        what a kernel that :attr:`reseeds_itself` watches."""
         raise NotImplementedError
 
     def apply_env(self, env: dict[str, str]) -> str:
@@ -84,14 +91,14 @@ class Language:
 
 
 class Python(Language):
-    def bootstrap(self, preload: bool) -> str:
+    def bootstrap(self, preload: bool, identity_file: str | None = None) -> str:
         source = (Path(__file__).with_name("kernelside.py")).read_text(encoding="utf-8")
         # One expression: builds the helper module without leaving a name in the user's namespace.
         return (
             f"exec(compile({source!r}, '<trenvx kernelside>', 'exec'), "
             f"__import__('sys').modules.setdefault({HELPER_MODULE!r}, "
             f"__import__('types').ModuleType({HELPER_MODULE!r})).__dict__)\n"
-            f"__import__({HELPER_MODULE!r}).setup({bool(preload)!r})\n"
+            f"__import__({HELPER_MODULE!r}).setup({bool(preload)!r}, {identity_file!r})\n"
         )
 
     def apply_env(self, env: dict[str, str]) -> str:
@@ -105,7 +112,7 @@ class Python(Language):
 
 
 class Bash(Language):
-    def bootstrap(self, preload: bool) -> str:
+    def bootstrap(self, preload: bool, identity_file: str | None = None) -> str:
         return ""
 
     def apply_env(self, env: dict[str, str]) -> str:
@@ -128,7 +135,12 @@ class Bash(Language):
         return f"RANDOM={int.from_bytes(os.urandom(4), 'little')}\n"
 
 
-PYTHON = Python("python", "python3", "ipykernel (Debian: python3-ipykernel)")
+PYTHON = Python(
+    "python", "python3", "ipykernel (Debian: python3-ipykernel)", reseeds_itself=True,
+    # IPython's history in memory: %history works within the kernel's life, and no cell makes
+    # its history thread write (and fsync) an SQLite file while the cell's answer is on its way.
+    kernel_arguments=("--HistoryManager.hist_file=:memory:",),
+)
 BASH = Bash(
     "bash", "bash",
     "pip install bash_kernel && python3 -m bash_kernel.install --sys-prefix",
