@@ -22,6 +22,7 @@ what a previous pool left (:func:`reap_stale_pooled`).
 from __future__ import annotations
 
 import asyncio
+import shlex
 import collections
 import contextlib
 import json
@@ -57,14 +58,23 @@ Measured: with refills at normal priority, hot creates during a sequential run t
 instead of ~30 ms."""
 
 
-INTERPRETER_WARMUP = (
-    "python3 -c \"import json, urllib.request as u; "
-    f"u.urlopen(u.Request('http://127.0.0.1:{INTERPRETER_PORT}/execute', "
-    "data=json.dumps({'code': '1+1', 'silent': True}).encode(), headers={'Content-Type': 'application/json'}), "
-    "timeout=60).read()\""
+INTERPRETER_WARMUP_CELL = (
+    "exec('from IPython.display import display\\ndisplay(1 + 1)\\n"
+    "import matplotlib.pyplot as plt\\nplt.figure(figsize=(1, 1)); plt.plot([0, 1]); plt.show()', {})"
 )
-"""A hot VM of a code-interpreter template runs one silent cell (no output, no execution count)
-through its interpreter, so a user's first ``run_code`` finds that path translated (TCG) too."""
+"""What a hot code-interpreter VM runs once, as a silent cell (no execution count, no history):
+a result through IPython's formatters and a small matplotlib figure through the inline backend, in
+a namespace of its own (the user's gets no names). A silent ``1+1`` alone left a pooled sandbox's
+first ``run_code`` ~100 ms slower and its first chart ~0.5 s slower under TCG: the display and
+plotting paths were not yet translated."""
+INTERPRETER_WARMUP = (
+    "python3 -c " + shlex.quote(
+        "import json, urllib.request as u; "
+        f"u.urlopen(u.Request('http://127.0.0.1:{INTERPRETER_PORT}/execute', "
+        f"data=json.dumps({{'code': {INTERPRETER_WARMUP_CELL!r}, 'silent': True}}).encode(), "
+        "headers={'Content-Type': 'application/json'}), timeout=60).read()")
+)
+"""The command that sends :data:`INTERPRETER_WARMUP_CELL` to the interpreter, inside the guest."""
 
 
 @dataclass(eq=False)
