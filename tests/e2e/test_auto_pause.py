@@ -31,8 +31,9 @@ API_KEY = "auto-pause-key"
 HOME = "/home/user"
 WEB_PORT = 8080
 PAGE = "hello from the template\n"
-TIMEOUT_S = 20
-"""The sandboxes' timeout: long enough for a create's answer to reach the test under TCG."""
+TIMEOUT_S = 10
+"""The sandboxes' timeout: long enough for a create's answer and the first steps to reach the test
+under TCG (the writing test writes for this long: ~100 writes)."""
 WAIT_S = 300.0
 """Bound on anything a VM does here (a pause, a boot from disk) under TCG."""
 

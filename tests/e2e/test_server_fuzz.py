@@ -27,7 +27,7 @@ def test_schemathesis_against_the_real_server(tmp_path, e2e_config, test_templat
         r = subprocess.run(
             ["schemathesis", "run", f"{srv.url}/openapi.json", "--no-color", "--checks", "not_a_server_error",
              "-n", os.environ.get("TRENVX_FUZZ_EXAMPLES", "8"), "--max-time",
-             os.environ.get("TRENVX_FUZZ_SECONDS", "50"), "--seed", os.environ.get("TRENVX_FUZZ_SEED", "3"),
+             os.environ.get("TRENVX_FUZZ_SECONDS", "30"), "--seed", os.environ.get("TRENVX_FUZZ_SEED", "3"),
              "--request-timeout", "60"],
             capture_output=True, text=True, timeout=600,
         )
