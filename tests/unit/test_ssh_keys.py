@@ -197,3 +197,27 @@ def test_without_an_openssh_server_the_script_says_no_sshd(monkeypatch: pytest.M
 def test_public_key_dataclass_is_what_the_server_sends() -> None:
     k = PublicKey("ssh-ed25519", "QUJD", "c")
     assert k.line() == "ssh-ed25519 QUJD c" and k.same_key == ("ssh-ed25519", "QUJD")
+
+
+def test_what_the_api_documents_as_a_public_key_is_one() -> None:
+    """The OpenAPI document's pattern (trenvx.guest.ssh_keys.PUBLIC_KEY_PATTERN) promises that a match is
+    accepted: every generated match parses, and keys made by ssh-keygen match."""
+    import re
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from trenvx.guest.ssh_keys import PUBLIC_KEY_PATTERN
+
+    pattern = re.compile(PUBLIC_KEY_PATTERN)
+    assert pattern.match(fake_key()) and pattern.match(fake_key("ssh-rsa", b"\x01\x00\x01" * 20))
+    assert not pattern.match('command="x" ' + fake_key()) and not pattern.match(fake_key() + "\nmore")
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.from_regex(PUBLIC_KEY_PATTERN, fullmatch=True))
+    def parses(text: str) -> None:
+        if "\n" in text.rstrip("\n") or "\r" in text:  # ($ before a final newline is Python's, not the API's)
+            return
+        parse_public_key(text)
+
+    parses()

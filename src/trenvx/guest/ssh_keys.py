@@ -32,6 +32,7 @@ MAX_KEY_CHARS = 16 * 1024
 MAX_COMMENT_CHARS = 256
 _B64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
 _COMMENT_OK = re.compile(r"^[\x20-\x7e]*$")
+_B64_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 class InvalidPublicKey(ValueError):
@@ -60,6 +61,37 @@ class PublicKey:
     def same_key(self) -> tuple[str, str]:
         """What identifies the key (the comment does not)."""
         return self.type, self.blob
+
+
+def _literal(text: str) -> str:
+    """``text`` as a regular expression that ECMAScript (JSON Schema) and Python read alike (no ``\\-``)."""
+    return re.sub(r"([.+*?()\[\]{}|^$\\])", r"\\\1", text)
+
+
+def _blob_pattern(key_type: str) -> str:
+    """A regular expression for the base64 blobs of ``key_type`` keys: canonical base64 whose decoded
+    bytes start with the key's type field (a 4-byte length and the type's name), as the parser wants."""
+    header = struct.pack(">I", len(key_type)) + key_type.encode()
+    whole = len(header) // 3 * 3
+    fixed = _literal(base64.b64encode(header[:whole]).decode())
+    rest = header[whole:]
+    any4 = "[A-Za-z0-9+/]"
+    if len(rest) == 1:  # the 2nd character carries this byte's low 2 bits and 4 bits of the next
+        b = rest[0]
+        second = "".join(_B64_CHARS[((b & 3) << 4) | x] for x in range(16))
+        fixed += _literal(_B64_CHARS[b >> 2]) + f"[{second}]{any4}{{2}}"
+    elif len(rest) == 2:  # the 3rd carries the 2nd byte's low 4 bits and 2 bits of the next
+        b1, b2 = rest
+        third = "".join(_B64_CHARS[((b2 & 15) << 2) | x] for x in range(4))
+        fixed += _literal(_B64_CHARS[b1 >> 2] + _B64_CHARS[((b1 & 3) << 4) | (b2 >> 4)]) + f"[{third}]{any4}"
+    return f"{fixed}(?:{any4}{{4}})*(?:{any4}{{2}}==|{any4}{{3}}=)?"
+
+
+PUBLIC_KEY_PATTERN = (
+    "^(?:" + "|".join(f"{_literal(t)} {_blob_pattern(t)}" for t in sorted(KEY_TYPES)) + ")(?: [^\\r\\n\\x00]*)?$"
+)
+"""Every line this pattern matches is a public key :func:`parse_public_key` accepts (the API documents
+it; the parser also takes surrounding whitespace and says what is wrong with what it refuses)."""
 
 
 def parse_public_key(text: str) -> PublicKey:
@@ -100,4 +132,4 @@ def parse_public_key(text: str) -> PublicKey:
     return PublicKey(key_type, blob, comment[:MAX_COMMENT_CHARS])
 
 
-__all__ = ["InvalidPublicKey", "KEY_TYPES", "PublicKey", "parse_public_key"]
+__all__ = ["InvalidPublicKey", "KEY_TYPES", "PUBLIC_KEY_PATTERN", "PublicKey", "parse_public_key"]

@@ -26,6 +26,7 @@ from ..config import Config
 from ..sandbox.manager import SandboxManager
 from ..sandbox.metrics_sampler import MetricsSampler
 from . import errors, routes_builds, routes_not_implemented, routes_sandboxes, routes_snapshots, routes_templates
+from . import routes_ssh
 from .errors import error_body
 from .metrics import ServerMetrics
 from .metrics import router as metrics_router
@@ -180,6 +181,7 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
     errors.install(app)
     app.include_router(routes_sandboxes.router)
     app.include_router(routes_templates.router)
+    routes_ssh.install(app)  # ssh root@<sandbox-id>: sshd on demand, a websocket tunnel to port 22
     app.state.metrics = ServerMetrics(manager)
     register_snapshot_metrics(app.state.metrics.registry, manager)
     app.include_router(metrics_router)
