@@ -14,6 +14,8 @@
                                                   runs code in its code interpreter (template
                                                   code-interpreter): output streamed, images saved
     sandbox-cli sandbox shell ID                  interactive shell in the sandbox (PTY)
+    sandbox-cli sandbox ssh ID [-L SPEC]... [-- CMD...]   OpenSSH into it (scp and ssh -L: see ssh-config)
+    sandbox-cli ssh-config [--write]              ssh client config: `ssh root@<sandbox-id>` on this machine
     sandbox-cli sandbox info ID | timeout ID SECONDS  (info: its settings and network rules)
     sandbox-cli sandbox pause ID [--filesystem] [--strict]   pause to disk (its VM ends, its timeout stops)
     sandbox-cli sandbox resume ID [--timeout S] [--reboot]   resume it (same id, files, processes)
@@ -36,6 +38,7 @@ import asyncio
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -814,6 +817,115 @@ def with_suppress(fn: Any) -> None:
         fn()
     except Exception:  # noqa: BLE001
         pass
+
+
+# -- ssh ------------------------------------------------------------------------------------------
+# The logic is in .ssh_config (config, keys, pins) and .ssh_proxy (the ProxyCommand); these are its commands.
+
+
+def _ssh_backend(t: Target, home: Path) -> Any:
+    from .ssh_config import Backend, write_api_key
+
+    return Backend(t.ip, t.port, write_api_key(home, t.api_key) if t.api_key else None)
+
+
+@app.command("ssh-config")
+def ssh_config(
+    write: bool = typer.Option(False, "--write", help="write it to ~/.ssh/config.d/trenvx and include that at the "
+                               "top of ~/.ssh/config (once; nothing else there changes); without it, print it"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="the private key to log in with (its .pub "
+                                            "goes into sandboxes); default ~/.ssh/id_ed25519, id_ecdsa or id_rsa, "
+                                            "else one made in ~/.ssh/trenvx/"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+) -> None:
+    """An ssh client config for `ssh root@<sandbox-id>`, `scp` and `ssh -L` into this backend's sandboxes.
+
+    It matches only host names that are ids of the backend's sandboxes; ssh connects through the
+    backend (sshd is started in the sandbox on the first ssh, your public key let in). The key
+    files it needs (a key made for trenvx when you have none, the API key) are written either way."""
+    from .ssh_config import SshSetupError, config_text, ensure_identity, install, known_hosts_path
+
+    t = _merge(ip, port, api_key, None)
+    home = Path.home()
+    try:
+        ident = ensure_identity(home, identity)
+        text = config_text(_ssh_backend(t, home), ident, known_hosts_path(home))
+        if ident.generated:
+            err.print(f"made an ssh key for trenvx sandboxes: {ident.private} (public: {ident.public})")
+        if not write:
+            sys.stdout.write(text)
+            return
+        done = install(home, text)
+    except (SshSetupError, OSError) as e:
+        fail(str(e))
+    err.print(f"{'wrote' if done.changed else 'unchanged:'} {done.path}"
+              + (f"; included from {done.user_config}" if done.include_added else ""))
+    err.print("try: ssh root@<sandbox-id>  (sandbox-cli sandbox ls lists the ids)")
+
+
+@sandbox_app.command("ssh")
+def ssh(
+    sandbox_id: str = typer.Argument(..., help="sandbox id"),
+    cmd: Optional[list[str]] = typer.Argument(None, help="a command to run instead of a login shell (after --: "
+                                              "sandbox ssh ID -- ls -l)"),
+    user: str = typer.Option("root", "--user", "-u", help="account to log in as (root, or the template's user)"),
+    forward: list[str] = typer.Option([], "--forward", "-L", help="ssh -L forwarding, e.g. 8080:localhost:80 "
+                                      "(repeatable)"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="private key to log in with (default: as "
+                                            "ssh-config picks it)"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+) -> None:
+    """Log into the sandbox with OpenSSH (ssh root@<id>, no ssh-config needed); with a command, run it."""
+    from .ssh_config import SANDBOX_ID_RE, SshSetupError, ensure_identity, known_hosts_path, proxy_argv, ssh_command
+
+    t = _merge(ip, port, api_key, None)
+    if not SANDBOX_ID_RE.match(sandbox_id):
+        fail(f"{sandbox_id!r} is not a sandbox id (sandbox-cli sandbox ls lists them)", 2)
+    client = shutil.which("ssh")
+    if client is None:
+        fail("no ssh client here: install the OpenSSH client (apt-get install openssh-client)")
+    Api(t).call("GET", f"/sandboxes/{sandbox_id}")  # a clear error for an id the backend does not know
+    home = Path.home()
+    try:
+        ident = ensure_identity(home, identity)
+        known = known_hosts_path(home)
+        proxy = ssh_command(proxy_argv(_ssh_backend(t, home), public_key=ident.public, known_hosts=known))
+    except (SshSetupError, OSError) as e:
+        fail(str(e))
+    argv = [client, "-o", f"ProxyCommand={proxy}", "-o", f"IdentityFile={ident.private}", "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes", "-o", "CheckHostIP=no",
+            "-o", "UpdateHostKeys=no", "-l", user]
+    for spec in forward:
+        argv += ["-L", spec]
+    argv += ["--", sandbox_id, *(cmd or [])]  # "--": a command starting with "-" is not an ssh option
+    sys.stdout.flush()
+    os.execv(client, argv)
+
+
+@sandbox_app.command("ssh-proxy")
+def ssh_proxy(
+    sandbox_id: str = typer.Argument(..., help="sandbox id (ssh's %h)"),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", help="the .pub of the key ssh logs in with "
+                                              "(default: as ssh-config picks it)"),
+    known_hosts: Optional[Path] = typer.Option(None, "--known-hosts", help="where to pin the sandbox's host key "
+                                               "(default ~/.ssh/trenvx/known_hosts)"),
+    ip: Optional[str] = IpOpt, port: Optional[int] = PortOpt, api_key: Optional[str] = KeyOpt,
+) -> None:
+    """ssh ProxyCommand: start sshd in the sandbox, let the key in, relay stdin/stdout to its port 22.
+
+    E.g. ssh -o ProxyCommand='sandbox-cli sandbox ssh-proxy %h' root@<id> (ssh-config's config runs the same
+    code as python -m trenvx.cli.ssh_proxy, which starts faster)."""
+    from . import ssh_proxy as proxy
+    from .ssh_config import SshSetupError, ensure_identity, known_hosts_path
+
+    t = _merge(ip, port, api_key, None)
+    home = Path.home()
+    try:
+        pub = public_key or ensure_identity(home).public
+        code = proxy.run_proxy(t.url, t.api_key, sandbox_id, pub, known_hosts or known_hosts_path(home))
+    except (proxy.ProxyError, SshSetupError) as e:
+        fail(str(e))
+    raise typer.Exit(code)
 
 
 # -- templates --------------------------------------------------------------------------------
