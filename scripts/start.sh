@@ -24,6 +24,7 @@ APT_PACKAGES=(
     busybox-static cpio tini xz-utils zstd sqlite3 iproute2 python3-venv
     nftables util-linux  # network slots: libnftables for sandbox rules, nsenter to start a VMM in its namespace
     gcc libc6-dev  # builds src/trenvx/vmm/preload (QEMU 7.2 must not punch holes in templates)
+    openssh-client  # ssh root@<sandbox-id> (sandbox-cli ssh-config) and its end-to-end test
 )
 
 say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
