@@ -16,6 +16,7 @@ import json
 import shutil
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -176,13 +177,25 @@ def test_each_sandbox_id_gets_its_own_host_key(state_dir: Path) -> None:
     assert parse_public_key(second).same_key != parse_public_key(first).same_key
 
 
-def test_an_sshd_that_is_not_ours_is_not_taken_for_ours(state_dir: Path) -> None:
+def test_our_sshd_is_found_by_its_pid_file_and_retitled_command_line(state_dir: Path) -> None:
     import os
 
     (state_dir / "sshd.pid").write_text(f"{os.getpid()}\n")  # a live process, but not sshd with our config
     assert sshd_setup.our_sshd_pid() is None
     (state_dir / "sshd.pid").write_text("not a pid\n")
     assert sshd_setup.our_sshd_pid() is None
+    # sshd's listener rewrites its command line into one title that holds the config's path
+    title = f"sshd: /usr/sbin/sshd -f {sshd_setup.CONFIG} -E {sshd_setup.LOG} [listener] 0 of 10-100 startups"
+    proc = subprocess.Popen(["bash", "-c", f'exec -a "{title}" sleep 30'])
+    try:
+        (state_dir / "sshd.pid").write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + 10
+        while sshd_setup.our_sshd_pid() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until bash has exec'd sleep under that title
+        assert sshd_setup.our_sshd_pid() == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_without_an_openssh_server_the_script_says_no_sshd(monkeypatch: pytest.MonkeyPatch, state_dir: Path) -> None:

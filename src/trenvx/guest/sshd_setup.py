@@ -116,10 +116,11 @@ def our_sshd_pid():
     pid = int(text)
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
-            argv = f.read().split(b"\0")
+            cmdline = f.read()
     except OSError:
         return None
-    return pid if CONFIG.encode() in argv else None
+    # sshd retitles its listener ("sshd: /usr/sbin/sshd -f CONFIG ... [listener] ..."): the path is in the text
+    return pid if b"sshd" in cmdline and CONFIG.encode() in cmdline else None
 
 
 def stop_sshd(pid):
