@@ -166,7 +166,8 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
         description=(
             "Sandboxes for AI agents: VMs restored from template snapshots. The API follows E2B's REST "
             "API; requests with `E2b-Sandbox-Id` + `E2b-Sandbox-Port` headers (or Host "
-            "`PORT-SANDBOXID.<domain>`) are proxied to that port inside the sandbox."
+            "`PORT-SANDBOXID.<domain>`, or path `/sandboxes/SANDBOXID/ports/PORT/...`) are proxied to that "
+            "port inside the sandbox."
         ),
         lifespan=lifespan,
         responses={413: {"model": Error, "description": "Request body too large"}},

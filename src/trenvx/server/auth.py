@@ -9,9 +9,10 @@
   the same line when the app is served some other way.
 
 ``/health`` and the OpenAPI document stay open. Traffic to sandboxes through the proxy
-(``E2b-Sandbox-Id`` or ``PORT-ID.<domain>``) never reaches these routes: it is authorised per
-sandbox instead, by the sandbox's own agent (the envd access token) and, for its other ports
-when ``allowPublicTraffic`` is false, by its traffic access token; the proxy only forwards to
+(``E2b-Sandbox-Id``, ``PORT-ID.<domain>`` or ``/sandboxes/ID/ports/PORT/``) never reaches these
+routes: it is authorised per sandbox instead, by the sandbox's own agent (the envd access token)
+and, for its other ports when ``allowPublicTraffic`` is false, by its traffic access token (a
+header, or for a browser a link and then a cookie, see :mod:`.traffic_auth`); the proxy only forwards to
 ports of the sandbox named in the request, so it is not a way around this module.
 
 **Who sees a sandbox's tokens.** ``POST /sandboxes``, ``POST /sandboxes/{id}/connect`` and

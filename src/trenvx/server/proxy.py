@@ -1,12 +1,22 @@
 """The proxy to ports inside sandboxes: how clients reach each sandbox's agent and web servers.
 
-A request is for a sandbox when it carries the headers ``E2b-Sandbox-Id`` and
-``E2b-Sandbox-Port`` (what E2B's SDKs send to ``E2B_SANDBOX_URL``), or when its Host is
-``PORT-SANDBOXID.<domain>`` (what ``sandbox.get_host(port)`` gives). Everything else goes to the
-API. The proxy streams both ways without buffering: request bodies (uploads, Connect client
-streams) and response bodies (downloads, Connect server streams) are forwarded chunk by chunk,
-and websockets are relayed message by message. When the client goes away the upstream
-connection is closed, so a command stream nobody reads is not kept open.
+A request is for a sandbox in one of three forms; everything else goes to the API:
+
+- **headers** ``E2b-Sandbox-Id`` and ``E2b-Sandbox-Port`` (what E2B's SDKs send to
+  ``E2B_SANDBOX_URL``);
+- **host** ``PORT-SANDBOXID.<domain>`` (what ``sandbox.get_host(port)`` gives; needs ``*.<domain>``
+  to resolve to the backend: wildcard DNS, or ``*.localhost`` on the backend's own machine);
+- **path** ``/sandboxes/SANDBOXID/ports/PORT/<rest>`` on the backend's own address, for where no
+  wildcard DNS exists: ``/<rest>`` is asked of the port, the prefix without its trailing slash is
+  redirected to it (307), and the answer's redirects and cookie paths are kept under the prefix
+  (:mod:`.port_paths`).
+
+Every form's request gets ``X-Forwarded-For``, ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the
+Host the client used, which a web IDE checks a websocket's Origin against), the path form also
+``X-Forwarded-Prefix``. The proxy streams both ways without buffering: request bodies (uploads,
+Connect client streams) and response bodies (downloads, Connect server streams, long polls) are
+forwarded chunk by chunk, and websockets are relayed message by message. When the client goes away
+the upstream connection is closed, so a command stream nobody reads is not kept open.
 
 Where a port is reached comes from :meth:`SandboxManager.port_endpoint`: on QEMU, a TCP port
 on 127.0.0.1 (the agent's port 49983 is forwarded when the sandbox starts, another port on first
@@ -25,9 +35,15 @@ is kept (up to :data:`REPLAY_LIMIT`) and sent again; a larger one is not retried
 the guest hears of it only when someone connects.
 
 Private sandboxes (created with ``network.allowPublicTraffic: false``): every port but the agent's
-answers only requests whose ``e2b-traffic-access-token`` header holds the sandbox's traffic access
-token, else 403 with E2B's messages (header missing / token invalid). That header is never passed
-into the sandbox.
+answers only requests that hold the sandbox's traffic access token, else 403 with E2B's messages
+(header missing / token invalid). Programs send it in the ``e2b-traffic-access-token`` header. A
+browser opens a link that carries it as ``?trenvx_token=TOKEN`` (host or path form): a GET so
+authorised is answered 303 with the same URL without the parameter and an HttpOnly, SameSite=Lax
+cookie ``trenvx_traffic`` (Secure over HTTPS) scoped to that port's host, or in the path form to
+its prefix, whose value is an HMAC of the sandbox id and port keyed by the token; the browser's
+later requests and websockets pass by that cookie. See :mod:`.traffic_auth`. The header, the
+parameter and the cookie are never passed into the sandbox; the parameter is taken out of the
+request's scope before anything else sees it, so the server's access log records the URL without it.
 
 Paused sandboxes: one created with auto-resume (E2B's ``lifecycle.auto_resume``) is resumed by the
 request that reaches it (:meth:`SandboxManager.wake`: concurrent requests share one resume), which
@@ -65,6 +81,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpcore
@@ -73,8 +90,11 @@ import httpx
 from ..config import AGENT_PORT
 from ..guest.endpoint import AgentEndpoint, HybridVsockEndpoint
 from ..sandbox.manager import PortUnavailable, SandboxConflict, SandboxManager, SandboxNotFound
+from . import traffic_auth
 from .errors import error_body
+from .port_paths import BadPortPath, PortPath, port_path, prefixed_location, prefixed_set_cookie
 from .signed_files import SignedUrlRefused, signed_files_target
+from .traffic_auth import TRAFFIC_TOKEN_HEADER, take_token_param, without_cookie
 from .upstreams import UpstreamClients
 
 log = logging.getLogger(__name__)
@@ -85,8 +105,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 SANDBOX_ID_HEADER = b"e2b-sandbox-id"
 SANDBOX_PORT_HEADER = b"e2b-sandbox-port"
-TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
-"""E2B's header for the traffic access token of a sandbox whose ports are not public."""
 ACCESS_TOKEN_HEADER = b"x-access-token"
 """The header carrying a sandbox's access token to its agent (E2B's envd)."""
 CONNECT_STREAM_TYPE = "application/connect+"
@@ -97,7 +115,9 @@ HOP_BY_HOP = {
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
 }
-REQUEST_DROP = HOP_BY_HOP | {SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOKEN_HEADER}
+FORWARDED_SET = {b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix"}
+"""Headers the proxy sets itself (a client's own are dropped): where the client reached it."""
+REQUEST_DROP = HOP_BY_HOP | FORWARDED_SET | {SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOKEN_HEADER}
 WS_REQUEST_DROP = REQUEST_DROP | {b"host", b"sec-websocket-key", b"sec-websocket-version",
                                   b"sec-websocket-extensions", b"sec-websocket-protocol", b"content-length"}
 
@@ -207,9 +227,13 @@ class SandboxProxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        via_path: PortPath | None = None
         try:
             target = target_of(scope, self.domain)
-        except BadTarget as e:
+            if target is None:
+                via_path = port_path(scope)
+                target = (via_path.sandbox_id, via_path.port) if via_path is not None else None
+        except (BadTarget, BadPortPath) as e:
             if scope["type"] == "http":
                 return await _respond(send, 400, str(e))
             return await _ws_refuse(scope, receive, send, 400, str(e))
@@ -226,10 +250,23 @@ class SandboxProxy:
         if target is None:
             return await self.app(scope, receive, send)
         sid, port = target
+        # The URL's traffic token is the proxy's alone: out of the query before the sandbox, or the
+        # server's access log (which reads this scope), can see it.
+        query, param = take_token_param(scope.get("query_string", b""))
+        if param is not None:
+            scope["query_string"] = query
         if port != AGENT_PORT:
-            denied = self._traffic_denied(scope, sid)
-            if denied is not None:
-                return await self._refuse(scope, receive, send, 403, denied, sandboxId=sid)
+            verdict = self._traffic_verdict(scope, sid, port, param)
+            if verdict.refusal is not None:
+                return await self._refuse(scope, receive, send, 403, verdict.refusal, sandboxId=sid)
+            if verdict.by_param and scope["type"] == "http" and scope["method"] in ("GET", "HEAD") \
+                    and not _has_routing_headers(scope):
+                # A browser opened a link with the token: the token leaves the URL, a cookie stays.
+                return await self._token_redirect(scope, send, sid, port, via_path, param)
+        if via_path is not None and not via_path.rest and scope["type"] == "http":
+            # The page's relative URLs must resolve under the prefix: it ends with a slash.
+            return await _redirect(send, 307, _location(scope, via_path))
+        forward = _Forward(_upstream_path(scope, via_path), via_path.prefix if via_path is not None else None)
         woken = False
         while True:
             try:
@@ -254,9 +291,17 @@ class SandboxProxy:
                 return await self._refuse(scope, receive, send, 502, f"The sandbox {sid} is running but port is not "
                                           f"open (port {port}: {e})", sandboxId=sid)
         if scope["type"] == "http":
-            await self._http(scope, receive, send, sid, port, endpoint)
+            await self._http(scope, receive, send, sid, port, endpoint, forward)
         else:
-            await self._websocket(scope, receive, send, sid, port, endpoint)
+            await self._websocket(scope, receive, send, sid, port, endpoint, forward)
+
+    async def _token_redirect(self, scope: Scope, send: Send, sid: str, port: int, via_path: PortPath | None,
+                              token: str) -> None:
+        """303 to the same URL without the token, with the cookie that stands for it from now on
+        (scoped to the port's host, or in the path form to its prefix)."""
+        cookie = traffic_auth.set_cookie(sid, port, token, path=via_path.prefix if via_path is not None else "/",
+                                         secure=scope.get("scheme") in ("https", "wss"))
+        await _redirect(send, 303, _location(scope, via_path), [(b"set-cookie", cookie)])
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str,
                       headers: dict[str, str] | None = None, **extra: Any) -> None:
@@ -297,26 +342,21 @@ class SandboxProxy:
             return 502, f"The sandbox {sid} is paused and its auto-resume failed: {type(e).__name__}: {e}", {}
         return None
 
-    def _traffic_denied(self, scope: Scope, sid: str) -> str | None:
-        """Why a request to a port of a private sandbox is refused (E2B's words); None when it may pass.
+    def _traffic_verdict(self, scope: Scope, sid: str, port: int, param: str | None) -> traffic_auth.Verdict:
+        """Whether a request to ``port`` of ``sid`` may pass: always for a public sandbox; for a
+        private one, with its traffic token in the header, the URL (``param``) or the cookie
+        (:mod:`.traffic_auth`); refused with E2B's words otherwise.
 
         An unknown sandbox passes here: :meth:`SandboxManager.port_endpoint` then says it was not found.
         """
         try:
             sb = self.manager.get(sid)
         except SandboxNotFound:
-            return None
+            return traffic_auth.Verdict(None)
         if getattr(sb, "allow_public_traffic", True):
-            return None
-        header = TRAFFIC_TOKEN_HEADER.decode()
-        presented = next((v for k, v in scope.get("headers", ()) if k == TRAFFIC_TOKEN_HEADER), None)
-        if presented is None:
-            return f"Sandbox is secured with traffic access token. Token header '{header}' is missing"
-        token = str(getattr(sb, "traffic_access_token", "") or "").encode()
-        # An empty token never matches: a private sandbox without one answers nobody rather than everybody.
-        if not token or not hmac.compare_digest(presented.strip(), token):
-            return f"Sandbox is secured with traffic access token. Provided token in header '{header}' is invalid"
-        return None
+            return traffic_auth.Verdict(None)
+        token = str(getattr(sb, "traffic_access_token", "") or "")
+        return traffic_auth.check(scope.get("headers", ()), param, sid, port, token)
 
     async def _forward_port(self, sid: str, port: int) -> bool:
         """Ask the sandbox's agent to relay ``port`` from its loopback; True when trying again is worth it."""
@@ -335,24 +375,19 @@ class SandboxProxy:
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send, sid: str, port: int, endpoint: AgentEndpoint) -> None:
-        headers = [(k, v) for k, v in scope["headers"] if k not in REQUEST_DROP]
+    async def _http(self, scope: Scope, receive: Receive, send: Send, sid: str, port: int, endpoint: AgentEndpoint,
+                    forward: "_Forward") -> None:
+        headers = _forwarded_headers(scope, REQUEST_DROP, forward.prefix)
         has_body = any(
             (k == b"content-length" and v.strip() not in (b"", b"0")) or (k == b"transfer-encoding")
             for k, v in scope["headers"]
         )
-        client_addr = scope.get("client") or ("", 0)
-        headers.append((b"x-forwarded-for", str(client_addr[0]).encode()))
-        headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
         # The agent's own port is never retried: its uploads are not kept.
         body = _ReplayableBody(receive, REPLAY_LIMIT if port != AGENT_PORT else 0)
         if not has_body:
             body.done.set()
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        if scope.get("query_string"):
-            raw_path += b"?" + scope["query_string"]
         client = self.upstreams.client_for(sid, endpoint)
-        url = httpx.URL(endpoint.base_url, raw_path=raw_path)
+        url = httpx.URL(endpoint.base_url, raw_path=forward.path)
         retried = False
         while True:
             request = client.build_request(scope["method"], url, headers=headers,
@@ -387,6 +422,8 @@ class SandboxProxy:
 
         try:
             out_headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP]
+            if forward.prefix is not None:
+                out_headers = _prefixed_response_headers(out_headers, forward.prefix, _header(scope, b"host"))
             await send({"type": "http.response.start", "status": upstream.status_code, "headers": out_headers})
             framing = ConnectStreamFraming.for_response(upstream.status_code, upstream.headers.get("content-type"))
             pump = asyncio.ensure_future(_pump(upstream, send, framing))
@@ -457,18 +494,16 @@ class SandboxProxy:
     # -- websockets ----------------------------------------------------------------------
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, sid: str, port: int,
-                         endpoint: AgentEndpoint) -> None:
+                         endpoint: AgentEndpoint, forward: "_Forward") -> None:
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage
 
         first = await receive()
         if first["type"] != "websocket.connect":
             return
-        path = scope.get("raw_path") or scope["path"].encode()
-        if scope.get("query_string"):
-            path += b"?" + scope["query_string"]
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k not in WS_REQUEST_DROP]
-        uri = "ws" + endpoint.base_url.removeprefix("http") + path.decode("latin-1")
+        headers = [(k.decode("latin-1"), v.decode("latin-1"))
+                   for k, v in _forwarded_headers(scope, WS_REQUEST_DROP, forward.prefix)]
+        uri = "ws" + endpoint.base_url.removeprefix("http") + forward.path.decode("latin-1")
         retried = False
         while True:
             sock = None
@@ -540,6 +575,70 @@ class SandboxProxy:
             with contextlib.suppress(Exception):
                 await send({"type": "websocket.close", "code": 1011,
                             "reason": self._not_found_message(sid, gone.result())[:120]})
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """What a proxied request becomes upstream."""
+
+    path: bytes
+    """The raw path and query sent to the sandbox's port (the path form's prefix taken off)."""
+    prefix: str | None
+    """The path form's prefix (``/sandboxes/ID/ports/PORT``), None for the other forms."""
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((v for k, v in scope.get("headers", ()) if k == name), None)
+
+
+def _has_routing_headers(scope: Scope) -> bool:
+    """Whether the request names its sandbox by E2B's headers (a program, not a browser's link)."""
+    return any(k in (SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER) for k, _ in scope.get("headers", ()))
+
+
+def _upstream_path(scope: Scope, via_path: PortPath | None) -> bytes:
+    """The raw path and query to ask the sandbox's port for."""
+    if via_path is not None:
+        path = via_path.rest or b"/"
+    else:
+        path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string") or b""
+    return path + b"?" + query if query else path
+
+
+def _location(scope: Scope, via_path: PortPath | None) -> bytes:
+    """This request's own URL (an absolute path; the path form's prefix with its trailing slash)."""
+    path = _upstream_path(scope, via_path)
+    return via_path.prefix.encode() + path if via_path is not None else path
+
+
+def _forwarded_headers(scope: Scope, drop: set[bytes], prefix: str | None) -> list[tuple[bytes, bytes]]:
+    """The request's headers as sent into the sandbox: without ``drop`` and the proxy's cookie, with
+    ``X-Forwarded-For``/``-Proto``/``-Host`` (and ``-Prefix`` in the path form). A web IDE checks a
+    websocket's Origin against ``X-Forwarded-Host``: the upgrade reaches it with another Host."""
+    headers = [(k, v) for k, v in without_cookie(scope["headers"]) if k not in drop]
+    client_addr = scope.get("client") or ("", 0)
+    headers.append((b"x-forwarded-for", str(client_addr[0]).encode()))
+    headers.append((b"x-forwarded-proto", b"https" if scope.get("scheme") in ("https", "wss") else b"http"))
+    host = _header(scope, b"host")
+    if host:
+        headers.append((b"x-forwarded-host", host))
+    if prefix is not None:
+        headers.append((b"x-forwarded-prefix", prefix.encode()))
+    return headers
+
+
+def _prefixed_response_headers(headers: list[tuple[bytes, bytes]], prefix: str,
+                               host: bytes | None) -> list[tuple[bytes, bytes]]:
+    """An answer's headers for a path-form client: redirects and cookies kept under the prefix."""
+    out = []
+    for k, v in headers:
+        if k == b"location":
+            v = prefixed_location(v, prefix, host)
+        elif k == b"set-cookie":
+            v = prefixed_set_cookie(v, prefix)
+        out.append((k, v))
+    return out
 
 
 class ClientDisconnected(Exception):
@@ -709,6 +808,14 @@ async def _respond(send: Send, status: int, message: str, headers: dict[str, str
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *more]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _redirect(send: Send, status: int, location: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """A redirect the proxy answers itself; never cached (it may set a sandbox's cookie)."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"location", location), (b"cache-control", b"no-store"), (b"content-length", b"0"),
+                            *(headers or [])]})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _ws_deny(scope: Scope, send: Send, status: int, message: str, **extra: Any) -> None:
