@@ -344,3 +344,38 @@ def test_prefixing_locations_and_cookies() -> None:
     assert prefixed_set_cookie(b"a=1; path=/; Secure", p) == f"a=1; path={p}; Secure".encode()
     assert prefixed_set_cookie(b"a=1; Path=/x", p) == f"a=1; Path={p}/x".encode()
     assert prefixed_set_cookie(b"a=1; Max-Age=5", p) == b"a=1; Max-Age=5"
+
+
+# -- the API and web pages ---------------------------------------------------------------------
+
+
+def test_a_keyless_server_does_not_answer_web_pages(server, private) -> None:
+    """A page a sandbox serves in the path form has the API's origin: on a server without a key (which
+    answers every local caller) its scripts must not reach the API, or they would read every token."""
+    sid, _ = private
+    page_fetch = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty",
+                  "Referer": f"{server.url}/sandboxes/{sid}/ports/8080/"}
+    r = httpx.get(f"{server.url}/sandboxes/{sid}", headers=page_fetch)
+    assert r.status_code == 403 and "web pages" in r.json()["message"] and "trafficAccessToken" not in r.text
+    for headers in ({"Origin": f"http://8080-{sid}.{DOMAIN}:{server.port}"},  # another origin's script or form
+                    {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"},
+                    {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"}):
+        assert httpx.get(f"{server.url}/sandboxes", headers=headers).status_code == 403, headers
+        assert httpx.post(f"{server.url}/sandboxes", json={"templateID": "tpl"}, headers=headers).status_code == 403
+    # the user's own typed address, and programs, are answered
+    typed = {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    assert httpx.get(f"{server.url}/sandboxes/{sid}", headers=typed).json()["sandboxID"] == sid
+    assert httpx.get(f"{server.url}/sandboxes/{sid}").status_code == 200
+    # the proxy itself is no API route: the page's own requests to its port pass
+    own = httpx.get(f"{server.url}/sandboxes/{sid}/ports/8080/x",
+                    headers={**page_fetch, "Cookie": f"{COOKIE_NAME}={traffic_auth.cookie_value(sid, 8080, private[1])}"})
+    assert own.status_code == 200
+
+
+async def test_a_server_with_a_key_answers_pages_that_have_it(tmp_path) -> None:
+    from .server_fakes import fake_api
+
+    async with fake_api(tmp_path, free_port(), api_key="the-key") as c:
+        page = {"Origin": "http://example.test", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "cors"}
+        assert (await c.get("/sandboxes", headers=page)).status_code == 401
+        assert (await c.get("/sandboxes", headers={**page, "X-API-Key": "the-key"})).status_code == 200

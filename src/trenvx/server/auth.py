@@ -23,6 +23,15 @@ are the key's holders there (a key would protect nothing from them: they can rea
 Sandboxes themselves are not local callers: in a network namespace a sandbox cannot reach the
 host at all, and under QEMU user networking it is restricted to reach nothing (issue 12), so no
 sandbox can ask for another one's tokens.
+
+**Web pages on a server without a key.** A browser on this machine is a local caller, and it may
+be showing a page a sandbox serves through the proxy: in the path form
+(``/sandboxes/ID/ports/PORT/``) that page even has the API's own origin, so its scripts could read
+every sandbox's tokens. A server without a key therefore refuses requests that the browser says a
+web page made (:func:`from_web_page`: an ``Origin`` header, or fetch metadata ``Sec-Fetch-Site``
+other than ``none``, i.e. anything but an address typed or bookmarked); programs send neither.
+Browsers send fetch metadata to loopback addresses and ``localhost`` names, which is how such a
+server is reached. A server with a key needs no such rule: pages do not have the key.
 """
 
 from __future__ import annotations
@@ -81,12 +90,25 @@ def is_local_caller(request: Request) -> bool:
     return is_loopback(str(client[0]))
 
 
+def from_web_page(request: Request) -> bool:
+    """Whether the browser says a web page (its script, form, frame or link) made this request, not
+    the user typing an address: an ``Origin`` header, or ``Sec-Fetch-Site`` other than ``none``."""
+    if "origin" in request.headers:
+        return True
+    site = request.headers.get("sec-fetch-site")
+    return site is not None and site.strip().lower() != "none"
+
+
 async def require_api_key(request: Request, key: str | None = Security(api_key_header)) -> None:
     expected: str = request.app.state.api_key
     if not expected:
         if not is_local_caller(request):
             raise ApiError(403, "this trenvx server has no API key, so it answers only callers on this machine "
                                 f"(loopback); to use it from elsewhere, {HOW_TO_SET_A_KEY}")
+        if from_web_page(request):
+            raise ApiError(403, "this trenvx server has no API key, so it does not answer requests made by web "
+                                "pages (a page a sandbox serves could otherwise use the API as you); call it from a "
+                                f"program, or {HOW_TO_SET_A_KEY}")
         return
     if key is None:
         raise ApiError(401, f"missing {API_KEY_HEADER} header: this server requires an API key",
