@@ -56,6 +56,7 @@ def ide_upstream_app() -> Starlette:
         r.headers.append("set-cookie", "session=s1; Path=/; HttpOnly")
         r.headers.append("set-cookie", "deep=d1; Path=/static; SameSite=Lax")
         r.headers.append("set-cookie", "plain=p1")
+        r.headers.append("set-cookie", "trenvx_traffic=forged-by-the-sandbox; Path=/")
         return r
 
     async def echo(websocket: WebSocket) -> None:

@@ -236,7 +236,9 @@ def test_the_path_form_keeps_redirects_and_cookies_under_its_prefix(server) -> N
     assert own.headers["location"] == f"http://127.0.0.1:{server.port}{prefix}/abs"
     cookies = httpx.get(f"{server.url}{prefix}/set-cookies").headers.get_list("set-cookie")
     assert cookies == [f"session=s1; Path={prefix}; HttpOnly", f"deep=d1; Path={prefix}/static; SameSite=Lax",
-                       "plain=p1"]
+                       "plain=p1"]  # and not the sandbox's own trenvx_traffic: the proxy's cookie is the proxy's
+    by_host = httpx.get(f"{server.url}/set-cookies", headers={"Host": host(sid, server)}).headers.get_list("set-cookie")
+    assert by_host == ["session=s1; Path=/; HttpOnly", "deep=d1; Path=/static; SameSite=Lax", "plain=p1"]
     # the host form leaves them as the application sent them
     assert httpx.get(f"{server.url}/go-login", headers={"Host": host(sid, server)}).headers["location"] == \
         "/login?next=%2F"
@@ -332,6 +334,8 @@ def test_token_parameter_and_cookie_handling() -> None:
     assert v.refusal == MISSING
     assert traffic_auth.check([], "t", "s", 1, "").refusal == INVALID  # a private sandbox without a token: nobody
     assert traffic_auth.check([], "t", "s", 1, "t") == traffic_auth.Verdict(None, by_param=True)
+    assert traffic_auth.sets_cookie(b"trenvx_traffic=x; Path=/") and traffic_auth.sets_cookie(b" trenvx_traffic = x")
+    assert not traffic_auth.sets_cookie(b"trenvx_traffic2=x") and not traffic_auth.sets_cookie(b"a=trenvx_traffic")
 
 
 def test_prefixing_locations_and_cookies() -> None:
@@ -341,6 +345,12 @@ def test_prefixing_locations_and_cookies() -> None:
     assert prefixed_location(b"http://h:1/a", p, b"h:1") == f"http://h:1{p}/a".encode()
     assert prefixed_location(b"http://other/a", p, b"h:1") == b"http://other/a"
     assert prefixed_location(b"next", p, b"h:1") == b"next"
+    # an application that honours X-Forwarded-Prefix already put it there
+    assert prefixed_location(f"{p}/login".encode(), p, b"h:1") == f"{p}/login".encode()
+    assert prefixed_location(f"{p}?x=1".encode(), p, b"h:1") == f"{p}?x=1".encode()
+    assert prefixed_location(f"http://h:1{p}/a".encode(), p, b"h:1") == f"http://h:1{p}/a".encode()
+    assert prefixed_location(f"{p}0/x".encode(), p, b"h:1") == f"{p}{p}0/x".encode()  # not under it: prefixed
+    assert prefixed_set_cookie(f"a=1; Path={p}/x".encode(), p) == f"a=1; Path={p}/x".encode()
     assert prefixed_set_cookie(b"a=1; path=/; Secure", p) == f"a=1; path={p}; Secure".encode()
     assert prefixed_set_cookie(b"a=1; Path=/x", p) == f"a=1; Path={p}/x".encode()
     assert prefixed_set_cookie(b"a=1; Max-Age=5", p) == b"a=1; Max-Age=5"

@@ -78,14 +78,23 @@ def prefixed_location(value: bytes, prefix: str, host: bytes | None) -> bytes:
     text = value.decode("latin-1").strip()
     pre = prefix.encode("latin-1")
     if text.startswith("/") and not text.startswith("//"):
-        return pre + value.strip()
+        return value if _under(text, prefix) else pre + value.strip()
     parts = urlsplit(text)
     if (parts.scheme in ("http", "https") and host is not None
             and parts.netloc.lower() == host.decode("latin-1").strip().lower()):
         path = parts.path or "/"
+        if _under(path, prefix):
+            return value
         rebuilt = parts._replace(path=prefix + path)
         return rebuilt.geturl().encode("latin-1")
     return value
+
+
+def _under(path: str, prefix: str) -> bool:
+    """Whether ``path`` is the prefix or below it already (an application that honours
+    ``X-Forwarded-Prefix`` builds its URLs with it)."""
+    path = path.split("?", 1)[0]
+    return path == prefix or path.startswith(prefix + "/")
 
 
 _PATH_ATTR = re.compile(rb"(;\s*path\s*=\s*)([^;]*)", re.IGNORECASE)
@@ -98,7 +107,7 @@ def prefixed_set_cookie(value: bytes, prefix: str) -> bytes:
 
     def fix(m: re.Match[bytes]) -> bytes:
         path = m.group(2).strip()
-        if not path.startswith(b"/"):
+        if not path.startswith(b"/") or _under(path.decode("latin-1"), prefix):
             return m.group(0)
         return m.group(1) + (pre + path if path != b"/" else pre)
 

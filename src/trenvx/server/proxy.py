@@ -421,7 +421,8 @@ class SandboxProxy:
                 return await _respond(send, 502, f"proxying to port {port} of sandbox {sid} failed: {e}", sandboxId=sid)
 
         try:
-            out_headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP]
+            out_headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP
+                           and not (k.lower() == b"set-cookie" and traffic_auth.sets_cookie(v))]
             if forward.prefix is not None:
                 out_headers = _prefixed_response_headers(out_headers, forward.prefix, _header(scope, b"host"))
             await send({"type": "http.response.start", "status": upstream.status_code, "headers": out_headers})

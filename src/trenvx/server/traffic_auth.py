@@ -112,6 +112,12 @@ def without_cookie(headers: Sequence[tuple[bytes, bytes]]) -> Headers:
     return out
 
 
+def sets_cookie(set_cookie_value: bytes) -> bool:
+    """Whether an answer's ``Set-Cookie`` value sets :data:`COOKIE_NAME`: the proxy drops such a
+    header, so that a sandbox cannot replace the cookie the proxy gave its port."""
+    return set_cookie_value.split(b";", 1)[0].partition(b"=")[0].strip() == COOKIE_NAME.encode()
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What the proxy does with a request to a private sandbox's port."""
@@ -157,4 +163,4 @@ def set_cookie(sandbox_id: str, port: int, token: str, *, path: str, secure: boo
 
 
 __all__ = ["COOKIE_NAME", "TOKEN_PARAM", "TRAFFIC_TOKEN_HEADER", "Verdict", "check", "cookie_value",
-           "cookies_presented", "set_cookie", "take_token_param", "without_cookie"]
+           "cookies_presented", "set_cookie", "sets_cookie", "take_token_param", "without_cookie"]
