@@ -25,6 +25,7 @@ APT_PACKAGES=(
     nftables util-linux  # network slots: libnftables for sandbox rules, nsenter to start a VMM in its namespace
     gcc libc6-dev  # builds src/trenvx/vmm/preload (QEMU 7.2 must not punch holes in templates)
     openssh-client  # ssh root@<sandbox-id> (sandbox-cli ssh-config) and its end-to-end test
+    chromium fonts-liberation  # the web IDE's end-to-end test drives Debian's browser headless (Playwright)
 )
 
 say() { printf '\033[1m==>\033[0m %s\n' "$*"; }

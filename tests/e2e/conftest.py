@@ -87,6 +87,17 @@ async def code_interpreter_template(e2e_config: Config, test_template: str) -> s
     return CODE_INTERPRETER
 
 
+CLAUDE_CODE = "claude-code"
+"""The shipped claude-code template: code-server on port 8080 serving in its snapshot, Claude Code."""
+
+
+@pytest_asyncio.fixture(scope="session")
+async def claude_code_template(e2e_config: Config, test_template: str) -> str:
+    """claude-code, once per run (a large build: reused while its inputs are unchanged)."""
+    await build_shipped(e2e_config, CLAUDE_CODE)
+    return CLAUDE_CODE
+
+
 @pytest.fixture
 def e2b_env(sdk_backend: str) -> Iterator[str]:
     """E2B's ``e2b`` package pointed at the session backend for one test (see :func:`e2b_pointed_at`);

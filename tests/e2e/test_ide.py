@@ -1,0 +1,164 @@
+"""The web IDE on real VMs (issue 16): ``claude-coder`` creates a sandbox of the shipped
+``claude-code`` template and prints a URL; Debian's chromium (headless, driven by Playwright with
+``executable_path``: no browser download) opens it through the backend's proxy, finds VS Code's
+workbench, runs ``claude --version`` in its terminal and saves a file from its editor, which the
+SDK reads back. A screenshot of the IDE is kept under ``TRENVX_TEST_ARTIFACTS`` (default: the
+test's temporary directory). Requests without the URL's authorisation are refused.
+
+A real Claude API call is not possible here (no outside network): the test checks that the
+environment and settings Claude Code reads are in place instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from .server_helpers import e2b_pointed_at, running_server
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = os.environ.get("TRENVX_CHROMIUM", "/usr/bin/chromium")
+WORKSPACE = "/home/user/workspace"
+API_KEY = "sk-test-not-a-real-key-0123456789"
+UI_TIMEOUT_MS = 240_000
+"""Bound on each step in the browser: code-server's workbench is a large page and the guest runs
+under TCG here."""
+
+
+@pytest.fixture(scope="module")
+def ide_server(tmp_path_factory, e2e_config, test_template, claude_code_template):
+    with running_server(tmp_path_factory.mktemp("ide"), e2e_config, template=test_template, pools=False) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def coder(ide_server):
+    """``claude-coder --api-key ...`` run as a user runs it: the URL on stdout, the sandbox left
+    running until its timeout; killed at the end of the module."""
+    env = {**os.environ, "SANDBOX_BACKEND_ADDR": ide_server.url}
+    r = subprocess.run([sys.executable, "-m", "sandbox_sdk.claude_coder", "--api-key", API_KEY, "--timeout", "900"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    url = r.stdout.strip()
+    assert url.startswith("http") and "\n" not in url, r.stdout
+    assert "until its timeout" in r.stderr or "timeout" in r.stderr, r.stderr  # it says how the sandbox ends
+    match = re.search(r"8080-([a-z0-9]+)\.|/sandboxes/([a-z0-9]+)/ports/8080", url)
+    assert match, url
+    sandbox_id = match.group(1) or match.group(2)
+    with e2b_pointed_at(ide_server.url):
+        from e2b import Sandbox
+
+        sbx = Sandbox.connect(sandbox_id)
+        try:
+            yield url, sbx
+        finally:
+            sbx.kill()
+
+
+def artifacts_dir(tmp_path: Path) -> Path:
+    d = Path(os.environ.get("TRENVX_TEST_ARTIFACTS") or tmp_path)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def test_claude_codes_settings_are_in_place(coder) -> None:
+    _, sbx = coder
+    assert sbx.get_info().template_id == "claude-code"
+    state = json.loads(sbx.files.read("/home/user/.claude.json"))
+    assert state["hasCompletedOnboarding"] is True
+    settings = json.loads(sbx.files.read("/home/user/.claude/settings.json"))
+    assert settings["env"]["ANTHROPIC_API_KEY"] == API_KEY
+    version = sbx.commands.run("claude --version", user="user", timeout=120)
+    assert re.search(r"\d+\.\d+\.\d+", version.stdout) and "Claude Code" in version.stdout, version.stdout
+    assert sbx.commands.run("echo $ANTHROPIC_API_KEY", user="user").stdout.strip() == API_KEY
+
+
+def test_the_ide_refuses_requests_without_the_urls_authorisation(ide_server, coder) -> None:
+    """Who knows only the sandbox id (or guesses a token or a cookie) gets E2B's 403; the printed
+    URL gets the IDE, and its token is traded for a cookie at once."""
+    url, _ = coder
+    parts = urlsplit(url)
+    host_form = parts.netloc.startswith("8080-")
+    headers = {"Host": parts.netloc} if host_form else {}
+    target = f"{ide_server.url}{parts.path}"
+    assert httpx.get(target, headers=headers, timeout=60).status_code == 403
+    assert httpx.get(f"{target}?trenvx_token=wrong", headers=headers, timeout=60).status_code == 403
+    assert httpx.get(target, headers={**headers, "Cookie": "trenvx_traffic=forged"}, timeout=60).status_code == 403
+    given = httpx.get(f"{target}?{parts.query}", headers=headers, timeout=60)
+    assert given.status_code == 303 and "trenvx_token" not in given.headers["location"], given.headers
+    cookie = given.headers["set-cookie"].split(";", 1)[0]
+    page = httpx.get(f"{target}?folder={WORKSPACE}", headers={**headers, "Cookie": cookie}, timeout=120)
+    assert page.status_code == 200 and "workbench" in page.text.lower(), page.text[:500]
+
+
+def test_a_browser_opens_the_ide_runs_claude_and_saves_a_file(coder, tmp_path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: scripts/start.sh setup installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    url, sbx = coder
+    shots = artifacts_dir(tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            started = time.monotonic()
+            page.goto(url)
+            assert "trenvx_token" not in page.url, "the token stays out of the address bar"
+            page.wait_for_selector(".monaco-workbench", state="visible")
+            print(f"\nworkbench visible {time.monotonic() - started:.1f} s after opening {url.split('?')[0]}")
+
+            # The terminal: claude's version, printed on the terminal and kept in a file to read back.
+            page.keyboard.press("Control+Backquote")
+            page.wait_for_selector(".terminal-wrapper .xterm", state="visible")
+            page.locator(".terminal-wrapper .xterm").first.click()
+            page.keyboard.type(f"claude --version | tee {WORKSPACE}/claude-version.txt\n", delay=20)
+            version = wait_for_file(sbx, f"{WORKSPACE}/claude-version.txt", r"\d+\.\d+\.\d+")
+            assert "Claude Code" in version, version
+            rows = page.locator(".terminal-wrapper .xterm-rows")
+            if rows.count():  # the DOM renderer (gpuAcceleration off) shows the terminal's text in the page
+                page.wait_for_function("() => document.querySelector('.terminal-wrapper .xterm-rows')"
+                                       ".innerText.includes('Claude Code')")
+
+            # The editor: a new file, typed and saved under the workspace.
+            page.keyboard.press("F1")
+            page.keyboard.type("File: New Untitled Text File", delay=10)
+            page.keyboard.press("Enter")
+            page.wait_for_selector(".monaco-editor textarea", state="attached")
+            page.keyboard.type("written in the IDE\n", delay=20)
+            page.keyboard.press("Control+S")
+            path_box = page.locator(".quick-input-widget input")
+            path_box.wait_for(state="visible")
+            path_box.fill(f"{WORKSPACE}/from-the-editor.txt")
+            page.keyboard.press("Enter")
+            written = wait_for_file(sbx, f"{WORKSPACE}/from-the-editor.txt", r"written in the IDE")
+            assert written.strip() == "written in the IDE", written
+            page.screenshot(path=str(shots / "ide.png"))
+            print(f"screenshot: {shots / 'ide.png'}")
+        finally:
+            browser.close()
+
+
+def wait_for_file(sbx, path: str, pattern: str, timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = sbx.files.read(path)
+        except Exception:  # noqa: BLE001 - not there yet
+            text = ""
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"{path} never matched {pattern!r}: {text!r}")
