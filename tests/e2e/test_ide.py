@@ -125,6 +125,7 @@ def test_a_browser_opens_the_ide_runs_claude_and_saves_a_file(coder, tmp_path) -
             page.locator(".terminal-wrapper .xterm").first.click()
             page.keyboard.type(f"claude --version | tee {WORKSPACE}/claude-version.txt\n", delay=20)
             version = wait_for_file(sbx, f"{WORKSPACE}/claude-version.txt", r"\d+\.\d+\.\d+")
+            print(f"claude --version in the terminal: {time.monotonic() - started:.1f} s")
             assert "Claude Code" in version, version
             rows = page.locator(".terminal-wrapper .xterm-rows")
             if rows.count():  # the DOM renderer (gpuAcceleration off) shows the terminal's text in the page
@@ -144,6 +145,7 @@ def test_a_browser_opens_the_ide_runs_claude_and_saves_a_file(coder, tmp_path) -
             page.keyboard.press("Enter")
             written = wait_for_file(sbx, f"{WORKSPACE}/from-the-editor.txt", r"written in the IDE")
             assert written.strip() == "written in the IDE", written
+            print(f"file saved from the editor: {time.monotonic() - started:.1f} s")
             page.screenshot(path=str(shots / "ide.png"))
             print(f"screenshot: {shots / 'ide.png'}")
         finally:
