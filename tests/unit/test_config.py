@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -19,15 +21,40 @@ def write(tmp_path: Path, text: str, dockerfile: bool = True) -> Path:
     return p
 
 
-def test_example_config_loads_with_both_shipped_templates() -> None:
+def test_example_config_loads_with_the_shipped_templates() -> None:
     cfg = load_config(REPO / "configs" / "example_config.toml")
-    assert {"default-sandbox", "code-interpreter"} <= set(cfg.template)
+    assert {"default-sandbox", "code-interpreter", "claude-code"} <= set(cfg.template)
     t = cfg.get_template("default-sandbox")
     assert t.vmm_type is VmmType.qemu and t.mem_mb >= 64
     assert Path(t.dockerfile).is_file() and Path(t.context).is_dir()
     ci = cfg.get_template("code-interpreter")
     assert ci.code_interpreter and {"code-interpreter-v1", "default-code-interpreter"} <= set(ci.aliases)
     assert cfg.canonical_template("code-interpreter-v1") == "code-interpreter"
+
+
+def test_example_config_claude_code_template() -> None:
+    """TrEnv-X's claude-code template: 2 vCPU, 4 GiB, as `user`, code-server started before the
+    snapshot on 0.0.0.0:8080 without a password of its own, and ide-ready from its own build
+    context (so that edits elsewhere in configs/ do not rebuild it)."""
+    cfg = load_config(REPO / "configs" / "example_config.toml")
+    t = cfg.get_template("claude-code")
+    assert (t.vcpu, t.mem_mb, t.user) == (2, 4096, "user")
+    assert Path(t.dockerfile).name == "claude-code.Dockerfile" and Path(t.dockerfile).is_file()
+    assert Path(t.context) == REPO / "configs" / "claude-code"
+    cmd = t.start_cmd.cmd
+    assert cmd.startswith("exec runuser -u user -- ") and "code-server " in cmd
+    for flag in ("--bind-addr 0.0.0.0:8080", "--auth none", "--disable-telemetry", "--disable-update-check"):
+        assert flag in cmd
+    assert cmd.split(">", 1)[0].rstrip().endswith("/home/user/workspace")
+    assert t.ready_cmd == "ide-ready" and t.ready_timeout_s >= 300
+    ready = Path(t.context) / "ide-ready"
+    assert ready.is_file() and os.access(ready, os.X_OK)
+    settings = json.loads((Path(t.context) / "settings.json").read_text())
+    assert settings["security.workspace.trust.enabled"] is False
+    assert settings["workbench.startupEditor"] == "none"
+    dockerfile = Path(t.dockerfile).read_text()
+    for pinned in ("CODE_SERVER_VERSION=", "CLAUDE_CODE_VERSION=", "NODE_VERSION=", "NODE_SHA512=", "NPM_SHA512="):
+        assert f"ARG {pinned}" in dockerfile
 
 
 def test_defaults_live_in_the_schema(tmp_path: Path) -> None:
