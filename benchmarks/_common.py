@@ -4,10 +4,16 @@ cancels it (its ``finally`` blocks then stop every backend and sandbox it starte
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Where a benchmark's JSON goes unless ``--json`` names a file."""
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -45,3 +51,23 @@ def config_as_toml_data(cfg: Any) -> dict[str, Any]:
     for t in data.get("template", {}).values():
         t.pop("name", None)
     return data
+
+
+def write_results(name: str, data: dict[str, Any], json_arg: str = "") -> Path:
+    """``data`` as JSON in ``json_arg`` or, without one, ``results/<name>-<UTC time>.json``."""
+    path = Path(json_arg) if json_arg else RESULTS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
+
+
+def solo_backend_config(base: Any, template: str, port: int, pool: Any = None) -> Any:
+    """``base`` (a :class:`trenvx.config.Config`) as a benchmark's own backend serves it: on
+    127.0.0.1:``port``, no API key, long sandbox timeouts, nothing kept at exit, and ``pool`` for
+    ``template`` (default: no pool, so every create is a cold restore, a new VMM process)."""
+    from trenvx.config import PoolConfig
+
+    orch = base.orchestrator.model_copy(update={"port": port, "host": "127.0.0.1", "api_key": "",
+                                                "max_timeout_s": 3600, "keep_on_exit": False})
+    pool = pool or PoolConfig(templates=[template], warm_min=0, warm_max=0, hot_min=0, hot_max=0)
+    return base.model_copy(update={"orchestrator": orch, "pool": pool})

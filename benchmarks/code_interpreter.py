@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -40,7 +39,7 @@ from typing import Any
 import httpx
 import tomli_w
 
-from _common import config_as_toml_data, pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
+from _common import config_as_toml_data, pct, run_cancellable, solo_backend_config, write_results  # benchmarks/ is on sys.path when run as a script
 from start_latency import Server, free_port
 
 from trenvx.config import PoolConfig, load_config
@@ -48,7 +47,6 @@ from trenvx.layout import DataRoot
 from trenvx.template.store import TemplateStore
 
 TEMPLATE = "code-interpreter"
-RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1 << 20
 CHART = ("import matplotlib.pyplot as plt\nplt.figure(figsize=(4, 3), dpi=100)\n"
          "plt.plot([1, 2, 3], [1, 4, 9])\nplt.show()")
@@ -149,10 +147,7 @@ async def main() -> int:
     accel = build.manifest.machine.accelerator
     work = Path(tempfile.mkdtemp(prefix="ci-bench-"))
     port = free_port()
-    orch = base.orchestrator.model_copy(update={"port": port, "host": "127.0.0.1", "api_key": "",
-                                                "max_timeout_s": 3600, "keep_on_exit": False})
-    cfg = base.model_copy(update={"orchestrator": orch, "pool": PoolConfig(templates=[TEMPLATE], warm_min=0,
-                                                                            warm_max=0, hot_min=0, hot_max=0)})
+    cfg = solo_backend_config(base, TEMPLATE, port)
     (work / "config.toml").write_text(tomli_w.dumps(config_as_toml_data(cfg)))
     server = Server(work / "config.toml", port, work / "server.log")
     os.environ.update({"E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url, "E2B_API_KEY": "benchmark"})
@@ -169,8 +164,9 @@ async def main() -> int:
     finally:
         await server.stop()
     if args.hot:
-        hot = cfg.model_copy(update={"pool": PoolConfig(templates=[TEMPLATE], warm_min=0, warm_max=0, hot_min=1,
-                                                        hot_max=1, hot_warmup_cmd=base.pool.hot_warmup_cmd)})
+        hot = solo_backend_config(base, TEMPLATE, port, PoolConfig(templates=[TEMPLATE], warm_min=0, warm_max=0,
+                                                                   hot_min=1, hot_max=1,
+                                                                   hot_warmup_cmd=base.pool.hot_warmup_cmd))
         (work / "hot.toml").write_text(tomli_w.dumps(config_as_toml_data(hot)))
         server = Server(work / "hot.toml", port, work / "server-hot.log")
         loop = asyncio.get_running_loop()
@@ -225,9 +221,7 @@ async def main() -> int:
                              "hot_p50": paired_gap(hot_rounds, 50) if hot_rounds else None},
            "idle_memory": memory,
            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path = Path(args.json) if args.json else RESULTS / f"code-interpreter-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=str))
+    path = write_results("code-interpreter", out, args.json)
     print(f"JSON: {path}")
     return 0
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -34,10 +33,10 @@ from typing import Any
 import httpx
 import tomli_w
 
-from _common import config_as_toml_data, pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
+from _common import config_as_toml_data, pct, run_cancellable, solo_backend_config, write_results  # benchmarks/ is on sys.path when run as a script
 from start_latency import Server, free_port
 
-from trenvx.config import PoolConfig, load_config
+from trenvx.config import load_config
 from trenvx.layout import DataRoot
 from trenvx.template.store import TemplateStore
 
@@ -46,7 +45,6 @@ IDE_PORT = 8080
 BASELINE_PORT = 8081
 WORKSPACE = "/home/user/workspace"
 CHROMIUM = os.environ.get("TRENVX_CHROMIUM", "/usr/bin/chromium")
-RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1 << 20
 WORKBENCH_TIMEOUT_MS = 300_000
 BASELINE_CMD = (
@@ -162,10 +160,7 @@ async def main() -> int:
     accel = build.manifest.machine.accelerator
     work = Path(tempfile.mkdtemp(prefix="ide-bench-"))
     port = free_port()
-    orch = base.orchestrator.model_copy(update={"port": port, "host": "127.0.0.1", "api_key": "",
-                                                "max_timeout_s": 3600, "keep_on_exit": False})
-    cfg = base.model_copy(update={"orchestrator": orch, "pool": PoolConfig(templates=[TEMPLATE], warm_min=0,
-                                                                            warm_max=0, hot_min=0, hot_max=0)})
+    cfg = solo_backend_config(base, TEMPLATE, port)
     (work / "config.toml").write_text(tomli_w.dumps(config_as_toml_data(cfg)))
     server = Server(work / "config.toml", port, work / "server.log")
     os.environ.update({"E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url, "E2B_API_KEY": "benchmark",
@@ -192,9 +187,7 @@ async def main() -> int:
     out = {"benchmark": "ide", "template": TEMPLATE, "accelerator": accel, "host": platform.node(),
            "cores": os.cpu_count(), "rounds": rounds, "summary": cols, "idle_memory": memory,
            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path = Path(args.json) if args.json else RESULTS / f"ide-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=str))
+    path = write_results("ide", out, args.json)
     print(f"JSON: {path}")
     return 0
 

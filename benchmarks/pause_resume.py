@@ -37,21 +37,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from _common import pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
+from _common import pct, run_cancellable, write_results  # benchmarks/ is on sys.path when run as a script
 
 from trenvx.config import Config, PoolConfig, load_config
 from trenvx.sandbox.manager import SandboxManager
 from trenvx.vmm.process import TCG_CODE, memory_parts_of
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1 << 20
 E2B_PUBLISHED = "E2B (published): pause ~4 s per GiB of RAM, resume ~1 s"
 
@@ -270,9 +267,7 @@ async def main() -> int:
     out = {"benchmark": "pause_resume", "template": template, "mem_mb": mem_mb, "accelerator": accel,
            "host": platform.node(), "cores": os.cpu_count(), "repeat": args.repeat, "rows": rows,
            "cold_create": creates, "forks": forks, "e2b_published": E2B_PUBLISHED, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path = Path(args.json) if args.json else RESULTS / f"pause-resume-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=str))
+    path = write_results("pause-resume", out, args.json)
     print(f"JSON: {path}")
     return 0
 
