@@ -25,20 +25,15 @@ import asyncio
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-import tomli_w
 
-from _common import config_as_toml_data, pct, run_cancellable, solo_backend_config, write_results  # benchmarks/ is on sys.path when run as a script
-from start_latency import Server, free_port
+from _common import pct, run_cancellable, write_results  # benchmarks/ is on sys.path when run as a script
+from start_latency import solo_backend
 
-from trenvx.config import load_config
-from trenvx.layout import DataRoot
-from trenvx.template.store import TemplateStore
 
 TEMPLATE = "claude-code"
 IDE_PORT = 8080
@@ -152,20 +147,14 @@ async def main() -> int:
         print(f"{CHROMIUM} not found: install Debian's chromium (scripts/start.sh setup does) or set "
               "TRENVX_CHROMIUM", file=sys.stderr)
         return 2
-    base = load_config(args.config)
-    if TEMPLATE not in base.template:
-        print(f"{args.config} has no template {TEMPLATE!r}", file=sys.stderr)
+    try:
+        server, build, base = solo_backend(args.config, TEMPLATE, "ide-bench")
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
         return 2
-    build = TemplateStore(DataRoot(base.data_root)).current(TEMPLATE)  # TemplateNotFound says how to build it
     accel = build.manifest.machine.accelerator
-    work = Path(tempfile.mkdtemp(prefix="ide-bench-"))
-    port = free_port()
-    cfg = solo_backend_config(base, TEMPLATE, port)
-    (work / "config.toml").write_text(tomli_w.dumps(config_as_toml_data(cfg)))
-    server = Server(work / "config.toml", port, work / "server.log")
-    os.environ.update({"E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url, "E2B_API_KEY": "benchmark",
-                       "E2B_DOMAIN": f"localhost:{port}"})
-    os.environ.pop("E2B_DEBUG", None)
+    port = server.port
+    os.environ["E2B_DOMAIN"] = f"localhost:{port}"
     try:
         await server.start()
         rounds, memory = await asyncio.to_thread(run_rounds, args, server.url)

@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 import tomli_w
 
-from _common import config_as_toml_data, pct, run_cancellable  # benchmarks/ is on sys.path when run as a script
+from _common import config_as_toml_data, pct, run_cancellable, solo_backend_config  # benchmarks/ is on sys.path when run as a script
 
 from sandbox_sdk.sandbox import Sandbox
 from trenvx.config import Config, NetworkMode, PoolConfig, StartMode, load_config
@@ -62,6 +62,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def summary(xs: list[float]) -> dict[str, float]:
     return {"n": len(xs), "p50": pct(xs, 50), "p95": pct(xs, 95), "p99": pct(xs, 99), "max": max(xs) if xs else float("nan")}
+
+
+def solo_backend(config_path: str, template: str, prefix: str) -> tuple[Server, Any, Config]:
+    """A benchmark's own backend for ``template`` (see ``_common.solo_backend_config``: no pool),
+    not yet started, with E2B's SDK pointed at it: the server, the template's current build and
+    the config it serves. ``TemplateNotFound`` says how to build a missing template;
+    ``ValueError`` when the config has no such template."""
+    base = load_config(config_path)
+    if template not in base.template:
+        raise ValueError(f"{config_path} has no template {template!r}")
+    build = TemplateStore(DataRoot(base.data_root)).current(template)
+    work = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
+    port = free_port()
+    (work / "config.toml").write_text(tomli_w.dumps(config_as_toml_data(solo_backend_config(base, template, port))))
+    server = Server(work / "config.toml", port, work / "server.log")
+    os.environ.update({"E2B_API_URL": server.url, "E2B_SANDBOX_URL": server.url, "E2B_API_KEY": "benchmark"})
+    os.environ.pop("E2B_DEBUG", None)
+    return server, build, base
 
 
 def free_port() -> int:
