@@ -27,6 +27,18 @@ def pct(xs: list[float], p: float) -> float:
     return xs[f] + (xs[c] - xs[f]) * (k - f)
 
 
+def summary(xs: list[float]) -> dict[str, float]:
+    """n, p50, p99 and max of ``xs`` (NaN for an empty list)."""
+    return {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99), "max": max(xs) if xs else float("nan")}
+
+
+def summarize_rounds(rounds: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """:func:`summary` of each measurement over the rounds that have it (some run only every K-th
+    round), in the order the measurements first appear."""
+    keys = list(dict.fromkeys(k for r in rounds for k in r))
+    return {k: summary([r[k] for r in rounds if k in r]) for k in keys}
+
+
 def run_cancellable(main: Callable[[], Awaitable[int]]) -> int:
     """``asyncio.run(main())``, cancelled on SIGINT/SIGTERM; exit status 130 when interrupted."""
 

@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 import tomli_w
 
-from _common import config_as_toml_data, pct, run_cancellable, solo_backend_config, write_results  # benchmarks/ is on sys.path when run as a script
+from _common import config_as_toml_data, pct, run_cancellable, solo_backend_config, summarize_rounds, summary, write_results  # benchmarks/ is on sys.path when run as a script
 from start_latency import Server, solo_backend
 
 from trenvx.config import PoolConfig
@@ -46,10 +46,6 @@ TEMPLATE = "code-interpreter"
 MiB = 1 << 20
 CHART = ("import matplotlib.pyplot as plt\nplt.figure(figsize=(4, 3), dpi=100)\n"
          "plt.plot([1, 2, 3], [1, 4, 9])\nplt.show()")
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99), "max": max(xs) if xs else float("nan")}
 
 
 def paired_gap(rounds: list[dict[str, float]], q: float) -> float:
@@ -176,8 +172,7 @@ async def main() -> int:
         finally:
             await server.stop()
 
-    keys = list(dict.fromkeys(k for r in rounds for k in r))
-    cols = {k: summary([r[k] for r in rounds if k in r]) for k in keys}
+    cols = summarize_rounds(rounds)
     print(f"\ncode interpreter: template {TEMPLATE} ({build.manifest.machine.mem_mb} MiB guest), accelerator "
           f"{accel.upper()}, {os.cpu_count()} cores, {args.n} rounds, cold creates (no pools)")
     print(f"{'create ->':<40} {'n':>4} {'p50':>8} {'p99':>8}")

@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from _common import pct, run_cancellable, write_results  # benchmarks/ is on sys.path when run as a script
+from _common import run_cancellable, summarize_rounds, write_results  # benchmarks/ is on sys.path when run as a script
 from start_latency import solo_backend
 
 
@@ -46,10 +46,6 @@ BASELINE_CMD = (
     f"nohup code-server --bind-addr 0.0.0.0:{BASELINE_PORT} --auth none --disable-telemetry "
     f"--disable-update-check {WORKSPACE} > /tmp/code-server-{BASELINE_PORT}.log 2>&1 &"
 )
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99), "max": max(xs) if xs else float("nan")}
 
 
 def ide_url(sbx: Any, port: int) -> str:
@@ -161,8 +157,7 @@ async def main() -> int:
     finally:
         await server.stop()
 
-    keys = list(dict.fromkeys(k for r in rounds for k in r))
-    cols = {k: summary([r[k] for r in rounds if k in r]) for k in keys}
+    cols = summarize_rounds(rounds)
     print(f"\nweb IDE: template {TEMPLATE} ({build.manifest.machine.vcpu} vCPU, {build.manifest.machine.mem_mb} MiB "
           f"guest), accelerator {accel.upper()}, {os.cpu_count()} cores, {args.n} rounds, cold creates (no pools)")
     print(f"{'create -> workbench visible in chromium':<46} {'n':>4} {'p50':>8} {'p99':>8}")

@@ -43,7 +43,7 @@ import sys
 import time
 from typing import Any
 
-from _common import pct, run_cancellable, write_results  # benchmarks/ is on sys.path when run as a script
+from _common import pct, run_cancellable, summary, write_results  # benchmarks/ is on sys.path when run as a script
 
 from trenvx.config import Config, PoolConfig, load_config
 from trenvx.sandbox.manager import SandboxManager
@@ -67,10 +67,6 @@ def anonymous_in_mapping(pid: int, path: str) -> int:
     except OSError:
         return 0
     return total
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99), "max": max(xs) if xs else float("nan")}
 
 
 ALIVE = "for p in /proc/[0-9]*; do grep -qa 'os[.]urandom' $p/cmdline 2>/dev/null && echo alive && break; done"
