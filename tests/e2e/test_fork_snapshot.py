@@ -8,7 +8,8 @@ outlives its source and starts new sandboxes; refused requests (fork of a paused
 0 or 101, unknown sandbox) change nothing; a deleted snapshot stops new creates but not the
 sandboxes started from it, and its files go with the last of them. Through the manager: a
 snapshot of a snapshot's child, the source's disk after a snapshot surviving a pause to disk,
-what children share (read-only files only), the files' modes. And ``sandbox_sdk`` and
+what children share (read-only files only), the files' modes, a second snapshot of one source
+starting copies after the source is gone. And ``sandbox_sdk`` and
 ``sandbox-cli``.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from trenvx.sandbox.disk import backing_chain
 from trenvx.sandbox.snapshots import AGENT_TOKEN, USERS
 from trenvx.template.store import MANIFEST, MEMORY, VMSTATE
 
@@ -352,10 +354,25 @@ async def test_snapshot_chain_and_the_source_disk_after_a_pause(manager, test_te
         await manager.resume(src.id)
         r = await src.run("cat /tmp/one /tmp/two", user="root")
         assert r.stdout.decode().split() == ["one", "two"]
+
+        # a second snapshot of the same source is whole without it: its layer stands on the
+        # source's first layer, which the build holds under the name the header gives
+        await src.run("echo four > /tmp/four && sync", user="root")
+        s3 = await manager.snapshots.take(src.id)
+        builds.append(s3)
+        chain = backing_chain(s3.path / "layer.qcow2")
+        assert chain[0] == s3.path / "layer-1.qcow2", chain
+        assert not any(str(src.restored.workdir) in str(p) for p in chain), chain
+        await manager.kill(src.id)
+        copy = await manager.create(s3.name, timeout_s=300)
+        made.append(copy)
+        r = await copy.run("cat /tmp/one /tmp/two /tmp/four", user="root")
+        assert r.stdout.decode().split() == ["one", "two", "four"]
     finally:
         for sb in made:
             await manager.kill(sb.id)
-        await manager.kill(src.id)
+        if src.id in {sb.id for sb in manager.list()}:
+            await manager.kill(src.id)
         for b in builds:
             try:
                 await manager.snapshots.delete(b.name)

@@ -2,7 +2,8 @@
 
 The unit suite fuzzes the API thoroughly with fake sandboxes (tests/unit/test_server_fuzz.py);
 this run checks that requests which really start VMs (generated metadata, env vars, timeouts)
-cannot make the VM layer fail either. Sandboxes are capped and short-lived.
+cannot make the VM layer fail either. Sandboxes are capped and short-lived; the snapshots it
+takes are deleted after it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ def test_schemathesis_against_the_real_server(tmp_path, e2e_config, test_templat
         with srv.client() as c:
             for s in c.get("/sandboxes").json():
                 c.delete(f"/sandboxes/{s['sandboxID']}")
+            # the snapshots it took are builds in the shared template store: a later run would
+            # start sandboxes from them under the names it generates again
+            for _ in range(100):
+                snapshots = c.get("/snapshots", params={"limit": 100}).json()
+                if not snapshots:
+                    break
+                for snap in snapshots:
+                    assert c.delete(f"/templates/{snap['snapshotID'].split(':')[0]}").status_code == 204
+            assert c.get("/snapshots").json() == []
         server_errors = [line for line in srv.log(2000).splitlines() if " ERROR " in line]
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert not server_errors, "\n".join(server_errors[:20])

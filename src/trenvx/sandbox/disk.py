@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..vmm.qemu_img import QemuImgError
+from ..vmm.qemu_img import QemuImgError, qcow2_backing_name
 from ..vmm.qemu_img import qemu_img as run_qemu_img
 
 
@@ -29,25 +29,14 @@ async def create_overlay(base: Path, overlay: Path, backing_format: str = "raw",
     return overlay
 
 
-QCOW2_MAGIC = b"QFI\xfb"
 MAX_CHAIN = 64
 
 
 def qcow2_backing(path: Path) -> Path | None:
     """The backing file a qcow2 image's header names (an absolute path, or relative to the image's
     directory), or None: no backing file, not a qcow2 image, or unreadable."""
-    try:
-        with open(path, "rb") as f:
-            header = f.read(20)
-            if len(header) < 20 or header[:4] != QCOW2_MAGIC:
-                return None
-            offset = int.from_bytes(header[8:16], "big")
-            size = int.from_bytes(header[16:20], "big")
-            if not offset or not 0 < size <= 1023:
-                return None
-            f.seek(offset)
-            name = f.read(size).decode(errors="replace")
-    except OSError:
+    name = qcow2_backing_name(path)
+    if name is None:
         return None
     backing = Path(name)
     return backing if backing.is_absolute() else path.parent / backing

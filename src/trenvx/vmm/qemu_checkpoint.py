@@ -10,12 +10,17 @@ What a checkpoint is, in ``dest`` (a directory the caller made, mode 0700):
   the small RAM blocks (firmware, ACPI tables) as they were.
 - ``layer.qcow2``: the VM's disk as it was, an immutable qcow2 layer whose backing file is what
   the VM's disk was based on. A VM restored from the checkpoint gets its own overlay on it.
+- ``layer-K.qcow2`` (a VM checkpointed before): the layers of the VM's earlier checkpoints that
+  ``layer.qcow2`` stands on, by the relative names their headers give (second names again, no
+  copy). The checkpoint is whole without the VM's directory: a VM's second checkpoint still
+  starts VMs after the VM and its files are gone.
 
 How, in order (the caller freezes the guest's filesystems before and thaws them after):
 
 1. ``stop``: the vCPUs stop, QEMU flushes its disks.
 2. The disk switch: the VM's disk file ``disk.qcow2`` gets a second name ``layer-N.qcow2``; a new
-   empty overlay ``top-N.qcow2`` whose backing file is ``layer-N.qcow2`` becomes the VM's disk
+   empty overlay ``top-N.qcow2`` whose backing file is ``layer-N.qcow2`` (a name relative to
+   the overlay's directory, so the same header is right in a checkpoint's directory) becomes the VM's disk
    (QMP ``blockdev-snapshot-sync``, ``mode: existing``: QEMU opens it with the open flags of the
    image it replaces, i.e. the drive's cache and discard modes); ``disk.qcow2`` is then made a
    name of the new overlay, so the disk path stays the VM's writable image for anything that
@@ -51,7 +56,7 @@ from .base import VmmError, VmState
 from .qemu import QemuDriver, QemuVm
 from .ram_pages import PAGE_SIZE as HOST_PAGE
 from .ram_pages import file_pages_present, mapping_of, page_out
-from .qemu_img import qemu_img
+from .qemu_img import qcow2_backing_name, qemu_img
 from .qemu_stream import StreamFormatError, StreamStats, merge_into
 
 log = logging.getLogger(__name__)
@@ -64,8 +69,10 @@ LAYER = "layer.qcow2"
 BANDWIDTH = 64 << 30
 """``max-bandwidth`` (bytes/s) of the migration: QEMU's default (128 MiB/s) is for networks."""
 STREAM = ".stream"
-FINALIZE_TIMEOUT_S = 30.0
 """The migration stream, in ``dest`` until it is merged."""
+FINALIZE_TIMEOUT_S = 30.0
+MAX_LOCAL_LAYERS = 64
+"""Earlier layers of one VM a checkpoint follows (a longer chain is a damaged header)."""
 
 
 @dataclass
@@ -84,6 +91,8 @@ class Checkpoint:
     the memory file)."""
     released_bytes: int = 0
     """Bytes of the RAM file the VMM mapped only because the migration read them, given back."""
+    local_layers: list[Path] = field(default_factory=list)
+    """The VM's earlier layers ``layer`` stands on, linked beside it (``layer-K.qcow2``)."""
 
     @property
     def stored_bytes(self) -> int:
@@ -132,16 +141,16 @@ async def checkpoint(driver: QemuDriver, vm: QemuVm, *, base_memory: Path, dest:
         stats = await asyncio.to_thread(_merge_file, stream, vmstate_out, base_memory, memory_out)
         times["merge"] = time.perf_counter() - t0
         os.chmod(memory_out, 0o400)  # the driver maps only read-only memory files privately
-        _link_or_copy(layer, layer_out)
+        below = _link_layers(layer, layer_out)
     except StreamFormatError as e:
-        _remove(vmstate_out, memory_out, layer_out)
+        _remove(vmstate_out, memory_out, layer_out, *_local_layers(layer, dest))
         raise VmmError(f"checkpoint of {vm.spec.name}: its migration stream: {e}") from None
     except BaseException:
-        _remove(vmstate_out, memory_out, layer_out)
+        _remove(vmstate_out, memory_out, layer_out, *_local_layers(layer, dest))
         raise
     finally:
         stream.unlink(missing_ok=True)
-    return Checkpoint(vmstate_out, memory_out, layer_out, stats, stopped, times, released)
+    return Checkpoint(vmstate_out, memory_out, layer_out, stats, stopped, times, released, below)
 
 
 def _mapped_before(vm: QemuVm, base_memory: Path) -> tuple[int, bytearray] | None:
@@ -192,7 +201,7 @@ async def switch_disk(vm: QemuVm, disk: Path) -> Path:
     layer, top = disk.with_name(f"layer-{n}.qcow2"), disk.with_name(f"top-{n}.qcow2")
     os.link(disk, layer)
     try:
-        await qemu_img("create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(layer), str(top), str(size))
+        await qemu_img("create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", layer.name, str(top), str(size))
         os.chmod(top, 0o600)
         await vm.execute("blockdev-snapshot-sync", {
             "device": DRIVE_ID, "snapshot-file": str(top), "format": "qcow2", "mode": "existing",
@@ -251,6 +260,32 @@ def _merge_file(stream: Path, vmstate_out: Path, base_memory: Path, memory_out: 
         dst.flush()
         os.fsync(dst.fileno())
     return stats
+
+
+def _local_layers(layer: Path, dest: Path) -> list[Path]:
+    """The names in ``dest`` of the layers below ``layer`` that live beside it: those its chain
+    names relatively (a VM's earlier layers, :func:`switch_disk`), down to the first absolute name
+    (a template's image or a checkpoint's layer, which have names of their own)."""
+    out: list[Path] = []
+    current = layer
+    while len(out) < MAX_LOCAL_LAYERS:
+        name = qcow2_backing_name(current)
+        if not name or os.path.isabs(name) or "/" in name or name in (LAYER, ".", ".."):
+            break
+        current = layer.parent / name
+        out.append(dest / name)
+    return out
+
+
+def _link_layers(layer: Path, layer_out: Path) -> list[Path]:
+    """``layer`` as ``layer_out``, and each earlier layer of the VM it stands on beside it under
+    the relative name its header gives, so the chain resolves in ``layer_out``'s directory.
+    Returns the earlier layers' new names."""
+    _link_or_copy(layer, layer_out)
+    below = _local_layers(layer, layer_out.parent)
+    for name in below:
+        _link_or_copy(layer.parent / name.name, name)
+    return below
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

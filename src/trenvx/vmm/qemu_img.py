@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from .base import VmmError
 
@@ -26,3 +27,25 @@ async def qemu_img(*args: str, binary: str = "qemu-img", timeout_s: float = QEMU
         raise QemuImgError(f"qemu-img {' '.join(args)} timed out after {timeout_s:.0f}s") from None
     if proc.returncode != 0:
         raise QemuImgError(f"qemu-img {' '.join(args)} failed: {out.decode(errors='replace').strip()}")
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def qcow2_backing_name(path: Path) -> str | None:
+    """The backing file name exactly as a qcow2 image's header holds it (an absolute path, or a
+    name relative to the image's directory), or None: no backing file, not a qcow2 image, or
+    unreadable."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+            if len(header) < 20 or header[:4] != QCOW2_MAGIC:
+                return None
+            offset = int.from_bytes(header[8:16], "big")
+            size = int.from_bytes(header[16:20], "big")
+            if not offset or not 0 < size <= 1023:
+                return None
+            f.seek(offset)
+            return f.read(size).decode(errors="replace")
+    except OSError:
+        return None
