@@ -166,7 +166,10 @@ class TemplateBuilder:
     def input_digest(self, tpl: TemplateConfig) -> tuple[str, dict[str, str]]:
         """A hash of everything that changes the build's result, without building anything."""
         tpl = self.resolved(tpl)
-        settings = tpl.model_dump(mode="json", exclude={"name", "aliases", "boot_timeout_s", "ready_timeout_s"})
+        # The Dockerfile's and context's paths are not inputs (their contents are, in "rootfs"):
+        # one template in two checkouts is one build.
+        settings = tpl.model_dump(mode="json", exclude={"name", "aliases", "boot_timeout_s", "ready_timeout_s",
+                                                        "dockerfile", "context"})
         inputs = {
             "rootfs": rootfs_input_digest(tpl),
             "agent": agent_digest(),
