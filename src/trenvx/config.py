@@ -312,6 +312,55 @@ class VmmConfig(_Strict):
     qemu_binary: str = "qemu-system-x86_64"
 
 
+class ClusterConfig(_Strict):
+    """Many nodes, one API (``[cluster]``, or ``trenvx serve --cluster etcd://...``). Empty ``etcd``:
+    a single machine, no etcd, nothing of this runs.
+
+    Each node registers in etcd under a lease it renews every ``lease_ttl_s / 3``; a node that
+    stops renewing is dead ``lease_ttl_s`` later, and its sandboxes are reported lost. A request to
+    any node works for every sandbox: a create is placed (the best of ``candidates`` nodes by
+    memory headroom, preferring nodes that hold the template's build and a hot pool), and a
+    sandbox's requests go to the node that owns it."""
+
+    etcd: str = ""
+    """``etcd://HOST:PORT[,HOST:PORT...]``: the members of the etcd cluster (any of them will do)."""
+    name: str = ""
+    """This node's name, unique in the cluster; empty: the host name plus the API port."""
+    advertise_url: str = ""
+    """Where the other nodes reach this node's API (``http://HOST:PORT``); empty: from
+    ``[orchestrator] host`` and ``port`` (a wildcard host becomes the host's name)."""
+    prefix: str = "/trenvx"
+    """The etcd key prefix of this cluster (several clusters can share one etcd)."""
+    lease_ttl_s: int = Field(default=10, ge=2, le=300)
+    candidates: int = Field(default=3, ge=1, le=64)
+    """K of "best of K": nodes sampled for each create, the best of them chosen."""
+    secret: str = ""
+    """What nodes prove to each other on internal requests (placed creates, template copies); empty:
+    derived from the API key (``TRENVX_CLUSTER_SECRET`` wins). Nodes without either answer
+    internal requests from loopback only."""
+    etcd_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    """How long one etcd request may take before the next member is tried."""
+
+    @field_validator("etcd")
+    @classmethod
+    def _etcd(cls, v: str) -> str:
+        v = v.strip()
+        if v and not re.fullmatch(r"(etcd|etcd\+https?|https?)://[^\s/]+(,[^\s/,]+)*/?", v):
+            raise ValueError(f"{v!r} is not an etcd address; use etcd://HOST:PORT[,HOST:PORT...]")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", v):
+            raise ValueError(f"node name {v!r}: use letters, digits, '.', '_' and '-' (at most 63)")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.etcd)
+
+
 class Config(_Strict):
     data_root: Path = DEFAULT_DATA_ROOT
     fc_binary_path: str = ""
@@ -321,6 +370,7 @@ class Config(_Strict):
     vmm: VmmConfig = VmmConfig()
     pool: PoolConfig = PoolConfig()
     network: NetworkConfig = NetworkConfig()
+    cluster: ClusterConfig = ClusterConfig()
     template: dict[str, TemplateConfig] = Field(default_factory=dict)
     source_path: Path | None = Field(default=None, exclude=True)
 

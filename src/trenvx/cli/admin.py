@@ -45,15 +45,35 @@ def serve(
     port: Optional[int] = typer.Option(None, "--port", "-p", help="override [orchestrator] port"),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
     access_log: bool = typer.Option(False, "--access-log", help="log every HTTP request"),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="join a cluster: etcd://HOST:PORT[,HOST:PORT...] "
+                                          "(overrides [cluster] etcd)"),
+    node_name: Optional[str] = typer.Option(None, "--node-name", help="this node's name in the cluster "
+                                            "(overrides [cluster] name; default: host name and port)"),
+    advertise_url: Optional[str] = typer.Option(None, "--advertise-url", help="where the other nodes reach this "
+                                                "one (overrides [cluster] advertise_url)"),
 ) -> None:
     """Start the backend in the foreground (Ctrl-C stops it and kills its sandboxes, unless --keep).
 
     It listens on 127.0.0.1 unless told otherwise; another address needs an API key
     ([orchestrator] api_key, or TRENVX_API_KEY in the environment), else it exits with 2.
+    With --cluster it is one node of a cluster whose state lives in etcd (docs: README, Scaling out).
     """
     from ..server.runner import ServerError, UnsafeBind, serve as run_server
 
     cfg = _load(config)
+    updates = {k: v for k, v in (("etcd", cluster), ("name", node_name), ("advertise_url", advertise_url))
+               if v is not None}
+    if updates:
+        from pydantic import ValidationError
+
+        from ..config import ClusterConfig
+
+        try:
+            merged = ClusterConfig.model_validate({**cfg.cluster.model_dump(), **updates})
+        except ValidationError as e:
+            err.print(f"[red]error:[/] {escape(e.errors()[0]['msg'])}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        cfg = cfg.model_copy(update={"cluster": merged})
     try:
         run_server(cfg, keep=keep, host=host, port=port, log_level=log_level, access_log=access_log)
     except UnsafeBind as e:

@@ -111,6 +111,11 @@ class Admission:
             return mem_mb
         return int(min(mem_mb, max(64, 1.5 * cost / MiB)))
 
+    def headroom_mb(self) -> int:
+        """Memory a new sandbox may still take, in MiB: what is available, less the reservations of
+        sandboxes starting and the configured headroom (what a cluster's placement weighs)."""
+        return max(0, (self._available() - self._reserved_bytes - self.limits.headroom_mb * MiB) // MiB)
+
     def has_memory_for(self, mem_mb: int) -> bool:
         """Whether ``mem_mb`` more can be used while keeping the headroom (for pools: no slot is taken)."""
         return self._available() - self._reserved_bytes - self.limits.headroom_mb * MiB >= mem_mb * MiB

@@ -22,16 +22,19 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 
 from .. import __version__ as trenvx_version
+from ..cluster.node import ClusterNode, node_name
 from ..config import Config
 from ..sandbox.manager import SandboxManager
 from ..sandbox.metrics_sampler import MetricsSampler
 from . import errors, routes_builds, routes_not_implemented, routes_sandboxes, routes_snapshots, routes_templates
-from . import routes_ssh
+from . import routes_cluster, routes_ssh
+from .cluster_routing import ClusterRouter
 from .errors import error_body
 from .metrics import ServerMetrics
 from .metrics import router as metrics_router
 from .metrics_snapshots import register_snapshot_metrics
-from .models import Error, Health
+from .models import Error, Health, ListedSandbox
+from .routes_sandboxes import describe_ended, describe_running
 from .proxy import SandboxProxy
 
 log = logging.getLogger(__name__)
@@ -145,6 +148,8 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
     proxy_holder: dict[str, SandboxProxy] = {}
     sampler = MetricsSampler(manager.list, lambda sb: sb.build.manifest.machine.vcpu)
 
+    node: ClusterNode | None = None
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await manager.start()
@@ -152,11 +157,17 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
             log.info("after restart: adopted %d running sandboxes %s, cleaned up %d dead ones %s",
                      len(manager.adopted), manager.adopted, len(manager.cleaned), manager.cleaned)
         sampler.start()
+        if node is not None:
+            await node.start()
         try:
             yield
         finally:
+            if node is not None:
+                node.stop_accepting()
             await sampler.stop()
             await manager.close()
+            if node is not None:
+                await node.close()
             for p in proxy_holder.values():
                 await p.aclose()
 
@@ -217,4 +228,25 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
             proxy_holder["proxy"] = self
 
     app.add_middleware(_Proxy)
+    app.state.cluster = None
+    if config.cluster.enabled:
+        name = node_name(config)
+        node = ClusterNode(config, manager, describe=lambda sb: _listed(describe_running(app.state, sb), name),
+                           describe_ended=lambda rec: _listed(describe_ended(app.state, rec), name))
+        app.state.cluster = node
+        app.include_router(routes_cluster.router)
+
+        class _Router(ClusterRouter):
+            def __init__(self, inner: Any) -> None:
+                super().__init__(inner, node, manager, orch.domain)
+                proxy_holder["cluster"] = self  # type: ignore[assignment]
+
+        app.add_middleware(_Router)  # outermost: a sandbox of another node leaves before the proxy
     return app
+
+
+def _listed(info: dict[str, Any], node: str) -> dict[str, Any]:
+    """A description as the API sends it (JSON types) with its node, for the cluster's entries."""
+    listed = ListedSandbox.model_validate(info)
+    listed.trenvx.node = node
+    return listed.model_dump(mode="json", exclude_none=True)

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from ..cluster.node import ClusterUnavailable
 from ..sandbox.lifecycle import InvalidTimeout
 from ..sandbox.limits import LimitReached, OutOfMemory
 from ..sandbox.reclaim import ReclaimFailed
@@ -69,6 +70,7 @@ STATUS_OF: list[tuple[type[BaseException], int, dict[str, str] | None]] = [
     (ManagerClosed, 503, None),
     (PortUnavailable, 502, None),
     (ReclaimFailed, 502, None),
+    (ClusterUnavailable, 503, {"Retry-After": "5"}),
 ]
 
 

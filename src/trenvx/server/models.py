@@ -335,6 +335,7 @@ class TrenvxSandboxInfo(BaseModel):
     endedAt: dt.datetime | None = None
     adopted: bool = False
     buildID: str | None = None
+    node: str | None = Field(default=None, description="In a cluster: the node that runs (or ran) the sandbox.")
     vmm: str | None = None
     accelerator: str | None = None
     startTimes: dict[str, float] = Field(default_factory=dict, description="Milliseconds per restore stage.")

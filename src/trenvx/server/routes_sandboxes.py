@@ -56,11 +56,13 @@ import datetime as dt
 import json
 import logging
 import re
+import time
 import urllib.parse
-from typing import Annotated, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 
+from ..cluster.records import SandboxEntry
 from ..network.policy import EgressPolicy, PolicyError
 from ..sandbox.lifecycle import InvalidTimeout, LifecyclePolicy, check_timeout
 from ..sandbox.limits import AdmissionError
@@ -153,6 +155,12 @@ def _network_info(request: Request, sb: Sandbox) -> tuple[SandboxNetworkInfo, bo
 
 
 def _info_of_running(request: Request, sb: Sandbox, with_memory: bool) -> dict:
+    return describe_running(request.app.state, sb, with_memory)
+
+
+def describe_running(state: Any, sb: Sandbox, with_memory: bool = False) -> dict:
+    """A running or paused sandbox as lists show it (``state``: the app's, for its client id and
+    envd version)."""
     rss = pss = None
     if with_memory:
         rss, pss = sb.memory()
@@ -164,9 +172,9 @@ def _info_of_running(request: Request, sb: Sandbox, with_memory: bool) -> dict:
         reason="timeout" if info.reason == "timeout" else "requested",
     )
     return dict(
-        templateID=sb.template, alias=sb.template, sandboxID=sb.id, clientID=request.app.state.client_id,
+        templateID=sb.template, alias=sb.template, sandboxID=sb.id, clientID=state.client_id,
         startedAt=_ts(sb.created_at), endAt=_ts(sb.shown_end_at), cpuCount=m.machine.vcpu, memoryMB=m.machine.mem_mb,
-        diskSizeMB=sb.build.disk_mb, state=sb.state, envdVersion=request.app.state.envd_version,
+        diskSizeMB=sb.build.disk_mb, state=sb.state, envdVersion=state.envd_version,
         metadata=dict(sb.metadata),
         envdUnresponsiveAtPause=True if info is not None and info.envd_unresponsive else None,
         trenvx=TrenvxSandboxInfo(
@@ -179,10 +187,15 @@ def _info_of_running(request: Request, sb: Sandbox, with_memory: bool) -> dict:
 
 
 def _info_of_ended(request: Request, rec: SandboxRecord) -> dict:
+    return describe_ended(request.app.state, rec)
+
+
+def describe_ended(state: Any, rec: SandboxRecord) -> dict:
+    """An ended sandbox as lists show it."""
     return dict(
-        templateID=rec.template, alias=rec.template, sandboxID=rec.id, clientID=request.app.state.client_id,
+        templateID=rec.template, alias=rec.template, sandboxID=rec.id, clientID=state.client_id,
         startedAt=_ts(rec.created_at), endAt=_ts(rec.ended_at or rec.end_at), cpuCount=rec.vcpu,
-        memoryMB=rec.mem_mb, diskSizeMB=rec.disk_mb, state="exited", envdVersion=request.app.state.envd_version,
+        memoryMB=rec.mem_mb, diskSizeMB=rec.disk_mb, state="exited", envdVersion=state.envd_version,
         metadata=dict(rec.metadata),
         trenvx=TrenvxSandboxInfo(
             pid=rec.pid, timeoutLeft=0.0, endReason=rec.end_reason,
@@ -294,7 +307,34 @@ async def list_sandboxes(
     metadata: Annotated[str | None, Query(description="URL-encoded key=value pairs, all must match")] = None,
 ) -> list[dict]:
     wanted = parse_metadata_query(metadata)
-    return [_info_of_running(request, sb, False) for sb in manager_of(request).list() if _matches(sb.metadata, wanted)]
+    out = [_info_of_running(request, sb, False) for sb in manager_of(request).list() if _matches(sb.metadata, wanted)]
+    for entry in await _cluster_entries(request):
+        if entry.state in ("running", "paused") and _matches(entry.metadata, wanted):
+            out.append(_entry_info(entry))
+    return out
+
+
+async def _cluster_entries(request: Request) -> list[SandboxEntry]:
+    """The sandboxes of the cluster's other nodes, and this node's ended ones, as their entries
+    say (none without a cluster, or for a request from another node, which wants this node's own).
+    This node's running and paused sandboxes come from the manager (fresher)."""
+    node = getattr(request.app.state, "cluster", None)
+    if node is None or request.scope.get("state", {}).get("cluster_internal"):
+        return []
+    here = {sb.id for sb in manager_of(request).list()}
+    return [e for e in await node.entries() if e.id not in here]
+
+
+def _entry_info(entry: SandboxEntry) -> dict:
+    info = dict(entry.info)
+    tr = info.get("trenvx")
+    if isinstance(tr, dict) and entry.state != "exited":
+        end = parse_rfc3339(info.get("endAt"), "endAt") if info.get("endAt") else None
+        left = max(0.0, end.timestamp() - time.time()) if end is not None else 0.0
+        info["trenvx"] = {**tr, "timeoutLeft": round(left, 3)}
+    elif isinstance(tr, dict):
+        info["trenvx"] = {**tr, "timeoutLeft": 0.0, **({"endReason": entry.end_reason} if entry.end_reason else {})}
+    return info
 
 
 NEXT_TOKEN_PATTERN = r"^[0-9]{1,19}\.[A-Za-z0-9_-]{1,128}$"
@@ -387,7 +427,7 @@ async def list_sandboxes_v2(
         return True
 
     manager = manager_of(request)
-    found: list[tuple[float, str, Sandbox | SandboxRecord]] = []
+    found: list[tuple[float, str, Sandbox | SandboxRecord | SandboxEntry]] = []
     if states & {"running", "paused"}:
         for sb in manager.list():
             if (sb.state in states and _matches(sb.metadata, wanted) and (not template or sb.template == template)
@@ -398,12 +438,19 @@ async def list_sandboxes_v2(
             if (_matches(rec.metadata, wanted) and (not template or rec.template == template)
                     and wanted_item(rec.created_at, rec.id)):
                 found.append((rec.created_at, rec.id, rec))
+    entries = await _cluster_entries(request)
+    if entries:
+        have = {x[1] for x in found}
+        for entry in entries:
+            if (entry.id not in have and entry.state in states and _matches(entry.metadata, wanted)
+                    and (not template or entry.template == template) and wanted_item(entry.created_at, entry.id)):
+                found.append((entry.created_at, entry.id, entry))
     found.sort(key=lambda x: _position(x[0], x[1]), reverse=desc)
     page = found[:limit]
     if len(found) > limit:
         response.headers["x-next-token"] = encode_cursor(page[-1][0], page[-1][1])
-    return [_info_of_running(request, x[2], memory) if isinstance(x[2], Sandbox) else _info_of_ended(request, x[2])
-            for x in page]
+    return [_info_of_running(request, x[2], memory) if isinstance(x[2], Sandbox) else
+            _entry_info(x[2]) if isinstance(x[2], SandboxEntry) else _info_of_ended(request, x[2]) for x in page]
 
 
 def sampler_of(request: Request) -> MetricsSampler:

@@ -1,0 +1,449 @@
+"""The cluster in front of one node's API: any node answers for every sandbox of the cluster.
+
+ASGI middleware, outermost (before the sandbox proxy), active only with ``[cluster]``:
+
+- **Creates** (``POST /sandboxes``, ``/v2/sandboxes``) are placed (:mod:`trenvx.cluster.placement`):
+  the best of K nodes, tried in order; a node that answers 429/503 (full) or cannot be reached
+  hands the create to the next. The chosen node gets the request with ``X-Trenvx-Placed``; a create
+  placed here first gets the template's build from another node if this one lacks it.
+- **A sandbox's requests** (the API's ``/sandboxes/{id}/...``, the proxy's Host, headers and path
+  forms, websockets included) are handled here when the sandbox is this node's, else passed to the
+  node that owns it, streamed both ways. A sandbox of a dead node is lost: 404 saying so, and a kill
+  marks it ended (its node kills it if it comes back).
+- **Lists** read the cluster's entries (in :mod:`.routes_sandboxes`).
+- Requests between nodes carry ``X-Trenvx-Node`` (who sends it) and ``X-Trenvx-Cluster`` (the
+  cluster's secret); such a request is never passed on again, and the headers are dropped from
+  any request that does not prove the secret.
+- Without etcd: this node's sandboxes are served as ever; creates and other nodes' sandboxes get a
+  503 that says the cluster's store is out of reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import re
+from typing import Any
+
+import httpx
+
+from ..cluster.node import ClusterNode, ClusterUnavailable
+from ..cluster.placement import NoNodeAvailable, candidates
+from ..cluster.records import LOST_REASON, NodeRecord
+from ..cluster.template_copy import TemplateCopyError
+from ..sandbox.manager import SandboxManager
+from ..sandbox.snapshots import InvalidSnapshotRequest, template_name_of
+from .auth import is_loopback
+from .errors import error_body
+from .port_paths import BadPortPath, port_path
+from .proxy import BadTarget, target_of
+
+log = logging.getLogger(__name__)
+
+NODE_HEADER = b"x-trenvx-node"
+SECRET_HEADER = b"x-trenvx-cluster"
+PLACED_HEADER = b"x-trenvx-placed"
+INTERNAL_HEADERS = {NODE_HEADER, SECRET_HEADER, PLACED_HEADER}
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+              b"transfer-encoding", b"upgrade", b"host", b"content-length"}
+WS_DROP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+                        b"sec-websocket-protocol"}
+CREATE_PATHS = ("/sandboxes", "/v2/sandboxes")
+SANDBOX_PATH_RE = re.compile(r"^/(?:v2/)?sandboxes/([A-Za-z0-9][A-Za-z0-9_-]{0,127})(?:/.*)?$")
+NOT_A_SANDBOX = {"metrics"}
+"""``/sandboxes/metrics`` is a route, not a sandbox."""
+FULL = (429, 503)
+"""A placed node's answers that hand a create to the next candidate."""
+TIMEOUT = httpx.Timeout(connect=5.0, read=None, write=None, pool=None)
+
+
+def is_internal(scope: dict[str, Any], secret: str) -> bool:
+    """Whether the request comes from another node of the cluster (it proves the secret; without a
+    secret: it comes from loopback)."""
+    got = _header(scope, SECRET_HEADER)
+    if got is None:
+        return False
+    if secret:
+        return hmac.compare_digest(got, secret.encode())
+    client = scope.get("client") or ("", 0)
+    return is_loopback(str(client[0]))
+
+
+class ClusterRouter:
+    """ASGI middleware (see the module's text)."""
+
+    def __init__(self, app: Any, node: ClusterNode, manager: SandboxManager, domain: str) -> None:
+        self.app = app
+        self.node = node
+        self.manager = manager
+        self.domain = domain
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False,
+                                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        internal = is_internal(scope, self.node.secret)
+        if not internal:
+            # nobody but a node may claim to be one
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in INTERNAL_HEADERS]
+        scope.setdefault("state", {})["cluster_internal"] = internal
+        sid = self._sandbox_of(scope)
+        if sid is None:
+            if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") in CREATE_PATHS:
+                if internal and _header(scope, PLACED_HEADER) is not None:
+                    return await self._create_here(scope, receive, send)
+                if not internal:
+                    return await self._place(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if internal or self._is_local(sid):
+            return await self._here(scope, receive, send)
+        try:
+            loc = await self.node.locate(sid)
+        except ClusterUnavailable as e:
+            return await _refuse(scope, receive, send, 503, f"sandbox {sid} is not on this node, and {e}; "
+                                 "ask the node that runs it, or try again when etcd answers")
+        if loc is None or loc.entry.node == self.node.name:
+            return await self._here(scope, receive, send)  # unknown to the cluster: the local 404
+        if loc.node is None or loc.entry.state == "exited":
+            return await self._ended(scope, receive, send, sid, loc.entry)
+        return await self._forward(scope, receive, send, loc.node)
+
+    # -- which sandbox ----------------------------------------------------------------------------
+
+    def _sandbox_of(self, scope: dict[str, Any]) -> str | None:
+        try:
+            target = target_of(scope, self.domain)
+            if target is not None:
+                return target[0]
+            via = port_path(scope)
+            if via is not None:
+                return via.sandbox_id
+        except (BadTarget, BadPortPath):
+            return None  # the proxy answers it
+        m = SANDBOX_PATH_RE.match(scope["path"])
+        if m and m.group(1) not in NOT_A_SANDBOX:
+            return m.group(1)
+        return None
+
+    def _is_local(self, sid: str) -> bool:
+        try:
+            self.manager.get(sid)
+            return True
+        except KeyError:
+            return False
+
+    # -- here -------------------------------------------------------------------------------------
+
+    async def _here(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Handled by this node; an API call that may have changed a sandbox writes its entry before
+        the answer leaves (a list through another node right after it sees the change)."""
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD") or target_of_safe(scope, self.domain):
+            return await self.app(scope, receive, send)
+
+        async def send_after_sync(msg: dict[str, Any]) -> None:
+            if msg["type"] == "http.response.start":
+                await self.node.sync_soon()
+            await send(msg)
+
+        await self.app(scope, receive, send_after_sync)
+
+    async def _create_here(self, scope: dict[str, Any], receive: Any, send: Any, body: bytes | None = None) -> None:
+        if body is None:
+            body = await _read_body(receive)
+        template = self._template_of(body)
+        if template is not None:
+            try:
+                await self.node.ensure_template(template)
+            except TemplateCopyError as e:
+                return await _respond(send, 404 if e.missing else 500, str(e))
+            except ClusterUnavailable as e:
+                return await _respond(send, 503, str(e))
+        await self._here(scope, _replay(body), send)
+
+    def _template_of(self, body: bytes) -> str | None:
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            return None  # the route answers 422
+        name = data.get("templateID") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name:
+            return self.manager.config.default_template
+        try:
+            return template_name_of(name)
+        except InvalidSnapshotRequest:
+            return None
+
+    # -- placement --------------------------------------------------------------------------------
+
+    async def _place(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = await _read_body(receive)
+        template = self._template_of(body)
+        if template is None:  # not JSON or a bad id: the route says what is wrong
+            return await self.app(scope, _replay(body), send)
+        try:
+            nodes = await self.node.live_nodes()
+            ranked = candidates(list(nodes.values()), template, self._mem_mb(template), self.node.cfg.candidates)
+        except ClusterUnavailable as e:
+            return await _respond(send, 503, f"cannot place a sandbox: {e}; running sandboxes go on, try the create "
+                                  "again when etcd answers")
+        except NoNodeAvailable as e:
+            return await _respond(send, 503, f"cannot place a sandbox: {e}")
+        last: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
+        for i, target in enumerate(ranked):
+            final = i == len(ranked) - 1
+            if target.name == self.node.name:
+                answer = await _capture(lambda s: self._create_here(scope, receive, s, body))
+            else:
+                answer = await self._create_on(scope, body, target)
+            if answer is None:
+                continue  # unreachable: the next one
+            last = answer
+            if answer[0] not in FULL or final:
+                break
+            log.info("cluster: node %s refused a sandbox of %s (%d); trying the next candidate", target.name,
+                     template, answer[0])
+        if last is None:
+            names = ", ".join(n.name for n in ranked)
+            return await _respond(send, 503, f"cannot place a sandbox: no candidate node answered ({names})")
+        status, headers, content = last
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+    def _mem_mb(self, template: str) -> int:
+        with contextlib.suppress(Exception):
+            return self.manager.templates.current(template).machine.mem_mb
+        tpl = self.manager.config.template.get(template)
+        return tpl.mem_mb if tpl is not None else 0
+
+    async def _create_on(self, scope: dict[str, Any], body: bytes, node: NodeRecord
+                         ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        headers = self._outgoing_headers(scope) + [(PLACED_HEADER, b"1")]
+        url = node.url + scope.get("root_path", "") + scope["path"]
+        try:
+            r = await self.client.request("POST", url, headers=headers, content=body,
+                                          params=scope.get("query_string", b"").decode("latin-1") or None)
+        except httpx.HTTPError as e:
+            log.warning("cluster: node %s (%s) did not take a create: %r", node.name, node.url, e)
+            return None
+        out = [(k.lower(), v) for k, v in r.headers.raw if k.lower() not in HOP_BY_HOP]
+        out.append((b"content-length", str(len(r.content)).encode()))
+        return r.status_code, out, r.content
+
+    # -- elsewhere --------------------------------------------------------------------------------
+
+    def _outgoing_headers(self, scope: dict[str, Any], drop: set[bytes] = HOP_BY_HOP) -> list[tuple[bytes, bytes]]:
+        headers = [(k, v) for k, v in scope["headers"] if k not in drop and k not in INTERNAL_HEADERS]
+        host = _header(scope, b"host")
+        if host is not None:
+            headers.append((b"host", host))  # the proxy's Host form routes by it
+        headers.append((NODE_HEADER, self.node.name.encode()))
+        headers.append((SECRET_HEADER, self.node.secret.encode()))
+        return headers
+
+    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any, node: NodeRecord) -> None:
+        if scope["type"] == "websocket":
+            return await self._forward_websocket(scope, receive, send, node)
+        url = httpx.URL(node.url, raw_path=(scope.get("raw_path") or scope["path"].encode()) +
+                        (b"?" + scope["query_string"] if scope.get("query_string") else b""))
+        has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+
+        async def body() -> Any:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                yield msg.get("body", b"")
+                if not msg.get("more_body", False):
+                    return
+
+        request = self.client.build_request(scope["method"], url, headers=self._outgoing_headers(scope),
+                                            content=body() if has_body else None)
+        try:
+            upstream = await self.client.send(request, stream=True)
+        except httpx.HTTPError as e:
+            self.node.forget(_sandbox_id_for_log(scope))
+            return await _respond(send, 502, f"node {node.name} ({node.url}), which runs this sandbox, did not "
+                                  f"answer: {type(e).__name__}; it may be stopping (try again in a few seconds)")
+        try:
+            headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP - {b"content-length"}]
+            await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
+            async for chunk in upstream.aiter_raw():
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.HTTPError as e:
+            log.info("cluster: a stream from node %s was cut: %r", node.name, e)  # the client sees a cut body
+        finally:
+            await upstream.aclose()
+
+    async def _forward_websocket(self, scope: dict[str, Any], receive: Any, send: Any, node: NodeRecord) -> None:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+        first = await receive()
+        if first["type"] != "websocket.connect":
+            return
+        path = scope.get("raw_path") or scope["path"].encode()
+        query = b"?" + scope["query_string"] if scope.get("query_string") else b""
+        uri = "ws" + node.url.removeprefix("http") + (path + query).decode("latin-1")
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._outgoing_headers(scope, WS_DROP)
+                   if k != b"host"]
+        try:
+            # The websocket client sets Host to the node's address: a sandbox port named by the Host
+            # form travels in E2B's headers form instead, which the owner's proxy reads first.
+            target = target_of(scope, self.domain)
+        except BadTarget:
+            target = None
+        if target is not None and _header(scope, b"e2b-sandbox-id") is None:
+            headers += [("e2b-sandbox-id", target[0]), ("e2b-sandbox-port", str(target[1]))]
+        try:
+            upstream = await connect(uri, additional_headers=headers, subprotocols=scope.get("subprotocols") or None,
+                                     open_timeout=10, max_size=None, ping_interval=None, compression=None)
+        except (OSError, InvalidHandshake, asyncio.TimeoutError) as e:
+            await send({"type": "websocket.close", "code": 1011, "reason": f"node {node.name}: {e}"[:120]})
+            return
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+
+        async def client_to_upstream() -> None:
+            while True:
+                msg = await receive()
+                if msg["type"] == "websocket.receive":
+                    data = msg.get("bytes") if msg.get("bytes") is not None else msg.get("text")
+                    if data is not None:
+                        await upstream.send(data)
+                elif msg["type"] == "websocket.disconnect":
+                    await upstream.close(code=msg.get("code", 1000) or 1000)
+                    return
+
+        async def upstream_to_client() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                async for m in upstream:
+                    await send({"type": "websocket.send", **({"bytes": m} if isinstance(m, bytes) else {"text": m})})
+            code = upstream.close_code or 1000
+            with contextlib.suppress(Exception):
+                await send({"type": "websocket.close", "code": code if code != 1005 else 1000,
+                            "reason": upstream.close_reason or ""})
+
+        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(BaseException):
+                    await t
+            with contextlib.suppress(Exception):
+                await upstream.close()
+
+    async def _ended(self, scope: dict[str, Any], receive: Any, send: Any, sid: str, entry: Any) -> None:
+        """A sandbox of a dead node, or one that ended: a kill of a lost one marks it ended; anything
+        else is told what happened."""
+        lost = entry.end_reason == LOST_REASON and not entry.ended_by_cluster
+        if (scope["type"] == "http" and scope["method"] == "DELETE"
+                and SANDBOX_PATH_RE.fullmatch(scope["path"].rstrip("/")) and lost):
+            try:
+                await self.node.end_elsewhere(entry, "killed")
+            except ClusterUnavailable as e:
+                return await _respond(send, 503, str(e))
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if lost:
+            message = (f"sandbox {sid} was lost: node {entry.node}, which ran it, stopped renewing its lease "
+                       f"(dead, or cut off from the cluster); create a new sandbox")
+        else:
+            message = f"sandbox {sid} is not running (it ended: {entry.end_reason or 'exited'})"
+        await _refuse(scope, receive, send, 404, message)
+
+
+def target_of_safe(scope: dict[str, Any], domain: str) -> bool:
+    """Whether the request is for a sandbox's port (proxied traffic, never an API call)."""
+    try:
+        return target_of(scope, domain) is not None or port_path(scope) is not None
+    except (BadTarget, BadPortPath):
+        return True
+
+
+def _sandbox_id_for_log(scope: dict[str, Any]) -> str:
+    m = SANDBOX_PATH_RE.match(scope.get("path", ""))
+    return m.group(1) if m else ""
+
+
+def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v
+    return None
+
+
+async def _read_body(receive: Any) -> bytes:
+    chunks = []
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            break
+        chunks.append(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Any:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # nothing more: the client is connected until the answer
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _capture(run: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Run an ASGI call with a ``send`` that keeps the answer (a create's: small JSON)."""
+    status = 500
+    headers: list[tuple[bytes, bytes]] = []
+    chunks: list[bytes] = []
+
+    async def send(msg: dict[str, Any]) -> None:
+        nonlocal status, headers
+        if msg["type"] == "http.response.start":
+            status, headers = msg["status"], list(msg.get("headers", []))
+        elif msg["type"] == "http.response.body":
+            chunks.append(msg.get("body", b""))
+
+    await run(send)
+    return status, headers, b"".join(chunks)
+
+
+async def _respond(send: Any, status: int, message: str) -> None:
+    body = error_body(status, message)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(scope: dict[str, Any], receive: Any, send: Any, status: int, message: str) -> None:
+    if scope["type"] == "http":
+        return await _respond(send, status, message)
+    first = await receive()
+    if first["type"] == "websocket.connect":
+        await send({"type": "websocket.close", "code": 1008 if status == 404 else 1013, "reason": message[:120]})
