@@ -26,6 +26,7 @@ APT_PACKAGES=(
     gcc libc6-dev  # builds src/trenvx/vmm/preload (QEMU 7.2 must not punch holes in templates)
     openssh-client  # ssh root@<sandbox-id> (sandbox-cli ssh-config) and its end-to-end test
     chromium fonts-liberation  # the web IDE's end-to-end test drives Debian's browser headless (Playwright)
+    etcd-server etcd-client  # the cluster's store (issue 17): its tests start a 3-member etcd on loopback
 )
 
 say() { printf '\033[1m==>\033[0m %s\n' "$*"; }
