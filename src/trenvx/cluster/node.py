@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SECRET_ENV = "TRENVX_CLUSTER_SECRET"
+SERVER_STOPPED = "server_stopped"
+"""The end reason written for a stopping node's sandboxes (unless it keeps them)."""
 OWNER_CACHE_S = 5.0
 """How long where a sandbox lives is remembered (ids do not move but on a resume elsewhere)."""
 NODES_MAX_AGE_S = 1.0
@@ -114,6 +116,8 @@ class ClusterNode:
         self.accepting = True
         self.lease = 0
         self.registered = False
+        self.etcd_ok = False
+        """Whether etcd answered the last refresh (while not, nothing is placed on what was read before)."""
         self._record_json = ""
         self._nodes: dict[str, NodeRecord] = {}
         self._nodes_at = 0.0
@@ -129,7 +133,10 @@ class ClusterNode:
 
     def internal_headers(self) -> dict[str, str]:
         """What this node sends on requests to other nodes (see :mod:`trenvx.server.cluster_routing`)."""
-        return {"X-Trenvx-Node": self.name, "X-Trenvx-Cluster": self.secret}
+        headers = {"X-Trenvx-Node": self.name, "X-Trenvx-Cluster": self.secret}
+        if self.config.orchestrator.api_key:  # the nodes of a cluster share the API key
+            headers["X-API-Key"] = self.config.orchestrator.api_key
+        return headers
 
     # -- life -------------------------------------------------------------------------------------
 
@@ -169,10 +176,27 @@ class ClusterNode:
             with contextlib.suppress(BaseException):
                 await t
         with contextlib.suppress(EtcdError):
-            await self.sync()
+            if not self.manager.keep:
+                await self._end_all(SERVER_STOPPED)
             if self.lease:
                 await self.etcd.revoke(self.lease)
         await self.etcd.aclose()
+
+    async def _end_all(self, reason: str) -> None:
+        """The node stopped and its sandboxes with it (the manager is closed: its records are not
+        read again): every entry it wrote that is not exited says so now. With ``keep`` nothing is
+        written: the sandboxes run on, reported lost until the node is back and registers them."""
+        now = self.clock()
+        for sid in list(self._written):
+            kv = await self.etcd.get(self.keys.sandbox(sid))
+            if kv is None:
+                continue
+            entry = SandboxEntry.model_validate_json(kv.value)
+            if entry.state == "exited" or entry.node != self.name:
+                continue
+            await self.etcd.put(kv.key, entry.model_copy(update={
+                "state": "exited", "end_reason": reason, "ended_at": now, "updated_at": now,
+                "info": {**entry.info, "state": "exited"}}).model_dump_json())
 
     async def _register(self) -> None:
         self.lease = await self.etcd.grant(self.cfg.lease_ttl_s)
@@ -211,8 +235,10 @@ class ClusterNode:
                     await self._put_record()
                     await self.sync()
                     await self.refresh_nodes()
+                    self.etcd_ok = True
                     self._copy_missing_templates()
             except EtcdError as e:
+                self.etcd_ok = False
                 log.debug("cluster: refresh failed: %s", e)
             except asyncio.CancelledError:
                 raise
@@ -275,12 +301,24 @@ class ClusterNode:
     async def live_nodes(self, max_age_s: float = NODES_MAX_AGE_S) -> dict[str, NodeRecord]:
         """The nodes whose lease is alive (read again when older than ``max_age_s``). Raises
         :class:`ClusterUnavailable`."""
-        if time.monotonic() - self._nodes_at > max_age_s:
+        if time.monotonic() - self._nodes_at > max_age_s or not self.etcd_ok:
             try:
                 await self.refresh_nodes()
+                self.etcd_ok = True
             except EtcdError as e:
+                self.etcd_ok = False
                 raise ClusterUnavailable(f"the cluster's store (etcd) cannot be reached: {e}") from None
         return self._nodes
+
+    def note_placed(self, name: str, mem_mb: int) -> None:
+        """A create was placed on node ``name``: until its record is read again, count the sandbox
+        in what this node knows of it, so a burst through one node spreads before records catch up."""
+        n = self._nodes.get(name)
+        if n is None:
+            return
+        cap = n.capacity.model_copy(update={"mem_headroom_mb": max(0, n.capacity.mem_headroom_mb - mem_mb),
+                                            "sandboxes": n.capacity.sandboxes + 1})
+        self._nodes[name] = n.model_copy(update={"capacity": cap})
 
     # -- sandboxes' entries ---------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from .records import NodeRecord
 
 
-HEADROOM_STEP_MB = 256
+HEADROOM_STEP_MB = 1024
 """Headroom is compared in steps of this: nodes within a step are equals, and the random sample
 orders them (a node 10 MiB ahead would otherwise take every create of a burst)."""
 

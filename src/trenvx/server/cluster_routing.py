@@ -196,7 +196,8 @@ class ClusterRouter:
             return await self.app(scope, _replay(body), send)
         try:
             nodes = await self.node.live_nodes()
-            ranked = candidates(list(nodes.values()), template, self._mem_mb(template), self.node.cfg.candidates)
+            mem_mb = self._mem_mb(template)
+            ranked = candidates(list(nodes.values()), template, mem_mb, self.node.cfg.candidates)
         except ClusterUnavailable as e:
             return await _respond(send, 503, f"cannot place a sandbox: {e}; running sandboxes go on, try the create "
                                   "again when etcd answers")
@@ -212,6 +213,8 @@ class ClusterRouter:
             if answer is None:
                 continue  # unreachable: the next one
             last = answer
+            if answer[0] == 201:
+                self.node.note_placed(target.name, mem_mb)
             if answer[0] not in FULL or final:
                 break
             log.info("cluster: node %s refused a sandbox of %s (%d); trying the next candidate", target.name,

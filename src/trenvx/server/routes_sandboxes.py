@@ -181,13 +181,18 @@ def describe_running(state: Any, sb: Sandbox, with_memory: bool = False) -> dict
             pid=sb.pid or None, rssBytes=rss, pssBytes=pss, timeoutLeft=round(sb.timeout_left, 3), adopted=sb.adopted,
             buildID=m.build_id, vmm=m.vmm_type, accelerator=m.machine.accelerator,
             startTimes={k: round(v * 1000, 3) for k, v in sb.start_times.items()},
-            startSource=sb.restored.source, pause=pause,
+            startSource=sb.restored.source, pause=pause, node=_node_name(state),
         ),
     )
 
 
 def _info_of_ended(request: Request, rec: SandboxRecord) -> dict:
     return describe_ended(request.app.state, rec)
+
+
+def _node_name(state: Any) -> str | None:
+    node = getattr(state, "cluster", None)
+    return node.name if node is not None else None
 
 
 def describe_ended(state: Any, rec: SandboxRecord) -> dict:
@@ -199,7 +204,7 @@ def describe_ended(state: Any, rec: SandboxRecord) -> dict:
         metadata=dict(rec.metadata),
         trenvx=TrenvxSandboxInfo(
             pid=rec.pid, timeoutLeft=0.0, endReason=rec.end_reason,
-            endedAt=_ts(rec.ended_at) if rec.ended_at else None, buildID=rec.build_id,
+            endedAt=_ts(rec.ended_at) if rec.ended_at else None, buildID=rec.build_id, node=_node_name(state),
         ),
     )
 
