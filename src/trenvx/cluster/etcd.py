@@ -17,8 +17,8 @@ httpx, which it already uses. What the gateway does that a caller should know:
 
 Endpoints fail over: a connection error, a timeout or a 5xx moves a call to the next endpoint,
 and the one that answered is tried first next time. When some endpoint answered 5xx (alive, but
-e.g. the cluster is electing a leader), the call goes round again until ``timeout_s`` has passed;
-when none answered, EtcdUnavailable is raised at once. A write that timed out may still have been
+e.g. the cluster is electing a leader: "no leader"), the call goes round again for up to
+``election_wait_s``; when none answered, EtcdUnavailable is raised at once. A write that timed out may still have been
 applied before it was retried elsewhere: put is harmless to repeat, but a conditional write
 (put_if_absent, put_if_revision) retried that way reports False for its own earlier success.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +38,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-RANGE_PAGE = 1000  # keys per request when range() pages through a large prefix
+RANGE_PAGE = 1000
+KEEPALIVE_DRAIN_S = 0.2  # how long a keepalive waits for the end of the gateway's one-answer stream  # keys per request when range() pages through a large prefix
 GRPC_NOT_FOUND = 5
 GRPC_RETRY_CODES = {2, 4, 13, 14}  # unknown, deadline exceeded, internal, unavailable: try elsewhere
 # gRPC metadata (the gateway passes Grpc-Metadata-* headers on) asking the member to refuse a
@@ -254,10 +256,12 @@ class _Retry(Exception):
 
 class EtcdClient:
     """One cluster's client: ``async with EtcdClient(parse_etcd_url(url)) as etcd: ...``.
-    ``timeout_s`` bounds each HTTP request (a watch only while it connects) and how long a call
-    keeps going round endpoints that answer 5xx. Safe to share between tasks."""
+    ``timeout_s`` bounds each HTTP request (a watch only while it connects); ``election_wait_s``
+    how long a call keeps going round members that answer but have no leader (after a leader
+    dies, the others notice within 1-2 election timeouts, 1 s each by default, then elect one;
+    longer on a loaded machine). Safe to share between tasks."""
 
-    def __init__(self, endpoints: list[str], *, timeout_s: float = 2.0) -> None:
+    def __init__(self, endpoints: list[str], *, timeout_s: float = 2.0, election_wait_s: float = 5.0) -> None:
         if not endpoints:
             raise ValueError("EtcdClient needs at least one endpoint (http://host:port); "
                              "parse_etcd_url('etcd://h:p,...') gives them")
@@ -265,6 +269,7 @@ class EtcdClient:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.timeout_s = timeout_s
+        self.election_wait_s = election_wait_s
         self.stats = EtcdStats()
         self._preferred = 0
         self._http = httpx.AsyncClient(
@@ -292,7 +297,7 @@ class EtcdClient:
 
     async def _round(self, what: str, attempt: Any) -> Any:
         """Run ``attempt(index)`` on each endpoint in turn until one succeeds; go round again
-        (with a short backoff) while some endpoint answered 5xx and ``timeout_s`` has not passed."""
+        (with a short backoff) while some endpoint answered 5xx, up to ``election_wait_s``."""
         started = time.monotonic()
         backoff = 0.05
         last = "no attempt made"
@@ -310,7 +315,7 @@ class EtcdClient:
                     continue
                 self._preferred = i
                 return result
-            if not answered or time.monotonic() - started + backoff > self.timeout_s:
+            if not answered or time.monotonic() - started + backoff > self.election_wait_s:
                 raise EtcdUnavailable(what, self.endpoints, last)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 0.5)
@@ -460,7 +465,8 @@ class EtcdClient:
                     except ValueError:
                         payload = None
                     self._check(path, resp.status_code, payload, raw)
-                async for line in resp.aiter_lines():
+                lines = resp.aiter_lines()
+                async for line in lines:
                     self.stats.bytes_received += len(line) + 1
                     if not line.strip():
                         continue
@@ -470,10 +476,21 @@ class EtcdClient:
                         if code in GRPC_RETRY_CODES:
                             raise _Retry(f"stream error: {message}", answered=True)
                         raise EtcdError(f"etcd {path}: {message}", code)
-                    return _int(msg["result"], "TTL")
-                raise _Retry("the keepalive stream ended without a result", answered=True)
+                    ttl = _int(msg["result"], "TTL")
+                    break
+                else:
+                    raise _Retry("the keepalive stream ended without a result", answered=True)
+                # The gateway ends the response right after its one answer: reading to that end
+                # (briefly, in case it did not) lets the connection go back to the pool.
+                with contextlib.suppress(asyncio.TimeoutError, httpx.HTTPError):
+                    await asyncio.wait_for(self._drain(lines), KEEPALIVE_DRAIN_S)
+                return ttl
 
         return await self._round(f"no endpoint answered {path}", attempt)
+
+    async def _drain(self, lines: AsyncIterator[str]) -> None:
+        async for line in lines:
+            self.stats.bytes_received += len(line) + 1
 
     async def revoke(self, lease_id: int) -> None:
         """End the lease now, deleting its keys. A lease already gone is not an error."""
