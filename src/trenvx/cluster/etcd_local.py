@@ -238,6 +238,20 @@ class LocalEtcdCluster:
             self._end(i, signal.SIGKILL)
             raise
 
+    def restart_members(self, which: list[int], timeout_s: float = 30) -> None:
+        """Start the members ``which`` again together and wait until each answers /health: after
+        a loss of quorum no member is healthy alone, so they cannot be restarted one by one."""
+        for i in which:
+            self._end(i, signal.SIGTERM)
+        for i in which:
+            self._spawn(i, "existing")
+        try:
+            self._wait_healthy(list(which), timeout_s)
+        except BaseException:
+            for i in which:
+                self._end(i, signal.SIGKILL)
+            raise
+
     def stop(self) -> None:
         """Terminate every member (SIGTERM, then SIGKILL after STOP_GRACE_S), reap them all and
         remove the data directories. Safe to call more than once.
