@@ -366,6 +366,10 @@ class EtcdClient:
         """Every key starting with ``prefix``, sorted by key; with ``limit`` > 0 the first
         ``limit`` of them. Without a limit, large prefixes are read in pages of RANGE_PAGE keys
         at the revision of the first page, so the result is one consistent snapshot."""
+        return (await self.range_with_revision(prefix, limit=limit))[0]
+
+    async def range_with_revision(self, prefix: str, *, limit: int = 0) -> tuple[list[KeyValue], int]:
+        """:meth:`range`, and the store's revision it was read at (watch from it + 1 to miss nothing)."""
         if limit < 0:
             raise ValueError(f"limit must be 0 (all) or positive, got {limit}")
         pfx = _key_bytes(prefix)
@@ -380,10 +384,20 @@ class EtcdClient:
             payload = await self._call("/v3/kv/range", body)
             page = [_kv(d) for d in payload.get("kvs") or []]
             out.extend(page)
-            if limit or not payload.get("more") or not page:
-                return out
             revision = revision or _revision(payload)
+            if limit or not payload.get("more") or not page:
+                return out, revision
             start = _key_bytes(page[-1].key) + b"\0"
+
+    async def latest_mod_revision(self, prefix: str) -> int:
+        """The highest ``mod_revision`` of the keys under ``prefix`` (0: none): one key, no value,
+        so a cache of the prefix can tell cheaply whether it has seen the latest put."""
+        pfx = _key_bytes(prefix)
+        payload = await self._call("/v3/kv/range", {
+            "key": _b64(pfx or b"\0"), "range_end": _b64(prefix_range_end(pfx)), "limit": "1",
+            "sort_order": "DESCEND", "sort_target": "MOD", "keys_only": True})
+        kvs = payload.get("kvs") or []
+        return _kv(kvs[0]).mod_revision if kvs else 0
 
     async def count(self, prefix: str) -> int:
         """How many keys start with ``prefix`` (no values are sent)."""
