@@ -149,11 +149,42 @@ def _checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
         out.append(("server", None, "not running on this data_root (start: trenvx serve --config ...)"))
     except ServerError:
         out.append(("server", True, f"running (pid {holder}) on {cfg.orchestrator.host}:{cfg.orchestrator.port}"))
+    if cfg.cluster.enabled:
+        out += _cluster_checks(cfg)
     mem = psutil.virtual_memory()
     headroom = cfg.orchestrator.memory_headroom_mb
     out.append(("memory", mem.available // 2**20 > headroom,
                 f"{mem.available // 2**20} MiB available, headroom {headroom} MiB"))
     return out
+
+
+def _cluster_checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
+    """With ``[cluster]``: etcd reachable (its members, its leader), and the nodes registered."""
+    import asyncio
+
+    from ..cluster.etcd import EtcdClient, EtcdError, parse_etcd_url
+    from ..cluster.node import node_name
+    from ..cluster.records import KeyLayout, NodeRecord
+
+    async def probe() -> list[tuple[str, bool | None, str]]:
+        async with EtcdClient(parse_etcd_url(cfg.cluster.etcd), timeout_s=cfg.cluster.etcd_timeout_s) as etcd:
+            try:
+                members = await etcd.members()
+                status = await etcd.status()
+                nodes = [NodeRecord.model_validate_json(kv.value)
+                         for kv in await etcd.range(KeyLayout(cfg.cluster.prefix).nodes)]
+            except EtcdError as e:
+                return [("cluster etcd", False, str(e))]
+        me = node_name(cfg)
+        return [
+            ("cluster etcd", True, f"{len(members)} members ({', '.join(m['name'] for m in members)}), "
+                                   f"etcd {status.get('version')}, leader {status.get('leader') or 'none'}"),
+            ("cluster nodes", True if nodes else None,
+             f"{len(nodes)} alive: " + ", ".join(f"{n.name} {n.url} ({n.capacity.sandboxes} sandboxes)" for n in nodes)
+             + ("" if any(n.name == me for n in nodes) else f"; this node ({me}) is not among them (not started?)")),
+        ]
+
+    return asyncio.run(probe())
 
 
 def _vmm_checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
