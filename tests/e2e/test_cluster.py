@@ -135,7 +135,7 @@ def test_the_cluster(cluster, test_template) -> None:
     sandboxes = []
     try:
         with e2b_pointed_at(n1.url, API_KEY):
-            for k in range(6):
+            for k in range(6):  # equals take turns (fewer sandboxes first): two each, unless memory differs
                 sbx = Sandbox.create(test_template, timeout=600, metadata={"k": str(k)})
                 sandboxes.append(sbx)
         seen = listed(n3)

@@ -43,7 +43,7 @@ def test_no_room_anywhere_says_why() -> None:
 
 def test_best_of_k_samples_k_and_spreads_equals() -> None:
     rng = random.Random(7)
-    nodes = [node(f"n{i}", 8000 + i) for i in range(100)]  # within one headroom step: equals
+    nodes = [node(f"n{i}", 8000 + i) for i in range(100)]  # within one headroom step, as busy: equals
     firsts = Counter(candidates(nodes, "t", 256, 3, rng)[0].name for _ in range(3000))
     assert len(firsts) > 90, "equal nodes must share the creates"
     assert max(firsts.values()) < 100
@@ -55,3 +55,8 @@ def test_snapshots_go_only_where_they_are() -> None:
     assert [n.name for n in candidates(nodes, "snap", 256, 3)] == ["b"]
     with pytest.raises(NoNodeAvailable):
         candidates([node("a", 30000), node("b", 100, snapshots=["snap"])], "snap", 256, 3)
+
+
+def test_among_equals_fewer_sandboxes_first() -> None:
+    nodes = [node("busy", 8000, sandboxes=9), node("idle", 8100, sandboxes=1), node("mid", 8050, sandboxes=4)]
+    assert [n.name for n in candidates(nodes, "t", 256, 3)] == ["idle", "mid", "busy"]

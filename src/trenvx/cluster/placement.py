@@ -6,7 +6,8 @@ and no global order is kept, so placement costs the same at 3 nodes and at 1,000
 0. a snapshot's sandboxes go only to the nodes that hold it (snapshots are not copied);
 1. nodes with a hot or warm VM of the template in a pool (a create there is the fastest);
 2. nodes that hold the template's current build (no copy before the start);
-3. more memory headroom first (in steps of :data:`HEADROOM_STEP_MB`; ties keep the sample's random order).
+3. more memory headroom first (in steps of :data:`HEADROOM_STEP_MB`);
+4. fewer sandboxes first; the remaining ties keep the sample's random order.
 
 The ranked candidates are tried in order: a node that refuses (full, failing) hands the create to
 the next one.
@@ -49,9 +50,9 @@ def candidates(nodes: Sequence[NodeRecord], template: str, mem_mb: int, k: int,
         raise NoNodeAvailable(f"no node has room for a sandbox of {template} ({mem_mb} MiB): {full}")
     sample = roomy if len(roomy) <= k else (rng or random).sample(roomy, k)
 
-    def score(n: NodeRecord) -> tuple[int, int, int]:
+    def score(n: NodeRecord) -> tuple[int, int, int, int]:
         has_build = template in n.templates and (digest is None or n.templates[template] == digest)
         return (1 if n.pools.get(template, 0) > 0 and has_build else 0, 1 if has_build else 0,
-                n.capacity.mem_headroom_mb // HEADROOM_STEP_MB)
+                n.capacity.mem_headroom_mb // HEADROOM_STEP_MB, -n.capacity.sandboxes)
 
     return sorted(sample, key=score, reverse=True)
