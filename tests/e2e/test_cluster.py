@@ -6,7 +6,8 @@ its own port, data_root (templates and kernels included) and network range, boot
 - Creates through one node (E2B's unmodified ``e2b`` package pointed at node 1) spread over all
   three; a list through any node shows every sandbox with its node; commands and files of a
   sandbox work through a node that does not own it (the envd traffic is routed to the owner).
-- One etcd member killed: nothing changes. A node SIGKILLed: its sandboxes are reported lost
+- One etcd member killed: nothing changes. A paused sandbox resumes on another node (files and
+  processes moved). A node SIGKILLed: its sandboxes are reported lost
   within the lease TTL, later creates avoid it, and a kill of one of them through another node is
   remembered; the node restarted (it kept its VMs, ``--keep``) reconciles: it kills what the
   cluster ended and re-registers what still runs, reachable again through any node.
@@ -163,6 +164,24 @@ def test_the_cluster(cluster, test_template) -> None:
             assert extra.commands.run("echo ok").stdout.strip() == "ok"
         assert extra.sandbox_id in listed(n1)
         etcd.restart_member(0)
+
+        # a paused sandbox resumes on another node (?node=): its files and its processes move with it
+        mover = next(s.sandbox_id for s in sandboxes if owners[s.sandbox_id] == "n1")
+        with e2b_pointed_at(n2.url, API_KEY):
+            m = Sandbox.connect(mover)
+            m.files.write("/tmp/moved.txt", "moved with it")
+            m.commands.run("sleep 4242", background=True)
+        with api(n2) as c:
+            assert c.post(f"/sandboxes/{mover}/pause").status_code == 204
+            r = c.post(f"/sandboxes/{mover}/resume", params={"node": "n3"}, json={"timeout": 600})
+            assert r.status_code == 201, r.text
+        assert listed(n1)[mover]["trenvx"]["node"] == "n3" and listed(n1)[mover]["state"] == "running"
+        assert not (n1.data_root / "sandboxes" / mover).exists()
+        owners[mover] = "n3"
+        with e2b_pointed_at(n1.url, API_KEY):
+            m = Sandbox.connect(mover)
+            assert m.files.read("/tmp/moved.txt") == "moved with it"
+            assert m.commands.run("pgrep -x sleep -a || true").stdout.count("4242") == 1, "its memory did not move"
 
         # node 2 dies (SIGKILL; it keeps its VMs): its sandboxes are lost within the TTL
         on2 = [s.sandbox_id for s in sandboxes if listed(n1)[s.sandbox_id]["trenvx"]["node"] == "n2"]

@@ -125,3 +125,36 @@ def test_two_nodes_one_api(tmp_path: Path, etcd, upstream) -> None:
         finally:
             etcd.restart_member(0)
         assert wait(lambda: ca.post("/sandboxes", json={"templateID": "tpl"}).status_code == 201, 15)
+
+
+def test_a_paused_sandbox_resumes_on_another_node(tmp_path: Path, etcd, upstream) -> None:
+    with Node(tmp_path / "a", "a", etcd.url, upstream.port) as a, Node(tmp_path / "b", "b", etcd.url, upstream.port) as b:
+        ca = a.client()
+        assert wait(lambda: len(ca.get("/cluster/nodes").json()) == 2)
+        sid = None
+        for _ in range(10):  # one on a
+            r = ca.post("/sandboxes", json={"templateID": "tpl", "metadata": {"keep": "me"}})
+            assert r.status_code == 201, r.text
+            if r.json()["sandboxID"] in {s.id for s in a.manager.list()}:
+                sid = r.json()["sandboxID"]
+                break
+        assert sid is not None
+        token = ca.get(f"/sandboxes/{sid}").json()["envdAccessToken"]
+        # running: it cannot move
+        r = ca.post(f"/sandboxes/{sid}/resume", params={"node": "b"})
+        assert r.status_code == 409 and "paused" in r.json()["message"], r.text
+        assert ca.post(f"/sandboxes/{sid}/pause").status_code == 204
+        r = ca.post(f"/sandboxes/{sid}/resume", params={"node": "nosuchnode"})
+        assert r.status_code == 400 and "'nosuchnode'" in r.json()["message"]
+
+        r = ca.post(f"/sandboxes/{sid}/resume", params={"node": "b"})  # through a, to b
+        assert r.status_code == 201, r.text
+        assert sid in {s.id for s in b.manager.list()} and sid not in {s.id for s in a.manager.list()}
+        assert not a.manager.data_root.sandbox_dir(sid).exists(), "the giver kept its files"
+        assert b.manager.get(sid).state == "running" and b.manager.get(sid).access_token == token
+        assert b.manager.get(sid).metadata == {"keep": "me"}
+        listed = {s["sandboxID"]: s for s in ca.get("/v2/sandboxes").json()}
+        assert wait(lambda: {s["sandboxID"]: s for s in ca.get("/v2/sandboxes").json()}[sid]["trenvx"]["node"] == "b")
+        assert listed[sid]["state"] == "running"
+        assert ca.delete(f"/sandboxes/{sid}").status_code == 204
+        assert wait(lambda: sid not in {s.id for s in b.manager.list()})

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from .etcd import EtcdClient, EtcdError, parse_etcd_url
+from ..sandbox.handover import PausedHandover
 from ..template.store import TemplateNotFound
 from .records import LOST_REASON, KeyLayout, NodeCapacity, NodeRecord, SandboxEntry
 from .template_copy import TemplateCopier, TemplateCopyError
@@ -132,6 +133,8 @@ class ClusterNode:
         self._closed = False
         self._copying: asyncio.Task[None] | None = None
         self._copy_failed: set[str] = set()
+        self.handover = PausedHandover(manager)
+        """This node's paused sandboxes handed to other nodes (:mod:`trenvx.sandbox.handover`)."""
         self.copier = TemplateCopier(manager.templates, manager.data_root, self.internal_headers())
 
     def internal_headers(self) -> dict[str, str]:
@@ -405,6 +408,31 @@ class ClusterNode:
             await self.etcd.put(kv.key, gone.model_dump_json())
             self._written[entry.id] = gone.model_dump_json(exclude={"updated_at"})
             log.info("cluster: sandbox %s of this node is gone (%s); its entry says so now", entry.id, gone.end_reason)
+
+    # -- paused sandboxes moving between nodes ------------------------------------------------------
+
+    def moved_away(self, sandbox_id: str) -> None:
+        """The sandbox now lives on another node: its entry is that node's to write (not deleted
+        here as a sandbox this node forgot)."""
+        self._written.pop(sandbox_id, None)
+        self.forget(sandbox_id)
+
+    async def pull(self, sandbox_id: str, source: str) -> float:
+        """Move the paused ``sandbox_id`` here from node ``source`` (its entry then names this node).
+        Raises :class:`SandboxMoveError`."""
+        from .sandbox_move import SandboxMoveError, pull_paused
+
+        try:
+            giver = (await self.live_nodes(max_age_s=0)).get(source)
+        except ClusterUnavailable as e:
+            raise SandboxMoveError(str(e)) from None
+        if giver is None:
+            raise SandboxMoveError(f"node {source}, which holds sandbox {sandbox_id}, is not alive: its files cannot "
+                                   "be reached")
+        seconds = await pull_paused(self, sandbox_id, giver)
+        self.forget(sandbox_id)
+        await self.sync_soon()
+        return seconds
 
     # -- templates -------------------------------------------------------------------------------
 

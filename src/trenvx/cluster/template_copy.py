@@ -163,7 +163,7 @@ class TemplateCopier:
             for f in offer["files"]:
                 fd = FileDigest(**f)
                 _check_name(fd.name)
-                await self._download(client, f"{url}/cluster/templates/{name}/{build_id}/files/{fd.name}",
+                await download(client, f"{url}/cluster/templates/{name}/{build_id}/files/{fd.name}",
                                      staging / fd.name, fd)
             kernels = self.data_root.kernels
             local_kernel: list[str] = []
@@ -176,7 +176,7 @@ class TemplateCopier:
                         and await asyncio.to_thread(sha256_of, dest) == fd.sha256):
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     tmp = dest.with_name(f".{dest.name}.copy")
-                    await self._download(client, f"{url}/cluster/templates/-kernel/-/files/{fd.name}", tmp, fd)
+                    await download(client, f"{url}/cluster/templates/-kernel/-/files/{fd.name}", tmp, fd)
                     os.replace(tmp, dest)
                 local_kernel.append(str(dest))
             machine = manifest.machine.model_copy(update={"kernel": local_kernel[0], "initrd": local_kernel[1]})
@@ -186,30 +186,32 @@ class TemplateCopier:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-    async def _download(self, client: httpx.AsyncClient, url: str, dest: Path, fd: FileDigest) -> None:
-        h = hashlib.sha256()
-        size = 0
-        try:
-            async with client.stream("GET", url) as r:
-                if r.status_code != 200:
-                    raise TemplateCopyError(f"{url}: {r.status_code} {(await r.aread())[:200]!r}")
-                with open(dest, "wb") as out:
-                    async for chunk in r.aiter_bytes(CHUNK):
-                        h.update(chunk)
-                        size += len(chunk)
-                        if chunk == _ZERO[:len(chunk)]:
-                            out.seek(len(chunk), os.SEEK_CUR)  # a hole, as in the source
-                        else:
-                            out.write(chunk)
-                    out.truncate(size)
-        except httpx.HTTPError as e:
-            dest.unlink(missing_ok=True)
-            raise TemplateCopyError(f"downloading {url} failed: {e!r}") from None
-        if size != fd.size or h.hexdigest() != fd.sha256:
-            dest.unlink(missing_ok=True)
-            raise TemplateCopyError(f"{fd.name} arrived damaged (size {size}, SHA-256 {h.hexdigest()[:16]}; expected "
-                                    f"{fd.size}, {fd.sha256[:16]}); the copy was discarded")
-        os.chmod(dest, fd.mode & 0o777)
+async def download(client: httpx.AsyncClient, url: str, dest: Path, fd: FileDigest) -> None:
+    """``url`` into ``dest`` (zero runs left as holes), checked against ``fd``'s size and SHA-256;
+    ``dest`` gets ``fd``'s mode. Raises :class:`TemplateCopyError` (and removes ``dest``)."""
+    h = hashlib.sha256()
+    size = 0
+    try:
+        async with client.stream("GET", url) as r:
+            if r.status_code != 200:
+                raise TemplateCopyError(f"{url}: {r.status_code} {(await r.aread())[:200]!r}")
+            with open(dest, "wb") as out:
+                async for chunk in r.aiter_bytes(CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                    if chunk == _ZERO[:len(chunk)]:
+                        out.seek(len(chunk), os.SEEK_CUR)  # a hole, as in the source
+                    else:
+                        out.write(chunk)
+                out.truncate(size)
+    except httpx.HTTPError as e:
+        dest.unlink(missing_ok=True)
+        raise TemplateCopyError(f"downloading {url} failed: {e!r}") from None
+    if size != fd.size or h.hexdigest() != fd.sha256:
+        dest.unlink(missing_ok=True)
+        raise TemplateCopyError(f"{fd.name} arrived damaged (size {size}, SHA-256 {h.hexdigest()[:16]}; expected "
+                                f"{fd.size}, {fd.sha256[:16]}); the copy was discarded")
+    os.chmod(dest, fd.mode & 0o777)
 
 
 def _check_name(name: str) -> None:

@@ -10,6 +10,8 @@ ASGI middleware, outermost (before the sandbox proxy), active only with ``[clust
   forms, websockets included) are handled here when the sandbox is this node's, else passed to the
   node that owns it, streamed both ways. A sandbox of a dead node is lost: 404 saying so, and a kill
   marks it ended (its node kills it if it comes back).
+- **A resume or connect with ``?node=NAME``** resumes a paused sandbox on that node: held
+  elsewhere, it is moved there first (:mod:`trenvx.cluster.sandbox_move`).
 - **Lists** read the cluster's entries (in :mod:`.routes_sandboxes`).
 - Requests between nodes carry ``X-Trenvx-Node`` (who sends it) and ``X-Trenvx-Cluster`` (the
   cluster's secret); such a request is never passed on again, and the headers are dropped from
@@ -109,6 +111,9 @@ class ClusterRouter:
                 if not internal:
                     return await self._place(scope, receive, send)
             return await self.app(scope, receive, send)
+        wanted = None if internal else _resume_on(scope)
+        if wanted is not None:
+            return await self._resume_on(scope, receive, send, sid, wanted)
         if internal or self._is_local(sid):
             return await self._here(scope, receive, send)
         try:
@@ -353,6 +358,43 @@ class ClusterRouter:
             with contextlib.suppress(Exception):
                 await upstream.close()
 
+    async def _resume_on(self, scope: dict[str, Any], receive: Any, send: Any, sid: str, wanted: str) -> None:
+        """A resume (or connect) that names the node to resume on: a paused sandbox held elsewhere
+        moves there first (its files copied, checked, taken over), then the request goes there."""
+        from ..cluster.sandbox_move import SandboxMoveError
+
+        try:
+            nodes = await self.node.live_nodes(max_age_s=0)
+            loc = None if self._is_local(sid) else await self.node.locate(sid)
+        except ClusterUnavailable as e:
+            return await _respond(send, 503, f"cannot move sandbox {sid}: {e}")
+        target = nodes.get(wanted)
+        if target is None:
+            return await _respond(send, 400, f"query field node: no live node is named {wanted!r} "
+                                  f"(alive: {', '.join(sorted(nodes)) or 'none'})")
+        owner = self.node.name if loc is None else loc.entry.node
+        if loc is not None and (loc.node is None or loc.entry.state == "exited"):
+            return await self._ended(scope, receive, send, sid, loc.entry)
+        if owner != wanted:
+            if wanted == self.node.name:
+                try:
+                    await self.node.pull(sid, owner)
+                except SandboxMoveError as e:
+                    return await _respond(send, 409, f"sandbox {sid} cannot resume on node {wanted}: {e}")
+            else:
+                try:
+                    r = await self.client.post(f"{target.url}/cluster/sandboxes/{sid}/pull", params={"source": owner},
+                                               headers=self.node.internal_headers(), timeout=httpx.Timeout(600, connect=5))
+                except httpx.HTTPError as e:
+                    return await _respond(send, 502, f"node {wanted} did not answer: {type(e).__name__}")
+                if r.status_code != 200:
+                    return await _respond(send, r.status_code if r.status_code < 500 else 502,
+                                          f"sandbox {sid} cannot resume on node {wanted}: {_message_of(r)}")
+            self.node.forget(sid)
+        if wanted == self.node.name:
+            return await self._here(scope, receive, send)
+        return await self._forward(scope, receive, send, target)
+
     async def _ended(self, scope: dict[str, Any], receive: Any, send: Any, sid: str, entry: Any) -> None:
         """A sandbox of a dead node, or one that ended: a kill of a lost one marks it ended; anything
         else is told what happened."""
@@ -372,6 +414,26 @@ class ClusterRouter:
         else:
             message = f"sandbox {sid} is not running (it ended: {entry.end_reason or 'exited'})"
         await _refuse(scope, receive, send, 404, message)
+
+
+RESUME_RE = re.compile(r"^/(?:v2/)?sandboxes/[^/]+/(?:resume|connect)/?$")
+
+
+def _resume_on(scope: dict[str, Any]) -> str | None:
+    """The node a resume or connect asks to run on (query ``node``), or None."""
+    if scope["type"] != "http" or scope["method"] != "POST" or not RESUME_RE.match(scope["path"]):
+        return None
+    from urllib.parse import parse_qs
+
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("node")
+    return values[0] if values else None
+
+
+def _message_of(r: httpx.Response) -> str:
+    try:
+        return str(r.json().get("message", r.text[:300]))
+    except ValueError:
+        return r.text[:300]
 
 
 def target_of_safe(scope: dict[str, Any], domain: str) -> bool:
