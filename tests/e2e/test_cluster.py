@@ -166,7 +166,7 @@ def test_the_cluster(cluster, test_template) -> None:
         etcd.restart_member(0)
 
         # a paused sandbox resumes on another node (?node=): its files and its processes move with it
-        mover = next(s.sandbox_id for s in sandboxes if owners[s.sandbox_id] == "n1")
+        mover = next(s.sandbox_id for s in sandboxes if owners.get(s.sandbox_id) == "n1")
         with e2b_pointed_at(n2.url, API_KEY):
             m = Sandbox.connect(mover)
             m.files.write("/tmp/moved.txt", "moved with it")
