@@ -15,9 +15,11 @@ etcd is real HTTP on loopback. **What is a stand-in.** The VMM under the manager
 network, no guest), and every sandbox port leads to one tiny HTTP responder per process.
 **What is simulated.** ``--real`` nodes (the front nodes the client talks to, and owners like any
 other) are each their own process, as ``trenvx serve`` is; the remaining nodes of a count are
-*simulated*: the same full node, but all of them served from one shared process (one event loop,
-one port per node), so they share that process's CPU. Each simulated node still has its own lease,
-node record, EtcdClient and loops, and its sandboxes' entries, all written by the real code.
+*simulated*: the same full node, but served many to a process (up to ``--sim-per-process``, one
+event loop, one port per node), so they share that process's CPU. Each simulated node still has
+its own lease, node record, EtcdClient, watch and loops, and its sandboxes' entries, all written
+by the real code; a simulated host starved of CPU runs its loops late (each checkpoint reports the
+nodes still registered and any lease that expired).
 This machine runs etcd, every node and the client on the same cores: rates are what one small
 machine sustains for everything at once, so the CPU each part spent per create is reported too.
 
@@ -77,6 +79,8 @@ from trenvx.cluster.etcd_local import ETCD_BIN, LocalEtcdCluster
 STANDIN = Path(__file__).resolve().parent / "cluster_standin.py"
 TEMPLATE = "standin"
 CREATE_BODY = {"templateID": TEMPLATE, "timeout": 3600}
+LEASE_EXPIRED = "expired (etcd was out of reach"
+"""What a node logs when it finds its lease gone (ClusterNode._renew_loop) and registers again."""
 PORT = "8080"
 """The sandbox port of the proxied request (every stand-in port answers ``ok``)."""
 _PR_SET_PDEATHSIG = 1
@@ -119,16 +123,19 @@ class Host:
     def urls(self) -> dict[str, str]:
         return {name: f"http://127.0.0.1:{port}" for name, port in self.ready["nodes"].items()}
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_text(self) -> str:
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+            return self.log.read_text(errors="replace")
         except OSError:
-            return "(no log)"
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:]) or "(no log)"
 
 
 def start_host(work: Path, kind: str, names: list[str], etcd_url: str, prefix: str, args: argparse.Namespace) -> Host:
     """Start a node host serving ``names`` (returns at once; :func:`wait_ready` waits for it)."""
-    tag = names[0] if len(names) == 1 else f"{kind}-{len(names)}"
+    tag = names[0] if len(names) == 1 else f"{kind}-{names[0]}-{names[-1]}"
     d = work / tag
     d.mkdir(parents=True)
     roots = [d / n for n in names]
@@ -502,8 +509,9 @@ async def run_cluster(client: httpx.AsyncClient, work: Path, n: int, args: argpa
         real_names = [f"r{i}" for i in range(real)]
         sim_names = [f"s{i:03d}" for i in range(sim)]
         hosts = [start_host(base, "real", [name], etcd.url, prefix, args) for name in real_names]
-        if sim:
-            hosts.append(start_host(base, "simulated", sim_names, etcd.url, prefix, args))
+        per = max(1, args.sim_per_process)
+        for i in range(0, sim, per):  # a process's event loop serves at most --sim-per-process nodes
+            hosts.append(start_host(base, "simulated", sim_names[i:i + per], etcd.url, prefix, args))
         await wait_ready(hosts, 60 + 2 * n)
         for h in hosts:
             cpu.add("real_nodes" if h.kind == "real" else "simulated_nodes", h.ready["pid"])
@@ -542,9 +550,14 @@ async def run_cluster(client: httpx.AsyncClient, work: Path, n: int, args: argpa
                 route = await routing(client, created, urls, fronts, args.routing_samples, rng)
                 listing = await list_latency(client, fronts, urls, args.list_repeats, len(created))
                 status = await ec.status()
+                alive = await ec.count(prefix + "/nodes/")
+                expiries = sum(h.log_text().count(LEASE_EXPIRED) for h in hosts)
                 out["checkpoints"].append({"sandboxes": len(created), "create": phase, "idle": idle_now,
-                                           "routing": route, "list": listing,
-                                           "etcd_db_bytes": status.get("dbSize", 0)})
+                                           "routing": route, "list": listing, "nodes_registered": alive,
+                                           "lease_expiries": expiries, "etcd_db_bytes": status.get("dbSize", 0)})
+                if alive < n or expiries:
+                    print(f"  WARNING: {alive} of {n} nodes registered, {expiries} leases expired so far (a node "
+                          "process starved of CPU for longer than the TTL)", flush=True)
                 print(f"  idle: {idle_now['requests_per_s']:.1f} etcd requests/s; GET via owner p50 "
                       f"{route['get_owner_ms']['p50']:.1f} ms, via another node p50 "
                       f"{route['get_other_again_ms']['p50']:.1f} ms; list p50 {listing['latency_ms']['p50']:.0f} ms",
@@ -594,8 +607,8 @@ REAL_VS_SIMULATED = (
     "real: a 3-member etcd (LocalEtcdCluster, fresh per node count), the trenvx node code (create_app, "
     "ClusterRouter, ClusterNode, EtcdClient, SandboxManager) and HTTP between client, nodes and etcd on "
     "loopback; stand-in: the VMM (a create makes a directory, no process, no network, no guest); "
-    "simulated: all nodes beyond --real run in one shared process (full nodes, own leases, records, "
-    "entries and loops, one port each), sharing its CPU; everything shares this machine's cores")
+    "simulated: the nodes beyond --real run many to a process (full nodes, own leases, records, "
+    "entries, watches and loops, one port each), sharing its CPU; everything shares this machine's cores")
 
 
 def f(x: float, digits: int = 1) -> str:
@@ -682,6 +695,8 @@ async def main() -> int:
     ap.add_argument("--nodes", default="3,10,30,100", help="node counts to sweep (default 3,10,30,100)")
     ap.add_argument("--sandboxes", default="1000,10000", help="sandbox counts measured at, cumulative (default 1000,10000)")
     ap.add_argument("--real", type=int, default=4, help="real nodes (own process; the front nodes), the rest simulated (default 4)")
+    ap.add_argument("--sim-per-process", type=int, default=50,
+                    help="simulated nodes per shared process at most (default 50)")
     ap.add_argument("--concurrency", type=int, default=16, help="creates in flight (default 16)")
     ap.add_argument("--sequential", type=int, default=50, help="creates one at a time after each batch (default 50)")
     ap.add_argument("--windows", type=int, default=5, help="rate windows per batch (default 5)")
