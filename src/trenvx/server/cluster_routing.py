@@ -12,6 +12,8 @@ ASGI middleware, outermost (before the sandbox proxy), active only with ``[clust
   marks it ended (its node kills it if it comes back).
 - **A resume or connect with ``?node=NAME``** resumes a paused sandbox on that node: held
   elsewhere, it is moved there first (:mod:`trenvx.cluster.sandbox_move`).
+- **A snapshot's delete** (``DELETE /templates/{id}``) goes to the node that holds it; creates from
+  a snapshot are placed only on such nodes.
 - **Lists** read the cluster's entries (in :mod:`.routes_sandboxes`).
 - Requests between nodes carry ``X-Trenvx-Node`` (who sends it) and ``X-Trenvx-Cluster`` (the
   cluster's secret); such a request is never passed on again, and the headers are dropped from
@@ -55,6 +57,7 @@ WS_DROP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-we
                         b"sec-websocket-protocol"}
 CREATE_PATHS = ("/sandboxes", "/v2/sandboxes")
 SANDBOX_PATH_RE = re.compile(r"^/(?:v2/)?sandboxes/([A-Za-z0-9][A-Za-z0-9_-]{0,127})(?:/.*)?$")
+SNAPSHOT_DELETE_RE = re.compile(r"^/templates/([^/]+)/?$")
 NOT_A_SANDBOX = {"metrics"}
 """``/sandboxes/metrics`` is a route, not a sandbox."""
 FULL = (429, 503)
@@ -104,6 +107,10 @@ class ClusterRouter:
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k not in INTERNAL_HEADERS]
         scope.setdefault("state", {})["cluster_internal"] = internal
         sid = self._sandbox_of(scope)
+        if sid is None and not internal and scope["type"] == "http":
+            holder = await self._snapshot_holder(scope)
+            if holder is not None:
+                return await self._forward(scope, receive, send, holder)
         if sid is None:
             if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") in CREATE_PATHS:
                 if internal and _header(scope, PLACED_HEADER) is not None:
@@ -143,6 +150,23 @@ class ClusterRouter:
         if m and m.group(1) not in NOT_A_SANDBOX:
             return m.group(1)
         return None
+
+    async def _snapshot_holder(self, scope: dict[str, Any]) -> NodeRecord | None:
+        """The node that holds the snapshot a ``DELETE /templates/{id}`` names, when not this one."""
+        m = SNAPSHOT_DELETE_RE.match(scope["path"])
+        if scope["method"] != "DELETE" or m is None:
+            return None
+        try:
+            name = template_name_of(m.group(1))
+        except InvalidSnapshotRequest:
+            return None
+        if name in self.manager.templates.names():
+            return None
+        try:
+            nodes = await self.node.live_nodes()
+        except ClusterUnavailable:
+            return None  # the local answer (404) stands
+        return next((n for n in nodes.values() if name in n.snapshots and n.name != self.node.name), None)
 
     def _is_local(self, sid: str) -> bool:
         try:
