@@ -317,6 +317,16 @@ class ClusterNode:
                 raise ClusterUnavailable(f"the cluster's store (etcd) cannot be reached: {e}") from None
         return self._nodes
 
+    async def check_store(self) -> None:
+        """One small read: etcd answers now (a create is placed only where it can be recorded).
+        Raises :class:`ClusterUnavailable`."""
+        try:
+            await self.etcd.get(self.keys.node(self.name))
+            self.etcd_ok = True
+        except EtcdError as e:
+            self.etcd_ok = False
+            raise ClusterUnavailable(f"the cluster's store (etcd) cannot be reached: {e}") from None
+
     def note_placed(self, name: str, mem_mb: int) -> None:
         """A create was placed on node ``name``: until its record is read again, count the sandbox
         in what this node knows of it, so a burst through one node spreads before records catch up."""
@@ -487,7 +497,8 @@ class ClusterNode:
         """Where ``sandbox_id`` is (None: the cluster does not know it). Raises
         :class:`ClusterUnavailable` when etcd cannot be reached and the answer is not remembered."""
         hit = self._located.get(sandbox_id)
-        if hit is not None and time.monotonic() - hit[1] < OWNER_CACHE_S:
+        if hit is not None and time.monotonic() - hit[1] < OWNER_CACHE_S and (
+                hit[0].node is None or hit[0].node.name in self._nodes):  # its node still alive, as last read
             return hit[0]
         try:
             kv = await self.etcd.get(self.keys.sandbox(sandbox_id))

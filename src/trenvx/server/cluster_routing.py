@@ -110,7 +110,8 @@ class ClusterRouter:
         if sid is None and not internal and scope["type"] == "http":
             holder = await self._snapshot_holder(scope)
             if holder is not None:
-                return await self._forward(scope, receive, send, holder)
+                await self._forward(scope, receive, send, holder)
+                return
         if sid is None:
             if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") in CREATE_PATHS:
                 if internal and _header(scope, PLACED_HEADER) is not None:
@@ -132,7 +133,20 @@ class ClusterRouter:
             return await self._here(scope, receive, send)  # unknown to the cluster: the local 404
         if loc.node is None or loc.entry.state == "exited":
             return await self._ended(scope, receive, send, sid, loc.entry)
-        return await self._forward(scope, receive, send, loc.node)
+        if await self._forward(scope, receive, send, loc.node, retry=True):
+            return
+        # the owner did not answer: read again where the sandbox is (its node may be gone)
+        self.node.forget(sid)
+        with contextlib.suppress(ClusterUnavailable):
+            await self.node.live_nodes(max_age_s=0)
+            loc = await self.node.locate(sid)
+            if loc is not None and (loc.node is None or loc.entry.state == "exited"):
+                return await self._ended(scope, receive, send, sid, loc.entry)
+            if loc is not None and loc.node is not None:
+                await self._forward(scope, receive, send, loc.node)
+                return
+        await _respond(send, 502, f"node {loc.entry.node if loc else '?'}, which runs sandbox {sid}, did not "
+                       "answer; it may be stopping (try again in a few seconds)")
 
     # -- which sandbox ----------------------------------------------------------------------------
 
@@ -224,6 +238,7 @@ class ClusterRouter:
         if template is None:  # not JSON or a bad id: the route says what is wrong
             return await self.app(scope, _replay(body), send)
         try:
+            await self.node.check_store()
             nodes = await self.node.live_nodes()
             mem_mb = self._mem_mb(template)
             ranked = candidates(list(nodes.values()), template, mem_mb, self.node.cfg.candidates)
@@ -286,9 +301,14 @@ class ClusterRouter:
         headers.append((SECRET_HEADER, self.node.secret.encode()))
         return headers
 
-    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any, node: NodeRecord) -> None:
+    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any, node: NodeRecord,
+                       retry: bool = False) -> bool:
+        """Pass the request to ``node`` and its answer back. With ``retry``, a node that cannot be
+        connected to is not answered for: False (nothing was sent; the caller decides), only for
+        requests without a body (a body being read cannot be sent twice)."""
         if scope["type"] == "websocket":
-            return await self._forward_websocket(scope, receive, send, node)
+            await self._forward_websocket(scope, receive, send, node)
+            return True
         url = httpx.URL(node.url, raw_path=(scope.get("raw_path") or scope["path"].encode()) +
                         (b"?" + scope["query_string"] if scope.get("query_string") else b""))
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
@@ -308,8 +328,11 @@ class ClusterRouter:
             upstream = await self.client.send(request, stream=True)
         except httpx.HTTPError as e:
             self.node.forget(_sandbox_id_for_log(scope))
-            return await _respond(send, 502, f"node {node.name} ({node.url}), which runs this sandbox, did not "
-                                  f"answer: {type(e).__name__}; it may be stopping (try again in a few seconds)")
+            if retry and not has_body and isinstance(e, httpx.ConnectError):
+                return False
+            await _respond(send, 502, f"node {node.name} ({node.url}), which runs this sandbox, did not "
+                           f"answer: {type(e).__name__}; it may be stopping (try again in a few seconds)")
+            return True
         try:
             headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in HOP_BY_HOP - {b"content-length"}]
             await send({"type": "http.response.start", "status": upstream.status_code, "headers": headers})
@@ -321,6 +344,7 @@ class ClusterRouter:
             log.info("cluster: a stream from node %s was cut: %r", node.name, e)  # the client sees a cut body
         finally:
             await upstream.aclose()
+        return True
 
     async def _forward_websocket(self, scope: dict[str, Any], receive: Any, send: Any, node: NodeRecord) -> None:
         from websockets.asyncio.client import connect
@@ -417,7 +441,7 @@ class ClusterRouter:
             self.node.forget(sid)
         if wanted == self.node.name:
             return await self._here(scope, receive, send)
-        return await self._forward(scope, receive, send, target)
+        await self._forward(scope, receive, send, target)
 
     async def _ended(self, scope: dict[str, Any], receive: Any, send: Any, sid: str, entry: Any) -> None:
         """A sandbox of a dead node, or one that ended: a kill of a lost one marks it ended; anything
