@@ -44,6 +44,7 @@ from .auth import is_loopback
 from .errors import error_body
 from .port_paths import BadPortPath, port_path
 from .proxy import BadTarget, target_of
+from .ws_bridge import relay_websocket
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +349,7 @@ class ClusterRouter:
 
     async def _forward_websocket(self, scope: dict[str, Any], receive: Any, send: Any, node: NodeRecord) -> None:
         from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake
+        from websockets.exceptions import InvalidHandshake
 
         first = await receive()
         if first["type"] != "websocket.connect":
@@ -373,38 +374,7 @@ class ClusterRouter:
             await send({"type": "websocket.close", "code": 1011, "reason": f"node {node.name}: {e}"[:120]})
             return
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
-
-        async def client_to_upstream() -> None:
-            while True:
-                msg = await receive()
-                if msg["type"] == "websocket.receive":
-                    data = msg.get("bytes") if msg.get("bytes") is not None else msg.get("text")
-                    if data is not None:
-                        await upstream.send(data)
-                elif msg["type"] == "websocket.disconnect":
-                    await upstream.close(code=msg.get("code", 1000) or 1000)
-                    return
-
-        async def upstream_to_client() -> None:
-            with contextlib.suppress(ConnectionClosed):
-                async for m in upstream:
-                    await send({"type": "websocket.send", **({"bytes": m} if isinstance(m, bytes) else {"text": m})})
-            code = upstream.close_code or 1000
-            with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": code if code != 1005 else 1000,
-                            "reason": upstream.close_reason or ""})
-
-        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(BaseException):
-                    await t
-            with contextlib.suppress(Exception):
-                await upstream.close()
+        await relay_websocket(receive, send, upstream)
 
     async def _resume_on(self, scope: dict[str, Any], receive: Any, send: Any, sid: str, wanted: str) -> None:
         """A resume (or connect) that names the node to resume on: a paused sandbox held elsewhere

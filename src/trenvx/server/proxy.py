@@ -95,6 +95,7 @@ from .errors import error_body
 from .port_paths import BadPortPath, PortPath, port_path, prefixed_location, prefixed_set_cookie
 from .signed_files import SignedUrlRefused, signed_files_target
 from .traffic_auth import TRAFFIC_TOKEN_HEADER, take_token_param, without_cookie
+from .ws_bridge import cancel_and_wait, relay_websocket
 from .upstreams import UpstreamClients
 
 log = logging.getLogger(__name__)
@@ -433,12 +434,7 @@ class SandboxProxy:
             try:
                 await asyncio.wait({pump, watch, gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for t in (pump, watch, gone):
-                    if not t.done():
-                        t.cancel()
-                for t in (pump, watch, gone):
-                    with contextlib.suppress(BaseException):
-                        await t
+                await cancel_and_wait((pump, watch, gone))
             if _finished(pump):  # the upstream answer ended normally
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
@@ -497,7 +493,7 @@ class SandboxProxy:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send, sid: str, port: int,
                          endpoint: AgentEndpoint, forward: "_Forward") -> None:
         from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidMessage
+        from websockets.exceptions import InvalidHandshake, InvalidMessage
 
         first = await receive()
         if first["type"] != "websocket.connect":
@@ -533,45 +529,8 @@ class SandboxProxy:
                                                  f"(websocket to port {port}: {e})", sandboxId=sid)
                 return
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
-
-        async def client_to_upstream() -> None:
-            while True:
-                msg = await receive()
-                if msg["type"] == "websocket.receive":
-                    if msg.get("bytes") is not None:
-                        await upstream.send(msg["bytes"])
-                    elif msg.get("text") is not None:
-                        await upstream.send(msg["text"])
-                elif msg["type"] == "websocket.disconnect":
-                    await upstream.close(code=msg.get("code", 1000) or 1000)
-                    return
-
-        async def upstream_to_client() -> None:
-            try:
-                async for m in upstream:
-                    if isinstance(m, bytes):
-                        await send({"type": "websocket.send", "bytes": m})
-                    else:
-                        await send({"type": "websocket.send", "text": m})
-            except ConnectionClosed:
-                pass
-            code = upstream.close_code or 1000
-            with contextlib.suppress(Exception):
-                await send({"type": "websocket.close", "code": code if code != 1005 else 1000,
-                            "reason": upstream.close_reason or ""})
-
         gone = asyncio.ensure_future(self._until_gone(sid))
-        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client()), gone]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(BaseException):
-                    await t
-            with contextlib.suppress(Exception):
-                await upstream.close()
+        await relay_websocket(receive, send, upstream, also=[gone])
         if _finished(gone):  # 1011: the server ended the connection on an unexpected condition
             with contextlib.suppress(Exception):
                 await send({"type": "websocket.close", "code": 1011,

@@ -27,6 +27,8 @@ from collections.abc import Awaitable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .ws_bridge import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 EOF_MESSAGE = "eof"
@@ -108,11 +110,7 @@ async def relay(websocket: WebSocket, reader: asyncio.StreamReader, writer: asyn
             else:
                 reason = "the port closed the connection"
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        await cancel_and_wait(tasks)
         writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer.wait_closed(), 2)
