@@ -92,6 +92,14 @@ def test_two_nodes_one_api(tmp_path: Path, etcd, upstream) -> None:
         assert r.status_code == 200 and r.json()["sandboxID"] == on_b[0] and r.json()["envdAccessToken"]
         r = ca.get("/health", headers={"E2b-Sandbox-Id": on_b[0], "E2b-Sandbox-Port": "49983"})
         assert r.status_code == 204, r.text  # the stand-in agent's answer, through a to b's proxy
+        from websockets.sync.client import connect
+
+        with connect(f"ws://127.0.0.1:{a.port}/ws", additional_headers={
+                "E2b-Sandbox-Id": on_b[0], "E2b-Sandbox-Port": "49983"}, open_timeout=10) as ws:  # a websocket too
+            ws.send("over two nodes")
+            assert ws.recv(timeout=10) == "echo:over two nodes"
+            ws.send(b"\x00bytes")
+            assert ws.recv(timeout=10) == b"echo:\x00bytes"
         assert ca.post(f"/sandboxes/{on_b[0]}/timeout", json={"timeout": 120}).status_code == 204
         assert ca.delete(f"/sandboxes/{on_b[0]}").status_code == 204
         assert wait(lambda: on_b[0] not in {sb.id for sb in b.manager.list()})
