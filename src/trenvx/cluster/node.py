@@ -48,6 +48,8 @@ SERVER_STOPPED = "server_stopped"
 """The end reason written for a stopping node's sandboxes (unless it keeps them)."""
 OWNER_CACHE_S = 5.0
 """How long where a sandbox lives is remembered (ids do not move but on a resume elsewhere)."""
+COPY_RETRY_S = 60.0
+"""A template whose background copy failed is tried again after this."""
 NODES_MAX_AGE_S = 1.0
 """Placement reads the node records again when what it holds is older than this."""
 
@@ -132,7 +134,8 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._copying: asyncio.Task[None] | None = None
-        self._copy_failed: set[str] = set()
+        self._copy_failed: dict[str, float] = {}
+        """Template -> when its last background copy failed (``time.monotonic()``)."""
         self.handover = PausedHandover(manager)
         """This node's paused sandboxes handed to other nodes (:mod:`trenvx.sandbox.handover`)."""
         self.copier = TemplateCopier(manager.templates, manager.data_root, self.internal_headers())
@@ -257,6 +260,8 @@ class ClusterNode:
     def record(self) -> NodeRecord:
         m = self.manager
         templates: dict[str, str] = {}
+        builds: dict[str, str] = {}
+        aliases: dict[str, str] = {}
         snapshots: list[str] = []
         for name in m.templates.names():
             with contextlib.suppress(Exception):
@@ -266,6 +271,9 @@ class ClusterNode:
                         snapshots.append(name)
                 else:
                     templates[name] = manifest.input_digest
+                    builds[name] = manifest.build_id
+                    for alias in manifest.config.get("aliases") or []:
+                        aliases[str(alias)] = name
         pools = {s.template: s.warm + s.hot for s in m.pool_stats()}
         import psutil
 
@@ -276,7 +284,8 @@ class ClusterNode:
                 mem_headroom_mb=m.admission.headroom_mb(), sandboxes=m.admission.total,
                 max_sandboxes=m.config.orchestrator.max_sandboxes,
             ),
-            templates=templates, snapshots=snapshots, pools=pools, accepting=self.accepting,
+            templates=templates, builds=builds, aliases=aliases, snapshots=snapshots, pools=pools,
+            accepting=self.accepting,
         )
 
     async def _put_record(self) -> None:
@@ -447,49 +456,78 @@ class ClusterNode:
     # -- templates -------------------------------------------------------------------------------
 
     def _copy_missing_templates(self) -> None:
-        """Start copying, in the background and one at a time, a template other nodes hold and this
-        one lacks: templates are everywhere without a user step (a create that needs one sooner
-        copies it itself, :meth:`ensure_template`)."""
+        """Start copying, in the background and one at a time, a template whose newest build another
+        node holds and this one lacks (the default template first): templates are everywhere without
+        a user step, and a rebuild reaches every node. A create that needs one sooner copies it
+        itself (:meth:`ensure_template`). A copy that failed is tried again after
+        :data:`COPY_RETRY_S`."""
         if self._copying is not None and not self._copying.done():
             return
-        have = set(self.manager.templates.names())
+        newest: dict[str, str] = {}
         for n in self._nodes.values():
-            for name in n.templates:
-                if name not in have and name not in self._copy_failed:
-                    self._copying = asyncio.create_task(self._copy_in_background(name), name=f"cluster-copy-{name}")
-                    return
+            if n.name == self.name:
+                continue
+            for name, build_id in n.builds.items():
+                if build_id > newest.get(name, ""):
+                    newest[name] = build_id
+        now = time.monotonic()
+        default = self.config.default_template
+        for name in sorted(newest, key=lambda t: (t != default, t)):
+            if now - self._copy_failed.get(name, -COPY_RETRY_S) < COPY_RETRY_S:
+                continue
+            try:
+                have = self.manager.templates.current(name).manifest.build_id
+            except TemplateNotFound:
+                have = ""
+            if have < newest[name]:
+                self._copying = asyncio.create_task(self._copy_in_background(name, newest[name]),
+                                                    name=f"cluster-copy-{name}")
+                return
 
-    async def _copy_in_background(self, name: str) -> None:
+    async def _copy_in_background(self, name: str, build_id: str) -> None:
         try:
-            await self.ensure_template(name)
+            await self.ensure_template(name, build_id)
         except (TemplateCopyError, ClusterUnavailable) as e:
-            self._copy_failed.add(name)  # not again in a loop; a create of it tries again
-            log.warning("cluster: template %s was not copied here: %s", name, e)
+            self._copy_failed[name] = time.monotonic()
+            log.warning("cluster: template %s was not copied here (tried again in %.0f s): %s", name, COPY_RETRY_S, e)
 
-    async def ensure_template(self, name: str) -> None:
+    async def ensure_template(self, name: str, build_id: str | None = None) -> None:
         """Make ``name``'s build available here, copied from a live node that holds it, when this
-        node has none (a template nobody holds is left to the create's own 404). Raises
-        :class:`TemplateCopyError`, :class:`ClusterUnavailable`."""
+        node has none (or, with ``build_id``, none as new); a template nobody holds is left to the
+        create's own 404. Raises :class:`TemplateCopyError`, :class:`ClusterUnavailable`."""
         try:
-            self.manager.templates.current(name)
-            return
+            have = self.manager.templates.current(name).manifest.build_id
+            if build_id is None or have >= build_id:
+                return
         except TemplateNotFound:
             pass
         nodes = await self.live_nodes()
-        holders = [n for n in nodes.values() if name in n.templates and n.name != self.name]
+        holders = [n for n in nodes.values() if name in n.templates and n.name != self.name
+                   and (build_id is None or n.builds.get(name, "") >= build_id)]
         if not holders:
             return
-        holders.sort(key=lambda n: -n.capacity.mem_headroom_mb)
+        holders.sort(key=lambda n: (n.builds.get(name, ""), n.capacity.mem_headroom_mb), reverse=True)
         errors = []
         for source in holders:
             try:
-                await self.copier.copy(name, source.url, source.name)
+                await self.copier.copy(name, source.url, source.name, build_id)
                 self._record_json = ""  # the record says it holds the template now
                 return
             except TemplateCopyError as e:
                 errors.append(str(e))
                 log.warning("cluster: copying template %s from node %s failed: %s", name, source.name, e)
         raise TemplateCopyError(f"template {name} could not be copied to node {self.name}: " + "; ".join(errors))
+
+    def template_named_set(self) -> set[str]:
+        """Every template some live node holds."""
+        return {t for n in self._nodes.values() for t in n.templates}
+
+    def template_named(self, name: str) -> str:
+        """The template an alias names, as any live node's builds record it (else ``name``)."""
+        for n in self._nodes.values():
+            if name in n.aliases:
+                return n.aliases[name]
+        return name
 
     # -- where sandboxes are --------------------------------------------------------------------------
 

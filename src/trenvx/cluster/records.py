@@ -46,6 +46,12 @@ class NodeRecord(BaseModel):
     capacity: NodeCapacity = NodeCapacity()
     templates: dict[str, str] = {}
     """Template name -> input digest of its current build on this node."""
+    builds: dict[str, str] = {}
+    """Template name -> build id of its current build here (build ids sort by time: a node with an
+    older one copies the newer)."""
+    aliases: dict[str, str] = {}
+    """Alias -> template name, from the builds held here (a node lacking the template still knows
+    what a create naming an alias wants)."""
     snapshots: list[str] = []
     """Names of the snapshots held here (their creates are placed only on nodes that hold them)."""
     pools: dict[str, int] = {}

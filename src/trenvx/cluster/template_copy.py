@@ -123,13 +123,16 @@ class TemplateCopier:
         self.copied: list[tuple[str, str, float]] = []
         """(template, source node, seconds) of each copy made."""
 
-    async def copy(self, name: str, source_url: str, source_name: str = "") -> TemplateBuild:
-        """Copy ``name``'s current build from the node at ``source_url``. Raises :class:`TemplateCopyError`."""
+    async def copy(self, name: str, source_url: str, source_name: str = "", build_id: str | None = None
+                   ) -> TemplateBuild:
+        """Copy ``name``'s current build from the node at ``source_url`` (unless this node holds one,
+        or with ``build_id``, one at least as new). Raises :class:`TemplateCopyError`."""
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             try:
                 have = self.store.current(name)
-                return have  # another create copied it meanwhile
+                if build_id is None or have.manifest.build_id >= build_id:
+                    return have  # another create copied it meanwhile
             except TemplateNotFound:
                 pass
             loop = asyncio.get_running_loop()

@@ -44,6 +44,7 @@ from .auth import is_loopback
 from .errors import error_body
 from .port_paths import BadPortPath, port_path
 from .proxy import BadTarget, target_of
+from .routes_sandboxes import E2B_DEFAULT_TEMPLATE
 from .ws_bridge import relay_websocket
 
 log = logging.getLogger(__name__)
@@ -227,9 +228,14 @@ class ClusterRouter:
         if not isinstance(name, str) or not name:
             return self.manager.config.default_template
         try:
-            return template_name_of(name)
+            name = template_name_of(name)
         except InvalidSnapshotRequest:
             return None
+        local = self.manager.templates.names()
+        if name == E2B_DEFAULT_TEMPLATE and name not in local and name not in self.node.template_named_set():
+            return self.manager.config.default_template  # as the create route reads E2B's default
+        name = self.manager.template_name(name)
+        return name if name in local else self.node.template_named(name)
 
     # -- placement --------------------------------------------------------------------------------
 
