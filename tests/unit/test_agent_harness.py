@@ -148,7 +148,11 @@ async def test_wait_healthy_catches_a_late_agent(tmp_path: Path) -> None:
             await asyncio.wait_for(waiter, 20)
         finally:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:  # a loaded host: what is tested here is the wait, not the stop
+                proc.kill()
+                proc.wait(10)
 
 
 def test_agent_runs_standalone_as_trenvx_agent(tmp_path: Path) -> None:
