@@ -126,6 +126,10 @@ class ClusterNode:
         self._nodes_at = 0.0
         self._written: dict[str, str] = {}
         """Sandbox id -> the entry this node last wrote for it (JSON)."""
+        self._fingerprints: dict[str, tuple[Any, ...]] = {}
+        """Sandbox id -> what its entry last showed of it that can change (see :meth:`sync`)."""
+        self._exited: dict[str, float] = {}
+        """Sandbox id -> when it ended, for entries written as exited (deleted after the retention)."""
         self._located: dict[str, tuple[Location, float]] = {}
         self._sync_lock = asyncio.Lock()
         self._entries: dict[str, SandboxEntry] | None = None
@@ -361,32 +365,55 @@ class ClusterNode:
 
     async def sync(self) -> int:
         """Write the entries of this node's sandboxes that changed since the last write; returns how
-        many were written. Raises :class:`EtcdError`."""
+        many were written. Raises :class:`EtcdError`.
+
+        Cheap when little changed (it runs after every API call and every second): a sandbox is
+        described again only when what its entry shows of it may have changed (state, deadline,
+        VMM, pause), and the ended ones are read from the manager only when a sandbox left."""
         async with self._sync_lock:
-            want: dict[str, SandboxEntry] = {sb.id: self._entry_of(sb) for sb in self.manager.list()}
-            retention = self.manager.config.orchestrator.ended_retention_s
             now = self.clock()
-            for rec in self.manager.ended():
-                if rec.id in self._written and rec.id not in want:
-                    want[rec.id] = self._entry_of_ended(rec)
+            local = {sb.id: sb for sb in self.manager.list()}
             written = 0
-            for sid, entry in want.items():
-                text = entry.model_dump_json(exclude={"updated_at"})
-                if self._written.get(sid) == text:
+            for sid, sb in local.items():
+                fingerprint = (sb.state, sb.shown_end_at, sb.pid, id(sb.pause_info), len(sb.metadata))
+                if sid in self._written and self._fingerprints.get(sid) == fingerprint:
                     continue
-                entry.updated_at = now
-                await self.etcd.put(self.keys.sandbox(sid), entry.model_dump_json())
-                self._written[sid] = text
-                self._located.pop(sid, None)
-                written += 1
-            for sid in [s for s in self._written if s not in want]:
-                await self.etcd.delete(self.keys.sandbox(sid))  # forgotten here (past the retention)
-                del self._written[sid]
-            for sid, entry in want.items():
-                if entry.state == "exited" and entry.ended_at and now - entry.ended_at > retention:
+                written += await self._write(self._entry_of(sb), now)
+                self._fingerprints[sid] = fingerprint
+                self._exited.pop(sid, None)
+            gone = [sid for sid in self._written if sid not in local]
+            if not gone:
+                return written
+            ended = ({rec.id: rec for rec in self.manager.ended()}
+                     if any(sid not in self._exited for sid in gone) else {})
+            retention = self.manager.config.orchestrator.ended_retention_s
+            for sid in gone:
+                self._fingerprints.pop(sid, None)
+                if sid in self._exited:
+                    if now - self._exited[sid] > retention:
+                        await self.etcd.delete(self.keys.sandbox(sid))
+                        self._written.pop(sid, None)
+                        self._exited.pop(sid, None)
+                    continue
+                rec = ended.get(sid)
+                if rec is None:  # forgotten here (past the retention)
                     await self.etcd.delete(self.keys.sandbox(sid))
                     self._written.pop(sid, None)
+                    continue
+                written += await self._write(self._entry_of_ended(rec), now)
+                self._exited[sid] = rec.ended_at or now
             return written
+
+    async def _write(self, entry: SandboxEntry, now: float) -> int:
+        """Put ``entry`` unless it is what was written last; 1 if it was put."""
+        text = entry.model_dump_json(exclude={"updated_at"})
+        if self._written.get(entry.id) == text:
+            return 0
+        entry.updated_at = now
+        await self.etcd.put(self.keys.sandbox(entry.id), entry.model_dump_json())
+        self._written[entry.id] = text
+        self._located.pop(entry.id, None)
+        return 1
 
     async def sync_soon(self) -> None:
         """:meth:`sync`, its failure logged (after an API call: the call itself succeeded)."""
@@ -415,6 +442,7 @@ class ClusterNode:
                         await self.manager.kill(entry.id, reason=entry.end_reason or "killed")
                     local.pop(entry.id, None)
                 self._written[entry.id] = entry.model_dump_json(exclude={"updated_at"})
+                self._exited[entry.id] = entry.ended_at or self.clock()
                 continue
             if entry.id in local:
                 continue
@@ -426,6 +454,7 @@ class ClusterNode:
             })
             await self.etcd.put(kv.key, gone.model_dump_json())
             self._written[entry.id] = gone.model_dump_json(exclude={"updated_at"})
+            self._exited[entry.id] = gone.ended_at or self.clock()
             log.info("cluster: sandbox %s of this node is gone (%s); its entry says so now", entry.id, gone.end_reason)
 
     # -- paused sandboxes moving between nodes ------------------------------------------------------
@@ -434,6 +463,8 @@ class ClusterNode:
         """The sandbox now lives on another node: its entry is that node's to write (not deleted
         here as a sandbox this node forgot)."""
         self._written.pop(sandbox_id, None)
+        self._fingerprints.pop(sandbox_id, None)
+        self._exited.pop(sandbox_id, None)
         self.forget(sandbox_id)
 
     async def pull(self, sandbox_id: str, source: str) -> float:
