@@ -124,6 +124,8 @@ class ClusterNode:
         self._record_json = ""
         self._nodes: dict[str, NodeRecord] = {}
         self._nodes_at = 0.0
+        self._nodes_watched = False
+        """Whether :attr:`_nodes` is kept current by a watch (see :meth:`_watch_nodes`)."""
         self._written: dict[str, str] = {}
         """Sandbox id -> the entry this node last wrote for it (JSON)."""
         self._fingerprints: dict[str, tuple[Any, ...]] = {}
@@ -171,6 +173,7 @@ class ClusterNode:
         self._tasks.append(asyncio.create_task(self._renew_loop(), name="cluster-renew"))
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="cluster-refresh"))
         self._tasks.append(asyncio.create_task(self._watch_entries(), name="cluster-watch"))
+        self._tasks.append(asyncio.create_task(self._watch_nodes(), name="cluster-watch-nodes"))
 
     def stop_accepting(self) -> None:
         """No new creates are placed here (the node is stopping); written with the next refresh."""
@@ -248,7 +251,8 @@ class ClusterNode:
                 if self.registered:
                     await self._put_record()
                     await self.sync()
-                    await self.refresh_nodes()
+                    if not self._nodes_watched:
+                        await self.refresh_nodes()
                     self.etcd_ok = True
                     self._copy_missing_templates()
             except EtcdError as e:
@@ -319,8 +323,11 @@ class ClusterNode:
         return nodes
 
     async def live_nodes(self, max_age_s: float = NODES_MAX_AGE_S) -> dict[str, NodeRecord]:
-        """The nodes whose lease is alive (read again when older than ``max_age_s``). Raises
-        :class:`ClusterUnavailable`."""
+        """The nodes whose lease is alive: the watched copy while the watch runs (a record comes
+        and goes with its node's lease, and the watch sees it), else read again when older than
+        ``max_age_s`` (0: read now). Raises :class:`ClusterUnavailable`."""
+        if self._nodes_watched and self.etcd_ok and max_age_s > 0:
+            return self._nodes
         if time.monotonic() - self._nodes_at > max_age_s or not self.etcd_ok:
             try:
                 await self.refresh_nodes()
@@ -329,6 +336,37 @@ class ClusterNode:
                 self.etcd_ok = False
                 raise ClusterUnavailable(f"the cluster's store (etcd) cannot be reached: {e}") from None
         return self._nodes
+
+    async def _watch_nodes(self) -> None:
+        """Keep :attr:`_nodes` current from a watch of the node records: each node then reads the
+        others' records once, and each change once, instead of every record every second (which
+        grows with the square of the nodes: 6 MB/s of etcd reads at 100 nodes, measured)."""
+        while True:
+            try:
+                kvs, rev = await self.etcd.range_with_revision(self.keys.nodes)
+                nodes: dict[str, NodeRecord] = {}
+                for kv in kvs:
+                    with contextlib.suppress(ValueError):
+                        n = NodeRecord.model_validate_json(kv.value)
+                        nodes[n.name] = n
+                self._nodes, self._nodes_at, self._nodes_watched = nodes, time.monotonic(), True
+                async with contextlib.aclosing(self.etcd.watch(self.keys.nodes, start_revision=rev + 1)) as events:
+                    async for ev in events:
+                        name = ev.kv.key[len(self.keys.nodes):]
+                        if ev.type == "delete":
+                            self._nodes.pop(name, None)
+                        else:
+                            with contextlib.suppress(ValueError):
+                                self._nodes[name] = NodeRecord.model_validate_json(ev.kv.value)
+                        self._nodes_at = time.monotonic()
+            except asyncio.CancelledError:
+                raise
+            except EtcdError as e:
+                log.debug("cluster: the watch of node records broke: %s", e)
+            except Exception:  # noqa: BLE001 - read again
+                log.exception("cluster: the watch of node records failed")
+            self._nodes_watched = False
+            await asyncio.sleep(1.0)
 
     async def check_store(self) -> None:
         """One small read: etcd answers now (a create is placed only where it can be recorded).
