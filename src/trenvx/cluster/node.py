@@ -36,6 +36,7 @@ from ..sandbox.handover import PausedHandover
 from ..template.store import TemplateNotFound
 from .records import LOST_REASON, KeyLayout, NodeCapacity, NodeRecord, SandboxEntry
 from .template_copy import TemplateCopier, TemplateCopyError
+from .watched import WatchedPrefix
 
 if TYPE_CHECKING:
     from ..sandbox.manager import Sandbox, SandboxManager
@@ -122,10 +123,13 @@ class ClusterNode:
         self.etcd_ok = False
         """Whether etcd answered the last refresh (while not, nothing is placed on what was read before)."""
         self._record_json = ""
-        self._nodes: dict[str, NodeRecord] = {}
         self._nodes_at = 0.0
-        self._nodes_watched = False
-        """Whether :attr:`_nodes` is kept current by a watch (see :meth:`_watch_nodes`)."""
+        self._nodes_read: dict[str, NodeRecord] = {}
+        """The node records as last read (used while the watch of them is down)."""
+        self._node_watch = WatchedPrefix(self.etcd, self.keys.nodes, NodeRecord.model_validate_json, "node records")
+        """The node records, followed: each node reads each change once, instead of every record
+        every second (which grows with the square of the nodes: 6 MB/s of etcd reads at 100 nodes,
+        measured). A dead node's record goes with its lease, and the watch sees it."""
         self._written: dict[str, str] = {}
         """Sandbox id -> the entry this node last wrote for it (JSON)."""
         self._fingerprints: dict[str, tuple[Any, ...]] = {}
@@ -134,9 +138,9 @@ class ClusterNode:
         """Sandbox id -> when it ended, for entries written as exited (deleted after the retention)."""
         self._located: dict[str, tuple[Location, float]] = {}
         self._sync_lock = asyncio.Lock()
-        self._entries: dict[str, SandboxEntry] | None = None
-        """Every sandbox entry, kept current by a watch (None: not read yet, or the watch broke)."""
-        self._entries_rev = 0
+        self._entry_watch = WatchedPrefix(self.etcd, self.keys.sandboxes, SandboxEntry.model_validate_json,
+                                          "sandbox entries")
+        """Every sandbox entry, followed (lists read it; see :meth:`entries`)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._copying: asyncio.Task[None] | None = None
@@ -152,6 +156,12 @@ class ClusterNode:
         if self.config.orchestrator.api_key:  # the nodes of a cluster share the API key
             headers["X-API-Key"] = self.config.orchestrator.api_key
         return headers
+
+    @property
+    def _nodes(self) -> dict[str, NodeRecord]:
+        """The live nodes' records: the watched copy while the watch runs, else as last read."""
+        watched = self._node_watch.items
+        return watched if watched is not None else self._nodes_read
 
     # -- life -------------------------------------------------------------------------------------
 
@@ -172,8 +182,8 @@ class ClusterNode:
                         "when etcd answers", e)
         self._tasks.append(asyncio.create_task(self._renew_loop(), name="cluster-renew"))
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="cluster-refresh"))
-        self._tasks.append(asyncio.create_task(self._watch_entries(), name="cluster-watch"))
-        self._tasks.append(asyncio.create_task(self._watch_nodes(), name="cluster-watch-nodes"))
+        self._tasks.append(asyncio.create_task(self._entry_watch.run(), name="cluster-watch-entries"))
+        self._tasks.append(asyncio.create_task(self._node_watch.run(), name="cluster-watch-nodes"))
 
     def stop_accepting(self) -> None:
         """No new creates are placed here (the node is stopping); written with the next refresh."""
@@ -251,7 +261,7 @@ class ClusterNode:
                 if self.registered:
                     await self._put_record()
                     await self.sync()
-                    if not self._nodes_watched:
+                    if self._node_watch.items is None:
                         await self.refresh_nodes()
                     self.etcd_ok = True
                     self._copy_missing_templates()
@@ -319,14 +329,14 @@ class ClusterNode:
                 log.warning("cluster: ignoring a node record that does not parse: %s", kv.key)
                 continue
             nodes[n.name] = n
-        self._nodes, self._nodes_at = nodes, time.monotonic()
+        self._nodes_read, self._nodes_at = nodes, time.monotonic()
         return nodes
 
     async def live_nodes(self, max_age_s: float = NODES_MAX_AGE_S) -> dict[str, NodeRecord]:
         """The nodes whose lease is alive: the watched copy while the watch runs (a record comes
         and goes with its node's lease, and the watch sees it), else read again when older than
         ``max_age_s`` (0: read now). Raises :class:`ClusterUnavailable`."""
-        if self._nodes_watched and self.etcd_ok and max_age_s > 0:
+        if self._node_watch.items is not None and self.etcd_ok and max_age_s > 0:
             return self._nodes
         if time.monotonic() - self._nodes_at > max_age_s or not self.etcd_ok:
             try:
@@ -336,37 +346,6 @@ class ClusterNode:
                 self.etcd_ok = False
                 raise ClusterUnavailable(f"the cluster's store (etcd) cannot be reached: {e}") from None
         return self._nodes
-
-    async def _watch_nodes(self) -> None:
-        """Keep :attr:`_nodes` current from a watch of the node records: each node then reads the
-        others' records once, and each change once, instead of every record every second (which
-        grows with the square of the nodes: 6 MB/s of etcd reads at 100 nodes, measured)."""
-        while True:
-            try:
-                kvs, rev = await self.etcd.range_with_revision(self.keys.nodes)
-                nodes: dict[str, NodeRecord] = {}
-                for kv in kvs:
-                    with contextlib.suppress(ValueError):
-                        n = NodeRecord.model_validate_json(kv.value)
-                        nodes[n.name] = n
-                self._nodes, self._nodes_at, self._nodes_watched = nodes, time.monotonic(), True
-                async with contextlib.aclosing(self.etcd.watch(self.keys.nodes, start_revision=rev + 1)) as events:
-                    async for ev in events:
-                        name = ev.kv.key[len(self.keys.nodes):]
-                        if ev.type == "delete":
-                            self._nodes.pop(name, None)
-                        else:
-                            with contextlib.suppress(ValueError):
-                                self._nodes[name] = NodeRecord.model_validate_json(ev.kv.value)
-                        self._nodes_at = time.monotonic()
-            except asyncio.CancelledError:
-                raise
-            except EtcdError as e:
-                log.debug("cluster: the watch of node records broke: %s", e)
-            except Exception:  # noqa: BLE001 - read again
-                log.exception("cluster: the watch of node records failed")
-            self._nodes_watched = False
-            await asyncio.sleep(1.0)
 
     async def check_store(self) -> None:
         """One small read: etcd answers now (a create is placed only where it can be recorded).
@@ -658,45 +637,17 @@ class ClusterNode:
         return [self.as_seen(e, nodes) for e in cached.values()]
 
     async def _fresh_entries(self, wait_s: float = 0.2) -> dict[str, SandboxEntry] | None:
-        if self._entries is None:
+        watch = self._entry_watch
+        if watch.items is None:
             return None
         latest = await self.etcd.latest_mod_revision(self.keys.sandboxes)
         deadline = time.monotonic() + wait_s
-        while self._entries is not None and self._entries_rev < latest:
+        while watch.items is not None and watch.revision < latest:
             if time.monotonic() > deadline:
                 return None
             await asyncio.sleep(0.005)  # the watch is a moment behind
-        return dict(self._entries) if self._entries is not None else None
+        return dict(watch.items) if watch.items is not None else None
 
-    async def _watch_entries(self) -> None:
-        """Keep :attr:`_entries`, a copy of every sandbox entry, current: read them all, then
-        follow the changes from that revision on; read again whenever the watch breaks."""
-        while True:  # a compacted start revision is an EtcdError too: read again, like any break
-            try:
-                kvs, rev = await self.etcd.range_with_revision(self.keys.sandboxes)
-                entries: dict[str, SandboxEntry] = {}
-                for kv in kvs:
-                    with contextlib.suppress(ValueError):
-                        e = SandboxEntry.model_validate_json(kv.value)
-                        entries[e.id] = e
-                self._entries, self._entries_rev = entries, rev
-                async with contextlib.aclosing(self.etcd.watch(self.keys.sandboxes, start_revision=rev + 1)) as events:
-                    async for ev in events:
-                        sid = ev.kv.key[len(self.keys.sandboxes):]
-                        if ev.type == "delete":
-                            entries.pop(sid, None)
-                        else:
-                            with contextlib.suppress(ValueError):
-                                entries[sid] = SandboxEntry.model_validate_json(ev.kv.value)
-                        self._entries_rev = max(self._entries_rev, ev.revision)
-            except asyncio.CancelledError:
-                raise
-            except EtcdError as e:
-                log.debug("cluster: the watch of sandbox entries broke: %s", e)
-            except Exception:  # noqa: BLE001 - the copy is rebuilt
-                log.exception("cluster: the watch of sandbox entries failed")
-            self._entries = None
-            await asyncio.sleep(1.0)
 
     async def end_elsewhere(self, entry: SandboxEntry, reason: str) -> None:
         """Mark a sandbox of a dead node ended (a kill through this node); its node kills it if it
