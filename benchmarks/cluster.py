@@ -30,15 +30,19 @@ over all N nodes, ``--concurrency`` at a time) up to each count of ``--sandboxes
   client sees it, the stand-in's own time (the owner's route: ``X-Bench-Standin-Us``), and
   *outside* = latency - stand-in (placement, the hop to the owner, writing the entry, HTTP); then
   ``--sequential`` creates one at a time (latency with no queueing);
-- **placement**: the front node's node-list read + ``candidates()`` per create, timed around those
-  two calls inside the node process (a wrapper installed by the stand-in host; nothing in src/
-  changed), and how many creates had to read the list from etcd;
+- **placement**: what the front node spends choosing, per create: its store check
+  (``check_store``: one etcd read, where the node has it) + ``live_nodes()`` (its copy of the node
+  records, read from etcd when it has to) + ``candidates()``, timed around those calls inside the
+  node process (wrappers installed by the stand-in host; nothing in src/ changed), and how many
+  creates had to read the records from etcd;
 - **entry write**: the owner's ``sync`` that writes the new sandbox's entry before the answer leaves;
-- **etcd traffic per create**: requests and bytes from every node's ``EtcdClient.stats``, divided by
-  creates: gross, and net of the idle load measured just before; bytes per gateway call, and those
-  of the streams (every node watches the sandbox entries: each entry written reaches all N nodes);
+- **etcd traffic per create**: requests and bytes from every node's ``EtcdClient.stats`` over the
+  batch, divided by its creates, per gateway call (puts: the entries and node records written), and
+  the bytes of the streams (the nodes' watches: each entry or record written reaches all N nodes);
+  the nodes' time-driven traffic (renewals, refreshes) falls in the batch too (in the JSON, an
+  estimate net of the idle rate, which is only that: those loops slow down under load);
 - **idle**: etcd requests and bytes per second of the N nodes doing nothing (lease renewals,
-  record and entry refreshes, node-list reads), per call;
+  record and entry refreshes, node-list reads or watches), per call, per node (real and simulated);
 - **routing**: GET /sandboxes/{id} through a front node that does not own the sandbox (first
   request: owner looked up in etcd; again: remembered) vs through its owner, and a proxied request
   (``E2b-Sandbox-Id``/``-Port`` headers) both ways; the answer must come from the owner;
@@ -465,10 +469,11 @@ async def create_phase(client: httpx.AsyncClient, hosts: list[Host], cpu: Cpu, f
         "creates_per_s": ok / seconds if seconds > 0 else float("nan"),
         "rate_windows": [round(x, 1) for x in windows], "rate_windows_summary": summary(windows),
         **create_stats(results),
-        "placement_ms": sms([p[0] + p[1] for p in placement if p[0] == p[0]]),
-        "placement_read_ms": sms([p[0] for p in placement if p[0] == p[0]]),
-        "placement_candidates_ms": sms([p[1] for p in placement]),
-        "placement_etcd_reads": sum(1 for p in placement if p[2]),
+        "placement_ms": sms([p[0] + p[1] + p[2] for p in placement if p[1] == p[1]]),
+        "placement_check_store_ms": sms([p[0] for p in placement if p[0]]),
+        "placement_read_ms": sms([p[1] for p in placement if p[1] == p[1]]),
+        "placement_candidates_ms": sms([p[2] for p in placement]),
+        "placement_etcd_reads": sum(1 for p in placement if p[3]),
         "entry_write_ms": sms(after.timings["entry_write"]),
         "spread": {"nodes_used": len(owners), "max_per_node": max(owners.values(), default=0),
                    "min_per_node": min(owners.values(), default=0),
@@ -477,6 +482,8 @@ async def create_phase(client: httpx.AsyncClient, hosts: list[Host], cpu: Cpu, f
         "etcd_per_create": {
             "requests": t["requests"] / ok if ok else float("nan"),
             "bytes": (t["bytes_sent"] + t["bytes_received"]) / ok if ok else float("nan"),
+            # minus the idle rate measured before the batch: an estimate only, as the nodes' time-driven
+            # loops (node-list reads) slow down when creates take the CPU (it can go below 0 then)
             "requests_net_of_idle": (t["requests"] - idle_req) / ok if ok else float("nan"),
             "bytes_net_of_idle": (t["bytes_sent"] + t["bytes_received"] - idle_bytes) / ok if ok else float("nan"),
             "by_call": {k: round(v / ok, 3) for k, v in t["by_call"].items()} if ok else {},
@@ -484,8 +491,8 @@ async def create_phase(client: httpx.AsyncClient, hosts: list[Host], cpu: Cpu, f
         },
         "cpu_ms_per_create": {k: round(1000 * v / ok, 3) for k, v in cpu_delta(before, after).items()} if ok else {},
         "cpu_pct": {k: round(100 * v / span, 1) for k, v in cpu_delta(before, after).items()},
-        "sequential": {**create_stats(seq), "placement_ms": sms([p[0] + p[1] for p in after_seq.timings["placement"]
-                                                                 if p[0] == p[0]]),
+        "sequential": {**create_stats(seq), "placement_ms": sms([p[0] + p[1] + p[2] for p in after_seq.timings["placement"]
+                                                                 if p[1] == p[1]]),
                        "entry_write_ms": sms(after_seq.timings["entry_write"])},
     }
     return out, results + seq, stopped
@@ -634,7 +641,7 @@ def print_tables(out: dict[str, Any]) -> None:
           f"{f(solo['get_ms']['p50'])}/{f(solo['get_ms']['p99'])} ms; proxied p50 {f(solo['proxy_ms']['p50'])} ms")
     rows = [(c, p) for c in out["clusters"] for p in c["checkpoints"]]
     print("\ncreates through the front nodes (ms; outside = create - stand-in create on the owner; "
-          "placement = node-list read + candidates() on the front node)")
+          "placement = store check + node list + candidates() on the front node; etcd reads: of the node list)")
     print(f"{'nodes':>5} {'real/sim':>8} {'sandboxes':>9} {'creates/s':>9} {'create p50/p99':>15} "
           f"{'outside p50/p99':>16} {'1-at-a-time p50':>15} {'placement p50/p99':>18} {'etcd reads':>10} "
           f"{'entry write p50/p99':>19} {'failed':>6}")
@@ -661,21 +668,29 @@ def print_tables(out: dict[str, Any]) -> None:
               f"{f(r['proxy_owner_ms']['p50']):>11}/{f(r['proxy_other_ms']['p50']):<10} "
               f"{f(li['latency_ms']['p50'], 0):>7}/{f(li['latency_ms']['p99'], 0):<6} "
               f"{sum(r['wrong'].values()) + li['wrong']:>5}")
-    print("\netcd traffic: per create (all nodes' EtcdClient.stats; net = minus the idle load over the same time; "
-          "watch = KiB streamed to the nodes' watches and keepalives) and of the nodes idle")
-    print(f"{'nodes':>5} {'sandboxes':>9} {'req/create':>10} {'net':>6} {'KiB/create':>10} {'net':>6} {'watch':>6} "
-          f"{'idle req/s':>10} {'per node real/sim':>17} {'idle KiB/s':>10} {'idle CPU% etcd/real/sim':>23} {'CPU ms/create (etcd, nodes, client)':>36}")
+    print("\netcd traffic per create (all nodes' EtcdClient.stats over the batch / creates; puts: the entry and "
+          "record writes; watch: KiB streamed to the N nodes' watches; the rest: renewals and node-list reads, "
+          "which go on however fast creates go) and of the nodes idle")
+    print(f"{'nodes':>5} {'sandboxes':>9} {'req/create':>10} {'puts':>5} {'KiB/create':>10} {'puts':>5} {'watch':>6} "
+          f"{'idle req/s':>10} {'per node real/sim':>17} {'idle KiB/s':>10} {'idle CPU% etcd/real/sim':>23} "
+          f"{'CPU ms/create (etcd, nodes, client)':>36}")
     for c, p in rows:
         e, i, cpu = p["create"]["etcd_per_create"], p["idle"], p["create"]["cpu_ms_per_create"]
         nodes_cpu = cpu.get("real_nodes", 0) + cpu.get("simulated_nodes", 0)
-        print(f"{c['nodes']:>5} {p['sandboxes']:>9} {f(e['requests'], 2):>10} {f(e['requests_net_of_idle'], 2):>6} "
-              f"{f(e['bytes'] / 1024, 2):>10} {f(e['bytes_net_of_idle'] / 1024, 2):>6} "
-              f"{f(e['bytes_by_call'].get(STREAMS, float('nan')) / 1024, 1):>6} "
+        print(f"{c['nodes']:>5} {p['sandboxes']:>9} {f(e['requests'], 2):>10} {f(e['by_call'].get('/v3/kv/put', nan), 2):>5} "
+              f"{f(e['bytes'] / 1024, 1):>10} {f(e['bytes_by_call'].get('/v3/kv/put', nan) / 1024, 1):>5} "
+              f"{f(e['bytes_by_call'].get(STREAMS, nan) / 1024, 1):>6} "
               f"{f(i['requests_per_s']):>10} {per_node(i, 'real'):>8}/{per_node(i, 'simulated'):<8} "
               f"{f(i['bytes_per_s'] / 1024):>10} "
               f"{f(i['cpu_pct'].get('etcd', nan)):>9}/{f(i['cpu_pct'].get('real_nodes', nan)):>5}/"
               f"{f(i['cpu_pct'].get('simulated_nodes', nan)):<7} "
               f"{f(cpu.get('etcd', nan)):>12} {f(nodes_cpu):>10} {f(cpu.get('client', nan)):>10}")
+    notes = [f"{c['nodes']} nodes at {p['sandboxes']}: {p['nodes_registered']} registered, {p['lease_expiries']} "
+             "lease(s) expired" for c, p in rows if p.get("lease_expiries") or p.get("nodes_registered", c["nodes"]) < c["nodes"]]
+    notes += [f"{c['nodes']} nodes: the batch to {p['sandboxes']} stopped at the time budget "
+              f"({p['create']['requested']} asked for)" for c, p in rows if p["create"]["stopped_early"]]
+    for note in notes:
+        print(f"note: {note}")
 
 
 # -- main ---------------------------------------------------------------------------------------------
@@ -714,7 +729,11 @@ async def main() -> int:
     ap.add_argument("--short", action="store_true",
                     help="a quick run (< 60 s): 3 real + 10 simulated nodes, 300 sandboxes, short windows")
     ap.add_argument("--json", default="", help="write the JSON here (default benchmarks/results/cluster-<time>.json)")
+    ap.add_argument("--print", default="", metavar="JSON", help="print the tables of an earlier run's JSON, and exit")
     args = ap.parse_args()
+    if args.print:
+        print_tables(json.loads(Path(args.print).read_text()))
+        return 0
     if args.short:
         args.nodes, args.sandboxes, args.real = "13", "300", 3
         args.concurrency, args.sequential, args.routing_samples, args.list_repeats = 8, 20, 30, 5

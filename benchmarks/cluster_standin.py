@@ -28,9 +28,10 @@ benchmark deletes their entries and directories.
 
 Timings taken here, around the real code (nothing in ``src/`` is changed):
 
-- ``placement``: per create placed by a node of this host, the node-list read
+- ``placement``: per create placed by a node of this host, the store check
+  (``ClusterNode.check_store``, where the node has one), the node-list read
   (``ClusterNode.live_nodes``) and ``candidates()``, which ``ClusterRouter._place`` calls one
-  after the other (both wrapped in this process), and whether the read went to etcd;
+  after the other (all wrapped in this process), and whether the records were read from etcd;
 - ``standin``: the API route's own time for a create (a middleware innermost in the app, from
   the request to the answer's start), also sent back as ``X-Bench-Standin-Us`` with
   ``X-Bench-Node`` (the node that answered);
@@ -274,8 +275,9 @@ class Timings:
     """What this host's nodes measured since the last drain (seconds)."""
 
     def __init__(self) -> None:
-        self.placement: list[tuple[float, float, bool]] = []
-        """(node-list read, candidates(), whether the read went to etcd) per placed create."""
+        self.placement: list[tuple[float, float, float, bool]] = []
+        """(store check, node-list read, candidates(), whether the node records were read from etcd)
+        per placed create, in seconds."""
         self.standin: list[float] = []
         self.entry_write: list[float] = []
 
@@ -289,12 +291,22 @@ class Timings:
                 "entry_write": list(self.entry_write)}
 
 
-_live_read: contextvars.ContextVar[tuple[float, bool] | None] = contextvars.ContextVar("live_read", default=None)
+_before_candidates: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "before_candidates", default=None)
+"""What the request's placement did before ``candidates()``: its store check and node-list read."""
+
+
+def _noted() -> dict[str, Any]:
+    noted = _before_candidates.get()
+    if noted is None:
+        noted = {}
+        _before_candidates.set(noted)
+    return noted
 
 
 def install_placement_timing(timings: Timings) -> None:
     """Wrap ``candidates`` as ``trenvx.server.cluster_routing`` calls it: each call records its
-    own time and that of the node-list read just before it in the same request."""
+    own time and that of the store check and node-list read before it in the same request."""
     import trenvx.server.cluster_routing as routing
 
     original = routing.candidates
@@ -305,16 +317,18 @@ def install_placement_timing(timings: Timings) -> None:
             return original(*args, **kwargs)
         finally:
             took = time.perf_counter() - t0
-            read = _live_read.get()
-            _live_read.set(None)
-            timings.placement.append((read[0] if read else math.nan, took, read[1] if read else False))
+            noted = _before_candidates.get() or {}
+            _before_candidates.set(None)
+            timings.placement.append((noted.get("check_store", 0.0), noted.get("live_nodes", math.nan), took,
+                                      noted.get("read", False)))
 
     routing.candidates = timed_candidates  # type: ignore[assignment]
 
 
 def time_live_nodes(node: Any) -> None:
-    """Wrap one ClusterNode's ``live_nodes``: its time (and whether it read etcd) is kept for
-    the ``candidates`` call that follows it in the same request."""
+    """Wrap one ClusterNode's ``live_nodes`` (and ``check_store``, the one-read check that etcd
+    answers, where the node has one): their times, and whether the node records were read from
+    etcd, are kept for the ``candidates`` call that follows them in the same request."""
     original = node.live_nodes
 
     async def timed(*args: Any, **kwargs: Any) -> Any:
@@ -323,9 +337,21 @@ def time_live_nodes(node: Any) -> None:
         try:
             return await original(*args, **kwargs)
         finally:
-            _live_read.set((time.perf_counter() - t0, node._nodes_at != before))
+            noted = _noted()
+            noted["live_nodes"] = time.perf_counter() - t0
+            noted["read"] = node._nodes_at != before
 
     node.live_nodes = timed
+    check = getattr(node, "check_store", None)
+    if check is not None:
+        async def timed_check(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return await check(*args, **kwargs)
+            finally:
+                _noted()["check_store"] = time.perf_counter() - t0
+
+        node.check_store = timed_check
 
 
 def count_bytes_by_call(etcd: Any) -> dict[str, list[int]]:
