@@ -695,6 +695,19 @@ def print_tables(out: dict[str, Any]) -> None:
 
 # -- main ---------------------------------------------------------------------------------------------
 
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether src/ had changes not committed (the cluster code moves)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"), "src_changed": bool(git("status", "--porcelain", "--", "src"))}
+
+
 def counts(text: str, what: str) -> list[int]:
     try:
         out = [int(x) for x in text.split(",") if x.strip()]
@@ -753,6 +766,7 @@ async def main() -> int:
                  "python": platform.python_version(), "etcd": etcd_version.splitlines()[0] if etcd_version else "",
                  "loadavg_start": os.getloadavg()},
         "args": {k: v for k, v in vars(args).items()}, "real_vs_simulated": REAL_VS_SIMULATED,
+        "code": code_version(),
     }
     work = Path(tempfile.mkdtemp(prefix="trenvx-cluster-bench-"))
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
