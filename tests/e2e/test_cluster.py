@@ -93,7 +93,9 @@ def cluster(tmp_path_factory, e2e_config, test_template):
     finally:
         for n in nodes:
             if n.proc is not None and n.proc.poll() is None:
-                n.keep = False
+                n.stop()
+            if n.keep:  # it left its VMs running (a test that failed before node 2's restart): adopt, then end them
+                n.start(keep=False)
                 n.stop()
         for n in nodes:
             left = n.sandbox_dirs()
