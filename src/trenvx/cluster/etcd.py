@@ -472,13 +472,7 @@ class EtcdClient:
             self._count(path, len(data))
             async with self._http.stream("POST", self.endpoints[i] + path, content=data) as resp:
                 if resp.status_code != 200:
-                    raw = await resp.aread()
-                    self.stats.bytes_received += len(raw)
-                    try:
-                        payload = json.loads(raw)
-                    except ValueError:
-                        payload = None
-                    self._check(path, resp.status_code, payload, raw)
+                    await self._refuse_stream(path, resp)
                 lines = resp.aiter_lines()
                 async for line in lines:
                     self.stats.bytes_received += len(line) + 1
@@ -501,6 +495,17 @@ class EtcdClient:
                 return ttl
 
         return await self._round(f"no endpoint answered {path}", attempt)
+
+    async def _refuse_stream(self, path: str, resp: httpx.Response) -> None:
+        """A streaming call answered with an error status: read the answer, count it, and raise
+        what :meth:`_check` makes of it (a retry on another member, or the error)."""
+        raw = await resp.aread()
+        self.stats.bytes_received += len(raw)
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            payload = None
+        self._check(path, resp.status_code, payload, raw)
 
     async def _drain(self, lines: AsyncIterator[str]) -> None:
         async for line in lines:
@@ -542,15 +547,9 @@ class EtcdClient:
             resp = await self._http.send(req, stream=True)
             if resp.status_code != 200:
                 try:
-                    raw = await resp.aread()
+                    await self._refuse_stream(path, resp)
                 finally:
                     await resp.aclose()
-                self.stats.bytes_received += len(raw)
-                try:
-                    payload = json.loads(raw)
-                except ValueError:
-                    payload = None
-                self._check(path, resp.status_code, payload, raw)
             return resp
 
         resp: httpx.Response = await self._round(f"no endpoint took the watch on {prefix!r}", attempt)
