@@ -49,7 +49,7 @@ async def pull_paused(node: "ClusterNode", sandbox_id: str, giver: NodeRecord) -
             raise SandboxMoveError(f"node {giver.name} did not answer: {e!r}") from None
         if r.status_code != 200:
             raise SandboxMoveError(f"node {giver.name} refused to hand sandbox {sandbox_id} over ({r.status_code}): "
-                                   f"{_message(r)}")
+                                   f"{message_of(r)}")
         offer: dict[str, Any] = r.json()
         staging = manager.data_root.sandboxes / f".{sandbox_id}.moving"
         try:
@@ -90,7 +90,7 @@ async def pull_paused(node: "ClusterNode", sandbox_id: str, giver: NodeRecord) -
             r = await client.post(f"{base}/handover/done")
             if r.status_code != 200:
                 log.warning("cluster: node %s did not confirm the handover of %s (%s): %s", giver.name, sandbox_id,
-                            r.status_code, _message(r))
+                            r.status_code, message_of(r))
         except httpx.HTTPError as e:
             log.warning("cluster: node %s did not confirm the handover of %s: %r", giver.name, sandbox_id, e)
     seconds = time.monotonic() - t0
@@ -118,7 +118,8 @@ async def _build_here(node: "ClusterNode", offer: dict[str, Any]) -> TemplateBui
     return TemplateBuild(path, TemplateManifest.model_validate_json((path / MANIFEST).read_text()))
 
 
-def _message(r: httpx.Response) -> str:
+def message_of(r: httpx.Response) -> str:
+    """The ``message`` of another node's error answer (else the start of its body)."""
     try:
         return str(r.json().get("message", r.text[:300]))
     except ValueError:

@@ -29,7 +29,7 @@ from ..sandbox.metrics_sampler import MetricsSampler
 from . import errors, routes_builds, routes_not_implemented, routes_sandboxes, routes_snapshots, routes_templates
 from . import routes_cluster, routes_ssh
 from .cluster_routing import ClusterRouter
-from .errors import error_body
+from .asgi_replies import respond_error
 from .metrics import ServerMetrics
 from .metrics import router as metrics_router
 from .metrics_snapshots import register_snapshot_metrics
@@ -64,9 +64,9 @@ class BodyLimit:
                 try:
                     too_big = int(v) > self.limit
                 except ValueError:
-                    return await _plain(send, 400, "header Content-Length: not a number")
+                    return await respond_error(send, 400, "header Content-Length: not a number")
                 if too_big:
-                    return await _plain(send, 413, f"request body larger than {self.limit} bytes "
+                    return await respond_error(send, 413, f"request body larger than {self.limit} bytes "
                                                    "(orchestrator.max_request_body_kb)")
         chunks: list[bytes] = []
         size = 0
@@ -77,7 +77,7 @@ class BodyLimit:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                return await _plain(send, 413, f"request body larger than {self.limit} bytes "
+                return await respond_error(send, 413, f"request body larger than {self.limit} bytes "
                                                "(orchestrator.max_request_body_kb)")
             chunks.append(chunk)
             if not msg.get("more_body", False):
@@ -93,13 +93,6 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
-
-
-async def _plain(send: Any, status: int, message: str) -> None:
-    body = error_body(status, message)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _adjust_openapi(spec: dict[str, Any], *, api_key: bool, max_timeout_s: int) -> dict[str, Any]:

@@ -37,12 +37,15 @@ import httpx
 from ..cluster.node import ClusterNode, ClusterUnavailable
 from ..cluster.placement import NoNodeAvailable, candidates
 from ..cluster.records import LOST_REASON, NodeRecord
+from ..cluster.sandbox_move import SandboxMoveError, message_of
 from ..cluster.template_copy import TemplateCopyError
 from ..sandbox.manager import SandboxManager
 from ..sandbox.snapshots import InvalidSnapshotRequest, template_name_of
 from .auth import is_loopback
-from .errors import error_body
+from .asgi_replies import header_of as _header
+from .asgi_replies import respond_error as _respond
 from .port_paths import BadPortPath, port_path
+from .proxy import HOP_BY_HOP as PROXY_HOP_BY_HOP
 from .proxy import BadTarget, target_of
 from .routes_sandboxes import E2B_DEFAULT_TEMPLATE
 from .ws_bridge import relay_websocket
@@ -53,8 +56,8 @@ NODE_HEADER = b"x-trenvx-node"
 SECRET_HEADER = b"x-trenvx-cluster"
 PLACED_HEADER = b"x-trenvx-placed"
 INTERNAL_HEADERS = {NODE_HEADER, SECRET_HEADER, PLACED_HEADER}
-HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-              b"transfer-encoding", b"upgrade", b"host", b"content-length"}
+HOP_BY_HOP = PROXY_HOP_BY_HOP | {b"host", b"content-length"}
+"""Not passed between nodes: the proxy's hop-by-hop headers, and what the client sets anew."""
 WS_DROP = HOP_BY_HOP | {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
                         b"sec-websocket-protocol"}
 CREATE_PATHS = ("/sandboxes", "/v2/sandboxes")
@@ -385,8 +388,6 @@ class ClusterRouter:
     async def _resume_on(self, scope: dict[str, Any], receive: Any, send: Any, sid: str, wanted: str) -> None:
         """A resume (or connect) that names the node to resume on: a paused sandbox held elsewhere
         moves there first (its files copied, checked, taken over), then the request goes there."""
-        from ..cluster.sandbox_move import SandboxMoveError
-
         try:
             nodes = await self.node.live_nodes(max_age_s=0)
             loc = None if self._is_local(sid) else await self.node.locate(sid)
@@ -413,7 +414,7 @@ class ClusterRouter:
                     return await _respond(send, 502, f"node {wanted} did not answer: {type(e).__name__}")
                 if r.status_code != 200:
                     return await _respond(send, r.status_code if r.status_code < 500 else 502,
-                                          f"sandbox {sid} cannot resume on node {wanted}: {_message_of(r)}")
+                                          f"sandbox {sid} cannot resume on node {wanted}: {message_of(r)}")
             self.node.forget(sid)
         if wanted == self.node.name:
             return await self._here(scope, receive, send)
@@ -453,13 +454,6 @@ def _resume_on(scope: dict[str, Any]) -> str | None:
     return values[0] if values else None
 
 
-def _message_of(r: httpx.Response) -> str:
-    try:
-        return str(r.json().get("message", r.text[:300]))
-    except ValueError:
-        return r.text[:300]
-
-
 def target_of_safe(scope: dict[str, Any], domain: str) -> bool:
     """Whether the request is for a sandbox's port (proxied traffic, never an API call)."""
     try:
@@ -471,13 +465,6 @@ def target_of_safe(scope: dict[str, Any], domain: str) -> bool:
 def _sandbox_id_for_log(scope: dict[str, Any]) -> str:
     m = SANDBOX_PATH_RE.match(scope.get("path", ""))
     return m.group(1) if m else ""
-
-
-def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
-    for k, v in scope.get("headers", ()):
-        if k == name:
-            return v
-    return None
 
 
 async def _read_body(receive: Any) -> bytes:
@@ -521,13 +508,6 @@ async def _capture(run: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
 
     await run(send)
     return status, headers, b"".join(chunks)
-
-
-async def _respond(send: Any, status: int, message: str) -> None:
-    body = error_body(status, message)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _refuse(scope: dict[str, Any], receive: Any, send: Any, status: int, message: str) -> None:

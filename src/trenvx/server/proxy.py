@@ -95,6 +95,8 @@ from .errors import error_body
 from .port_paths import BadPortPath, PortPath, port_path, prefixed_location, prefixed_set_cookie
 from .signed_files import SignedUrlRefused, signed_files_target
 from .traffic_auth import TRAFFIC_TOKEN_HEADER, take_token_param, without_cookie
+from .asgi_replies import header_of as _header
+from .asgi_replies import respond_error as _respond
 from .ws_bridge import cancel_and_wait, relay_websocket
 from .upstreams import UpstreamClients
 
@@ -547,10 +549,6 @@ class _Forward:
     """The path form's prefix (``/sandboxes/ID/ports/PORT``), None for the other forms."""
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    return next((v for k, v in scope.get("headers", ()) if k == name), None)
-
-
 def _has_routing_headers(scope: Scope) -> bool:
     """Whether the request names its sandbox by E2B's headers (a program, not a browser's link)."""
     return any(k in (SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER) for k, _ in scope.get("headers", ()))
@@ -759,15 +757,6 @@ async def _wait_disconnect(receive: Receive, body_done: asyncio.Event, disconnec
         if msg["type"] == "http.disconnect":
             disconnected.set()
             return
-
-
-async def _respond(send: Send, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
-    body = error_body(status, message, **extra)
-    more = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            *more]})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _redirect(send: Send, status: int, location: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
