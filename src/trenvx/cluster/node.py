@@ -380,18 +380,25 @@ class ClusterNode:
                             info=_stable(self.describe_ended(rec)), end_reason=rec.end_reason,
                             ended_at=rec.ended_at)
 
-    async def sync(self) -> int:
+    async def sync(self, full: bool = True, touched: str = "") -> int:
         """Write the entries of this node's sandboxes that changed since the last write; returns how
         many were written. Raises :class:`EtcdError`.
 
-        Cheap when little changed (it runs after every API call and every second): a sandbox is
+        Cheap when little changed (it runs every second, and after every API call): a sandbox is
         described again only when what its entry shows of it may have changed (state, deadline,
-        VMM, pause), and the ended ones are read from the manager only when a sandbox left."""
+        VMM, pause), and the ended ones are read from the manager only when a sandbox left. Not
+        ``full`` (after an API call): only the sandbox ``touched``, new ones and gone ones are
+        looked at, so a call costs the same with 10 or 3,000 sandboxes here (the refresh, every
+        second, looks at all of them)."""
         async with self._sync_lock:
             now = self.clock()
             local = {sb.id: sb for sb in self.manager.list()}
             written = 0
-            for sid, sb in local.items():
+            if full:
+                looked_at = local
+            else:
+                looked_at = {sid: sb for sid, sb in local.items() if sid == touched or sid not in self._written}
+            for sid, sb in looked_at.items():
                 fingerprint = (sb.state, sb.shown_end_at, sb.pid, id(sb.pause_info), len(sb.metadata))
                 if sid in self._written and self._fingerprints.get(sid) == fingerprint:
                     continue
@@ -432,10 +439,11 @@ class ClusterNode:
         self._located.pop(entry.id, None)
         return 1
 
-    async def sync_soon(self) -> None:
-        """:meth:`sync`, its failure logged (after an API call: the call itself succeeded)."""
+    async def sync_soon(self, touched: str = "") -> None:
+        """:meth:`sync` after an API call that may have changed ``touched`` (or made or ended
+        sandboxes), its failure logged (the call itself succeeded)."""
         try:
-            await self.sync()
+            await self.sync(full=False, touched=touched)
         except EtcdError as e:
             log.warning("cluster: the entries of this node's sandboxes could not be written now: %s", e)
 

@@ -202,9 +202,11 @@ class ClusterRouter:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD") or target_of_safe(scope, self.domain):
             return await self.app(scope, receive, send)
 
+        touched = self._sandbox_of(scope) or ""
+
         async def send_after_sync(msg: dict[str, Any]) -> None:
             if msg["type"] == "http.response.start":
-                await self.node.sync_soon()
+                await self.node.sync_soon(touched)
             await send(msg)
 
         await self.app(scope, receive, send_after_sync)
