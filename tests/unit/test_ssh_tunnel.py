@@ -223,7 +223,7 @@ def test_refusals_say_why(server: Any) -> None:
     status, body = _refused(server, "/sandboxes/nosuchsandboxxxxxxxxx/ssh/tunnel")
     assert status == 404 and "does not exist" in body["message"]
     status, body = _refused(server, "/sandboxes/Not_An-Id!/ssh/tunnel")
-    assert status == 400 and "is not a sandbox id" in body["message"]
+    assert status == 404 and "is not a sandbox id" in body["message"]
 
 
 def test_nothing_listening_on_port_22_is_a_502_naming_the_setup(server: Any) -> None:

@@ -53,7 +53,7 @@ GONE_POLL_S = 0.5
 MAX_PUBLIC_KEYS = 16
 
 ERRORS = {
-    400: {"model": Error, "description": "Malformed sandbox id or public key (the message names it)"},
+    400: {"model": Error, "description": "Malformed public key (the message names it)"},
     401: {"model": Error, "description": "Missing or invalid X-API-Key"},
     403: {"model": Error, "description": "No API key is configured and the caller is not on this machine"},
     404: {"model": Error, "description": "No such sandbox"},
@@ -93,8 +93,10 @@ router = APIRouter(dependencies=[Depends(require_api_key)], responses={401: ERRO
 
 
 def _check_id(sandbox_id: str) -> None:
+    # No sandbox has such an id: 404 as for any unknown id (the schema allows any string there).
     if not SANDBOX_ID_RE.match(sandbox_id):
-        raise ApiError(400, f"path parameter sandboxID: {sandbox_id[:70]!r} is not a sandbox id")
+        raise ApiError(404, f"sandbox {sandbox_id[:70]!r} does not exist: it is not a sandbox id "
+                            "(20 lowercase letters and digits)")
 
 
 @router.post("/sandboxes/{sandboxID}/ssh", response_model=SshAccess,
@@ -187,7 +189,7 @@ async def tunnel(websocket: WebSocket, sandboxID: str) -> None:
     if refused is not None:
         return await _deny(websocket, *refused)
     if not SANDBOX_ID_RE.match(sandboxID):
-        return await _deny(websocket, 400, f"{sandboxID[:70]!r} is not a sandbox id")
+        return await _deny(websocket, 404, f"sandbox {sandboxID[:70]!r} does not exist: it is not a sandbox id")
     manager: SandboxManager = websocket.app.state.manager
     try:
         endpoint = await manager.port_endpoint(sandboxID, SSH_PORT)
