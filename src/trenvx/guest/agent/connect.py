@@ -16,11 +16,12 @@ function for one RPC on an :class:`~.httpio.Exchange`.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
+import re
 import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,8 +56,15 @@ HTTP_STATUS: dict[str, int] = {
 FLAG_COMPRESSED = 0x01
 FLAG_END_STREAM = 0x02
 
-#: Largest single request message accepted (a SendInput carrying base64 data, say).
+#: Largest single request message accepted (a SendInput carrying base64 data, say), compressed or not.
 MAX_MESSAGE_BYTES = 64 << 20
+#: Most JSON values one request message may hold. Parsed JSON takes ~14 times its size in Python
+#: objects when it is made of small values (60 MB of ``"ab",`` became 870 MB): a message's size
+#: alone does not bound the agent's memory. Real messages hold a few hundred values; their big
+#: part (stdin data) is one base64 string.
+MAX_MESSAGE_VALUES = 1 << 20
+#: Flag bits a request envelope may carry: compressed, end of stream.
+KNOWN_FLAGS = 0x03
 
 UNARY_CONTENT_TYPE = "application/json"
 STREAM_CONTENT_TYPE = "application/connect+json"
@@ -98,6 +106,9 @@ def read_envelope(ex: Exchange, compression: str | None) -> tuple[int, dict[str,
     if len(head) < 5:
         raise ConnectError("invalid_argument", "truncated envelope header in request stream")
     flags, length = struct.unpack(">BI", head)
+    if flags & ~KNOWN_FLAGS:
+        raise ConnectError("invalid_argument", f"envelope flags 0x{flags:02x} carry unknown bits: "
+                                               "a request envelope's flags are 0x00, 0x01 (compressed) or 0x02 (end)")
     if length > MAX_MESSAGE_BYTES:
         raise ConnectError("resource_exhausted", f"message of {length} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     data = ex.body.read_exact(length)
@@ -106,25 +117,56 @@ def read_envelope(ex: Exchange, compression: str | None) -> tuple[int, dict[str,
     if flags & FLAG_COMPRESSED:
         if compression != "gzip":
             raise ConnectError("internal", f"compressed message with unsupported encoding {compression!r}")
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise ConnectError("invalid_argument", f"could not decompress message: {exc}") from None
+        data = gunzip(data, MAX_MESSAGE_BYTES)
     if flags & FLAG_END_STREAM:
         return flags, {}
     return flags, parse_message(data)
 
 
+def gunzip(data: bytes, limit: int) -> bytes:
+    """``data`` gunzipped, refused past ``limit`` bytes: a small message must not inflate into gigabytes."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ConnectError("invalid_argument", f"could not decompress message: {exc}") from None
+    if len(out) > limit:
+        raise ConnectError("resource_exhausted", f"compressed message inflates past the limit of {limit} bytes")
+    if not inflater.eof:
+        raise ConnectError("invalid_argument", "could not decompress message: the gzip stream is truncated")
+    return out
+
+
+#: A JSON escape of a UTF-16 surrogate (``\ud800``-``\udfff``): legal JSON, but alone it is no character.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse_message(data: bytes) -> dict[str, Any]:
-    """A JSON request message; empty input is the empty message."""
+    """A JSON request message; empty input is the empty message.
+
+    Refused (``invalid_argument`` / ``resource_exhausted``, never an internal error): text that
+    is not JSON, nesting deeper than the parser's recursion, more than :data:`MAX_MESSAGE_VALUES`
+    values, lone surrogates (strings no file name or argument can hold)."""
     if not data.strip():
         return {}
+    # Every value but the first follows a ',', ':' or '[' (counted in strings too: an upper bound).
+    values = data.count(b",") + data.count(b":") + data.count(b"[")
+    if values > MAX_MESSAGE_VALUES:
+        raise ConnectError("resource_exhausted", f"request message holds more than {MAX_MESSAGE_VALUES} JSON values")
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConnectError("invalid_argument", f"could not parse request message as JSON: {exc}") from None
+    except RecursionError:
+        raise ConnectError("invalid_argument", "request message is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ConnectError("invalid_argument", "request message must be a JSON object")
+    if _SURROGATE_ESCAPE.search(data):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConnectError("invalid_argument", "request message holds a lone UTF-16 surrogate "
+                                                   "(\\ud800-\\udfff not in a pair): not a character") from None
     return obj
 
 
