@@ -24,11 +24,13 @@ from ..config import Config, StartMode
 from ..filelock import AsyncFileLock
 from ..guest.client import AgentClient
 from ..layout import DataRoot
+from ..template.integrity import check_build
 from ..template.store import TemplateBuild
 from ..vmm import (
     DiskSpec, SnapshotFiles, StageTimes, Vm, VmmDriver, VmmError, VmSpec, check_template_vmm, driver_for,
 )
 from ..vmm.hostfs import clone_file
+from ..vmm.jail import JailPolicy, policy_for
 from ..config import VmmType
 from ..network.policy import EgressPolicy
 from ..network.slot import HostNetwork, NetworkSlot
@@ -123,7 +125,13 @@ class SnapshotRestore:
             memory_file=build.snapshot.memory_file, memory_shared=False,
             anonymous_memory=self.mode is not StartMode.snapshot,
             kill_with_owner=kill_with_owner, **self._disks(build, own), **network_fields(slot),
+            jail=self.jail if build.manifest.vmm_type == VmmType.qemu.value else None,
         )
+
+    @property
+    def jail(self) -> JailPolicy | None:
+        """How sandboxes' VMMs are jailed (``[jail]``, resolved against this host once); None: not."""
+        return policy_for(self.config)
 
     def uses_slot(self, build: TemplateBuild) -> bool:
         """Sandboxes of ``build`` get a network slot: this server has slots and the VMM gives the
@@ -165,6 +173,7 @@ class SnapshotRestore:
         """
         times: dict[str, float] = {}
         self.check_network(build)
+        await check_build(build)  # TemplateDamaged: its files differ from its manifest's hashes
         workdir = self.data_root.sandbox_dir(sandbox_id)
         workdir.mkdir(parents=True)
         slot: NetworkSlot | None = None
@@ -268,6 +277,7 @@ class SnapshotRestore:
         # A snapshot's agent still holds its source sandbox's token: its /init must carry it.
         agent = AgentClient.for_endpoint(vm.agent_endpoint, timeout=INIT_TIMEOUT_S, access_token=build.init_token)
         try:
+            await check_build(build)  # a pooled VM of a build damaged since it was made is not handed out
             t0 = time.perf_counter()
             # The template's default user is given here, not baked into the snapshot: the agent
             # was started (as root, its default) before the template's snapshot was taken.

@@ -27,6 +27,7 @@ from ..sandbox.manager import (
     ManagerClosed, NetworkUnavailable, PortUnavailable, SandboxConflict, SandboxNotFound, TemplateNetworkMismatch,
 )
 from ..sandbox.snapshots import SnapshotNameTaken
+from ..template.integrity import TemplateDamaged
 from ..template.store import TemplateNotFound
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ STATUS_OF: list[tuple[type[BaseException], int, dict[str, str] | None]] = [
     (SandboxNotFound, 404, None),
     (SnapshotNameTaken, 409, None),
     (TemplateNotFound, 404, None),
+    (TemplateDamaged, 500, None),  # the host's fault: its message says how to rebuild the template
     (InvalidTimeout, 400, None),
     (SandboxConflict, 409, None),
     (NetworkUnavailable, 409, None),

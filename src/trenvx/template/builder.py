@@ -50,6 +50,7 @@ from ..vmm.accel import choose_accelerator
 from ..vmm.base import Vm
 from ..vmm.qemu import GUEST_DNS, GUEST_NET, PMEM_ALIGN
 from ..build_errors import BuildError
+from . import integrity
 from .image import make_empty_ext4, make_ext4_image, pad_to
 from .accounts import Account, find_account
 from .inject import check_python, guest_sources, init_script, inject_guest_files
@@ -198,6 +199,9 @@ class TemplateBuilder:
         digest, inputs = self.input_digest(tpl)
         before = self.published_with(name, digest)
         if before is not None and not force:
+            if before.manifest.integrity is None:
+                async with AsyncFileLock(self.store.build_lock(name), on_wait=lambda pid: self._waiting(name, pid)):
+                    before = await asyncio.to_thread(self.with_hashes, self.published_with(name, digest) or before)
             self.reporter.message(f"template {name!r} is up to date (build {before.build_id}); use --force to rebuild")
             return BuildResult(before, skipped=True)
         # One builder per template at a time, across processes: a second one waits for the first,
@@ -230,6 +234,16 @@ class TemplateBuilder:
         if existing.manifest.input_digest == digest and existing.snapshot.vmstate.exists():
             return existing
         return None
+
+    def with_hashes(self, build: TemplateBuild) -> TemplateBuild:
+        """``build`` (up to date) with its files' hashes recorded if it was made before they were kept."""
+        if build.manifest.integrity is not None:
+            return build
+        try:
+            return integrity.add_missing(self.store, build)
+        except OSError as e:
+            log.warning("could not record the hashes of template %s build %s: %s", build.name, build.build_id, e)
+            return build
 
     def _waiting(self, name: str, pid: int | None) -> None:
         text = f"waiting for the build of {name} by pid {pid if pid is not None else '(unknown)'}"
@@ -354,6 +368,7 @@ class TemplateBuilder:
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
                 f.chmod(0o444)
+            hashes = await asyncio.to_thread(integrity.record, staging)  # checked before each restore
             manifest = TemplateManifest(
                 name=tpl.name, build_id=build_id,
                 created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -372,6 +387,7 @@ class TemplateBuilder:
                 },
                 stage_seconds=times, rootfs_source=rootfs_source,
                 default_user=account.name, default_workdir=account.home if home_exists else None,
+                integrity=hashes,
             )
             return self.store.publish(tpl.name, staging, manifest)
 

@@ -87,6 +87,26 @@ class SnapshotOrigin(BaseModel):
     """Taken for a fork: never listed, removed once no sandbox uses it."""
 
 
+class FileHash(BaseModel):
+    """One file of a build as it was published: its size and the hash of its contents
+    (:mod:`trenvx.template.integrity`'s scheme)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    size: int
+    digest: str
+
+
+class BuildIntegrity(BaseModel):
+    """The hashes of a build's files, recorded when it was published: restores check them, so a
+    file damaged on disk is found before a sandbox runs from it (see :mod:`trenvx.template.integrity`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scheme: str
+    files: dict[str, FileHash]
+
+
 class TemplateManifest(BaseModel):
     """What a build is: its resolved config, inputs, versions, sizes and how long each stage took."""
 
@@ -114,6 +134,9 @@ class TemplateManifest(BaseModel):
     gives no directory (None: the agent uses each user's own home)."""
     snapshot: SnapshotOrigin | None = None
     """Set when the build is a snapshot of a running sandbox (see :mod:`trenvx.sandbox.snapshots`)."""
+    integrity: BuildIntegrity | None = None
+    """The hashes of the build's files; None for builds made before trenvx recorded them (and for
+    snapshots of sandboxes, which are not hashed)."""
 
 
 class TemplateBuild:
