@@ -87,7 +87,7 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
     disk = spec.scratch_disk if spec.root_on_pmem else spec.root_disk
     if disk is None:
         raise VmmError(f"VM {spec.name}: a root on virtio-pmem needs a scratch disk for its writable layer")
-    drive = f"file={disk.path},format={disk.format},if=none,id=root,cache=unsafe,discard=unmap"
+    drive = f"file={disk.path},format={disk.format},if=none,id=root,cache=unsafe,discard=unmap,werror=report,rerror=report"
     if disk.read_only:
         drive += ",read-only=on"
     memory_size = f"{m.mem_mb}M"
