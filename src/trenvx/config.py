@@ -33,7 +33,7 @@ import re
 import tomllib
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -312,6 +312,32 @@ class VmmConfig(_Strict):
     qemu_binary: str = "qemu-system-x86_64"
 
 
+class JailConfig(_Strict):
+    """``[jail]``: what each sandbox's VMM process runs with (trenvx.vmm.jail): its own uid and gid,
+    no capabilities, a mount namespace showing only its sandbox's files, a cgroup with the
+    template's limits, QEMU's seccomp policy. Template builds are not jailed."""
+
+    enabled: bool | Literal["auto"] = "auto"
+    """``auto``: on where the host allows it (the server runs as root); each piece the host does not
+    allow (mount namespaces, cgroups, QEMU's ``-sandbox``) is left out with a log line, as
+    ``trenvx doctor`` reports. ``true``: refuse to start sandboxes unless VMMs can get their own uid."""
+    uid_base: int = Field(default=3_000_000, ge=1000, le=2**31 - 2**20)
+    """VMMs get uids (and equal gids) ``uid_base + 1`` .. ``uid_base + uid_count - 1``, claimed host-wide;
+    ``uid_base`` itself is the group that may read shared template files. No passwd entries needed;
+    pick a range no user, container or ``/etc/subuid`` entry uses."""
+    uid_count: int = Field(default=65536, ge=2, le=2**20)
+    memory_overhead_mb: int = Field(default=384, ge=0)
+    """The VMM's memory limit is the template's ``mem_mb`` plus this (QEMU itself, TCG's translation
+    cache of ``[vmm] tcg_tb_size_mb``, device buffers)."""
+    pids_max: int = Field(default=512, ge=16)
+    """Threads and processes of one VMM (QEMU's block I/O pool alone may start 64 threads)."""
+    cpu_weight: int = Field(default=100, ge=1, le=10000)
+    """The cgroup v2 ``cpu.weight`` of a sandbox's VMM (v1: ``cpu.shares`` = weight * 10.24); a
+    pool's VMs run at idle weight until a create takes one."""
+    mount_namespace: bool = True
+    """Hide the rest of data_root from each VMM (where the host allows mount namespaces)."""
+
+
 class ClusterConfig(_Strict):
     """Many nodes, one API (``[cluster]``, or ``trenvx serve --cluster etcd://...``). Empty ``etcd``:
     a single machine, no etcd, nothing of this runs.
@@ -371,6 +397,7 @@ class Config(_Strict):
     pool: PoolConfig = PoolConfig()
     network: NetworkConfig = NetworkConfig()
     cluster: ClusterConfig = ClusterConfig()
+    jail: JailConfig = JailConfig()
     template: dict[str, TemplateConfig] = Field(default_factory=dict)
     source_path: Path | None = Field(default=None, exclude=True)
 

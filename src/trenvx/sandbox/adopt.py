@@ -26,6 +26,7 @@ from qemu.qmp import QMPClient
 from ..config import VmmType
 from ..vmm.base import Vm, VmmError, VmSpec, VmState
 from ..vmm.binaries import VmmBinary, parse_version
+from ..vmm.jail import VmmJail
 from ..vmm.uds_api import UdsApi
 
 if TYPE_CHECKING:
@@ -182,7 +183,8 @@ async def attach_qemu(spec: VmSpec, pid: int, agent_port: int) -> QemuVm:
         with contextlib.suppress(Exception):
             await qmp.disconnect()
         raise
-    vm = QemuVm(spec, process, qmp, VmState.running)  # type: ignore[arg-type]
+    jail = VmmJail.of_running(spec.jail, spec.name, pid) if spec.jail is not None else None
+    vm = QemuVm(spec, process, qmp, VmState.running, jail)  # type: ignore[arg-type]
     vm.agent_port = agent_port
     return vm
 

@@ -413,6 +413,7 @@ class SandboxManager:
             if self.network is not None:
                 await self.network.sweep()
         self._prune_ended(time.time())  # a previous server's ended sandboxes, before anything lists them
+        await self._sweep_jails()
         self.reaper.start()
         if self._use_pools:
             for name in self.config.pool.templates or [self.config.default_template]:
@@ -750,6 +751,15 @@ class SandboxManager:
                 failure = f"{type(e).__name__}: {e}"
         with contextlib.suppress(SandboxNotFound):
             await self.kill(sb.id, reason=f"timeout: its auto-pause failed ({failure})")
+
+    async def _sweep_jails(self) -> None:
+        """Remove the cgroups and uid claims of VMMs that died while no server watched them."""
+        policy = self.restorer.jail
+        if policy is None:
+            return
+        groups, uids = await asyncio.to_thread(policy.sweep, set(self._sandboxes))
+        if groups or uids:
+            log.info("removed the jails of %d dead VMMs (cgroups %s, uids %s)", max(len(groups), len(uids)), groups, uids)
 
     def _housekeeping(self, now: float) -> None:
         """The reaper's work besides timeouts, every pass."""

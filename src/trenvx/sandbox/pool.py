@@ -41,7 +41,7 @@ from ..guest.client import AgentClient
 from ..layout import DataRoot
 from ..template.store import TemplateBuild, TemplateNotFound, TemplateStore
 from . import adopt
-from ..vmm.process import set_priority
+from ..vmm.jail import set_background
 from .restore import PreparedVm, SnapshotRestore, new_sandbox_id
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class TemplatePool:
                     self._discard_later(item)
                     continue
                 item.unmark()
-                set_priority(item.vm.pid, 0)
+                set_background(item.vm, False)
                 self.hits[tier] += 1
                 self._last_take = time.monotonic()
                 self._wake.set()
@@ -265,7 +265,7 @@ class TemplatePool:
         try:
             sid = new_sandbox_id()
             prepared = await self.restorer.prepare(build, sid, kill_with_owner=self.kill_with_owner)
-            set_priority(prepared.vm.pid, REFILL_NICE)
+            set_background(prepared.vm, True)
             item = PooledVm(build, sid, prepared, "warm", self.restorer)
             try:
                 item.mark()

@@ -11,9 +11,12 @@ import abc
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..guest.endpoint import AgentEndpoint, HybridVsockEndpoint, TcpEndpoint
+
+if TYPE_CHECKING:
+    from .jail import JailPolicy
 
 __all__ = [
     "AgentEndpoint", "DiskFormat", "DiskSpec", "HybridVsockEndpoint", "MachineSpec", "SnapshotFiles", "StageTimes",
@@ -91,6 +94,9 @@ class VmSpec:
     (the overlay mode's upper layer)."""
     scratch_disk: DiskSpec | None = None
     """The writable disk (the upper layer of the overlay mode) next to a pmem root."""
+    jail: JailPolicy | None = None
+    """Run the VMM jailed (:mod:`trenvx.vmm.jail`: its own uid, mount namespace, cgroup, seccomp);
+    None: as the server's user, as template builds do. QEMU only."""
 
     @property
     def own_disk(self) -> DiskSpec:

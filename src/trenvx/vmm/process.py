@@ -12,7 +12,8 @@ import ctypes
 import logging
 import os
 import signal
-from collections.abc import Mapping, Sequence
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -49,12 +50,18 @@ class VmmProcess:
         kill_with_owner: bool = True,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
+        clean_env: bool = False,
     ) -> "VmmProcess":
         """Start ``argv`` with its output appended to ``log_path``.
 
         ``cwd`` is the process's working directory (Firecracker resolves the relative device
-        paths recorded in a snapshot against it); default: ours. ``env`` is added to our environment.
+        paths recorded in a snapshot against it); default: ours. ``env`` is added to our environment
+        (``clean_env``: it is the whole environment). ``preexec`` runs in the child before exec
+        instead of the default (a jail's: it sets ``PR_SET_PDEATHSIG`` itself, after its uid switch).
         """
+        if preexec is None:
+            preexec = _die_with_parent if kill_with_owner else None
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as out:
             try:
@@ -66,13 +73,18 @@ class VmmProcess:
                     pass_fds=tuple(pass_fds),
                     start_new_session=True,
                     cwd=cwd,
-                    env={**os.environ, **env} if env else None,
-                    preexec_fn=_die_with_parent if kill_with_owner else None,
+                    env=dict(env or {}) if clean_env else {**os.environ, **env} if env else None,
+                    preexec_fn=preexec,
                 )
             except FileNotFoundError:
                 raise FileNotFoundError(
                     f"{argv[0]} not found; run `scripts/start.sh setup` to install it"
                 ) from None
+            except subprocess.SubprocessError as e:  # the preexec failed: it wrote why into the log
+                from .base import VmmError
+
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.exists() else []
+                raise VmmError(f"cannot start {argv[0]}: {tail[0] if tail else e} (log: {log_path})") from None
         (log_path.parent / "vmm.pid").write_text(str(proc.pid))
         return cls(proc, argv, log_path)
 
@@ -207,5 +219,20 @@ def set_priority(pid: int, nice: int) -> None:
     for tid in tids:
         try:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:
+            pass
+
+
+def set_sched_idle(pid: int, idle: bool) -> None:
+    """SCHED_IDLE (``idle``) or SCHED_OTHER for every thread of ``pid``: the fallback of a VMM
+    without a cgroup of its own for running only when nothing else wants the CPU. Best effort."""
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
         except OSError:
             pass

@@ -31,6 +31,7 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from ..config import AGENT_PORT
+from .jail import VmmJail
 from .base import AgentEndpoint, SnapshotFiles, StageTimes, TcpEndpoint, Vm, VmmDriver, VmmError, VmSpec, VmState
 from .preload import ensure_keep_readonly_files
 from .process import VmmProcess
@@ -71,8 +72,12 @@ def pmem_size(path: Path) -> int:
     return size
 
 
-def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list[str]:
-    """The QEMU command line for ``spec``. Build and restore differ only in share= and -incoming."""
+def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int, tap_fd: int = -1,
+              jail_args: list[str] | None = None) -> list[str]:
+    """The QEMU command line for ``spec``. Build and restore differ only in share= and -incoming.
+
+    ``tap_fd`` >= 0: the guest NIC's tap is that descriptor (a jailed VMM: its jail opens the tap
+    and enters the namespace, no ``nsenter``); ``jail_args``: the jail's QEMU options (``-sandbox``)."""
     m = spec.machine
     if m.accelerator == "kvm":
         accel = ["-accel", "kvm", "-cpu", "host,-arch-capabilities"]
@@ -113,7 +118,7 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
         "-machine", "q35,memory-backend=mem,smbus=off,sata=off,vmport=off",
         "-serial", f"file:{spec.workdir / 'console.log'}",
         "-drive", drive, "-device", "virtio-blk-pci,drive=root,id=rootdev",
-        "-netdev", netdev_arg(spec),
+        "-netdev", netdev_arg(spec, tap_fd),
         "-device", "virtio-net-pci,netdev=net0,id=nic0,mac=52:54:00:12:34:56",
         "-device", "vmgenid,id=vmgen0,guid=auto",
         "-device", "virtio-rng-pci,id=rng0",
@@ -124,8 +129,9 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
         "-mon", "chardev=qmpfd,mode=control",
         "-qmp", f"unix:{spec.workdir / 'qmp.sock'},server=on,wait=off",
         *pmem,
+        *(jail_args or []),
     ]
-    if spec.netns:
+    if spec.netns and jail_args is None:
         # QEMU runs inside the sandbox's network namespace: it opens the tap there, and its sockets
         # are that namespace's. (It still runs as root: a QEMU taken over by its guest could
         # setns back out; dropping its privileges is the jailed VMM's work.) nsenter execs QEMU:
@@ -140,12 +146,14 @@ def qemu_argv(spec: VmSpec, *, binary: str, incoming: bool, qmp_fd: int) -> list
     return argv
 
 
-def netdev_arg(spec: VmSpec) -> str:
+def netdev_arg(spec: VmSpec, tap_fd: int = -1) -> str:
     """The guest NIC's backend: the slot's tap, or user networking with the agent's port forward
     (``restrict=on`` for isolated sandboxes: the guest reaches neither the host nor the outside).
 
     The backend is part of the snapshot (user networking saves a ``slirp`` section): a template is
     restored with the kind of backend it was built with."""
+    if spec.net_tap and tap_fd >= 0:
+        return f"tap,id=net0,fd={tap_fd}"
     if spec.net_tap:
         return f"tap,id=net0,ifname={spec.net_tap},script=no,downscript=no"
     restrict = ",restrict=on" if spec.isolated_user_net else ""
@@ -160,8 +168,11 @@ def _find_forward(usernet: object, guest_port: int) -> int:
 
 
 class QemuVm(Vm):
-    def __init__(self, spec: VmSpec, process: VmmProcess, qmp: QMPClient, state: VmState) -> None:
+    def __init__(self, spec: VmSpec, process: VmmProcess, qmp: QMPClient, state: VmState,
+                 jail: VmmJail | None = None) -> None:
         self.spec = spec
+        self.jail = jail
+        """The VMM's jail (uid, cgroup), released once the process is reaped; None: not jailed."""
         self.agent_port = spec.agent_host_port
         self.process = process
         self.qmp = qmp
@@ -245,6 +256,8 @@ class QemuVm(Vm):
             pass
         await self.process.kill()
         self.state = VmState.exited
+        if self.jail is not None:
+            await asyncio.to_thread(self.jail.release)
 
 
 class QemuDriver(VmmDriver):
@@ -280,7 +293,8 @@ class QemuDriver(VmmDriver):
             )
         library = str(await ensure_keep_readonly_files(self.cache_dir))
         preloaded = os.environ.get("LD_PRELOAD", "")
-        return {"LD_PRELOAD": f"{preloaded}:{library}" if preloaded else library}
+        return {"LD_PRELOAD": f"{preloaded}:{library}" if preloaded else library,
+                "TRENVX_PRIVATE_RAM": str(spec.memory_file)}
 
     async def _spawn(self, spec: VmSpec, *, incoming: bool) -> QemuVm:
         qmp_path = str(spec.workdir / "qmp.sock")
@@ -290,30 +304,43 @@ class QemuDriver(VmmDriver):
                 f"{_UNIX_PATH_MAX - 1}-byte limit of UNIX sockets; choose a shorter data_root"
             )
         spec.workdir.mkdir(parents=True, exist_ok=True)
+        env = await self._environment(spec)
+        jail = await asyncio.to_thread(self._jail, spec, env) if spec.jail is not None else None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # A jailed VMM's tap is opened by its jail inside the namespace onto this descriptor number.
+        tap_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) if jail is not None and spec.net_tap else -1
         try:
-            argv = qemu_argv(spec, binary=self.binary, incoming=incoming, qmp_fd=theirs.fileno())
+            argv = qemu_argv(spec, binary=self.binary, incoming=incoming, qmp_fd=theirs.fileno(), tap_fd=tap_fd,
+                             jail_args=jail.qemu_args() if jail is not None else None)
             process = await VmmProcess.spawn(
-                argv, spec.workdir / "vmm.log", pass_fds=[theirs.fileno()], kill_with_owner=spec.kill_with_owner,
-                env=await self._environment(spec),
+                argv, spec.workdir / "vmm.log", pass_fds=[theirs.fileno(), *([tap_fd] if tap_fd >= 0 else [])],
+                kill_with_owner=spec.kill_with_owner,
+                env=jail.environment(env) if jail is not None else env, clean_env=jail is not None,
+                preexec=jail.preexec(kill_with_owner=spec.kill_with_owner, tap_fd=tap_fd) if jail is not None else None,
             )
         except BaseException:
             ours.close()
+            if jail is not None:
+                jail.release()
             raise
         finally:
             theirs.close()
+            if tap_fd >= 0:
+                os.close(tap_fd)
         qmp = QMPClient(spec.name)
         try:
             await asyncio.wait_for(qmp.connect(ours), QMP_TIMEOUT_S)
         except BaseException as e:  # incl. cancellation (a pool closing): the process must not outlive us
             ours.close()
             await process.kill()
+            if jail is not None:
+                jail.release()
             if isinstance(e, (asyncio.TimeoutError, QMPError, OSError)):
                 raise VmmError(
                     f"QEMU for {spec.name} did not come up (exit {process.returncode}): {process.output_tail(10) or e}"
                 ) from None
             raise
-        vm = QemuVm(spec, process, qmp, VmState.incoming if incoming else VmState.running)
+        vm = QemuVm(spec, process, qmp, VmState.incoming if incoming else VmState.running, jail)
         if spec.guest_address:
             vm.agent_port = AGENT_PORT
         elif not spec.agent_host_port:
@@ -323,6 +350,27 @@ class QemuDriver(VmmDriver):
                 await vm.kill()
                 raise
         return vm
+
+    @staticmethod
+    def _jail(spec: VmSpec, env: dict[str, str]) -> VmmJail:
+        """The jail of ``spec``'s VMM (see :mod:`.jail`): it owns its sandbox directory and its
+        writable disk, and reads the files it maps (memory file, backing chain, pmem image, the
+        preload library)."""
+        assert spec.jail is not None
+        own = spec.own_disk
+        own_files = [own.path] if not own.read_only else []
+        read = [] if spec.anonymous_memory else [spec.memory_file]
+        if own.read_only:
+            read.append(own.path)
+        if spec.root_on_pmem or spec.root_disk.read_only:
+            read.append(spec.root_disk.path)
+        read += [Path(p) for p in env.get("LD_PRELOAD", "").split(":") if p]
+        read += [p for p in (spec.machine.kernel, spec.machine.initrd) if str(p) not in ("", ".")]  # a cold boot
+        own_dirs = sorted({spec.workdir, *(p.parent for p in own_files)}, key=lambda p: len(p.parts))
+        return VmmJail.prepare(
+            spec.jail, spec.name, own_dirs=own_dirs, own_files=own_files, read_files=read,
+            mem_mb=spec.machine.mem_mb, netns=spec.netns, tap=spec.net_tap,
+        )
 
     async def _forwarded_port(self, vm: QemuVm) -> int:
         """The host port the kernel chose for the agent's forward (``hostfwd`` with port 0)."""

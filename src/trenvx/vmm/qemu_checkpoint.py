@@ -203,6 +203,8 @@ async def switch_disk(vm: QemuVm, disk: Path) -> Path:
     try:
         await qemu_img("create", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", layer.name, str(top), str(size))
         os.chmod(top, 0o600)
+        owner = disk.stat()
+        os.chown(top, owner.st_uid, owner.st_gid)  # a jailed VMM opens it as its own uid
         await vm.execute("blockdev-snapshot-sync", {
             "device": DRIVE_ID, "snapshot-file": str(top), "format": "qcow2", "mode": "existing",
         })

@@ -61,3 +61,88 @@ int fallocate64(int fd, int mode, off_t offset, off_t len)
 		return 0;
 	return call_next("fallocate64", fd, mode, offset, len);
 }
+
+/*
+ * A jailed QEMU (trenvx.vmm.jail) runs as an unprivileged uid that may only read the template's
+ * RAM file, but QEMU 7.2 opens a memory-backend-file read-write even for share=off. The file named
+ * by TRENVX_PRIVATE_RAM (the one RAM file QEMU maps privately) is opened read-only instead: a
+ * MAP_PRIVATE mapping never writes its file, and copy-on-write works on a read-only descriptor.
+ */
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int (*open_fn)(const char *, int, ...);
+
+static int private_ram(const char *path, int flags)
+{
+	const char *ram = getenv("TRENVX_PRIVATE_RAM");
+
+	return ram != NULL && path != NULL && (flags & O_ACCMODE) == O_RDWR && strcmp(ram, path) == 0;
+}
+
+static int open_next(const char *name, const char *path, int flags, mode_t mode)
+{
+	open_fn next = (open_fn)dlsym(RTLD_NEXT, name);
+
+	if (next == NULL) {
+		errno = ENOSYS;
+		return -1;
+	}
+	if (private_ram(path, flags))
+		flags = (flags & ~O_ACCMODE) | O_RDONLY;
+	return next(path, flags, mode);
+}
+
+int open(const char *path, int flags, ...)
+{
+	mode_t mode = 0;
+
+	if (flags & (O_CREAT | O_TMPFILE)) {
+		va_list ap;
+		va_start(ap, flags);
+		mode = va_arg(ap, mode_t);
+		va_end(ap);
+	}
+	return open_next("open", path, flags, mode);
+}
+
+int open64(const char *path, int flags, ...)
+{
+	mode_t mode = 0;
+
+	if (flags & (O_CREAT | O_TMPFILE)) {
+		va_list ap;
+		va_start(ap, flags);
+		mode = va_arg(ap, mode_t);
+		va_end(ap);
+	}
+	return open_next("open64", path, flags, mode);
+}
+
+/* The same for the fortified entry points (_FORTIFY_SOURCE: open with flags not known at compile
+ * time and no mode; QEMU's memory backend calls this one). */
+typedef int (*open2_fn)(const char *, int);
+
+static int open2_next(const char *name, const char *path, int flags)
+{
+	open2_fn next = (open2_fn)dlsym(RTLD_NEXT, name);
+
+	if (next == NULL) {
+		errno = ENOSYS;
+		return -1;
+	}
+	if (private_ram(path, flags))
+		flags = (flags & ~O_ACCMODE) | O_RDONLY;
+	return next(path, flags);
+}
+
+int __open_2(const char *path, int flags)
+{
+	return open2_next("__open_2", path, flags);
+}
+
+int __open64_2(const char *path, int flags)
+{
+	return open2_next("__open64_2", path, flags);
+}
