@@ -201,6 +201,10 @@ def _vmm_checks(cfg: Config) -> list[tuple[str, bool | None, str]]:
         out.append((f"accel {a.name}", True if a.usable else None, a.detail))
     vs = vhost_vsock_availability()
     out.append((vs.name, True if vs.usable else None, vs.detail))
+    from ..vmm.hostcheck import jail_availability
+
+    for a in jail_availability(cfg):  # a piece the host refuses is a warning: the VMM runs without it
+        out.append((a.name, True if a.usable else None, a.detail))
     return out
 
 

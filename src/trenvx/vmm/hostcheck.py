@@ -101,5 +101,16 @@ def reflink_availability(data_root: Path) -> Availability:
                         "put data_root on XFS (reflink=1) or btrfs")
 
 
-__all__ = ["Availability", "accelerator_availability", "reflink_availability", "vhost_vsock_availability",
+def jail_availability(config: Config) -> list[Availability]:
+    """Which pieces of the jailed VMM (:mod:`.jail`) this host allows: a uid per VMM, a mount
+    namespace, cgroups (version and controllers), QEMU's seccomp policy. Nothing is changed on the host."""
+    from .jail import owner_of, probe_host
+
+    if config.jail.enabled is False:
+        return [Availability("jail", False, "[jail] enabled = false: VMMs run as the server's user")]
+    host = probe_host(owner_of(config.data_root), config.vmm.qemu_binary, prepare=False)
+    return [Availability(name, ok, detail) for name, ok, detail in host.rows()]
+
+
+__all__ = ["Availability", "accelerator_availability", "jail_availability", "reflink_availability", "vhost_vsock_availability",
            "vmm_availability"]
