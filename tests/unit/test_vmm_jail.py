@@ -116,7 +116,16 @@ def test_binds_show_own_dirs_writable_and_mapped_files_read_only(tmp_path: Path)
         d.mkdir(parents=True)
     binds = plan_binds(root, [sb / "vm", sb], [tpl / "memory", tpl / "rootfs.ext4", sb / "layer-1.qcow2",
                                                 tmp_path / "elsewhere" / "x.so"])
-    assert binds == [Bind(sb.resolve(), True), Bind(tpl.resolve(), False)]
+    assert binds == [Bind(sb.resolve(), True, sb.resolve()), Bind(tpl.resolve(), False, tpl.resolve())]
+
+
+def test_a_symlinked_entry_of_data_root_is_bound_at_the_path_qemu_is_given(tmp_path: Path) -> None:
+    shared, root = tmp_path / "shared/cache/preload", tmp_path / "data"
+    shared.mkdir(parents=True)
+    root.mkdir()
+    (root / "cache").symlink_to(tmp_path / "shared/cache")
+    binds = plan_binds(root, [], [root / "cache/preload/lib.so"])
+    assert binds == [Bind(root / "cache/preload", False, shared)]
 
 
 def spec(**kw: object) -> VmSpec:

@@ -215,7 +215,22 @@ class JailPolicy:
                             cpu_weight=self.cpu_weight)
 
     def ensure_layout(self) -> None:
-        """The server's state unreadable by jailed uids; the sandboxes directory traversable only."""
+        """The server's state unreadable by jailed uids; the sandboxes directory traversable only;
+        data_root and the directories above it traversable by the jail group (a data_root under a
+        0700 directory, e.g. a test's mkdtemp, would hide a VM's own files from it)."""
+        d = self.data_root.resolve()
+        while True:
+            try:
+                st = d.stat()
+                if not st.st_mode & stat.S_IXOTH and not (st.st_gid == self.group and st.st_mode & stat.S_IXGRP):
+                    os.chown(d, -1, self.group)
+                    os.chmod(d, (stat.S_IMODE(st.st_mode) | stat.S_IXGRP) & ~stat.S_IWGRP)
+                    log.info("jail: %s made traversable (not readable) by the jail group %d", d, self.group)
+            except OSError as e:
+                log.warning("jail: cannot make %s traversable for jailed VMMs: %s", d, e.strerror)
+            if d == d.parent:
+                break
+            d = d.parent
         for d, mode in ((self.data_root / "run", 0o700), (self.data_root / "sandboxes", 0o711)):
             try:
                 d.mkdir(parents=True, exist_ok=True)
@@ -310,10 +325,15 @@ def uids_in_use(proc: Path = Path("/proc")) -> set[int]:
 
 @dataclass(frozen=True)
 class Bind:
-    """A directory bound back into the mount namespace at its own path."""
+    """A directory bound into the mount namespace: ``source`` (a real path) at ``path``."""
 
     path: Path
     writable: bool
+    source: Path | None = None
+
+    @property
+    def src(self) -> Path:
+        return self.source or self.path
 
 
 def backing_chain(image: Path) -> list[Path]:
@@ -335,20 +355,38 @@ def _covered(path: Path, by: Sequence[Path]) -> bool:
 
 
 def plan_binds(data_root: Path, own_dirs: Sequence[Path], read_files: Sequence[Path]) -> list[Bind]:
-    """What the VMM's mount namespace shows of ``data_root``: ``own_dirs`` read-write, the
-    directories of ``read_files`` read-only (files outside ``data_root`` are visible anyway).
-    Real paths; a directory inside another bound one is not bound again. Shortest first."""
+    """What the VMM's mount namespace shows of ``data_root`` (a tmpfs at its real path):
+    ``own_dirs`` read-write, the directories of ``read_files`` read-only, each at the path QEMU
+    is given (data_root's entries may be symlinks, e.g. a test server's ``cache`` to a shared one)
+    and at its real path; directories outside ``data_root`` are visible anyway. A directory inside
+    another bound one is not bound again. Shortest first."""
+    literal_root = Path(os.path.abspath(data_root))
     root = data_root.resolve()
-    own = sorted({d.resolve() for d in own_dirs}, key=lambda p: len(p.parts))
+
+    def targets(d: Path) -> set[Path]:
+        out = set()
+        lit = Path(os.path.abspath(d))
+        if lit == literal_root or literal_root in lit.parents:
+            out.add(root / lit.relative_to(literal_root))
+        real = d.resolve()
+        if real == root or root in real.parents:
+            out.add(real)
+        return out
+
+    binds: list[Bind] = []
     rw: list[Path] = []
-    for d in own:
-        if not _covered(d, rw):
-            rw.append(d)
+    for d in sorted(set(own_dirs), key=lambda p: len(p.parts)):
+        for t in sorted(targets(d), key=lambda p: len(p.parts)):
+            if not _covered(t, rw):
+                rw.append(t)
+                binds.append(Bind(t, True, d.resolve()))
     ro: list[Path] = []
-    for f in sorted({f.resolve().parent for f in read_files}, key=lambda p: len(p.parts)):
-        if (f == root or root in f.parents) and not _covered(f, rw) and not _covered(f, ro):
-            ro.append(f)
-    binds = [Bind(d, True) for d in rw] + [Bind(d, False) for d in ro]
+    for f in sorted(set(read_files), key=lambda p: len(p.parts)):
+        src = f.resolve().parent
+        for t in sorted(targets(Path(os.path.abspath(f)).parent) | targets(src), key=lambda p: len(p.parts)):
+            if not _covered(t, rw) and not _covered(t, ro):
+                ro.append(t)
+                binds.append(Bind(t, False, src))
     return sorted(binds, key=lambda b: len(b.path.parts))
 
 
@@ -503,7 +541,7 @@ class VmmJail:
         netns_path = f"/run/netns/{self.netns}" if self.netns else ""
         tap = self.tap.encode()
         root = str(self.policy.data_root.resolve()).encode()
-        binds = [(str(b.path), str(b.path).encode(), b.writable) for b in self.binds]
+        binds = [(str(b.src), str(b.path).encode(), b.writable) for b in self.binds]
         groups = [self.policy.group, *self.extra_groups]
         uid = self.uid
         mount_ns = self.policy.mount_ns
