@@ -1111,7 +1111,11 @@ class SandboxManager:
         rec.access_token, rec.env_vars = "", {}
         self._ended[sb.id] = rec
         if self.store is not None:
-            self.store.mark_ended(sb.id, reason, now)
+            try:
+                self.store.mark_ended(sb.id, reason, now)
+            except Exception as e:  # noqa: BLE001 - e.g. the data root full: ending it is what frees space
+                log.warning("sandbox %s: its end could not be recorded in the state database (%s); it is ended "
+                            "all the same (a restarted server finds it gone)", sb.id, e)
         self._prune_ended(now)
 
     async def _destroy(self, sb: Sandbox) -> None:

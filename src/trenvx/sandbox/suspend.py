@@ -46,6 +46,7 @@ from typing import Any, Literal
 
 import httpx
 
+from ..diskspace import DataRootFull, full_message, space_problem
 from ..guest.client import AgentClient, AgentError
 from ..guest.endpoint import AgentEndpoint
 from ..network.policy import EgressPolicy
@@ -207,9 +208,14 @@ class Suspender:
                 info.ram_pages = sum(stats.pages_kept.values())
             else:
                 await vm.pause()  # nothing runs between the freeze and the end of the VMM
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(target, ignore_errors=True)
             await self._continue(restored)
+            if isinstance(e, Exception) and space_problem(e, workdir):
+                what = (f"the pause of sandbox {restored.sandbox_id} (it stores the guest's RAM that differs from "
+                        f"its template's, up to {restored.build.machine.mem_mb} MiB)")
+                raise DataRootFull(full_message(self.restorer.data_root.root, what, None)
+                                   + "; the sandbox keeps running") from e
             raise
         await self._end_vmm(vm)
         slot = restored.slot

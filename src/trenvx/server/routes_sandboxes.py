@@ -65,6 +65,7 @@ from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from ..cluster.records import SandboxEntry
 from ..network.policy import EgressPolicy, PolicyError
 from ..sandbox.lifecycle import InvalidTimeout, LifecyclePolicy, check_timeout
+from ..diskspace import DataRootFull
 from ..sandbox.limits import AdmissionError
 from ..sandbox.manager import (
     ManagerClosed, NetworkUnavailable, PauseRefused, PauseUnsupported, ResumeRefused, Sandbox, SandboxConflict,
@@ -638,6 +639,7 @@ async def connect_v2(request: Request, response: Response, sandboxID: str,
                         409: {"model": Error, "description": "Already paused, or its VMM cannot "
                                                                                 "pause to disk"},
                         500: {"model": Error, "description": "The pause failed (the message says why): it runs on"},
+                        507: {"model": Error, "description": "The data root is full: nothing was stored, it runs on"},
                         503: {"model": Error, "description": "Its agent did not freeze its filesystems and the "
                                                              "pause needs it (memory false, or requireHealthyGuest)"}},
              summary="Pause a sandbox to disk: its state is stored, its VMM ends (its timeout stops)")
@@ -650,6 +652,8 @@ async def pause(request: Request, sandboxID: str, body: Annotated[PauseRequest |
         raise ApiError(503, str(e), {"Retry-After": "5"}) from None
     except PauseUnsupported as e:
         raise ApiError(409, str(e)) from None
+    except DataRootFull as e:  # nothing was stored; the sandbox runs on
+        raise ApiError(507, str(e)) from None
     except (SandboxNotFound, SandboxConflict):
         raise
     except Exception as e:  # noqa: BLE001 - a VMM or agent failure: said plainly; the sandbox runs on

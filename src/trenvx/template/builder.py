@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from .. import __version__
+from .. import __version__, diskspace
 from ..filelock import AsyncFileLock
 from ..config import INTERPRETER_PORT, Config, TemplateConfig, VmmType
 from ..guest.client import AgentClient
@@ -65,6 +65,7 @@ INTERPRETER_SRC = AGENT_SRC.parent / "interpreter"
 INTERPRETER_PACKAGE = "trenvx_interpreter"
 STAGES = ("kernel", "accelerator", "rootfs", "boot", "start", "snapshot", "publish")
 T = TypeVar("T")
+MiB = 1 << 20
 
 
 class BuildReporter(Protocol):
@@ -148,6 +149,8 @@ class TemplateBuilder:
         self.data_root = DataRoot(config.data_root).ensure()
         self.store = TemplateStore(self.data_root)
         self.reporter = reporter or LogReporter()
+        self._space_need = 0
+        """About how many bytes the build under way needs in the data root (for its errors)."""
 
     def network_kind(self, tpl: TemplateConfig) -> str:
         """``netns`` (a tap in a network slot) or ``user`` (QEMU's user networking): what sandboxes of
@@ -216,6 +219,8 @@ class TemplateBuilder:
                                       f"(build {after.build_id}); reusing it")
                 return BuildResult(after, skipped=True)
             self.store.remove_stale_staging(name)  # a crashed builder's: a live one would hold the lock
+            self._space_need = self.space_needed(tpl)
+            self.check_space(tpl.name, "space", self._space_need)
             build_id = self.store.new_build_id(name, digest)
             staging = self.store.staging_dir(name, build_id)
             staging.mkdir(parents=True)
@@ -224,6 +229,23 @@ class TemplateBuilder:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
+
+    def space_needed(self, tpl: TemplateConfig) -> int:
+        """About how many bytes a build of ``tpl`` takes in the data root: what its last build
+        takes (its files' allocated blocks), else its guest RAM (the memory file can grow to it)
+        plus 64 MiB (a lower bound: the root image's size is known only once it is made)."""
+        for build in reversed(self.store.published(tpl.name)):
+            try:
+                return sum(p.stat().st_blocks * 512 for p in build.path.iterdir() if p.is_file())
+            except OSError:
+                continue
+        return (tpl.mem_mb + 64) * MiB
+
+    def check_space(self, name: str, stage: str, need: int) -> None:
+        """BuildError naming the data root and the space needed when less than ``need`` bytes are free."""
+        where = self.data_root.template_dir(name)
+        if diskspace.free_bytes(where if where.exists() else self.data_root.templates) < need:
+            raise BuildError(stage, diskspace.full_message(self.data_root.root, f"a build of template {name!r}", need))
 
     def published_with(self, name: str, digest: str) -> TemplateBuild | None:
         """The current build of ``name`` if it was made from the inputs ``digest`` (and is whole)."""
@@ -256,11 +278,15 @@ class TemplateBuilder:
         t0 = time.perf_counter()
         try:
             result = await work()
-        except BuildError:
-            raise
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - every failure is reported with its stage
+            if diskspace.space_problem(e, self.data_root.templates):
+                # ENOSPC, or its symptoms (mkfs's stderr, a QEMU killed by SIGBUS on its RAM file)
+                raise BuildError(stage, diskspace.full_message(self.data_root.root, "this build", self._space_need)
+                                 + f" (what failed: {e})") from e
+            if isinstance(e, BuildError):
+                raise
             raise BuildError(stage, f"{type(e).__name__}: {e}") from e
         times[stage] = round(time.perf_counter() - t0, 3)
         self.reporter.stage_finished(stage, times[stage])
@@ -306,6 +332,8 @@ class TemplateBuilder:
                 return tree.source, size, account, home_exists
 
         rootfs_source, rootfs_size, account, home_exists = await self._stage(times, "rootfs", rootfs_stage)
+        # The guest's RAM file grows as it touches pages: a full filesystem there kills QEMU with SIGBUS.
+        self.check_space(tpl.name, "boot", (tpl.mem_mb + 32) * MiB)
         say(f"default user: {account.name} (uid {account.uid}, home {account.home})")
 
         machine = MachineSpec(
