@@ -66,8 +66,10 @@ MiB = 1 << 20
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "example_config.toml")
 SDKS = {"trenvx": "sandbox_sdk.e2b", "e2b": "e2b"}
 """The SDK module whose ``AsyncSandbox`` the clients use: trenvx's own, or E2B's unmodified one."""
-SHARED = ("templates", "kernels", "cache")
-"""The parts of the config's data_root a benchmark's own data_root links to (read, never written)."""
+SHARED = ("templates", "kernels")
+"""The parts of the config's data_root a benchmark's own data_root links to (read, never written).
+Not ``cache``: it holds the VMM's preload library, which a jailed VMM must find inside its data_root
+(its mount namespace shows only its sandbox's files and what they use, not a link out)."""
 REFUSALS = {429: "limit (429)", 503: "memory (503)"}
 KINDS = ("create", "command", "python", "write", "read", "list", "kill")
 FILE_KINDS = ("write", "read", "list")
@@ -123,6 +125,7 @@ def own_backend(config_path: str, template: str, prefix: str, *, max_sandboxes: 
     build = TemplateStore(DataRoot(shared)).current(template)
     # /tmp and a short name: the sandboxes' UNIX socket paths must stay under 108 bytes
     work = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))
+    work.chmod(0o755)  # as /var/lib is: jailed VMMs (other uids) must traverse it to their sandbox's files
     root = work / "data"
     root.mkdir()
     for name in SHARED:

@@ -17,13 +17,14 @@ Every ``--interval-s`` it samples:
   ``log_bytes``: a log grows by design);
 - network slots claimed by this data_root's owner (/run/trenvx/net/slots), VMM processes whose
   command line names the data_root, sandboxes the API lists;
+- cgroups of this owner (``trenvx-<owner>`` and its ``vm-*`` groups, every controller);
 - host-wide leftovers: network namespaces ``trenvx-N`` and host interfaces ``tvsN`` with no slot
-  claim, nftables tables of this owner, cgroups named ``*trenvx*``.
+  claim, nftables tables of this owner, cgroups named ``trenvx-*`` (every server's parents).
 
 For each it reports start, end, max and a least-squares slope per hour (with its standard error)
 over the samples after ``--warmup-s`` and over the second half of the run, and a verdict:
-``flat`` (no growth: the slope is within 3 standard errors of zero or the fitted growth over the
-window is under the metric's tolerance), ``grows``/``shrinks`` (both fits agree),
+``flat`` (no growth: the slope is within 3 standard errors of zero, or the fitted growth over the
+window is under the metric's tolerance or twice the residuals' spread), ``grows``/``shrinks`` (both fits agree),
 ``grew, then flat`` (the second half is flat: a bounded cache filling, e.g. the list of ended
 sandboxes the server keeps). After the server stops, what was left behind is counted.
 
@@ -74,7 +75,7 @@ MiB = 1 << 20
 TOLERANCE = {
     "server_fds": 4, "server_threads": 2, "server_rss_mib": 8.0, "server_children": 1,
     "data_files": 4, "data_mib": 4.0, "network_slots": 1, "vmm_processes": 1, "sandboxes_listed": 1,
-    "orphan_netns": 1, "orphan_host_ifs": 1, "owner_nft_tables": 1, "cgroups": 1,
+    "orphan_netns": 1, "orphan_host_ifs": 1, "owner_nft_tables": 1, "owner_cgroups": 3, "host_trenvx_cgroups": 3,
 }
 """Growth over a fit's window below which a metric counts as flat whatever its slope: a few fds
 or MiB, about what one sandbox more or less alive at a sample moves."""
@@ -134,14 +135,19 @@ def nft_tables(owner: str) -> int:
     return 0
 
 
-def cgroups() -> int:
-    """Cgroup directories named ``*trenvx*`` anywhere under /sys/fs/cgroup (host-wide: v1 or v2)."""
-    n = 0
+def cgroups(owner: str) -> dict[str, int]:
+    """Cgroups under /sys/fs/cgroup (v1 or v2, every controller): this owner's (its parent
+    ``trenvx-<owner>`` and the ``vm-*`` groups in it, one per VMM per controller) and, host-wide,
+    directories named ``trenvx-*`` (the parents of every server, this one's included)."""
+    mine = host = 0
+    parent = f"trenvx-{owner}"
     for dirpath, dirnames, _ in os.walk("/sys/fs/cgroup"):
-        n += sum(1 for d in dirnames if "trenvx" in d)
-        if dirpath.count("/") > 7:
+        if os.path.basename(dirpath) == parent:
+            mine += 1 + sum(1 for d in dirnames if d.startswith("vm-"))
+        host += sum(1 for d in dirnames if d.startswith("trenvx-"))
+        if dirpath.count("/") > 7 or os.path.basename(dirpath).startswith("trenvx-"):
             dirnames[:] = []
-    return n
+    return {"owner_cgroups": mine, "host_trenvx_cgroups": host}
 
 
 def server_children(backend: Backend) -> int:
@@ -172,7 +178,7 @@ def sample(backend: Backend, listed: int) -> dict[str, float]:
     out["vmm_processes"] = vmm_count(backend.data_root)
     out.update(orphans(claimed_indices()))
     out["owner_nft_tables"] = nft_tables(backend.owner)
-    out["cgroups"] = cgroups()
+    out.update(cgroups(backend.owner))
     return out
 
 
@@ -200,11 +206,14 @@ def fit(ts: list[float], ys: list[float]) -> dict[str, float]:
 
 
 def direction(f: dict[str, float], tolerance: float) -> int:
-    """+1 / -1 when the fit shows growth / shrinkage beyond noise and tolerance, else 0."""
+    """+1 / -1 when the fit shows growth / shrinkage beyond noise and tolerance, else 0: the slope
+    more than 3 standard errors from zero, and the growth it fits over the window more than the
+    metric's tolerance and twice the residuals' spread (samples 10 s apart are not independent:
+    how many sandboxes are alive at a sample carries over, so the standard error alone flatters)."""
     b, se = f["slope_per_h"], f["stderr_per_h"]
     if not (b == b) or f["n"] < 3:
         return 0
-    if abs(b) <= 3 * se or abs(b) * f["window_h"] < tolerance:
+    if abs(b) <= 3 * se or abs(b) * f["window_h"] < max(tolerance, 2 * f["resid_std"]):
         return 0
     return 1 if b > 0 else -1
 
@@ -371,6 +380,7 @@ async def main() -> int:
     claims = claimed_indices()
     left = {"sandbox_dirs": len(backend.sandbox_dirs()), "network_slots": slots_of(backend.owner),
             "vmm_processes": vmm_count(backend.data_root), "owner_nft_tables": nft_tables(backend.owner),
+            "owner_cgroups": cgroups(backend.owner)["owner_cgroups"],
             "orphan_netns": orphans(claims)["orphan_netns"] - netns_before["orphan_netns"],
             "orphan_host_ifs": orphans(claims)["orphan_host_ifs"] - netns_before["orphan_host_ifs"]}
     data = {
