@@ -186,6 +186,16 @@ class OrchestratorConfig(_Strict):
     (its ``start_cmd`` does not run). Pools are used only with ``snapshot``."""
     max_request_body_kb: int = Field(default=1024, ge=1)
     """Largest body of an API request (the proxy to sandboxes is not limited)."""
+    health_check_interval_s: float = Field(default=15.0, ge=0, le=3600)
+    """How often the agent of every running sandbox is asked ``/health`` (paused ones are skipped);
+    0: never. Each ask may take up to this long (at most 5 s)."""
+    health_check_grace_s: float = Field(default=120.0, gt=0, le=24 * 3600)
+    """A running sandbox whose agent has not answered ``/health`` for this long is ended (reason
+    ``unresponsive``). Generous: under TCG on a loaded host an agent can be slow for tens of seconds
+    without being hung."""
+    orphan_watchdog: bool = True
+    """Start a small process with the server that, should the server die without a successor,
+    ends its sandboxes at their timeouts (see :mod:`trenvx.sandbox.orphan_watchdog`)."""
 
 
 class PoolConfig(_Strict):

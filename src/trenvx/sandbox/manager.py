@@ -28,11 +28,18 @@ What it adds to a bare restore:
   survives a server restart (a record and files: nothing to adopt).
 - **Death detection.** A task awaits each VMM process; a VMM that exits on its own is noticed at
   once, its files are removed and the sandbox is reported as ended (reason ``died``).
+- **Health checks** (``orchestrator.health_check_interval_s``): the agent of every running
+  sandbox is asked ``/health`` periodically; one that has not answered for
+  ``health_check_grace_s`` (a hung guest, a stopped VMM) is ended (reason ``unresponsive``).
 - **Persistence** (when ``state_path`` is given, as the server does): every sandbox is recorded
   in SQLite with the VMM that runs it; a restarted manager adopts the VMs still running (pidfd +
   the VM's control socket: QMP for QEMU, the API socket for Firecracker and Cloud Hypervisor) and
-  cleans up the files of those that died. With ``keep=True``, VMs are
-  started so that they survive this process, and :meth:`close` leaves them running.
+  cleans up the files of those that died. VMs are then started so that they survive this process
+  (no ``PR_SET_PDEATHSIG``): a server that crashes or is killed leaves its sandboxes running for
+  the next one (and :mod:`.orphan_watchdog` ends them at their timeouts if none comes); a VM
+  being made when it died is ended by the next server (:mod:`.inflight`). :meth:`close` kills
+  every sandbox, unless ``keep=True``, which leaves them running. Without a state store nothing
+  could adopt them: VMs die with this process.
 """
 
 from __future__ import annotations
@@ -65,8 +72,9 @@ from ..network import mode as network_mode
 from ..network.policy import DEFAULT_POLICY, EgressPolicy
 from ..network.slot import HostNetwork, NetworkSlot
 from .network_state import NetworkState, read_network_state, write_network_state
+from . import inflight
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
-from .restore import RestoredVm, SnapshotRestore, TemplateNetworkMismatch
+from .restore import RestoredVm, SnapshotRestore, TemplateNetworkMismatch, new_sandbox_id
 from .snapshots import Snapshots
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
 from .suspend import PauseInfo, PauseRefused, PauseUnsupported, ResumeRefused, StoppedVm, Suspender, stored_files_present
@@ -78,10 +86,14 @@ __all__ = [
     "AdmissionError", "CreateEvent", "InvalidTimeout", "LimitReached", "ManagerClosed", "NetworkUnavailable", "OutOfMemory",
     "PauseRefused", "PauseUnsupported", "PortUnavailable", "ResumeRefused", "SuspendEvent", "TemplateNetworkMismatch",
     "Sandbox", "SandboxConflict", "SandboxManager", "SandboxNotFound", "TemplateNotFound", "LifecyclePolicy",
+    "VmExited",
 ]
 
 ADOPT_HEALTH_TIMEOUT_S = 5.0
 ORPHAN_MIN_AGE_S = 120.0
+HEALTH_PROBE_MAX_S = 5.0
+HEALTH_PARALLEL = 16
+"""Health probes in flight at once (each is one short HTTP request to an agent)."""
 
 
 class SandboxNotFound(KeyError):
@@ -114,11 +126,16 @@ class NetworkUnavailable(RuntimeError):
     """Egress rules cannot be enforced for this sandbox (e.g. ``network = "user"``: no egress at all)."""
 
 
+class VmExited(SandboxNotFound):
+    """The sandbox's VMM process exited while an operation (a pause) used it: the sandbox has ended."""
+
+
 END_REASONS = {
     "killed": "it was killed",
     "timeout": "its timeout expired",
     "died": "its VM exited on its own",
     "died_while_down": "its VM exited while the server was not running",
+    "unresponsive": "its VM stopped responding",
     "lost": "the restarted server could not re-attach to its VM",
     "lost_paused": "the restarted server found its saved state incomplete",
     "paused_retention_expired": "it stayed paused longer than this server keeps paused sandboxes "
@@ -177,6 +194,9 @@ class Sandbox:
     ``paused`` True: a sandbox adopted from a server of before pauses to disk, its vCPUs stopped."""
     reclaimed_at: float = 0.0
     """``time.monotonic()`` of the last memory reclaim (0: never)."""
+    answered_at: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` when its agent last answered a health check (or it started, resumed or
+    was adopted)."""
     egress: EgressPolicy = DEFAULT_POLICY
     """What the sandbox may reach outside (E2B's allowOut/denyOut; enforced by its network slot)."""
     allow_public_traffic: bool = True
@@ -347,9 +367,15 @@ class SandboxManager:
         self.data_root = DataRoot(config.data_root).ensure()
         self.templates = TemplateStore(self.data_root)
         self.keep = orch.keep_on_exit if keep is None else keep
+        self.store = StateStore(state_path) if state_path is not None else None
+        self.vms_outlive = self.keep or self.store is not None
+        """VMs are started without ``PR_SET_PDEATHSIG``: they survive this process's death (a crash,
+        SIGKILL, the OOM killer) for the next server to adopt. Pooled VMs too: a pooled VM becomes a
+        sandbox when a create takes it, and a process cannot drop its death signal later. Without a
+        state store nothing could adopt them, so they die with this process."""
         self.network_mode, self.network_reason = network_mode.resolve(config.network)
         self.network: HostNetwork | None = (
-            HostNetwork(config.network, config.data_root, outlive_process=self.keep)
+            HostNetwork(config.network, config.data_root, outlive_process=self.vms_outlive)
             if self.network_mode is NetworkMode.netns else None
         )
         self.restorer = SnapshotRestore(config, self.data_root, self.network)
@@ -359,7 +385,6 @@ class SandboxManager:
         self.admission = admission or Admission(
             Limits(orch.max_sandboxes, orch.max_sandboxes_per_template, orch.memory_headroom_mb)
         )
-        self.store = StateStore(state_path) if state_path is not None else None
         self._sandboxes: dict[str, Sandbox] = {}
         self._ended: dict[str, SandboxRecord] = {}
         self._creating: set[asyncio.Task[Sandbox]] = set()
@@ -384,6 +409,7 @@ class SandboxManager:
         """Auto-resumes in progress (:meth:`wake`), one per sandbox, shared by the requests that wait."""
         self._auto_pausing: dict[str, asyncio.Task[None]] = {}
         """Auto-pauses in progress (a timed-out sandbox whose lifecycle says pause)."""
+        self._health_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "SandboxManager":
         await self.start()
@@ -402,6 +428,7 @@ class SandboxManager:
         network_mode.warn_if_user(self.network_mode, self.network_reason)
         if self.store is not None:
             reap_stale_pooled(self.data_root)
+            self._reap_inflight()
         if self.network is not None:
             # Slots of sandboxes a previous server left running are kept (and taken back by
             # _recover); every other slot of this data_root is removed.
@@ -415,11 +442,14 @@ class SandboxManager:
         self._prune_ended(time.time())  # a previous server's ended sandboxes, before anything lists them
         await self._sweep_jails()
         self.reaper.start()
+        if self.config.orchestrator.health_check_interval_s > 0:
+            self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="trenvx-health")
         if self._use_pools:
             for name in self.config.pool.templates or [self.config.default_template]:
                 pool = TemplatePool(
                     name, self.restorer, self.templates, self.config.pool,
-                    has_room=self.admission.has_memory_for, kill_with_owner=not self.keep,
+                    has_room=self.admission.has_memory_for, kill_with_owner=not self.vms_outlive,
+                    track_inflight=self.store is not None,
                 )
                 self.pools[name] = pool
                 pool.start()
@@ -433,6 +463,9 @@ class SandboxManager:
             return
         self._closed = True
         await self.reaper.stop()
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
         if self._creating:
             await asyncio.gather(*self._creating, return_exceptions=True)
@@ -626,7 +659,35 @@ class SandboxManager:
                 log.warning("a %s pooled VM of %s failed (%s); restoring into a new VMM process", item.tier, name, e)
                 with contextlib.suppress(Exception):
                     await item.discard()
-        return await self.restorer.restore(build, env_vars=env_vars, kill_with_owner=not self.keep, egress=egress)
+        sandbox_id = new_sandbox_id()
+        self._mark_inflight(sandbox_id)
+        try:
+            return await self.restorer.restore(build, sandbox_id=sandbox_id, env_vars=env_vars,
+                                               kill_with_owner=not self.vms_outlive, egress=egress)
+        except BaseException:
+            self._clear_inflight(sandbox_id)
+            raise
+
+    def _mark_inflight(self, sandbox_id: str) -> None:
+        """A VM that outlives this process is about to be made for ``sandbox_id``: a successor ends
+        it if this process dies before it is recorded (:mod:`.inflight`)."""
+        if self.store is not None:
+            inflight.mark(self.data_root.run, sandbox_id)
+
+    def _clear_inflight(self, sandbox_id: str) -> None:
+        if self.store is not None:
+            inflight.clear(self.data_root.run, sandbox_id)
+
+    def _reap_inflight(self) -> None:
+        """End the VMs that a dead process (a previous server) was making when it died: a create, a
+        resume or a pool refill that never got recorded. Their network slots go with the sweep."""
+        assert self.store is not None
+        for sid in inflight.reap_stale(self.data_root, self._recorded_state):
+            log.warning("sandbox %s was being made when the previous server died: its VM and files were removed", sid)
+
+    def _recorded_state(self, sandbox_id: str) -> str | None:
+        rec = self.store.get(sandbox_id) if self.store is not None else None
+        return None if rec is None else (PAUSED if rec.pause else rec.state)
 
 
     def _observe(self, event: CreateEvent) -> None:
@@ -641,6 +702,7 @@ class SandboxManager:
         self.admission.add_running(sb.template)
         if self.store is not None:
             self.store.put(sb.record())
+            inflight.clear(self.data_root.run, sb.id)  # recorded: adopted, not reaped, after a crash
         sb._watcher = asyncio.get_running_loop().create_task(self._watch(sb), name=f"watch-{sb.id}")
 
     # -- find -----------------------------------------------------------------------------
@@ -862,6 +924,8 @@ class SandboxManager:
             self._watch_vm(sb)
             self._observe_suspend(SuspendEvent("pause", sb.template, kind, time.perf_counter() - t0, type(e).__name__,
                                               reason=reason))
+            if isinstance(e, Exception) and not sb.restored.vm.is_alive():
+                raise VmExited(sb.id, f"its VM exited during the pause ({type(e).__name__}: {e})") from e
             raise
         info.reason = reason
         sb.restored, sb.pause_info, sb.paused = restored, info, True
@@ -894,11 +958,13 @@ class SandboxManager:
             try:
                 if self._closed:
                     raise ManagerClosed("the sandbox manager is shutting down; no resumes")
+                self._mark_inflight(sb.id)
                 with self.admission.starting(sb.template, sb.build.machine.mem_mb):
                     restored = await self.suspender.resume(
                         sb.restored, info, memory=memory, egress=sb.egress, env_vars=sb.env_vars,
-                        kill_with_owner=not self.keep)
+                        kill_with_owner=not self.vms_outlive)
             except BaseException as e:
+                self._clear_inflight(sb.id)
                 self._observe_suspend(SuspendEvent("resume", sb.template, kind, time.perf_counter() - t0, type(e).__name__,
                                                   reason=reason))
                 raise
@@ -908,10 +974,12 @@ class SandboxManager:
             sb.end_at = max(now + left, now + seconds) if seconds is not None else now + left
             sb.pid_started_at = adopt.process_started_at(restored.vm.pid) or now
             sb.ports = {}  # forwards belonged to the VMM that is gone
+            sb.answered_at = time.monotonic()
             write_network_state(sb.restored.workdir, sb.network_state())
             self.admission.add_running(sb.template)
             if self.store is not None:
                 self.store.put(sb.record())
+                self._clear_inflight(sb.id)
             self._watch_vm(sb)
             self._observe_suspend(SuspendEvent("resume", sb.template, kind, time.perf_counter() - t0, "ok", reason=reason))
             if self._closed:  # the manager closed while it resumed: it would outlive the server
@@ -1148,6 +1216,60 @@ class SandboxManager:
         tail = sb.restored.vm.console_tail(5) if hasattr(sb.restored.vm, "console_tail") else ""
         log.warning("sandbox %s: its VMM (pid %d) exited on its own, %s; console: %s", sb.id, sb.pid, detail, tail)
         await asyncio.shield(self._start_finish(sb, f"died: {detail}"))
+
+    # -- health -----------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        interval = self.config.orchestrator.health_check_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_health()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the next pass tries again
+                log.exception("health check pass failed")
+
+    async def check_health(self) -> list[str]:
+        """One pass: ask the agent of every running sandbox ``/health``; end those whose agent has not
+        answered for ``health_check_grace_s`` (their ids are returned). Paused sandboxes are skipped,
+        and so is one whose state is changing (a pause, resume, snapshot or kill holds its state
+        lock: its agent may be frozen on purpose); that counts as an answer."""
+        orch = self.config.orchestrator
+        timeout = min(orch.health_check_interval_s or HEALTH_PROBE_MAX_S, HEALTH_PROBE_MAX_S)
+        sem = asyncio.Semaphore(HEALTH_PARALLEL)
+        ended: list[str] = []
+
+        async def one(sb: Sandbox) -> None:
+            if not sb._state_lock.locked():
+                async with sem:
+                    answered = await self._probe(sb, timeout)
+            else:
+                answered = True
+            if answered or sb._state_lock.locked():
+                sb.answered_at = time.monotonic()
+                return
+            silent = time.monotonic() - sb.answered_at
+            if silent < orch.health_check_grace_s or sb.ending or sb.paused or sb.id not in self._sandboxes:
+                log.info("sandbox %s: its agent did not answer /health (silent for %.0f s of %.0f s allowed)",
+                         sb.id, silent, orch.health_check_grace_s)
+                return
+            log.warning("sandbox %s: its agent has not answered /health for %.0f s: ending it", sb.id, silent)
+            ended.append(sb.id)
+            with contextlib.suppress(SandboxNotFound):
+                await self.kill(sb.id, reason=f"unresponsive: its agent did not answer /health for {silent:.0f} s")
+
+        await asyncio.gather(*(one(sb) for sb in list(self._sandboxes.values()) if not sb.paused and not sb.ending))
+        return ended
+
+    @staticmethod
+    async def _probe(sb: Sandbox, timeout: float) -> bool:
+        try:
+            async with AgentClient.for_endpoint(sb.agent_endpoint, timeout=timeout) as probe:
+                return await asyncio.wait_for(probe.health(), timeout + 1)
+        except Exception as e:  # noqa: BLE001 - any failure to answer is a missed health check
+            log.debug("health probe of sandbox %s failed: %r", sb.id, e)
+            return False
 
     # -- recovery after a restart ---------------------------------------------------------
 

@@ -40,7 +40,7 @@ from ..config import INTERPRETER_PORT, PoolConfig
 from ..guest.client import AgentClient
 from ..layout import DataRoot
 from ..template.store import TemplateBuild, TemplateNotFound, TemplateStore
-from . import adopt
+from . import adopt, inflight
 from ..vmm.jail import set_background
 from .restore import PreparedVm, SnapshotRestore, new_sandbox_id
 
@@ -106,7 +106,10 @@ class PooledVm:
             (self.workdir / POOLED_MARKER).unlink()
 
     async def discard(self) -> None:
-        await self.restorer.discard(self.prepared)
+        try:
+            await self.restorer.discard(self.prepared)
+        finally:
+            inflight.clear(self.restorer.data_root.run, self.sandbox_id)
 
 
 @dataclass
@@ -135,6 +138,7 @@ class TemplatePool:
         *,
         has_room: Callable[[int], bool],
         kill_with_owner: bool = True,
+        track_inflight: bool = False,
     ) -> None:
         self.name = name
         self.restorer = restorer
@@ -143,6 +147,10 @@ class TemplatePool:
         self.has_room = has_room
         """``has_room(mem_mb)``: may one more VM of ``mem_mb`` start without eating the headroom?"""
         self.kill_with_owner = kill_with_owner
+        self.track_inflight = track_inflight
+        """Each pooled VM has an :mod:`.inflight` file until a create records it as a sandbox (or it is
+        discarded): its VMM outlives this process (``kill_with_owner`` False), so a successor must
+        find it if this process dies first."""
         self.items: dict[Tier, collections.deque[PooledVm]] = {"warm": collections.deque(), "hot": collections.deque()}
         self._making: dict[Tier, int] = {"warm": 0, "hot": 0}
         self._demand: collections.deque[float] = collections.deque()
@@ -264,7 +272,13 @@ class TemplatePool:
         self._making[tier] += 1
         try:
             sid = new_sandbox_id()
-            prepared = await self.restorer.prepare(build, sid, kill_with_owner=self.kill_with_owner)
+            if self.track_inflight:
+                inflight.mark(self.restorer.data_root.run, sid)
+            try:
+                prepared = await self.restorer.prepare(build, sid, kill_with_owner=self.kill_with_owner)
+            except BaseException:
+                inflight.clear(self.restorer.data_root.run, sid)
+                raise
             set_background(prepared.vm, True)
             item = PooledVm(build, sid, prepared, "warm", self.restorer)
             try:

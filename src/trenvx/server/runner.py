@@ -1,7 +1,12 @@
 """Running the server in the foreground: one per data_root, logs, clean stop.
 
 - ``data_root/run/server.lock`` is held (``flock``) for the server's whole life: a second server
-  on the same data_root refuses to start and names the pid of the first.
+  on the same data_root refuses to start and names the pid of the first. A lock held while the
+  pid it names is gone is the orphan watchdog's, for a pass of a second or so: the server waits
+  for it (up to :data:`LOCK_WAIT_S`).
+- The orphan watchdog (:mod:`trenvx.sandbox.orphan_watchdog`) is started with the server: if the
+  server dies (SIGKILL, a crash, the OOM killer) its sandboxes keep running for the next server to
+  adopt, and if none comes they still end at their timeouts.
 - Logs go to stderr and to ``data_root/run/server.log`` (or ``orchestrator.log_file``).
 - SIGINT/SIGTERM: uvicorn stops accepting, open streams get a few seconds, then the manager
   kills every sandbox and removes its files -- unless ``keep``, which leaves them running for the
@@ -24,6 +29,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,8 @@ log = logging.getLogger("trenvx.server")
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 GRACEFUL_SHUTDOWN_S = 3
+LOCK_WAIT_S = 15.0
+"""How long a starting server waits for a lock held by no live server (the orphan watchdog's pass)."""
 
 
 class ServerError(Exception):
@@ -89,20 +97,47 @@ class ServerLock:
             self.file.close()
 
 
-def acquire_lock(run_dir: Path) -> ServerLock:
-    """Hold ``run_dir/server.lock`` or raise :class:`ServerError` naming the server holding it."""
+def _holder_alive(holder: str) -> bool:
+    if not holder.isdigit():
+        return False
+    try:
+        os.kill(int(holder), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(run_dir: Path, wait_s: float = LOCK_WAIT_S) -> ServerLock:
+    """Hold ``run_dir/server.lock`` or raise :class:`ServerError` naming the server holding it.
+
+    A lock held while the server it names is gone is held by the orphan watchdog for one short
+    pass: waited for, up to ``wait_s``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "server.lock"
     f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EAGAIN, errno.EACCES):
-            f.close()
-            raise
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                f.close()
+                raise
         f.seek(0)
         holder = f.read().strip() or "unknown"
+        if not _holder_alive(holder) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            continue
         f.close()
+        if not _holder_alive(holder):
+            raise ServerError(
+                f"data_root {run_dir.parent} stayed locked for {wait_s:.0f} s by a process other than the server "
+                f"it names (pid {holder}, gone): the orphan watchdog of a server that died should release it "
+                f"within seconds; find the holder with: fuser {path}"
+            )
         raise ServerError(
             f"another trenvx server (pid {holder}) is already running on data_root {run_dir.parent}; "
             f"stop it first, or give this one another data_root (TRENVX_DATA_ROOT)"
@@ -194,6 +229,13 @@ def serve(config: Config, *, keep: bool = False, host: str | None = None, port: 
         check_port_free(orch.host, orch.port)
         app = create_app(config, keep=orch.keep_on_exit)
         manager = app.state.manager
+        if orch.orphan_watchdog:
+            from ..sandbox import orphan_watchdog
+
+            pid = orphan_watchdog.start(data_root, slot_cidr=config.network.slot_cidr if manager.network else "",
+                                        log_file=log_file)
+            log.info("orphan watchdog started (pid %d): sandboxes outlive a crash of this server and still end at "
+                     "their timeouts", pid)
         names = manager.templates.names()
         log.info("trenvx server on http://%s:%d  data_root=%s  templates=%s  api_key=%s  keep=%s  log=%s",
                  orch.host, orch.port, config.data_root, ",".join(names) or "(none built)",
