@@ -516,12 +516,15 @@ async def load(backend: Backend, w: Workload, clients: int, duration_s: float, s
     steady = [c for c in run.calls if c.steady and c.kind not in ("create", "kill")]
     steady_s = max(1e-9, (run.steady_end or run.now()) - (run.all_created_at or 0.0))
     admitted = sum(1 for c in run.calls if c.kind == "create" and not c.error)
+    inside = [c for c in run.calls if c.kind not in ("create", "kill") and not c.error]
     return {"run": run, "samples": samples, "admitted": admitted, "steady_seconds": steady_s,
             "ramp_seconds": run.all_created_at, "total_seconds": run.now(),
             "throughput": {"calls_per_s": len(steady) / steady_s,
                            "commands_per_s": sum(1 for c in steady if c.kind in ("command", "python")) / steady_s,
                            "file_calls_per_s": sum(1 for c in steady if c.kind in FILE_KINDS) / steady_s,
-                           "creates_per_s": admitted / max(1e-9, run.all_created_at or run.now())}}
+                           "creates_per_s": admitted / max(1e-9, run.all_created_at or run.now()),
+                           "overall_calls_per_s": len(inside) / max(1e-9, run.now()),
+                           "overall_calls": len(inside)}}
 
 
 def print_report(meta: dict[str, Any], data: dict[str, Any]) -> None:
@@ -543,7 +546,8 @@ def print_report(meta: dict[str, Any], data: dict[str, Any]) -> None:
         print(f"{kind:10} {v['n']:>6} {v['p50']:>8.0f} {v['p90']:>8.0f} {v['p99']:>8.0f} {v['max']:>8.0f}   {ref:>12.0f}")
     t = data["throughput"]
     print(f"throughput (steady): {t['calls_per_s']:.1f} calls/s ({t['commands_per_s']:.1f} commands/s, "
-          f"{t['file_calls_per_s']:.1f} file calls/s); creates {t['creates_per_s']:.2f}/s during the ramp")
+          f"{t['file_calls_per_s']:.1f} file calls/s); creates {t['creates_per_s']:.2f}/s during the ramp; "
+          f"overall {t['overall_calls_per_s']:.1f} calls/s ({t['overall_calls']} calls in {data['total_seconds']:.0f} s)")
     s = data["server"]
     print(f"server: RSS {s['rss_mib_start']:.0f} -> max {s['rss_mib_max']:.0f} MiB, threads max {s['threads_max']}, "
           f"fds max {s['fds_max']}; host MemAvailable min {s['mem_available_mib_min']:.0f} MiB, load max {s['loadavg_max']:.1f}")
@@ -565,11 +569,11 @@ async def main() -> int:
     ap.add_argument("--sdk", choices=sorted(SDKS), default="trenvx")
     ap.add_argument("--hot", type=int, default=0, help="a hot pool of this many (default: none, every create cold)")
     ap.add_argument("--sample-s", type=float, default=2.0)
-    ap.add_argument("--quick", action="store_true", help="CI: 10 clients, a 10 s steady phase, 3 reference rounds")
+    ap.add_argument("--quick", action="store_true", help="CI: 10 clients, a 10 s steady phase, 2 reference rounds")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     if args.quick:
-        args.clients, args.duration_s, args.reference_rounds = 10, 10.0, 3
+        args.clients, args.duration_s, args.reference_rounds = 10, 10.0, 2
     if args.clients < 1 or args.duration_s < 0:
         ap.error("--clients must be at least 1 and --duration-s not negative")
     try:

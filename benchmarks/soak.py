@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import re
@@ -345,7 +346,14 @@ async def main() -> int:
     ap.add_argument("--hot", type=int, default=0, help="a hot pool of this many (default: none, every create cold)")
     ap.add_argument("--quick", action="store_true", help="CI: 40 s, 3 at once, a sample every 2 s, 8 s warm-up")
     ap.add_argument("--json", default="")
+    ap.add_argument("--print", dest="print_json", default="", metavar="JSON",
+                    help="print an earlier run's table, its verdicts computed again from its samples")
     args = ap.parse_args()
+    if args.print_json:
+        old = json.loads(Path(args.print_json).read_text())
+        old["metrics"] = analyse(old["timeline"], old["meta"]["warmup_s"])
+        print_report(old["meta"], old)
+        return 0
     if args.quick:
         args.duration_s, args.concurrency, args.interval_s, args.warmup_s = 40.0, 3, 2.0, 8.0
     if args.concurrency < 1 or args.duration_s <= 0 or args.interval_s <= 0:

@@ -50,8 +50,9 @@ def test_load_short_mode(e2e_config: Config, test_template: str, tmp_path: Path)
     for kind in ("create", "command", "file"):
         ordered(data["reference_ms"][kind], f"reference {kind}")
     assert data["latency_ms"]["create"]["n"] == 10 and data["latency_ms"]["kill"]["n"] == 10
-    t = data["throughput"]
-    assert t["calls_per_s"] > 0 and t["commands_per_s"] > 0 and t["file_calls_per_s"] > 0
+    t = data["throughput"]  # the steady phase's may be empty on a loaded host: a round can outlast it
+    assert t["overall_calls"] == data["errors"]["calls"] - 20 and t["overall_calls_per_s"] > 0
+    assert {"calls_per_s", "commands_per_s", "file_calls_per_s", "creates_per_s"} <= set(t)
     assert data["steady_seconds"] >= 10
     assert isinstance(data["degraded"], list)
     assert all({"signal", "t_s", "detail"} <= set(ev) for ev in data["degraded"])
