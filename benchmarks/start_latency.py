@@ -54,6 +54,10 @@ from trenvx.vmm.process import memory_of
 
 HELLO = "python3 -c \"print('Hello World')\""
 MODES = ("hot", "hot-usernet", "warm", "cold", "e2b", "boot")
+REFILL_MODES = {"hot-nice": "nice", "hot-normal": "normal"}
+"""The hot pool with its refills at another CPU priority than the default (``pool.refill_priority``):
+``hot-nice`` is the policy before issue 18 (refill VMs at nice 10), ``hot-normal`` no policy at all.
+Not in the default run: ``--modes hot,hot-nice,hot-normal`` compares them side by side."""
 USERNET_SUFFIX = "-usernet"
 """hot-usernet: the hot pool with QEMU user networking (no network slot: the create path before
 issue 12), on a copy of the template built for that backend, to show what a slot costs a create."""
@@ -99,9 +103,12 @@ def usernet_config(base: Config, template: str) -> Config:
 
 def mode_config(base: Config, mode: str, template: str, pool_size: int, port: int) -> dict[str, Any]:
     """The base config with this mode's start_mode and pool, as a TOML-ready dict."""
+    refill_priority = REFILL_MODES.get(mode)
     if mode == "hot-usernet":
         base = usernet_config(base, template)
         template += USERNET_SUFFIX
+        mode = "hot"
+    elif refill_priority:
         mode = "hot"
     no_pool = PoolConfig(templates=[template], warm_min=0, warm_max=0, hot_min=0, hot_max=0)
     pools = {
@@ -116,7 +123,10 @@ def mode_config(base: Config, mode: str, template: str, pool_size: int, port: in
         "max_sandboxes_per_template": max(base.orchestrator.max_sandboxes_per_template, 1000),
         "keep_on_exit": False,
     })
-    cfg = base.model_copy(update={"orchestrator": orch, "pool": pools.get(mode, no_pool)})
+    pool = pools.get(mode, no_pool)
+    if refill_priority:
+        pool = pool.model_copy(update={"refill_priority": refill_priority})
+    cfg = base.model_copy(update={"orchestrator": orch, "pool": pool})
     return config_as_toml_data(cfg)
 
 
@@ -253,7 +263,7 @@ async def run_mode(mode: str, base: Config, args: argparse.Namespace, workdir: P
         bursts = [b for b in bursts if b * mem_mb <= room]
         if skipped:
             print(f"   e2b: bursts {skipped} skipped: {mem_mb} MiB of private RAM each would not fit in memory")
-    pool_size = max([args.hot_size or 0, *bursts, 4]) if mode in ("hot", "hot-usernet", "warm") else 0
+    pool_size = max([args.hot_size or 0, *bursts, 4]) if mode in ("hot", "hot-usernet", "warm", *REFILL_MODES) else 0
     port = free_port()
     cfg_path = workdir / f"{mode}.toml"
     cfg_path.write_text(tomli_w.dumps(mode_config(base, mode, args.template, pool_size, port)))
@@ -339,6 +349,11 @@ def print_table(results: list[ModeResult], meta: dict[str, Any]) -> None:
     if "hot" in by and "hot-usernet" in by:
         print(f"a network slot costs a hot create {by['hot'] - by['hot-usernet']:+.1f} ms at p50 "
               f"({by['hot']:.1f} ms in a slot vs {by['hot-usernet']:.1f} ms on user networking)")
+    p99 = {r.mode: summary(r.ready_ms)["p99"] for r in results}
+    for other in REFILL_MODES:
+        if other in p99 and "hot" in p99:
+            print(f"hot ready p99 with refills at the default priority (idle): {p99['hot']:.1f} ms; "
+                  f"with refills at {REFILL_MODES[other]!r} priority ({other}): {p99[other]:.1f} ms")
     if "boot" in by and "hot" in by and by["hot"] > 0:
         print(f"a cold boot (no snapshot) is {by['boot'] / by['hot']:.0f}x slower than the hot pool at p50")
 
@@ -350,7 +365,8 @@ async def main() -> int:
     ap.add_argument("-n", type=int, default=200, help="sequential creates per mode (default 200)")
     ap.add_argument("--boot-n", type=int, default=5, help="sequential creates in the boot mode (default 5)")
     ap.add_argument("--bursts", default="10,50,100", help="burst sizes, comma-separated (default 10,50,100)")
-    ap.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"subset of {','.join(MODES)}, or the refill priorities {','.join(REFILL_MODES)}")
     ap.add_argument("--gap-s", type=float, default=0.5, help="pause between sequential creates (default 0.5 s)")
     ap.add_argument("--hot-size", type=int, default=0, help="pool size of the hot/warm modes (default: largest burst)")
     ap.add_argument("--pool-timeout-s", type=float, default=300.0)
@@ -361,9 +377,9 @@ async def main() -> int:
         args.n, args.boot_n, args.bursts, args.gap_s = 3, 1, "3", 0.2
     args.bursts = [int(b) for b in str(args.bursts).split(",") if b.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(modes) - set(MODES))
+    unknown = sorted(set(modes) - set(MODES) - set(REFILL_MODES))
     if unknown:
-        ap.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+        ap.error(f"unknown modes {unknown}; choose from {', '.join([*MODES, *REFILL_MODES])}")
     base = load_config(args.config)
     args.template = args.template or base.default_template
     build = TemplateStore(DataRoot(base.data_root)).current(args.template)

@@ -226,6 +226,11 @@ class PoolConfig(_Strict):
     demand_window_s: float = Field(default=60.0, gt=0)
     refill_parallelism: int = Field(default=2, ge=1, le=64)
     """VMs made at once while refilling."""
+    refill_priority: Literal["idle", "nice", "normal"] = "idle"
+    """CPU priority of a VM while it is being made and kept for a pool (a create takes it back to
+    normal): ``idle`` its cgroup's ``cpu.idle`` (lowest weight; nice 10 + ``SCHED_IDLE`` where it
+    has no cgroup), so a create never waits behind a refill; ``nice`` nice 10 only (before issue
+    18); ``normal`` none. benchmarks/start_latency.py --modes hot,hot-nice,hot-normal compares them."""
 
     @model_validator(mode="after")
     def _min_le_max(self) -> "PoolConfig":

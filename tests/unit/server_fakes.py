@@ -147,6 +147,8 @@ class FakeRestorer:
         self.kill_with_owner: list[bool] = []
         self.standins: dict[str, list[Any]] = {}
         """Sandbox id -> its VMM's stand-ins: [hybrid vsock socket, API]."""
+        self.jail = None
+        """No jail: the stand-in "VMs" are sleep processes of ours."""
 
     def driver(self, build: Any) -> Any:
         """The fake "VMM": its sleep processes give no freed guest memory back."""

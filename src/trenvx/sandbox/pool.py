@@ -22,12 +22,12 @@ what a previous pool left (:func:`reap_stale_pooled`).
 from __future__ import annotations
 
 import asyncio
-import shlex
 import collections
 import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -40,8 +40,10 @@ from ..config import INTERPRETER_PORT, PoolConfig
 from ..guest.client import AgentClient
 from ..layout import DataRoot
 from ..template.store import TemplateBuild, TemplateNotFound, TemplateStore
-from . import adopt, inflight
+from ..vmm.base import Vm
 from ..vmm.jail import set_background
+from ..vmm.process import set_priority
+from . import adopt, inflight
 from .restore import PreparedVm, SnapshotRestore, new_sandbox_id
 
 log = logging.getLogger(__name__)
@@ -179,7 +181,7 @@ class TemplatePool:
                     self._discard_later(item)
                     continue
                 item.unmark()
-                set_background(item.vm, False)
+                self._set_refill_priority(item.vm, False)
                 self.hits[tier] += 1
                 self._last_take = time.monotonic()
                 self._wake.set()
@@ -188,6 +190,14 @@ class TemplatePool:
         self._last_take = time.monotonic()
         self._wake.set()
         return None
+
+    def _set_refill_priority(self, vm: Vm, background: bool) -> None:
+        """A VM being made or kept for the pool runs at ``refill_priority``; a taken one at normal."""
+        policy = self.config.refill_priority
+        if policy == "idle":
+            set_background(vm, background)
+        elif policy == "nice":
+            set_priority(vm.pid, REFILL_NICE if background else 0)
 
     def _note_demand(self) -> None:
         now = time.monotonic()
@@ -279,7 +289,7 @@ class TemplatePool:
             except BaseException:
                 inflight.clear(self.restorer.data_root.run, sid)
                 raise
-            set_background(prepared.vm, True)
+            self._set_refill_priority(prepared.vm, True)
             item = PooledVm(build, sid, prepared, "warm", self.restorer)
             try:
                 item.mark()
