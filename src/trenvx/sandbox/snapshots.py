@@ -347,8 +347,11 @@ class Snapshots:
         sizes = {k: v for k, v in m.sizes.items() if k in ("rootfs_bytes", "upper_bytes")}
         sizes.update(memory_bytes=cp.memory_file.stat().st_size, vmstate_bytes=cp.vmstate.stat().st_size,
                      layer_bytes=cp.layer.stat().st_size, merged_pages=cp.stats.merged_pages)
+        # integrity: the template's hashes describe the template's files, not this snapshot's memory,
+        # state and layer; a snapshot is not hashed (its files were written a moment ago by this
+        # process, and hashing the memory file would lengthen every fork).
         return m.model_copy(update=dict(
-            name=name, build_id=build_id, created_at=dt.datetime.now(dt.UTC).isoformat(),
+            name=name, build_id=build_id, created_at=dt.datetime.now(dt.UTC).isoformat(), integrity=None,
             sizes=sizes, stage_seconds={**{k: round(v, 4) for k, v in cp.times.items()}, "stopped": round(cp.stopped_s, 4)},
             snapshot=SnapshotOrigin(
                 source_sandbox=sb.id, source_template=sb.template, source_build=_real(source.path),
