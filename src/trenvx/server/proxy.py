@@ -113,17 +113,26 @@ ACCESS_TOKEN_HEADER = b"x-access-token"
 CONNECT_STREAM_TYPE = "application/connect+"
 END_STREAM_FLAG = 0x02
 HOST_RE = re.compile(r"^(\d{1,5})-([a-z0-9][a-z0-9-]{0,63})\.(.+)$")
+SANDBOX_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+"""What a sandbox id looks like (the host and path forms allow no other): anything else in the
+``E2b-Sandbox-Id`` header is refused before it is looked up or echoed."""
 
 HOP_BY_HOP = {
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
     b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
 }
-FORWARDED_SET = {b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix"}
-"""Headers the proxy sets itself (a client's own are dropped): where the client reached it."""
+FORWARDED_SET = {b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix",
+                 b"forwarded"}
+"""Headers the proxy sets itself (a client's own are dropped, so that a sandbox's server that trusts
+its proxy is not told a client address or host the client made up): where the client reached it."""
 REQUEST_DROP = HOP_BY_HOP | FORWARDED_SET | {SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOKEN_HEADER}
 WS_REQUEST_DROP = REQUEST_DROP | {b"host", b"sec-websocket-key", b"sec-websocket-version",
                                   b"sec-websocket-extensions", b"sec-websocket-protocol", b"content-length"}
 
+MAX_HEADER_COUNT = 96
+"""Most headers a request passed into a sandbox may have (the agent, like Python's http.server, takes 100)."""
+MAX_HEADER_BYTES = 64 << 10
+"""Most bytes of headers a request passed into a sandbox may have."""
 GONE_POLL_S = 0.5
 """How often a proxied stream looks whether its sandbox still runs."""
 CUT_GRACE_S = 1.0
@@ -157,7 +166,10 @@ def target_of(scope: Scope, domain: str) -> tuple[str, int] | None:
     if sid is not None or port is not None:
         if not sid or not port:
             raise BadTarget("send both E2b-Sandbox-Id and E2b-Sandbox-Port headers to reach a sandbox")
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
+        if not SANDBOX_ID_RE.match(sid):
+            raise BadTarget(f"header E2b-Sandbox-Id: {sid[:70]!r} is not a sandbox id (lowercase letters, "
+                            "digits and '-')")
+        if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
             raise BadTarget(f"header E2b-Sandbox-Port: {port[:20]!r} is not a port number (1-65535)")
         return sid, int(port)
     if host:
@@ -253,6 +265,9 @@ class SandboxProxy:
         if target is None:
             return await self.app(scope, receive, send)
         sid, port = target
+        oversize = _oversize_headers(scope)
+        if oversize is not None:
+            return await self._refuse(scope, receive, send, 431, oversize, sandboxId=sid)
         # The URL's traffic token is the proxy's alone: out of the query before the sandbox, or the
         # server's access log (which reads this scope), can see it.
         query, param = take_token_param(scope.get("query_string", b""))
@@ -549,6 +564,20 @@ class _Forward:
     """The path form's prefix (``/sandboxes/ID/ports/PORT``), None for the other forms."""
 
 
+def _oversize_headers(scope: Scope) -> str | None:
+    """Why the request's headers are too many or too large to pass into a sandbox, None when they are not.
+
+    uvicorn's parser bounds only a head that arrives in pieces; one that arrives whole passes at any
+    size, and the sandbox's server (the agent takes 100 headers, 64 KiB a line) would refuse it with
+    an answer of its own, or break."""
+    headers = scope.get("headers", ())
+    size = sum(len(k) + len(v) + 4 for k, v in headers)
+    if len(headers) > MAX_HEADER_COUNT or size > MAX_HEADER_BYTES:
+        return (f"request headers too large for a sandbox: {len(headers)} headers, {size} bytes "
+                f"(at most {MAX_HEADER_COUNT} headers and {MAX_HEADER_BYTES} bytes)")
+    return None
+
+
 def _has_routing_headers(scope: Scope) -> bool:
     """Whether the request names its sandbox by E2B's headers (a program, not a browser's link)."""
     return any(k in (SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER) for k, _ in scope.get("headers", ()))
@@ -574,6 +603,11 @@ def _forwarded_headers(scope: Scope, drop: set[bytes], prefix: str | None) -> li
     """The request's headers as sent into the sandbox: without ``drop`` and the proxy's cookie, with
     ``X-Forwarded-For``/``-Proto``/``-Host`` (and ``-Prefix`` in the path form). A web IDE checks a
     websocket's Origin against ``X-Forwarded-Host``: the upgrade reaches it with another Host."""
+    drop = drop | connection_listed(scope["headers"])
+    if any(k == b"transfer-encoding" for k, _ in scope["headers"]):
+        # The body arrives de-chunked and is framed anew upstream: a Content-Length beside the
+        # chunking (a CL.TE smuggling attempt) must not go with it.
+        drop = drop | {b"content-length"}
     headers = [(k, v) for k, v in without_cookie(scope["headers"]) if k not in drop]
     client_addr = scope.get("client") or ("", 0)
     headers.append((b"x-forwarded-for", str(client_addr[0]).encode()))
@@ -584,6 +618,17 @@ def _forwarded_headers(scope: Scope, drop: set[bytes], prefix: str | None) -> li
     if prefix is not None:
         headers.append((b"x-forwarded-prefix", prefix.encode()))
     return headers
+
+
+def connection_listed(headers: Any) -> set[bytes]:
+    """The header names a ``Connection`` header lists: hop-by-hop for this one connection (RFC 9110
+    7.6.1), so not forwarded. The headers the proxy sets itself are added after this, so naming
+    them removes only the client's own."""
+    names: set[bytes] = set()
+    for k, v in headers:
+        if k == b"connection":
+            names.update(n.strip().lower() for n in v.split(b",") if n.strip())
+    return names - {b"host"}  # the Host names the sandbox's site: it stays
 
 
 def _prefixed_response_headers(headers: list[tuple[bytes, bytes]], prefix: str,
