@@ -9,7 +9,7 @@ import pytest
 
 from trenvx.vmm import cgroups
 from trenvx.vmm.cgroups import CgroupLimits, VmmCgroup
-from trenvx.vmm.jail import Bind, JailPolicy, plan_binds
+from trenvx.vmm.jail import Bind, JailPolicy, grant_read, plan_binds, shared_roots
 from trenvx.vmm.qemu import qemu_argv
 from trenvx.vmm.base import DiskSpec, MachineSpec, VmSpec
 
@@ -126,6 +126,40 @@ def test_a_symlinked_entry_of_data_root_is_bound_at_the_path_qemu_is_given(tmp_p
     (root / "cache").symlink_to(tmp_path / "shared/cache")
     binds = plan_binds(root, [], [root / "cache/preload/lib.so"])
     assert binds == [Bind(root / "cache/preload", False, shared)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to the jail group needs root")
+def test_a_fork_build_under_a_symlinked_templates_dir_is_made_readable_by_the_jail_group(tmp_path: Path) -> None:
+    """A fork's build is made under 0700 directories; when data_root's ``templates`` is a symlink
+    (a test server's), the real directories are outside data_root and were left 0700: the jailed
+    child could not open its backing layer."""
+    group = 3_000_000
+    shared, root = tmp_path / "shared", tmp_path / "data"
+    build = shared / "templates/.fork-x/b1"
+    build.mkdir(parents=True)
+    for d in (shared / "templates/.fork-x", build):
+        os.chmod(d, 0o700)
+    layer = build / "layer.qcow2"
+    layer.write_bytes(b"")
+    os.chmod(layer, 0o600)
+    outside = tmp_path / "elsewhere/secret"
+    outside.parent.mkdir()
+    outside.write_bytes(b"")
+    os.chmod(outside, 0o600)
+    os.chmod(shared, 0o700)
+    root.mkdir()
+    (root / "templates").symlink_to(shared / "templates")
+    roots = shared_roots(root)
+    assert roots == [root.resolve(), (shared / "templates").resolve()]
+    grant_read(layer, group, roots)
+    for d in (build, shared / "templates/.fork-x"):
+        st = d.stat()
+        assert st.st_gid == group and st.st_mode & 0o777 == 0o710, (d, oct(st.st_mode))
+    st = layer.stat()
+    assert st.st_gid == group and st.st_mode & 0o777 == 0o640
+    assert shared.stat().st_mode & 0o777 == 0o700  # above the symlink's target: not ours
+    grant_read(outside, group, roots)
+    assert outside.stat().st_mode & 0o777 == 0o600 and outside.stat().st_gid != group
 
 
 def spec(**kw: object) -> VmSpec:

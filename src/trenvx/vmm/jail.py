@@ -390,17 +390,39 @@ def plan_binds(data_root: Path, own_dirs: Sequence[Path], read_files: Sequence[P
     return sorted(binds, key=lambda b: len(b.path.parts))
 
 
-def grant_read(path: Path, group: int, stop_at: Path) -> None:
-    """Make ``path`` readable (and its directories up to ``stop_at`` traversable) by the jail
-    group, without making anything writable or readable by others."""
-    stop = stop_at.resolve()
+def shared_roots(data_root: Path) -> list[Path]:
+    """The real directories whose files a jailed VMM may be granted: data_root's, and those its
+    symlinked entries point to (a test server's ``templates``, ``cache`` and ``kernels`` link to a
+    shared data_root; a fork's build is made there, under 0700 directories)."""
+    root = data_root.resolve()
+    out = [root]
+    try:
+        entries = list(Path(os.path.abspath(data_root)).iterdir())
+    except OSError:
+        return out
+    for e in entries:
+        try:
+            if e.is_symlink() and e.resolve().is_dir():
+                out.append(e.resolve())
+        except OSError:
+            continue
+    return out
+
+
+def grant_read(path: Path, group: int, stop_at: Path | Sequence[Path]) -> None:
+    """Make ``path`` readable (and its directories up to the root it lies under) by the jail
+    group, without making anything writable or readable by others. ``stop_at``: data_root, or
+    the real roots of :func:`shared_roots`; a path under none of them is not ours to change."""
+    stops = [p.resolve() for p in ([stop_at] if isinstance(stop_at, Path) else stop_at)]
     try:
         real = path.resolve()
         st = real.stat()
     except OSError:
         return
-    if real != stop and stop not in real.parents:
+    under = [s for s in stops if real == s or s in real.parents]
+    if not under:
         return  # outside data_root: not ours to change
+    stop = max(under, key=lambda s: len(s.parts))
     if not st.st_mode & stat.S_IROTH and not (st.st_gid == group and st.st_mode & stat.S_IRGRP):
         os.chown(real, -1, group)
         os.chmod(real, (stat.S_IMODE(st.st_mode) | stat.S_IRGRP) & ~stat.S_IWGRP)
@@ -413,7 +435,7 @@ def grant_read(path: Path, group: int, stop_at: Path) -> None:
         if not dst.st_mode & stat.S_IXOTH and not (dst.st_gid == group and dst.st_mode & stat.S_IXGRP):
             os.chown(d, -1, group)
             os.chmod(d, (stat.S_IMODE(dst.st_mode) | stat.S_IXGRP) & ~stat.S_IWGRP)
-        if d == stop:
+        if d == stop or d in stops:
             return
         d = d.parent
 
@@ -476,6 +498,7 @@ class VmmJail:
         uid = policy.claim_uid(name)
         jail = cls(policy, name, uid, netns=netns, tap=tap)
         try:
+            roots = shared_roots(policy.data_root)
             shared = list(read_files)
             for f in own_files:
                 shared += backing_chain(f)
@@ -488,10 +511,10 @@ class VmmJail:
                 if f not in read_files:
                     _seal_shared(f, policy.group)
                 skip.add((st.st_dev, st.st_ino))
-                grant_read(f, policy.group, policy.data_root)
+                grant_read(f, policy.group, roots)
             for d in own_dirs:
                 _own_tree(d, uid, uid, skip)
-                grant_read(d, policy.group, policy.data_root)  # its parents traversable (0711 sandboxes/)
+                grant_read(d, policy.group, roots)  # its parents traversable (0711 sandboxes/)
             for f in own_files:
                 if f.exists() and f.parent not in own_dirs:
                     os.chown(f, uid, uid)
