@@ -27,7 +27,7 @@ from ..config import Config
 from ..sandbox.manager import SandboxManager
 from ..sandbox.metrics_sampler import MetricsSampler
 from . import errors, routes_builds, routes_not_implemented, routes_sandboxes, routes_snapshots, routes_templates
-from . import routes_cluster, routes_ssh
+from . import log_redaction, routes_cluster, routes_ssh
 from .cluster_routing import ClusterRouter
 from .asgi_replies import respond_error
 from .metrics import ServerMetrics
@@ -137,6 +137,7 @@ def create_app(config: Config, *, manager: SandboxManager | None = None, keep: b
 
         state_path = DataRoot(config.data_root).ensure().run / "state.sqlite"
         manager = SandboxManager(config, state_path=state_path, keep=keep)
+    log_redaction.install()  # signed URLs' signatures and query tokens stay out of the access log
     orch = config.orchestrator
     proxy_holder: dict[str, SandboxProxy] = {}
     sampler = MetricsSampler(manager.list, lambda sb: sb.build.manifest.machine.vcpu)
