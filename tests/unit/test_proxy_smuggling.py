@@ -174,11 +174,13 @@ def _api_spy(app, calls: list[str]):  # type: ignore[no-untyped-def]
     return app
 
 
-def raw_exchange(rig: Rig, payload: bytes, settle_s: float = 0.3) -> bytes:
-    """Send ``payload`` on one connection; read what comes back until the server closes or goes quiet."""
+def raw_exchange(rig: Rig, payload: bytes, settle_s: float = 0.1, quiet_s: float = 0.5) -> bytes:
+    """Send ``payload`` on one connection; read what comes back until the server closes or is quiet
+    for ``quiet_s`` (it keeps the connection open after its answers; half-closing ours would make it
+    drop them)."""
     with socket.create_connection(("127.0.0.1", rig.port), timeout=5) as s:
         s.sendall(payload)
-        s.settimeout(1.0)
+        s.settimeout(quiet_s)
         chunks = []
         while True:
             try:
