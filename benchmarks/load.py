@@ -11,7 +11,7 @@ links to the config's data_root, so it needs the template built there and leaves
 First one client alone (the unloaded reference: one create, ``--reference-rounds`` rounds of calls).
 Then ``--clients`` clients at once, each with its own SDK object (its own HTTP connections):
 
-- **create**: ``AsyncSandbox.create``; a refusal (429: a sandbox limit; 503: host memory) is
+- **create**: ``AsyncSandbox.create``, all at once (or spread evenly over ``--ramp-s``); a refusal (429: a sandbox limit; 503: host memory) is
   retried after ``Retry-After`` (or 1 s) until ``--admit-s`` has passed, and counted as a refusal;
 - **rounds**, until every client has its sandbox and ``--duration-s`` more seconds have passed:
   ``commands.run("echo ...")`` (its output checked), every ``--python-every``-th round
@@ -246,6 +246,7 @@ class Run:
     refusal_times: list[float] = field(default_factory=list)
     error_samples: dict[str, str] = field(default_factory=dict)
     alive: int = 0
+    creating: int = 0
     created: int = 0
     not_admitted: int = 0
     all_created_at: float | None = None
@@ -331,10 +332,9 @@ async def create_admitted(w: Workload, run: Run, timeout_s: int) -> Any:
     while True:
         t = run.now()
         t_start = time.perf_counter()
+        run.creating += 1
         try:
             sbx = await cls.create(w.template, timeout=timeout_s, **w.connection())
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             refusal = refusal_of(exc)
             if not refusal or time.monotonic() > deadline:
@@ -345,10 +345,13 @@ async def create_admitted(w: Workload, run: Run, timeout_s: int) -> Any:
                 raise
             run.refusals[refusal] += 1
             run.refusal_times.append(t)
-            await asyncio.sleep(float(getattr(exc, "retry_after", 0) or 1.0))
-            continue
-        run.calls.append(Call("create", t, time.perf_counter() - t_start, "", run.steady(t)))
-        return sbx
+            retry_after = float(getattr(exc, "retry_after", 0) or 1.0)
+        else:
+            run.calls.append(Call("create", t, time.perf_counter() - t_start, "", run.steady(t)))
+            return sbx
+        finally:
+            run.creating -= 1
+        await asyncio.sleep(retry_after)
 
 
 async def one_round(w: Workload, run: Run, sbx: Any, me: str, i: int) -> None:
@@ -388,9 +391,11 @@ async def _checked_list(sbx: Any, path: str, name: str, w: Workload) -> None:
         raise WrongAnswer(f"{name} not listed in {path}: {[e.name for e in entries][:10]}")
 
 
-async def client(w: Workload, run: Run, all_created: asyncio.Event, duration_s: float, n: int) -> None:
-    """One client: create, rounds until the steady phase ends, kill."""
+async def client(w: Workload, run: Run, all_created: asyncio.Event, duration_s: float, n: int,
+                 start_after_s: float = 0.0) -> None:
+    """One client: (after ``start_after_s``) create, rounds until the steady phase ends, kill."""
     me = uuid.uuid4().hex[:8]
+    await asyncio.sleep(start_after_s)
     try:
         sbx = await create_admitted(w, run, timeout_s=int(w.admit_s + duration_s + 600))
     except Exception:
@@ -420,7 +425,8 @@ async def client(w: Workload, run: Run, all_created: asyncio.Event, duration_s: 
 async def sample_loop(backend: Backend, run: Run, out: list[dict[str, float]], interval_s: float) -> None:
     while True:
         s = await asyncio.to_thread(server_sample, backend)
-        s.update({"t": round(run.now(), 1), "alive": run.alive, "vmm_processes": await asyncio.to_thread(vmm_count, backend.data_root)})
+        s.update({"t": round(run.now(), 1), "alive": run.alive, "creating": run.creating,
+                  "vmm_processes": await asyncio.to_thread(vmm_count, backend.data_root)})
         out.append(s)
         await asyncio.sleep(interval_s)
 
@@ -468,7 +474,10 @@ def first_degraded(calls: list[Call], reference: dict[str, dict[str, float]], ru
     errs = [c for c in calls if c.error]
     if errs:
         first = min(errs, key=lambda c: c.t)
-        events.append({"signal": "error", "t_s": round(first.t, 1), "detail": f"{first.kind}: {first.error}"})
+        at = min(samples, key=lambda s: abs(s["t"] - first.t - first.seconds)) if samples else {}
+        events.append({"signal": "error", "t_s": round(first.t, 1),
+                       "detail": f"{first.kind}: {first.error} after {first.seconds:.0f} s "
+                                 f"({at.get('alive', '?')} sandboxes alive, {at.get('creating', '?')} creates in flight then)"})
     low = [s for s in samples if s["mem_available_mib"] < 0.10 * ram_mib]
     if low:
         events.append({"signal": "MemAvailable < 10%", "t_s": low[0]["t"], "detail": f"{low[0]['mem_available_mib']:.0f} MiB"})
@@ -500,13 +509,15 @@ async def reference(w: Workload, rounds: int) -> dict[str, dict[str, float]]:
     return latency_table(run.calls)
 
 
-async def load(backend: Backend, w: Workload, clients: int, duration_s: float, sample_s: float) -> dict[str, Any]:
+async def load(backend: Backend, w: Workload, clients: int, duration_s: float, sample_s: float,
+               ramp_s: float = 0.0) -> dict[str, Any]:
     run = Run()
     samples: list[dict[str, float]] = []
     sampler = asyncio.create_task(sample_loop(backend, run, samples, sample_s))
     all_created = asyncio.Event()
     try:
-        await asyncio.gather(*(client(w, run, all_created, duration_s, clients) for _ in range(clients)))
+        await asyncio.gather(*(client(w, run, all_created, duration_s, clients, i * ramp_s / clients)
+                               for i in range(clients)))
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -528,7 +539,8 @@ async def load(backend: Backend, w: Workload, clients: int, duration_s: float, s
 
 
 def print_report(meta: dict[str, Any], data: dict[str, Any]) -> None:
-    print(f"\nload: {meta['clients']} clients ({meta['sdk']} SDK, each its own client), template {meta['template']} "
+    print(f"\nload: {meta['clients']} clients ({meta['sdk']} SDK, each its own client; creates "
+          f"{'all at once' if not meta['ramp_s'] else 'spread over %g s' % meta['ramp_s']}), template {meta['template']} "
           f"({meta['mem_mb']} MiB guest, {meta['accelerator'].upper()}), {meta['cpus']} cores, {meta['ram_gib']} GiB; "
           f"steady phase {data['steady_seconds']:.0f} s after a {data['ramp_seconds'] or 0:.0f} s ramp; "
           f"host load at start {meta['loadavg_at_start'][0]:.1f}, {meta['qemu_processes_at_start']} other VMMs")
@@ -565,6 +577,10 @@ async def main() -> int:
     ap.add_argument("--think-s", type=float, default=0.5, help="idle time between a client's rounds")
     ap.add_argument("--python-every", type=int, default=3, help="python3 -c in every K-th round (0: never)")
     ap.add_argument("--admit-s", type=float, default=600.0, help="how long refused creates are retried")
+    ap.add_argument("--ramp-s", type=float, default=0.0,
+                    help="spread the clients' creates evenly over this many seconds (default 0: all at once)")
+    ap.add_argument("--request-timeout-s", type=float, default=900.0,
+                    help="the SDK's timeout of every call, and of every command (default 900 s)")
     ap.add_argument("--reference-rounds", type=int, default=10)
     ap.add_argument("--sdk", choices=sorted(SDKS), default="trenvx")
     ap.add_argument("--hot", type=int, default=0, help="a hot pool of this many (default: none, every create cold)")
@@ -583,9 +599,11 @@ async def main() -> int:
         return 2
     meta = {**host_meta(backend), "clients": args.clients, "sdk": args.sdk, "duration_s": args.duration_s,
             "think_s": args.think_s, "python_every": args.python_every, "hot_pool": args.hot,
+            "ramp_s": args.ramp_s, "request_timeout_s": args.request_timeout_s,
             "data_root": str(backend.data_root)}
     w = Workload(sdk=args.sdk, template=args.template, url=backend.url, think_s=args.think_s,
-                 python_every=args.python_every, admit_s=args.admit_s)
+                 python_every=args.python_every, admit_s=args.admit_s,
+                 command_timeout_s=args.request_timeout_s, request_timeout_s=args.request_timeout_s)
     try:
         await backend.server.start()
         if args.hot:
@@ -593,7 +611,7 @@ async def main() -> int:
         print(f"== unloaded reference ({args.reference_rounds} rounds, one client)", flush=True)
         ref = await reference(w, args.reference_rounds)
         print(f"== {args.clients} clients", flush=True)
-        result = await load(backend, w, args.clients, args.duration_s, args.sample_s)
+        result = await load(backend, w, args.clients, args.duration_s, args.sample_s, args.ramp_s)
         async with httpx.AsyncClient(base_url=backend.url, timeout=30) as c:
             left = (await c.get("/sandboxes")).json()
     except BaseException:
