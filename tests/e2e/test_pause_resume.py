@@ -14,6 +14,7 @@ import asyncio
 import io
 import mmap
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -71,8 +72,10 @@ def test_ten_cycles_lose_nothing(e2b_env, test_template) -> None:
     try:
         for i in range(10):
             sbx.files.write(f"{HOME}/file{i}.txt", f"content of cycle {i}")
+            # timeout=0: no deadline (the SDK's default of 60 s kills the first cycles' processes
+            # once ten cycles take longer than that, as they do on a loaded host).
             h = sbx.commands.run(f"i=0; while :; do echo $i >> {HOME}/bg{i}.log; i=$((i+1)); sleep 0.3; done",
-                                 background=True)
+                                 background=True, timeout=0)
             pids.append(h.pid)
             assert wait_until(lambda: sbx.files.exists(f"{HOME}/bg{i}.log") and lines(sbx, f"{HOME}/bg{i}.log"), 60)
             before = {j: lines(sbx, f"{HOME}/bg{j}.log") for j in range(i + 1)}
@@ -323,13 +326,16 @@ async def test_filter_and_merge_on_a_stream_captured_from_a_real_vm(manager, tes
         assert _same_file(merged_raw, merged_filtered), "filtered and raw stream merge into different memory"
         merged_raw.unlink()
 
-        # a VM restored from the merged memory file (mapped privately, as a template's) and stream
-        merged_filtered.chmod(0o444)
+        # a VM restored from the merged memory file (mapped privately, as a template's) and stream;
+        # the memory file in the sandbox's directory: a jailed VMM reads nothing of a 0700 tmp_path
+        memory = prepared.workdir / "merged-memory"
+        shutil.move(merged_filtered, memory)
+        memory.chmod(0o444)
         import dataclasses
 
-        spec = dataclasses.replace(vm.spec, memory_file=merged_filtered)
+        spec = dataclasses.replace(vm.spec, memory_file=memory)
         vm2 = await driver.prestart(spec)
-        await driver.restore(vm2, SnapshotFiles(tmp_path / "vmstate", merged_filtered))
+        await driver.restore(vm2, SnapshotFiles(tmp_path / "vmstate", memory))
         async with AgentClient.for_endpoint(vm2.agent_endpoint, timeout=120) as agent:
             r = await agent.run(["/bin/sh", "-c", "cat /root/mark; wc -c < /dev/shm/noise"])
             assert r.stdout.split() == [b"captured", str(8 << 20).encode()], r

@@ -9,7 +9,7 @@ import pytest
 
 from trenvx.vmm import cgroups
 from trenvx.vmm.cgroups import CgroupLimits, VmmCgroup
-from trenvx.vmm.jail import Bind, JailPolicy, grant_read, plan_binds, shared_roots
+from trenvx.vmm.jail import Bind, JailPolicy, grant_read, plan_binds, shared_roots, unreadable_by
 from trenvx.vmm.qemu import qemu_argv
 from trenvx.vmm.base import DiskSpec, MachineSpec, VmSpec
 
@@ -160,6 +160,34 @@ def test_a_fork_build_under_a_symlinked_templates_dir_is_made_readable_by_the_ja
     assert shared.stat().st_mode & 0o777 == 0o700  # above the symlink's target: not ours
     grant_read(outside, group, roots)
     assert outside.stat().st_mode & 0o777 == 0o600 and outside.stat().st_gid != group
+
+
+def test_a_file_the_jail_cannot_reach_is_named_with_the_directory_in_the_way() -> None:
+    import shutil
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is under a 0700 directory
+    try:
+        _check_unreadable_by(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _check_unreadable_by(tmp_path: Path) -> None:
+    hidden = tmp_path / "private"
+    hidden.mkdir()
+    f = hidden / "memory"
+    f.write_bytes(b"")
+    os.chmod(f, 0o444)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(hidden, 0o700)
+    why = unreadable_by(f, [os.getgid() + 12345])
+    assert why.startswith(f"{hidden} (mode 700") and "pass through" in why
+    os.chmod(hidden, 0o711)
+    assert unreadable_by(f, [os.getgid() + 12345]) == ""
+    os.chmod(f, 0o440)
+    assert "cannot be read" in unreadable_by(f, [os.getgid() + 12345])
+    assert unreadable_by(f, [f.stat().st_gid]) == ""
 
 
 def spec(**kw: object) -> VmSpec:

@@ -35,6 +35,7 @@ the server as root); only the VMMs of sandboxes (and pools) are.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import functools
 import hashlib
@@ -440,6 +441,27 @@ def grant_read(path: Path, group: int, stop_at: Path | Sequence[Path]) -> None:
         d = d.parent
 
 
+def unreadable_by(path: Path, groups: Sequence[int]) -> str:
+    """Why a process of a fresh jail uid (owner of nothing, in ``groups``) cannot read ``path``
+    by its mode bits, or "" when it can: the first directory it cannot pass, or the file."""
+    try:
+        real = Path(os.path.abspath(path))
+        parts = [*reversed(real.parents), real]
+    except OSError:
+        return ""
+    for i, p in enumerate(parts):
+        try:
+            st = p.stat()
+        except OSError:
+            return ""  # QEMU says what is missing
+        last = i == len(parts) - 1
+        other, grp = (stat.S_IROTH, stat.S_IRGRP) if last else (stat.S_IXOTH, stat.S_IXGRP)
+        if not st.st_mode & other and not (st.st_gid in groups and st.st_mode & grp):
+            what = "read" if last else "pass through"
+            return f"{p} (mode {stat.S_IMODE(st.st_mode):o}, {st.st_uid}:{st.st_gid}) cannot be {what} by jailed VMMs"
+    return ""
+
+
 def _own_tree(top: Path, uid: int, gid: int, skip: set[tuple[int, int]]) -> None:
     """``top`` and what it holds owned by ``uid:gid`` (``top`` mode 0700), except the inodes in
     ``skip`` (shared read-only layers)."""
@@ -521,6 +543,11 @@ class VmmJail:
             kvm = Path("/dev/kvm")
             if kvm.exists():
                 jail.extra_groups = (kvm.stat().st_gid,)
+            for f in shared:
+                why = unreadable_by(f, (policy.group, *jail.extra_groups))
+                if why:
+                    raise JailError(errno.EACCES, f"the VMM of {name} must read {f}, but {why}; files a VM maps "
+                                    f"must lie under data_root ({policy.data_root}), where the jail makes them readable")
             if policy.mount_ns:
                 jail.binds = plan_binds(policy.data_root, own_dirs, [*shared, *own_files])
             if policy.cgroups is not None:
