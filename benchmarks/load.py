@@ -20,7 +20,8 @@ Then ``--clients`` clients at once, each with its own SDK object (its own HTTP c
 - **kill**.
 
 A call that raises or answers wrongly is an error, classified by phase and kind (the exception's
-class and HTTP status, or ``wrong_answer``). Reported: the error rate over all calls, refusals,
+class and HTTP status, or ``wrong_answer``). A client whose sandbox is gone (a call answered that it
+does not exist: the server ended it) stops there and counts it lost, its failed call an error. Reported: the error rate over all calls, refusals,
 latency percentiles (p50/p90/p99/max) of create, command, python, file calls and kill, against the
 unloaded reference, throughput (calls per second in the steady phase), a timeline (every 2 s: the
 sandboxes alive, the server's RSS, threads and fds, the host's MemAvailable and load) and what
@@ -245,6 +246,7 @@ class Run:
     refusals: Counter[str] = field(default_factory=Counter)
     refusal_times: list[float] = field(default_factory=list)
     error_samples: dict[str, str] = field(default_factory=dict)
+    lost: list[float] = field(default_factory=list)
     alive: int = 0
     creating: int = 0
     created: int = 0
@@ -261,6 +263,15 @@ class Run:
 
 class WrongAnswer(Exception):
     """A call succeeded but answered something else than it should have."""
+
+
+class SandboxLost(Exception):
+    """The client's sandbox is gone (a call answered that it does not exist): its rounds stop."""
+
+
+def is_lost(exc: BaseException) -> bool:
+    """Does ``exc`` say the sandbox does not exist (any more)?"""
+    return type(exc).__name__ in ("SandboxNotFoundError", "SandboxNotFoundException")
 
 
 def error_class(exc: BaseException) -> str:
@@ -355,21 +366,24 @@ async def create_admitted(w: Workload, run: Run, timeout_s: int) -> Any:
 
 
 async def one_round(w: Workload, run: Run, sbx: Any, me: str, i: int) -> None:
-    """One round of calls on ``sbx``; each call's failure is recorded and the round goes on."""
-    with contextlib.suppress(Exception):
-        token = f"{me}-{i}"
-        await timed(run, "command", _checked_run(sbx, f"echo {token}", token, w))
-    if w.python_every and i % w.python_every == 0:
-        with contextlib.suppress(Exception):
-            await timed(run, "python", _checked_run(sbx, f"python3 -c 'print(6 * {i + 7})'", str(6 * (i + 7)), w))
+    """One round of calls on ``sbx``; each call's failure is recorded and the round goes on, unless
+    the sandbox is gone: then :class:`SandboxLost` (its calls would all fail the same way)."""
+    token = f"{me}-{i}"
     path = f"/tmp/load/{me}-{i % 4}.txt"
     body = f"{me} round {i}\n" * 8
-    with contextlib.suppress(Exception):
-        await timed(run, "write", sbx.files.write(path, body, request_timeout=w.request_timeout_s))
-    with contextlib.suppress(Exception):
-        await timed(run, "read", _checked_read(sbx, path, body, w))
-    with contextlib.suppress(Exception):
-        await timed(run, "list", _checked_list(sbx, "/tmp/load", path.rsplit("/", 1)[1], w))
+    calls = [("command", lambda: _checked_run(sbx, f"echo {token}", token, w))]
+    if w.python_every and i % w.python_every == 0:
+        calls.append(("python", lambda: _checked_run(sbx, f"python3 -c 'print(6 * {i + 7})'", str(6 * (i + 7)), w)))
+    calls += [("write", lambda: sbx.files.write(path, body, request_timeout=w.request_timeout_s)),
+              ("read", lambda: _checked_read(sbx, path, body, w)),
+              ("list", lambda: _checked_list(sbx, "/tmp/load", path.rsplit("/", 1)[1], w))]
+    for kind, call in calls:
+        try:
+            await timed(run, kind, call())
+        except Exception as exc:
+            if is_lost(exc):
+                run.lost.append(run.now())
+                raise SandboxLost(str(exc)) from exc
 
 
 async def _checked_run(sbx: Any, cmd: str, want: str, w: Workload) -> Any:
@@ -415,6 +429,8 @@ async def client(w: Workload, run: Run, all_created: asyncio.Event, duration_s: 
             await one_round(w, run, sbx, me, i)
             i += 1
             await asyncio.sleep(w.think_s)
+    except SandboxLost:
+        pass
     finally:
         with contextlib.suppress(Exception):
             await timed(run, "kill", sbx.kill(request_timeout=w.request_timeout_s)
@@ -468,6 +484,9 @@ def first_degraded(calls: list[Call], reference: dict[str, dict[str, float]], ru
                 events.append({"signal": f"{kind} latency", "t_s": round(series[i - 1].t, 1),
                                "detail": f"rolling p50 {p50:.0f} ms >= {factor:g}x unloaded {ref:.0f} ms"})
                 break
+    if run.lost:
+        events.append({"signal": "sandbox lost", "t_s": round(min(run.lost), 1),
+                       "detail": f"{len(run.lost)} sandboxes gone under their clients (a call answered not found)"})
     if run.refusal_times:
         events.append({"signal": "admission refusal", "t_s": round(min(run.refusal_times), 1),
                        "detail": ", ".join(f"{v} x {k}" for k, v in run.refusals.items())})
@@ -547,7 +566,7 @@ def print_report(meta: dict[str, Any], data: dict[str, Any]) -> None:
     e = data["errors"]
     print(f"admitted {data['admitted']}/{meta['clients']}; calls {e['calls']}, errors {e['errors']} "
           f"(rate {100 * e['error_rate']:.3f}%); refusals retried: {dict(data['refusals']) or 'none'}; "
-          f"peak sandboxes alive {data['peak_alive']}")
+          f"sandboxes lost under their clients {data['sandboxes_lost']}; peak sandboxes alive {data['peak_alive']}")
     for k, v in e["by_class"].items():
         print(f"  error {k}: {v}  e.g. {data['error_samples'].get(k, '')[:160]}")
     head = f"{'call':10} {'n':>6} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}   {'unloaded p50':>12}   (ms)"
@@ -630,7 +649,7 @@ async def main() -> int:
     data = {
         **result,
         "errors": error_summary(run.calls), "error_samples": run.error_samples,
-        "refusals": dict(run.refusals), "not_admitted": run.not_admitted,
+        "refusals": dict(run.refusals), "not_admitted": run.not_admitted, "sandboxes_lost": len(run.lost),
         "latency_ms": latency_table(run.calls),
         "latency_ms_steady": latency_table([c for c in run.calls if c.steady]),
         "reference_ms": ref,

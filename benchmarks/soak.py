@@ -58,6 +58,7 @@ from load import (
     SHARED,
     Backend,
     Run,
+    SandboxLost,
     Workload,
     create_admitted,
     error_summary,
@@ -266,6 +267,8 @@ async def worker(w: Workload, run: Run, end: float, rounds: int, cycles: list[in
         try:
             for i in range(rounds):
                 await one_round(w, run, sbx, me, i)
+        except SandboxLost:
+            pass  # counted in run.lost; its failed call is an error
         finally:
             with contextlib.suppress(Exception):
                 await timed(run, "kill", sbx.kill())
@@ -393,7 +396,7 @@ async def main() -> int:
             "orphan_host_ifs": orphans(claims)["orphan_host_ifs"] - netns_before["orphan_host_ifs"]}
     data = {
         "cycles": result["cycles"], "errors": error_summary(run.calls), "error_samples": run.error_samples,
-        "refusals": dict(run.refusals), "latency_ms": latency_table(run.calls),
+        "refusals": dict(run.refusals), "sandboxes_lost": len(run.lost), "latency_ms": latency_table(run.calls),
         "metrics": analyse(samples, args.warmup_s),
         "log_bytes_start": samples[0]["log_bytes"] if samples else 0,
         "log_bytes_end": final["log_bytes"], "final_sample_before_stop": final,
