@@ -49,6 +49,17 @@ async def test_e2b_commands_and_files_run_as_user(e2b_sandbox: "e2b.AsyncSandbox
     # ... and the default user's commands are not root's: root's home is out of their reach.
     r = await sbx.commands.run("cat /root/by-root.txt 2>/dev/null || echo denied")
     assert r.stdout == "denied\n"
+    # The files API as the default user meets the guest's own permissions (issue 18: hostile
+    # input): root's files, /etc/shadow and system files are refused, and nothing was written.
+    for call in (lambda: sbx.files.read("/root/by-root.txt"), lambda: sbx.files.read("/etc/shadow"),
+                 lambda: sbx.files.write("/etc/passwd", "intruder::0:0::/:/bin/sh\n"),
+                 lambda: sbx.files.write("/root/planted.txt", "x"), lambda: sbx.files.list("/root")):
+        with pytest.raises(Exception) as refused:
+            await call()
+        assert "ermission" in str(refused.value), refused.value
+    check = await sbx.commands.run("grep -c intruder /etc/passwd; test -e /root/planted.txt && echo planted; true",
+                                   user="root")
+    assert check.stdout == "0\n", check.stdout
 
 
 async def test_login_shells_read_the_profile(e2b_sandbox: "e2b.AsyncSandbox") -> None:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.unit.test_agent_harness import AgentProcess, agent, client  # noqa: F401 - fixtures
+from tests.unit.test_agent_fs_identity import area  # noqa: F401 - fixture
 from trenvx.guest.client import AgentClient, AgentError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agent tests run as root (like the guest)")
@@ -51,12 +52,15 @@ async def test_upload_from_async_iterable_and_bytes(client: AgentClient, tmp_pat
     assert await client.read_bytes(str(target)) == b"\x00\xffsmall"
 
 
-async def test_upload_is_owned_by_the_user(client: AgentClient, tmp_path: Path) -> None:
-    target = tmp_path / "owned" / "by" / "nobody.txt"
+async def test_upload_is_owned_by_the_user(client: AgentClient, area: Path, tmp_path: Path) -> None:
+    target = area / "nobody" / "owned" / "by" / "nobody.txt"
     await client.upload(str(target), b"x", user="nobody")
     assert target.stat().st_uid == 65534
-    assert (tmp_path / "owned").stat().st_uid == 65534
-    assert tmp_path.stat().st_uid == 0  # existing parents are left alone
+    assert (area / "nobody" / "owned").stat().st_uid == 65534
+    # The upload runs as the user: root's 0700 tmp_path is out of its reach (test_agent_fs_identity).
+    with pytest.raises(AgentError, match="permission denied"):
+        await client.upload(str(tmp_path / "planted" / "x.txt"), b"x", user="nobody")
+    assert not (tmp_path / "planted").exists()
 
 
 async def test_relative_path_resolves_in_home(agent: AgentProcess, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.unit.test_agent_harness import AgentProcess, fresh_agent  # noqa: F401 - fixtures
+from tests.unit.test_agent_fs_identity import area  # noqa: F401 - fixture
 from trenvx.guest.agent import ENVD_COMPAT_VERSION, signing
 from trenvx.guest.client import AgentClient
 from trenvx.server.signed_files import SignedUrlRefused, signed_files_target
@@ -100,7 +101,7 @@ def test_verify_messages() -> None:
 # ----------------------------------------------------------------------------- the agent
 
 
-async def test_download_url_and_upload_url_work_without_the_token(sbx: Any, tmp_path: Path) -> None:
+async def test_download_url_and_upload_url_work_without_the_token(sbx: Any, area: Path, tmp_path: Path) -> None:
     target = tmp_path / "signed.txt"
     target.write_text("signed download")
     r = httpx.get(sbx.download_url(str(target)))
@@ -108,7 +109,7 @@ async def test_download_url_and_upload_url_work_without_the_token(sbx: Any, tmp_
     r = httpx.get(sbx.download_url(str(target), use_signature_expiration=60))
     assert r.status_code == 200 and r.text == "signed download"
 
-    up = tmp_path / "up" / "loaded.bin"
+    up = area / "nobody" / "up" / "loaded.bin"  # where nobody may write
     r = httpx.post(sbx.upload_url(str(up), user="nobody"), files={"file": ("loaded.bin", b"\x00up\xff")})
     assert r.status_code == 200, r.text
     assert up.read_bytes() == b"\x00up\xff" and up.stat().st_uid == 65534  # written as the signed user

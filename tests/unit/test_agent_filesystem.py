@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.unit.test_agent_harness import AgentProcess, agent, client  # noqa: F401 - fixtures
+from tests.unit.test_agent_fs_identity import area  # noqa: F401 - fixture
 from trenvx.guest.agent.watch import InotifyWatcher, PollingWatcher
 from trenvx.guest.client import (
     AgentClient,
@@ -63,10 +64,10 @@ async def test_list_dir_with_depth(client: AgentClient, tmp_path: Path) -> None:
     assert info.value.code == "invalid_argument"
 
 
-async def test_make_dir_move_remove(client: AgentClient, tmp_path: Path) -> None:
-    target = tmp_path / "x" / "y" / "z"
+async def test_make_dir_move_remove(client: AgentClient, area: Path, tmp_path: Path) -> None:
+    target = area / "nobody" / "x" / "y" / "z"  # where nobody may write (test_agent_fs_identity)
     assert await client.make_dir(str(target), user="nobody") is True
-    assert target.is_dir() and target.stat().st_uid == 65534
+    assert target.is_dir() and target.stat().st_uid == 65534 and (area / "nobody" / "x").stat().st_uid == 65534
     assert await client.make_dir(str(target)) is False  # already_exists
     (tmp_path / "file").write_text("f")
     with pytest.raises(AgentError) as info:
@@ -80,8 +81,8 @@ async def test_make_dir_move_remove(client: AgentClient, tmp_path: Path) -> None
         await client.move(str(tmp_path / "gone"), str(tmp_path / "elsewhere"))
     assert info.value.code == "not_found"
 
-    await client.remove(str(tmp_path / "x"))
-    assert not (tmp_path / "x").exists()
+    await client.remove(str(area / "nobody" / "x"))
+    assert not (area / "nobody" / "x").exists()
     await client.remove(str(tmp_path / "new" / "place" / "file2"))
     assert not await client.exists(str(tmp_path / "new" / "place" / "file2"))
     # As in E2B's envd, removing what does not exist is a no-op, not not_found.

@@ -4,7 +4,7 @@ Download streams the file with ``sendfile(2)`` under a ``Content-Length``. Uploa
 ``multipart/form-data`` (what E2B's SDK sends: parts named ``file``, the destination in
 ``?path=`` or, for several files, in each part's filename) or a raw
 ``application/octet-stream`` body (optionally ``Content-Encoding: gzip``), streams it to
-disk creating parent directories, owns the result by the user, stores the request's
+disk creating parent directories, stores the request's
 ``X-Metadata-<key>`` headers as the file's ``user.e2b.<key>`` xattrs (:mod:`.xattrs`), and
 answers with the JSON list of written entries ``[{"name", "type": "file", "path",
 "metadata"?}]``.
@@ -12,6 +12,10 @@ answers with the JSON list of written entries ``[{"name", "type": "file", "path"
 Access: the ``X-Access-Token`` header, or a signed URL (``signature`` and
 ``signature_expiration`` query parameters, :mod:`.signing`) for exactly this operation,
 path and user. A request that sends the header is judged by the header alone, like envd.
+
+Both run with the user's filesystem identity (:func:`.users.acting_as`): the guest kernel
+refuses what the user may not read or write (``403``, "permission denied"), and what an
+upload creates (the file, missing parent directories) is the user's.
 
 Errors are JSON ``{"code": <http status>, "message": ...}`` as in envd's OpenAPI spec.
 """
@@ -31,7 +35,7 @@ from .connect import ConnectError
 from .httpio import Exchange
 from .multipart import MultipartError, MultipartReader, parse_options
 from .state import AgentState
-from .users import User, chown_quiet, ensure_dirs, lookup_user, resolve_path
+from .users import User, acting_as, ensure_dirs, lookup_user, resolve_path
 
 log = logging.getLogger("trenvx_agent.files")
 
@@ -95,12 +99,17 @@ class FilesApi:
     def handle(self, ex: Exchange) -> None:
         try:
             self.authorize(ex)
-            if ex.method in ("GET", "HEAD"):
-                self.download(ex)
-            elif ex.method in ("POST", "PUT"):
-                self.upload(ex)
-            else:
+            if ex.method not in ("GET", "HEAD", "POST", "PUT"):
                 raise HttpError(405, f"method {ex.method} not allowed on /files")
+            user = self._user(ex)
+            try:
+                with acting_as(user):
+                    if ex.method in ("GET", "HEAD"):
+                        self.download(ex, user)
+                    else:
+                        self.upload(ex, user)
+            except ConnectError as err:
+                raise _from_connect(err) from None
         except HttpError as err:
             if not ex.body.finished and not ex.body.drain():
                 ex.close_after()
@@ -110,8 +119,7 @@ class FilesApi:
             ex.respond_json(err.status, {"code": err.status, "message": err.message})
 
     # ------------------------------------------------------------------ download
-    def download(self, ex: Exchange) -> None:
-        user = self._user(ex)
+    def download(self, ex: Exchange, user: User) -> None:
         raw = ex.query_param("path")
         if not raw:
             raise HttpError(400, "query parameter 'path' is required")
@@ -142,8 +150,7 @@ class FilesApi:
                 ex.close_after()
 
     # ------------------------------------------------------------------ upload
-    def upload(self, ex: Exchange) -> None:
-        user = self._user(ex)
+    def upload(self, ex: Exchange, user: User) -> None:
         metadata = xattrs.from_headers(ex.headers.items())
         try:
             xattrs.validate(metadata)
@@ -227,7 +234,7 @@ class FilesApi:
     def _write(self, path: str, read: Callable[[int], bytes], user: User, ex: Exchange,
                metadata: dict[str, str]) -> None:
         try:
-            ensure_dirs(os.path.dirname(path), user.uid, user.gid)
+            ensure_dirs(os.path.dirname(path))
         except ConnectError as err:
             raise _from_connect(err) from None
         if os.path.isdir(path):
@@ -237,7 +244,6 @@ class FilesApi:
         except OSError as exc:
             raise self._write_error(exc, path) from None
         try:
-            chown_quiet(path, user.uid, user.gid)
             while True:
                 data = read(WRITE_CHUNK)
                 if not data:

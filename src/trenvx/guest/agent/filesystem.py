@@ -1,10 +1,12 @@
 """envd's ``filesystem.Filesystem`` service: Stat, ListDir, MakeDir, Move, Remove, watches.
 
-Operations run with the agent's (root) rights; things they create are owned by the
-request's user. Paths resolve like envd (see :mod:`.users`); entries carry absolute paths
-and the entry's user metadata (``user.e2b.*`` xattrs, :mod:`.xattrs`). Watches send each
-event's entry when asked (``includeEntry``) and refuse directories on network filesystems
-(NFS, SMB/CIFS, FUSE) unless the request allows them (``allowNetworkMounts``), like envd 0.6.4.
+Operations run with the request's user's filesystem identity (:func:`.users.acting_as`), in
+the request's thread and in a CreateWatcher's collecting thread: the guest kernel refuses what
+the user may not touch (``permission_denied``), and what they create is the user's. Paths
+resolve like envd (see :mod:`.users`); entries carry absolute paths and the entry's user
+metadata (``user.e2b.*`` xattrs, :mod:`.xattrs`). Watches send each event's entry when asked
+(``includeEntry``) and refuse directories on network filesystems (NFS, SMB/CIFS, FUSE) unless
+the request allows them (``allowNetworkMounts``), like envd 0.6.4.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from . import pbjson, xattrs
 from .connect import ConnectError, RpcContext, ServerStream, StreamClosed
 from .state import AgentState
-from .users import User, ensure_dirs, lookup_user, resolve_path
+from .users import User, acting_as, ensure_dirs, lookup_user, resolve_path
 from .watch import DirWatcher, FsEvent, network_filesystem, open_watcher
 
 log = logging.getLogger("trenvx_agent.filesystem")
@@ -107,8 +109,9 @@ def _os_error(exc: OSError, path: str) -> ConnectError:
 class _PendingWatcher:
     """A CreateWatcher watcher: a thread collecting events for GetWatcherEvents."""
 
-    def __init__(self, watcher: DirWatcher, include_entry: bool) -> None:
+    def __init__(self, watcher: DirWatcher, include_entry: bool, user: User) -> None:
         self.watcher = watcher
+        self.user = user
         self.include_entry = include_entry
         self.events: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -117,6 +120,14 @@ class _PendingWatcher:
         self.thread.start()
 
     def _collect(self) -> None:
+        # The watcher adds watches on new directories and reads entries as it goes: as the user.
+        try:
+            with acting_as(self.user):
+                self._collect_events()
+        except Exception:
+            log.exception("watcher of %s stopped", self.watcher.root)
+
+    def _collect_events(self) -> None:
         while not self.stopped.is_set():
             batch = self.watcher.read(0.5)
             if not batch:
@@ -167,25 +178,39 @@ class FilesystemService:
 
     # ------------------------------------------------------------------ unary RPCs
     def stat(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
-        path, _ = self._path(ctx, req)
+        path, user = self._path(ctx, req)
+        with acting_as(user):
+            return self._stat(path)
+
+    def _stat(self, path: str) -> dict[str, Any]:
         try:
             return {"entry": entry_info(path)}
         except OSError as exc:
             raise _os_error(exc, path) from None
 
     def list_dir(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
-        path, _ = self._path(ctx, req)
+        path, user = self._path(ctx, req)
         depth = pbjson.get_int(req, "depth", 0) or 1
         if depth < 0:
             raise ConnectError("invalid_argument", "depth must not be negative")
-        real = os.path.realpath(path)
-        if not os.path.lexists(path) or not os.path.exists(real):
-            raise _not_found(path, "directory")
-        if not os.path.isdir(real):
+        with acting_as(user):
+            return self._list_dir(path, depth)
+
+    def _list_dir(self, path: str, depth: int) -> dict[str, Any]:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise _not_found(path, "directory") from None
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        if not stat.S_ISDIR(st.st_mode):
             raise ConnectError("invalid_argument", f"path is not a directory: {path}")
+        real = os.path.realpath(path)
         entries: list[dict[str, Any]] = []
         try:
             self._walk(real, path, depth, entries)
+        except PermissionError:
+            raise ConnectError("permission_denied", f"permission denied: cannot read directory {path}") from None
         except OSError as exc:
             raise ConnectError("internal", f"error reading directory {path}: {exc.strerror or exc}") from None
         return pbjson.prune({"entries": entries})
@@ -208,20 +233,32 @@ class FilesystemService:
 
     def make_dir(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
         path, user = self._path(ctx, req)
+        with acting_as(user):
+            return self._make_dir(path)
+
+    def _make_dir(self, path: str) -> dict[str, Any]:
         if os.path.lexists(path):
             if os.path.isdir(path):
                 raise ConnectError("already_exists", f"directory already exists: {path}")
             raise ConnectError("invalid_argument", f"path already exists but is not a directory: {path}")
-        ensure_dirs(path, user.uid, user.gid)
+        ensure_dirs(path)
         return {"entry": entry_info(path)}
 
     def move(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
         user = self._user(ctx)
         source = resolve_path(pbjson.get_str(req, "source"), user, self.state.default_workdir)
         destination = resolve_path(pbjson.get_str(req, "destination"), user, self.state.default_workdir)
-        if not os.path.lexists(source):
-            raise _not_found(source, "source")
-        ensure_dirs(os.path.dirname(destination), user.uid, user.gid)
+        with acting_as(user):
+            return self._move(source, destination)
+
+    def _move(self, source: str, destination: str) -> dict[str, Any]:
+        try:
+            os.lstat(source)
+        except FileNotFoundError:
+            raise _not_found(source, "source") from None
+        except OSError as exc:
+            raise _os_error(exc, source) from None
+        ensure_dirs(os.path.dirname(destination))
         try:
             os.rename(source, destination)
         except OSError as exc:
@@ -237,7 +274,11 @@ class FilesystemService:
     def remove(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
         # Like envd (os.RemoveAll): removing a path that does not exist succeeds, and so does
         # losing a race with another remover. The answer carries no entry then.
-        path, _ = self._path(ctx, req)
+        path, user = self._path(ctx, req)
+        with acting_as(user):
+            return self._remove(path)
+
+    def _remove(self, path: str) -> dict[str, Any]:
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -257,11 +298,15 @@ class FilesystemService:
         return {"entry": entry}
 
     # ------------------------------------------------------------------ watches
-    def _open_watch(self, ctx: RpcContext, req: dict[str, Any]) -> DirWatcher:
-        path, _ = self._path(ctx, req)
-        if not os.path.exists(path):
-            raise _not_found(path)
-        if not os.path.isdir(path):
+    def _open_watch(self, path: str, req: dict[str, Any]) -> DirWatcher:
+        """A watcher of ``path``; called inside :func:`acting_as` (inotify needs read access)."""
+        try:
+            st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))  # may the user read it?
+        except OSError as exc:
+            raise _os_error(exc, path) from None
+        if not stat.S_ISDIR(st.st_mode):
             raise ConnectError("invalid_argument", f"path is not a directory: {path}")
         try:
             network = network_filesystem(path)
@@ -275,11 +320,18 @@ class FilesystemService:
             )
         try:
             return open_watcher(path, pbjson.get_bool(req, "recursive"), force_polling=self.force_polling)
+        except PermissionError:
+            raise ConnectError("permission_denied", f"permission denied: cannot watch {path}") from None
         except OSError as exc:
             raise ConnectError("internal", f"cannot watch {path}: {exc}") from None
 
     def watch_dir(self, ctx: RpcContext, req: dict[str, Any], stream: ServerStream) -> None:
-        watcher = self._open_watch(ctx, req)
+        path, user = self._path(ctx, req)
+        with acting_as(user):
+            self._watch_dir(path, ctx, req, stream)
+
+    def _watch_dir(self, path: str, ctx: RpcContext, req: dict[str, Any], stream: ServerStream) -> None:
+        watcher = self._open_watch(path, req)
         include_entry = pbjson.get_bool(req, "includeEntry")
         try:
             stream.send({"start": {}})
@@ -305,10 +357,12 @@ class FilesystemService:
             watcher.close()
 
     def create_watcher(self, ctx: RpcContext, req: dict[str, Any]) -> dict[str, Any]:
-        watcher = self._open_watch(ctx, req)
+        path, user = self._path(ctx, req)
+        with acting_as(user):
+            watcher = self._open_watch(path, req)
         watcher_id = uuid.uuid4().hex
         with self._lock:
-            self._watchers[watcher_id] = _PendingWatcher(watcher, pbjson.get_bool(req, "includeEntry"))
+            self._watchers[watcher_id] = _PendingWatcher(watcher, pbjson.get_bool(req, "includeEntry"), user)
         return {"watcherId": watcher_id}
 
     def _get_watcher(self, req: dict[str, Any]) -> tuple[str, _PendingWatcher]:

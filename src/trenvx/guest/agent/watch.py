@@ -314,10 +314,13 @@ class PollingWatcher:
 
 
 def open_watcher(root: str, recursive: bool, *, force_polling: bool = False) -> DirWatcher:
-    """An inotify watcher, or a polling one when inotify cannot be used."""
+    """An inotify watcher, or a polling one when inotify cannot be used (``PermissionError`` when
+    the caller may not read ``root``)."""
     if not force_polling:
         try:
             return InotifyWatcher(root, recursive)
+        except PermissionError:
+            raise  # the caller may not read ``root``: polling would see nothing either
         except OSError as exc:
             log.warning("inotify unavailable for %s (%s); falling back to polling", root, exc)
     return PollingWatcher(root, recursive)
