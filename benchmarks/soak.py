@@ -26,7 +26,9 @@ over the samples after ``--warmup-s`` and over the second half of the run, and a
 ``flat`` (no growth: the slope is within 3 standard errors of zero, or the fitted growth over the
 window is under the metric's tolerance or twice the residuals' spread), ``grows``/``shrinks`` (both fits agree),
 ``grew, then flat`` (the second half is flat: a bounded cache filling, e.g. the list of ended
-sandboxes the server keeps). After the server stops, what was left behind is counted.
+sandboxes the server keeps); and each metric's correlation with the churn rate (sandboxes created
+and killed per minute between samples: what follows the load is in flight, not leaked). After the
+server stops, what was left behind is counted.
 
 Table on stdout, JSON in benchmarks/results/ (``soak-<time>.json``). Other work on the host
 (other servers, VM tests) shows in the host-wide columns, which is why they are counted against
@@ -231,10 +233,33 @@ def verdict(whole: dict[str, float], second_half: dict[str, float], tolerance: f
     return "noisy"
 
 
+def correlation(xs: list[float], ys: list[float]) -> float:
+    """Pearson's r of two series (NaN when either is constant or too short)."""
+    n = len(xs)
+    if n < 3:
+        return float("nan")
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
+
+
+def churn_rates(samples: list[dict[str, float]]) -> list[float]:
+    """Sandboxes created and killed per minute between each sample and the one before it."""
+    out = [0.0]
+    for a, b in zip(samples, samples[1:]):
+        dt = b["t"] - a["t"]
+        out.append(60 * (b.get("cycles", 0) - a.get("cycles", 0)) / dt if dt > 0 else 0.0)
+    return out
+
+
 def analyse(samples: list[dict[str, float]], warmup_s: float) -> dict[str, dict[str, Any]]:
-    """Per metric: start/end/max, the fits after the warm-up and over the second half, the verdict."""
+    """Per metric: start/end/max, the fits after the warm-up and over the second half, the verdict,
+    and its correlation with the churn rate (what moves with the load is not what leaks)."""
     out: dict[str, dict[str, Any]] = {}
     end_t = samples[-1]["t"] if samples else 0.0
+    rates = churn_rates(samples)
     for key in METRICS:
         pts = [(s["t"], float(s[key])) for s in samples if key in s]
         if not pts:
@@ -246,7 +271,9 @@ def analyse(samples: list[dict[str, float]], warmup_s: float) -> dict[str, dict[
         out[key] = {"start": pts[0][1], "end": pts[-1][1], "max": max(y for _, y in pts),
                     "mean_after_warmup": sum(y for _, y in after) / len(after),
                     "fit_after_warmup": whole, "fit_second_half": second, "tolerance": TOLERANCE[key],
-                    "verdict": verdict(whole, second, TOLERANCE[key])}
+                    "verdict": verdict(whole, second, TOLERANCE[key]),
+                    "r_with_churn_rate": correlation([r for r, s in zip(rates, samples) if key in s and s["t"] >= warmup_s],
+                                                     [float(s[key]) for s in samples if key in s and s["t"] >= warmup_s])}
     return out
 
 
@@ -321,13 +348,15 @@ def print_report(meta: dict[str, Any], data: dict[str, Any]) -> None:
           f"{len(data['timeline'])} samples every {meta['interval_s']:g} s, fits after {meta['warmup_s']:g} s")
     for k, v in e["by_class"].items():
         print(f"  error {k}: {v}")
-    head = (f"{'metric':18} {'start':>9} {'end':>9} {'max':>9} {'slope/h':>10} {'+-':>8} {'2nd half/h':>11}  verdict")
+    head = (f"{'metric':18} {'start':>9} {'end':>9} {'max':>9} {'slope/h':>10} {'+-':>8} {'2nd half/h':>11} "
+            f"{'r(churn)':>8}  verdict")
     print(head)
     print("-" * len(head))
     for key, m in data["metrics"].items():
         a, b = m["fit_after_warmup"], m["fit_second_half"]
         print(f"{key:18} {m['start']:>9.1f} {m['end']:>9.1f} {m['max']:>9.1f} {a['slope_per_h']:>10.2f} "
-              f"{a['stderr_per_h']:>8.2f} {b['slope_per_h']:>11.2f}  {m['verdict']}")
+              f"{a['stderr_per_h']:>8.2f} {b['slope_per_h']:>11.2f} {m.get('r_with_churn_rate', float('nan')):>8.2f}  "
+              f"{m['verdict']}")
     lat = data["latency_ms"]
     print("latency (ms): " + ", ".join(f"{k} p50 {v['p50']:.0f} p99 {v['p99']:.0f}" for k, v in lat.items()
                                        if k in ("create", "command", "file", "kill")))
