@@ -11,8 +11,9 @@ links to the config's data_root, so it needs the template built there and leaves
 First one client alone (the unloaded reference: one create, ``--reference-rounds`` rounds of calls).
 Then ``--clients`` clients at once, each with its own SDK object (its own HTTP connections):
 
-- **create**: ``AsyncSandbox.create``, all at once (or spread evenly over ``--ramp-s``); a refusal (429: a sandbox limit; 503: host memory) is
-  retried after ``Retry-After`` (or 1 s) until ``--admit-s`` has passed, and counted as a refusal;
+- **create**: ``AsyncSandbox.create``, all at once (or spread evenly over ``--ramp-s``); a refusal
+  (429: a sandbox limit; 503: host memory) is retried after the server's ``Retry-After`` (5 s,
+  10 s) until ``--admit-s`` has passed, and counted as a refusal;
 - **rounds**, until every client has its sandbox and ``--duration-s`` more seconds have passed:
   ``commands.run("echo ...")`` (its output checked), every ``--python-every``-th round
   ``python3 -c`` (checked), ``files.write`` of a small file, ``files.read`` (compared), and
@@ -21,7 +22,8 @@ Then ``--clients`` clients at once, each with its own SDK object (its own HTTP c
 
 A call that raises or answers wrongly is an error, classified by phase and kind (the exception's
 class and HTTP status, or ``wrong_answer``). A client whose sandbox is gone (a call answered that it
-does not exist: the server ended it) stops there and counts it lost, its failed call an error. Reported: the error rate over all calls, refusals,
+does not exist: the server ended it) stops there and counts it lost, its failed call an error.
+Reported: the error rate over all calls, refusals,
 latency percentiles (p50/p90/p99/max) of create, command, python, file calls and kill, against the
 unloaded reference, throughput (calls per second in the steady phase), a timeline (every 2 s: the
 sandboxes alive, the server's RSS, threads and fds, the host's MemAvailable and load) and what
@@ -72,6 +74,8 @@ SHARED = ("templates", "kernels")
 Not ``cache``: it holds the VMM's preload library, which a jailed VMM must find inside its data_root
 (its mount namespace shows only its sandbox's files and what they use, not a link out)."""
 REFUSALS = {429: "limit (429)", 503: "memory (503)"}
+RETRY_AFTER_S = {"limit (429)": 5.0, "memory (503)": 10.0}
+"""The server's Retry-After of each refusal (server/errors.py), which the SDK errors do not carry."""
 KINDS = ("create", "command", "python", "write", "read", "list", "kill")
 FILE_KINDS = ("write", "read", "list")
 
@@ -356,7 +360,8 @@ async def create_admitted(w: Workload, run: Run, timeout_s: int) -> Any:
                 raise
             run.refusals[refusal] += 1
             run.refusal_times.append(t)
-            retry_after = float(getattr(exc, "retry_after", 0) or 1.0)
+            run.error_samples.setdefault(f"refused: {refusal}", str(exc)[:500])
+            retry_after = float(getattr(exc, "retry_after", 0) or RETRY_AFTER_S[refusal])
         else:
             run.calls.append(Call("create", t, time.perf_counter() - t_start, "", run.steady(t)))
             return sbx
