@@ -252,3 +252,14 @@ async def test_e2b_sdk_as_nobody_is_refused_with_permission_denied(sbx: Any, are
     assert await sbx.files.read(str(system)) == "system\n"  # world-readable
     # The same sandbox's root still reads root's file.
     assert await sbx.files.read(str(secret), user="root") == "root only\n"
+
+
+async def test_a_command_cannot_start_in_a_directory_its_user_cannot_enter(sbx: Any, area: Path) -> None:
+    # The child process changes into cwd before it drops to the user: the agent checks first.
+    with pytest.raises(Exception) as info:
+        await sbx.commands.run("cat secret.txt", cwd=str(area / "root"))
+    assert "permission denied" in str(info.value).lower(), info.value
+    r = await sbx.commands.run("id -u; pwd", cwd=str(area / "nobody"))
+    assert r.stdout == f"{NOBODY}\n{area / 'nobody'}\n"
+    r = await sbx.commands.run("cat secret.txt", cwd=str(area / "root"), user="root")
+    assert r.stdout == "root only\n"

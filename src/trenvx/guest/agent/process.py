@@ -34,7 +34,7 @@ from typing import Any
 from . import pbjson
 from .connect import ConnectError, RpcContext, ServerStream, StreamClosed
 from .state import AgentState
-from .users import User, lookup_user, resolve_path
+from .users import User, acting_as, lookup_user, resolve_path
 
 log = logging.getLogger("trenvx_agent.process")
 
@@ -490,7 +490,13 @@ class ProcessService:
             cwd = resolve_path("", spec.user, self.state.default_workdir)
             if not os.path.isdir(cwd):  # e.g. nobody's /nonexistent home
                 cwd = "/"
-        if not os.path.isdir(cwd):
+        # The child changes into cwd before it drops to the user: check, as the user, that the
+        # user could enter it (resolving "cwd/." needs search permission on cwd and its parents).
+        with acting_as(spec.user):
+            enterable = os.path.isdir(os.path.join(cwd, "."))  # False on any error, EACCES included
+        if not enterable and os.path.isdir(cwd):
+            raise ConnectError("permission_denied", f"cwd '{cwd}': permission denied for user '{spec.user.name}'")
+        if not enterable:
             raise ConnectError("invalid_argument", f"cwd '{cwd}' does not exist or is not a directory")
         return cwd
 
