@@ -208,6 +208,11 @@ EOF2
 cmd_test() {
     cmd_setup
     cd "$REPO"
+    # A pyenv rehash that was killed leaves its lock; every login shell's rehash then waits ~60 s
+    # on it (the agent tests' commands run `bash -l`). One older than a minute is stale.
+    if [ -n "${PYENV_ROOT:-}${HOME:-}" ]; then
+        find "${PYENV_ROOT:-$HOME/.pyenv}/shims" -maxdepth 1 -name .pyenv-shim -mmin +1 -delete 2>/dev/null || true
+    fi
     say "tests: $PYTHON -m pytest $*"
     "$PYTHON" -m pytest -p no:cacheprovider "$@"
 }
