@@ -117,11 +117,12 @@ class Backend:
         return True
 
 
-def own_backend(config_path: str, template: str, prefix: str, *, max_sandboxes: int, hot: int = 0) -> Backend:
+def own_backend(config_path: str, template: str, prefix: str, *, max_sandboxes: int, hot: int = 0,
+                orchestrator: dict[str, Any] | None = None) -> Backend:
     """The config's template served by a new backend (not yet started) on a data_root of its own.
 
     ``max_sandboxes``: at least this many sandboxes admitted (per host and per template); ``hot``:
-    a hot pool of that many (0: none). Raises ``ValueError`` for a template the config lacks and
+    a hot pool of that many (0: none); ``orchestrator``: ``[orchestrator]`` settings to change. Raises ``ValueError`` for a template the config lacks and
     ``TemplateNotFound`` (which says how to build it) for one not built in the config's data_root."""
     base = load_config(config_path)
     if template not in base.template:
@@ -145,6 +146,7 @@ def own_backend(config_path: str, template: str, prefix: str, *, max_sandboxes: 
     orch = cfg.orchestrator.model_copy(update={
         "max_sandboxes": max(cfg.orchestrator.max_sandboxes, max_sandboxes),
         "max_sandboxes_per_template": max(cfg.orchestrator.max_sandboxes_per_template, max_sandboxes),
+        **(orchestrator or {}),
     })
     cfg = cfg.model_copy(update={"orchestrator": orch, "data_root": root})
     (work / "config.toml").write_text(tomli_w.dumps(config_as_toml_data(cfg)))
@@ -609,6 +611,8 @@ async def main() -> int:
     ap.add_argument("--sdk", choices=sorted(SDKS), default="trenvx")
     ap.add_argument("--hot", type=int, default=0, help="a hot pool of this many (default: none, every create cold)")
     ap.add_argument("--sample-s", type=float, default=2.0)
+    ap.add_argument("--no-health-checks", action="store_true",
+                    help="the backend without its agent health checks (orchestrator.health_check_interval_s = 0)")
     ap.add_argument("--quick", action="store_true", help="CI: 10 clients, a 10 s steady phase, 2 reference rounds")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -617,13 +621,15 @@ async def main() -> int:
     if args.clients < 1 or args.duration_s < 0:
         ap.error("--clients must be at least 1 and --duration-s not negative")
     try:
-        backend = own_backend(args.config, args.template, "load", max_sandboxes=args.clients + 2, hot=args.hot)
+        backend = own_backend(args.config, args.template, "load", max_sandboxes=args.clients + 2, hot=args.hot,
+                              orchestrator={"health_check_interval_s": 0} if args.no_health_checks else None)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
     meta = {**host_meta(backend), "clients": args.clients, "sdk": args.sdk, "duration_s": args.duration_s,
             "think_s": args.think_s, "python_every": args.python_every, "hot_pool": args.hot,
             "ramp_s": args.ramp_s, "request_timeout_s": args.request_timeout_s,
+            "health_checks": not args.no_health_checks,
             "data_root": str(backend.data_root)}
     w = Workload(sdk=args.sdk, template=args.template, url=backend.url, think_s=args.think_s,
                  python_every=args.python_every, admit_s=args.admit_s,
