@@ -50,6 +50,12 @@ def test_v1_groups_nest_under_the_servers_own_cgroup_with_the_limits(tmp_path: P
             f.unlink()
     assert cgroups.sweep(host, min_age_s=3600) == []  # too young: a VMM may be joining it
     assert cgroups.sweep(host, min_age_s=0) == ["sb1"] and not g.exists()
+    # A stopping server removes its parents once empty; a later VMM makes them again.
+    assert sorted(cgroups.release_parents(host)) == sorted(set(host.parents.values()))
+    assert not any(p.exists() for p in host.parents.values())
+    again = VmmCgroup.create(host, "sb2", CgroupLimits(memory_bytes=640 << 20, pids_max=512))
+    assert again.exists() and (again.dirs["pids"] / "pids.max").read_text() == "512"
+    assert cgroups.release_parents(host) == []  # not empty: kept
 
 
 def test_v1_without_cpu_weight_file_falls_back_to_the_lowest_shares(tmp_path: Path) -> None:

@@ -497,6 +497,9 @@ class SandboxManager:
             await asyncio.gather(*list(self._finishing), return_exceptions=True)
         if self.network is not None:
             await self.network.close(keep=kept_slots)
+        jail = self.restorer.jail
+        if jail is not None:
+            await asyncio.to_thread(jail.release)
         if self.store is not None:
             self.store.close()
 

@@ -240,6 +240,10 @@ class VmmCgroup:
         group = cls(host, name, host.dirs_of(name), limits)
         for d in group.dirs.values():
             try:
+                if not d.parent.is_dir():  # released when a server of this data_root stopped
+                    d.parent.mkdir()
+                    if host.version == 2:
+                        _enable(d.parent, " ".join(f"+{c}" for c in sorted(host.controllers)))
                 d.mkdir(exist_ok=True)
             except OSError as e:
                 raise CgroupError(e.errno, f"cannot make cgroup {d}: {e.strerror}") from None
@@ -366,6 +370,23 @@ def sweep(host: CgroupHost, keep: set[str] | frozenset[str] = frozenset(), *, mi
             continue
         if g.remove(wait_s=0):
             removed.append(g.name)
+    return removed
+
+
+def release_parents(host: CgroupHost) -> list[Path]:
+    """Remove this server's parent group(s) ``trenvx-<owner>`` if no VMM group is left in them (a
+    stopping server: every test server, with a data_root of its own, left one per controller);
+    those removed. One that still holds groups (VMMs left running with ``--keep``) stays."""
+    removed = []
+    for parent in set(host.parents.values()):
+        try:
+            parent.rmdir()
+            removed.append(parent)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                log.warning("cannot remove cgroup %s: %s", parent, e.strerror)
     return removed
 
 

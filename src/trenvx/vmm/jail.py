@@ -54,7 +54,7 @@ from pathlib import Path
 
 from . import cgroups
 from ..config import Config
-from .cgroups import CgroupHost, CgroupLimits, VmmCgroup
+from .cgroups import CgroupHost, CgroupLimits, VmmCgroup, release_parents
 from .qemu_img import qcow2_backing_name
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,12 @@ class JailPolicy:
                 os.chmod(d, mode)
             except OSError as e:
                 log.warning("jail: cannot set %s to mode %o: %s", d, mode, e.strerror)
+
+    def release(self) -> None:
+        """What this server made for its VMMs and no longer needs once it stops: its parent
+        cgroups, when no VMM group is left in them (they are made again on demand)."""
+        if self.cgroups is not None:
+            release_parents(self.cgroups)
 
     # -- uids
 
