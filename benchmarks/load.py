@@ -418,7 +418,8 @@ async def client(w: Workload, run: Run, all_created: asyncio.Event, duration_s: 
     me = uuid.uuid4().hex[:8]
     await asyncio.sleep(start_after_s)
     try:
-        sbx = await create_admitted(w, run, timeout_s=int(w.admit_s + duration_s + 600))
+        # outlives the ramp, the steady phase and a last call that takes its whole timeout (<= 3600 s)
+        sbx = await create_admitted(w, run, timeout_s=min(3600, int(w.admit_s + duration_s + 2 * w.request_timeout_s + 600)))
     except Exception:
         sbx = None
     run.created += 1  # created or given up: the ramp is over for this client
