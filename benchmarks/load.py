@@ -643,8 +643,13 @@ async def main() -> int:
         ref = await reference(w, args.reference_rounds)
         print(f"== {args.clients} clients", flush=True)
         result = await load(backend, w, args.clients, args.duration_s, args.sample_s, args.ramp_s)
-        async with httpx.AsyncClient(base_url=backend.url, timeout=30) as c:
-            left = (await c.get("/sandboxes")).json()
+        left: Any = "the server did not answer"
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            async with httpx.AsyncClient(base_url=backend.url, timeout=30) as c:
+                left = (await c.get("/sandboxes")).json()
+        server_died = backend.server.proc.poll() if backend.server.proc is not None else None
+        if server_died is not None:  # the figures up to its death are still the result
+            print(f"the server exited with {server_died} during the load; see {backend.server.log_path}", file=sys.stderr)
     except BaseException:
         await backend.server.stop()
         if not backend.cleanup():
@@ -673,6 +678,7 @@ async def main() -> int:
                    "loadavg_max": max(series("loadavg_1m") or [0.0])},
         "degraded": first_degraded(run.calls, ref, run, samples, ram_mib),
         "sandboxes_listed_after": len(left) if isinstance(left, list) else left,
+        "server_exit_during_load": server_died,
         "left_behind": {"sandbox_dirs": backend.sandbox_dirs(), "vmm_processes": vmm_count(backend.data_root),
                         "network_slots": slots_of(backend.owner)},
         "timeline": samples,
