@@ -37,8 +37,11 @@ def test_v1_groups_nest_under_the_servers_own_cgroup_with_the_limits(tmp_path: P
     assert (g.dirs["pids"] / "pids.max").read_text() == "512"
     assert (g.dirs["cpu"] / "cpu.shares").read_text() == "1024"
     (g.dirs["cpu"] / "cpu.idle").write_text("0")
+    (g.dirs["cpu"] / "cpu.shares").write_text("untouched")  # the kernel refuses shares while idle
     assert g.set_idle(True) == "cpu.idle" and (g.dirs["cpu"] / "cpu.idle").read_text() == "1"
+    assert (g.dirs["cpu"] / "cpu.shares").read_text() == "untouched"
     assert g.set_idle(False) == "cpu.idle" and (g.dirs["cpu"] / "cpu.idle").read_text() == "0"
+    assert (g.dirs["cpu"] / "cpu.shares").read_text() == "1024"
     g.add(4242)
     assert all(f.read_text() == "4242" for f in g.procs_files())
     # a fake tree's files make rmdir fail: empty them to stand for the kernel's

@@ -302,11 +302,13 @@ class VmmCgroup:
         if f is None:
             return ""
         if f.exists() and self._write(f, "1" if idle else "0", required=False):
-            how = "cpu.idle"
-        else:
-            how = "weight"
-        self.set_weight(IDLE_WEIGHT if idle and how == "weight" else self.limits.cpu_weight)
-        return how
+            # An idle group has no weight: the kernel refuses cpu.shares/cpu.weight while cpu.idle
+            # is 1 (EINVAL), and gives the group's weight back when it is 0.
+            if not idle:
+                self.set_weight(self.limits.cpu_weight)
+            return "cpu.idle"
+        self.set_weight(IDLE_WEIGHT if idle else self.limits.cpu_weight)
+        return "weight"
 
     def pids(self) -> set[int]:
         out: set[int] = set()
