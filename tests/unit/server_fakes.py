@@ -405,6 +405,11 @@ def upstream_app(state: UpstreamState) -> Starlette:
                 raise
         return StreamingResponse(gen(), media_type="text/plain")
 
+    async def stall(request: Request) -> Response:
+        """Answers nothing for an hour: an agent blocked before its answer (a read of a FIFO)."""
+        await asyncio.sleep(3600)
+        return Response(status_code=204)
+
     async def ws(websocket: WebSocket) -> None:
         await websocket.accept(subprotocol=(websocket.scope.get("subprotocols") or [None])[0])
         try:
@@ -422,7 +427,7 @@ def upstream_app(state: UpstreamState) -> Starlette:
     return Starlette(routes=[
         Route("/health", health), Route("/echo", echo, methods=["POST", "PUT"]),
         Route("/headers", headers, methods=["GET", "POST", "DELETE"]), Route("/stream", stream),
-        Route("/forever", forever), WebSocketRoute("/ws", ws),
+        Route("/forever", forever), Route("/stall", stall), WebSocketRoute("/ws", ws),
     ])
 
 

@@ -118,6 +118,29 @@ def test_client_disconnect_closes_the_upstream_stream(server, sandbox, upstream_
     assert upstream_state.stream_cancelled > before, "the upstream never saw the client leave"
 
 
+def test_a_request_waiting_for_its_answer_ends_when_its_sandbox_does(server) -> None:
+    # The agent has not answered (it never will: its VM is gone): the client hears so at once,
+    # not at its own timeout.
+    sid = httpx.post(f"{server.url}/sandboxes", json={"templateID": "tpl"}).json()["sandboxID"]
+    outcome: dict[str, object] = {}
+
+    def call() -> None:
+        t0 = time.monotonic()
+        r = httpx.get(f"{server.url}/stall", headers=hdr(sid), timeout=60)
+        outcome.update(status=r.status_code, body=r.json(), seconds=time.monotonic() - t0)
+
+    import threading
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)
+    assert httpx.delete(f"{server.url}/sandboxes/{sid}").status_code == 204
+    t.join(30)
+    assert not t.is_alive(), "the request still waits for a sandbox that is gone"
+    assert outcome["status"] == 502 and "was not found" in outcome["body"]["message"], outcome
+    assert outcome["seconds"] < 10, outcome
+
+
 async def test_websocket_relay(server, sandbox) -> None:
     from websockets.asyncio.client import connect
 

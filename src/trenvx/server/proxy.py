@@ -411,11 +411,13 @@ class SandboxProxy:
             request = client.build_request(scope["method"], url, headers=headers,
                                            content=body.stream() if has_body else None)
             try:
-                upstream = await client.send(request, stream=True)
+                upstream = await self._send_unless_gone(client, request, sid)
                 body.release()
                 break
             except ClientDisconnected:
                 return
+            except _SandboxGone as gone:
+                return await _respond(send, 502, self._not_found_message(sid, gone.reason), sandboxId=sid)
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
                 if body.disconnected.is_set():
                     return
@@ -468,6 +470,23 @@ class SandboxProxy:
             await _end_cut_stream(send, framing, message)
         finally:
             await upstream.aclose()
+
+    async def _send_unless_gone(self, client: httpx.AsyncClient, request: httpx.Request, sid: str) -> httpx.Response:
+        """The upstream's answer (its head), or :class:`_SandboxGone` if the sandbox ends first: an
+        agent that has not answered yet when its VM goes (a read of a FIFO, a VM killed) never
+        will, and the client would otherwise wait for its own timeout (measured: 900 s under load)."""
+        sending = asyncio.ensure_future(client.send(request, stream=True))
+        gone = asyncio.ensure_future(self._until_gone(sid))
+        try:
+            await asyncio.wait({sending, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not sending.done():
+                sending.cancel()
+            gone.cancel()
+            await asyncio.gather(sending, gone, return_exceptions=True)
+        if sending.cancelled() and gone.done() and not gone.cancelled():
+            raise _SandboxGone(gone.result())
+        return sending.result()
 
     # -- the sandbox going away mid-stream ------------------------------------------------------
 
@@ -562,6 +581,14 @@ class _Forward:
     """The raw path and query sent to the sandbox's port (the path form's prefix taken off)."""
     prefix: str | None
     """The path form's prefix (``/sandboxes/ID/ports/PORT``), None for the other forms."""
+
+
+class _SandboxGone(Exception):
+    """The sandbox ended before its upstream answered; ``reason`` says why (may be empty)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _oversize_headers(scope: Scope) -> str | None:
