@@ -54,10 +54,11 @@ from trenvx.vmm.process import memory_of
 
 HELLO = "python3 -c \"print('Hello World')\""
 MODES = ("hot", "hot-usernet", "warm", "cold", "e2b", "boot")
-REFILL_MODES = {"hot-nice": "nice", "hot-normal": "normal"}
-"""The hot pool with its refills at another CPU priority than the default (``pool.refill_priority``):
-``hot-nice`` is the policy before issue 18 (refill VMs at nice 10), ``hot-normal`` no policy at all.
-Not in the default run: ``--modes hot,hot-nice,hot-normal`` compares them side by side."""
+REFILL_MODES = {"hot-normal": "normal", "hot-nice": "nice", "hot-idle": "idle"}
+"""The hot pool with its refills at a given CPU priority (``pool.refill_priority``; ``hot`` runs the
+config's, ``normal`` by default): ``hot-nice`` is the policy before issue 18 (nice 10), ``hot-idle``
+the lowest (cgroup cpu.idle). Not in the default run: ``--modes hot-normal,hot-nice,hot-idle``
+compares them side by side (benchmarks/results/start-latency-refill-priority.json)."""
 USERNET_SUFFIX = "-usernet"
 """hot-usernet: the hot pool with QEMU user networking (no network slot: the create path before
 issue 12), on a copy of the template built for that backend, to show what a slot costs a create."""
@@ -350,10 +351,9 @@ def print_table(results: list[ModeResult], meta: dict[str, Any]) -> None:
         print(f"a network slot costs a hot create {by['hot'] - by['hot-usernet']:+.1f} ms at p50 "
               f"({by['hot']:.1f} ms in a slot vs {by['hot-usernet']:.1f} ms on user networking)")
     p99 = {r.mode: summary(r.ready_ms)["p99"] for r in results}
-    for other in REFILL_MODES:
-        if other in p99 and "hot" in p99:
-            print(f"hot ready p99 with refills at the default priority (idle): {p99['hot']:.1f} ms; "
-                  f"with refills at {REFILL_MODES[other]!r} priority ({other}): {p99[other]:.1f} ms")
+    if any(m in p99 for m in REFILL_MODES):
+        print("hot ready p99 by refill priority: " + ", ".join(
+            f"{REFILL_MODES[m]} {p99[m]:.1f} ms" for m in REFILL_MODES if m in p99))
     if "boot" in by and "hot" in by and by["hot"] > 0:
         print(f"a cold boot (no snapshot) is {by['boot'] / by['hot']:.0f}x slower than the hot pool at p50")
 
