@@ -188,15 +188,17 @@ async def test_uploads_and_downloads_stream_through_the_proxy(server: ServerProc
             "Authorization": "Basic " + base64.b64encode(b"root:").decode()}
     try:
         with httpx.Client(base_url=server.url, headers=hdrs, timeout=120) as c:
-            r = c.post("/files", params={"path": "/root/big.bin"},
+            # /files acts as the user its username parameter names (E2B's), here root: the
+            # template's default user may not write /root.
+            r = c.post("/files", params={"path": "/root/big.bin", "username": "root"},
                        files={"file": ("big.bin", data, "application/octet-stream")})
             assert r.status_code == 200, r.text
             out, _, _ = await run(server, sb, "sha256sum /root/big.bin")
             assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()
-            got = c.get("/files", params={"path": "/root/big.bin"})
+            got = c.get("/files", params={"path": "/root/big.bin", "username": "root"})
             assert got.status_code == 200 and hashlib.sha256(got.content).digest() == hashlib.sha256(data).digest()
             # path games stay inside the sandbox's agent: they never reach the API or the host
-            r = c.get("/files", params={"path": "/root/../../no/such/../file"})
+            r = c.get("/files", params={"path": "/root/../../no/such/../file", "username": "root"})
             assert r.status_code == 404, r.text
             r = c.get("/../../sandboxes")
             assert r.status_code == 404 and not isinstance(r.json(), list)
