@@ -148,6 +148,8 @@ class StandInRestorer:
     made and a :class:`StandInVm` returned, at once."""
 
     network = None
+    jail = None
+    """Stand-in VMs are not processes: nothing to jail."""
 
     def __init__(self, data_root: Any, upstream_port: int) -> None:
         self.data_root = data_root
