@@ -68,6 +68,7 @@ from load import (
     latency_table,
     one_round,
     server_process,
+    server_sample,
     slots_of,
     timed,
     vmm_count,
@@ -167,15 +168,7 @@ def server_children(backend: Backend) -> int:
 
 def sample(backend: Backend, listed: int) -> dict[str, float]:
     """One sample of every metric (blocking: run it in a thread)."""
-    out: dict[str, float] = {"sandboxes_listed": listed, "mem_available_mib": psutil.virtual_memory().available / MiB,
-                             "loadavg_1m": os.getloadavg()[0]}
-    p = server_process(backend.server)
-    if p is not None:
-        with contextlib.suppress(psutil.Error, OSError):
-            with p.oneshot():
-                out["server_rss_mib"] = p.memory_info().rss / MiB
-                out["server_threads"] = p.num_threads()
-                out["server_fds"] = p.num_fds()
+    out: dict[str, float] = {"sandboxes_listed": listed, **server_sample(backend)}
     out["server_children"] = server_children(backend)
     out.update(data_root_usage(backend.data_root))
     out["network_slots"] = slots_of(backend.owner)

@@ -206,17 +206,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _threads_of(pid: int) -> list[int]:
+    """The thread ids of ``pid`` (none if it is gone)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
 def set_priority(pid: int, nice: int) -> None:
     """Set the scheduling priority of every thread of ``pid`` (Linux applies ``nice`` per thread).
 
     Pools make VMs at a low priority (a refill must not slow the creates it serves) and give a VM
     the normal priority back when a create takes it. Best effort: a thread that is gone is skipped.
     """
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return
-    for tid in tids:
+    for tid in _threads_of(pid):
         try:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
         except OSError:
@@ -227,11 +231,7 @@ def set_sched_idle(pid: int, idle: bool) -> None:
     """SCHED_IDLE (``idle``) or SCHED_OTHER for every thread of ``pid``: the fallback of a VMM
     without a cgroup of its own for running only when nothing else wants the CPU. Best effort."""
     policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
-    try:
-        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return
-    for tid in tids:
+    for tid in _threads_of(pid):
         try:
             os.sched_setscheduler(tid, policy, os.sched_param(0))
         except OSError:
