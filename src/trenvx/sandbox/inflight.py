@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +27,27 @@ if TYPE_CHECKING:
 import psutil
 
 INFLIGHT = "inflight"
+POOLED_MARKER = "pooled"
+"""The file in a pooled VM's directory (a VM made ahead of creates, not yet a sandbox): its VMM's
+``pid`` and ``started_at``, written by :mod:`.pool`."""
+
+
+def pooled_vms(sandboxes_dir: Path) -> Iterator[tuple[Path, int, float]]:
+    """``(directory, pid, started_at)`` of every pooled VM's directory under ``sandboxes_dir``
+    (pid 0 when its marker cannot be read)."""
+    try:
+        dirs = list(sandboxes_dir.iterdir())
+    except OSError:
+        return
+    for d in dirs:
+        marker = d / POOLED_MARKER
+        if not marker.is_file():
+            continue
+        try:
+            info = json.loads(marker.read_text())
+            yield d, int(info["pid"]), float(info["started_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            yield d, 0, 0.0
 
 
 @lru_cache(maxsize=4)

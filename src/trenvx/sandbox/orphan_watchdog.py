@@ -55,7 +55,6 @@ PASS_BUDGET_S = 3.0
 """A pass stops ending sandboxes after this long and releases the lock (the rest wait for the next pass)."""
 LOCK_NAME = "server.lock"
 STATE_NAME = "state.sqlite"
-POOLED_MARKER = "pooled"
 SLOT_FILE = "net-slot"
 TIMEOUT_REASON = "timeout: ended by the orphan watchdog while no server was running"
 
@@ -190,19 +189,8 @@ class Pass:
         shutil.rmtree(workdir, ignore_errors=True)
 
     def _reap_pooled(self) -> None:
-        try:
-            dirs = list(self.watch.data_root.sandboxes.iterdir())
-        except OSError:
-            return
-        for d in dirs:
-            marker = d / POOLED_MARKER
-            if not marker.is_file():
-                continue
-            try:
-                info = json.loads(marker.read_text())
-                proc = _our_vmm(int(info["pid"]), float(info["started_at"]), d.name)
-            except (OSError, ValueError, KeyError, TypeError):
-                proc = None
+        for d, pid, started in inflight.pooled_vms(self.watch.data_root.sandboxes):
+            proc = _our_vmm(pid, started, d.name) if pid else None
             if proc is not None:
                 inflight.end_process(proc)
             self._release_slot(d)

@@ -49,7 +49,7 @@ from .restore import PreparedVm, SnapshotRestore, new_sandbox_id
 log = logging.getLogger(__name__)
 
 Tier = Literal["warm", "hot"]
-POOLED_MARKER = "pooled"
+POOLED_MARKER = inflight.POOLED_MARKER
 HOT_HEALTH_TIMEOUT_S = 30.0
 WARMUP_TIMEOUT_S = 60.0
 RETRY_AFTER_FAILURE_S = 5.0
@@ -393,19 +393,7 @@ def reap_stale_pooled(data_root: DataRoot) -> list[str]:
     Run before this server makes pools of its own: every ``pooled`` marker found then is stale.
     """
     removed: list[str] = []
-    try:
-        dirs = list(data_root.sandboxes.iterdir())
-    except OSError:
-        return removed
-    for d in dirs:
-        marker = d / POOLED_MARKER
-        if not marker.is_file():
-            continue
-        try:
-            info = json.loads(marker.read_text())
-            pid, started = int(info["pid"]), float(info["started_at"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pid, started = 0, 0.0
+    for d, pid, started in inflight.pooled_vms(data_root.sandboxes):
         if pid and adopt.is_our_vmm(pid, started, f"trenvx-{d.name}"):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
