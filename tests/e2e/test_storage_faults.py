@@ -78,16 +78,9 @@ def flip_byte(p: Path, offset: int) -> None:
 
 async def run(url: str, sandbox: dict, script: str) -> tuple[int | None, str, str]:
     """(exit code, stdout, stderr) of ``sh -c script`` in the sandbox, through the server's proxy."""
-    out, err, code = b"", b"", None
     async with through_proxy(url, sandbox) as c:
-        async for ev in c.start(["/bin/sh", "-c", script]):
-            if ev.kind == "stdout":
-                out += ev.data
-            elif ev.kind == "stderr":
-                err += ev.data
-            elif ev.kind == "end":
-                code = ev.exit_code
-    return code, out.decode(errors="replace"), err.decode(errors="replace")
+        r = await c.run(["/bin/sh", "-c", script])
+    return r.exit_code, r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
 
 
 def stop_and_check(srv: ServerProc) -> None:
