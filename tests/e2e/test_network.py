@@ -30,7 +30,7 @@ import pytest
 
 from tests.e2e.server_helpers import ServerProc, make_server, running_server, through_proxy, wait_until
 from tests.netns_outside import OutsideNetwork, outside_network
-from trenvx.config import Config
+from trenvx.config import AGENT_PORT, Config
 from trenvx.network import netns
 from trenvx.network.mode import netns_unavailable
 from trenvx.network.slot import CLAIMS_DIR, HOST_IF_PREFIX, NETNS_PREFIX
@@ -427,3 +427,26 @@ async def test_replacing_the_rules_cuts_flows_already_open(srv: ServerProc, outs
         assert "after.test" not in outside.dns_log(), outside.dns_log()
     finally:
         kill(srv, sb)
+
+
+async def test_a_reused_slot_address_never_gets_the_last_sandboxs_connections(
+        e2e_config: Config, test_template: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A slot's address goes to a later sandbox once one ends. The proxy's kept-alive connections to
+    it belonged to the ended VM (its namespace went without a FIN): the later sandbox's requests must
+    get new connections, not a reset (a 502) on an old one. Four slots and five sandboxes one after
+    another, so at least one address is reused while the proxy still keeps connections to it."""
+    with running_server(tmp_path_factory.mktemp("net1"), e2e_config, template=test_template, pools=False,
+                        network={"slot_cidr": "10.203.7.0/28"}) as srv:
+        headers = {"E2b-Sandbox-Port": str(AGENT_PORT)}  # the agent keeps connections alive
+        slots: list[int] = []
+        with httpx.Client(timeout=30) as http:
+            for n in range(5):
+                sb = create(srv)
+                try:
+                    slots.append(slot_of(srv, sb))
+                    for _ in range(3):  # kept alive between these on the proxy's side
+                        r = http.get(f"{srv.url}/health", headers={**headers, "E2b-Sandbox-Id": sb["sandboxID"]})
+                        assert r.status_code in (200, 204), (n, slots, r.status_code, r.text)
+                finally:
+                    kill(srv, sb)
+        assert len(set(slots)) < len(slots), slots

@@ -220,7 +220,7 @@ class SandboxProxy:
         self._manager = manager
         self._manager_getter = manager_getter
         self.domain = domain
-        self.upstreams = UpstreamClients(self._is_running)
+        self.upstreams = UpstreamClients(self._vmm_of)
 
     @property
     def manager(self) -> SandboxManager:
@@ -229,12 +229,15 @@ class SandboxProxy:
         assert self._manager_getter is not None
         return self._manager_getter()
 
-    def _is_running(self, sandbox_id: str) -> bool:
+    def _vmm_of(self, sandbox_id: str) -> int | None:
+        """The pid of the VMM process that runs the sandbox now; None when it does not run."""
         try:
-            self.manager.get(sandbox_id)
+            sb = self.manager.get(sandbox_id)
         except SandboxNotFound:
-            return False
-        return True
+            return None
+        if sb.paused:
+            return None
+        return int(getattr(sb.restored.vm, "pid", 0) or 0)  # stand-in VMs of unit tests have none
 
     async def aclose(self) -> None:
         await self.upstreams.aclose()

@@ -1,12 +1,14 @@
-"""The HTTP clients the proxy reaches sandbox ports with, one per kind of endpoint.
+"""The HTTP clients the proxy reaches sandbox ports with: one per endpoint of each running VM.
 
-- TCP endpoints (QEMU's forwards on 127.0.0.1, the agent's and any other port): one client shared
-  by every sandbox, on :func:`~trenvx.guest.channel.forwarded_port_transport` (connections to one
-  port opened one at a time, kept alive and reused).
-- Hybrid vsock endpoints (Firecracker, Cloud Hypervisor): a client per endpoint, on
-  :func:`~trenvx.guest.channel.transport_for`, whose connections go through that VM's vsock
-  socket. A client is closed once its sandbox is no longer running: clients of ended sandboxes
-  are swept whenever a new one is made, and all of them on :meth:`UpstreamClients.aclose`.
+An endpoint is a TCP address (a slot's guest address, QEMU's forwards on 127.0.0.1) or a port
+behind a hybrid vsock socket (Firecracker, Cloud Hypervisor). Its client keeps connections alive
+(:func:`~trenvx.guest.channel.transport_for`: connections to a forwarded port are opened one at a
+time) and belongs to one VM, named by its sandbox and VMM process. Addresses outlive their VMs: a
+slot's address, a forwarded port or a vsock socket path goes to a later VM once a sandbox ends or
+moves. A connection kept from the earlier VM must never carry the later one's first request (its
+namespace went away without a FIN, so the connection looks alive; the request met a reset and a
+502). So a client is closed, with its connections, as soon as its endpoint is asked for by
+another VM, and clients of VMs that no longer run are swept whenever a new client is made.
 """
 
 from __future__ import annotations
@@ -17,59 +19,53 @@ from collections.abc import Callable
 
 import httpx
 
-from ..guest.channel import forwarded_port_transport, transport_for
-from ..guest.endpoint import AgentEndpoint, HybridVsockEndpoint
+from ..guest.channel import transport_for
+from ..guest.endpoint import AgentEndpoint
 
 TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=None, pool=None)
 """Connect within 10 s; then no limit: streams (command output, uploads) last as long as they last."""
-TCP_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30)
-VSOCK_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=32, keepalive_expiry=30)
-"""Per sandbox: each vsock endpoint is one VM's."""
+LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=32, keepalive_expiry=30)
+"""Per endpoint of one VM."""
+
+VmOwner = tuple[str, int | None]
+"""A sandbox id and the pid of the VMM process that runs it now (None: it did not run)."""
 
 
 class UpstreamClients:
-    """httpx clients to sandbox endpoints. ``is_running(sandbox_id)`` says whether a sandbox still runs."""
+    """httpx clients to sandbox endpoints. ``vmm_of(sandbox_id)`` is the pid of the VMM process that
+    runs the sandbox now, or None when it does not run."""
 
-    def __init__(self, is_running: Callable[[str], bool]) -> None:
-        self._is_running = is_running
-        self._tcp: httpx.AsyncClient | None = None
-        self._vsock: dict[HybridVsockEndpoint, tuple[str, httpx.AsyncClient]] = {}
+    def __init__(self, vmm_of: Callable[[str], int | None]) -> None:
+        self._vmm_of = vmm_of
+        self._clients: dict[AgentEndpoint, tuple[VmOwner, httpx.AsyncClient]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
-    @property
-    def tcp(self) -> httpx.AsyncClient:
-        """The client shared by every TCP endpoint."""
-        if self._tcp is None:
-            self._tcp = httpx.AsyncClient(
-                timeout=TIMEOUT, transport=forwarded_port_transport(TCP_LIMITS), follow_redirects=False,
-            )
-        return self._tcp
-
     def client_for(self, sandbox_id: str, endpoint: AgentEndpoint) -> httpx.AsyncClient:
-        """The client whose connections reach ``endpoint`` of sandbox ``sandbox_id``."""
-        if not isinstance(endpoint, HybridVsockEndpoint):
-            return self.tcp
-        entry = self._vsock.get(endpoint)
+        """The client whose connections reach ``endpoint`` of the VM that runs ``sandbox_id`` now."""
+        owner = (sandbox_id, self._vmm_of(sandbox_id))
+        entry = self._clients.get(endpoint)
         if entry is not None:
-            if entry[0] == sandbox_id:
+            if entry[0] == owner:
                 return entry[1]
-            self._close_later(entry[1])  # the endpoint of an ended sandbox, now another's
+            del self._clients[endpoint]
+            self._close_later(entry[1])  # another VM's: its connections reach nothing of this one
         self._sweep()
-        client = httpx.AsyncClient(
-            timeout=TIMEOUT, transport=transport_for(endpoint, VSOCK_LIMITS), follow_redirects=False,
-        )
-        self._vsock[endpoint] = (sandbox_id, client)
+        # trust_env off: an HTTP(S)_PROXY of the server's environment must not carry sandbox traffic.
+        client = httpx.AsyncClient(timeout=TIMEOUT, transport=transport_for(endpoint, LIMITS),
+                                   follow_redirects=False, trust_env=False)
+        self._clients[endpoint] = (owner, client)
         return client
 
-    def vsock_clients(self) -> dict[HybridVsockEndpoint, str]:
-        """The vsock endpoints that have a client, with their sandbox (for tests and diagnostics)."""
-        return {ep: sid for ep, (sid, _) in self._vsock.items()}
+    def owners(self) -> dict[AgentEndpoint, VmOwner]:
+        """The endpoints that have a client, with the VM each belongs to (for tests and diagnostics)."""
+        return {ep: owner for ep, (owner, _) in self._clients.items()}
 
     def _sweep(self) -> None:
-        """Close the clients of sandboxes that no longer run (their connections would only fail)."""
-        for ep, (sid, client) in list(self._vsock.items()):
-            if not self._is_running(sid):
-                del self._vsock[ep]
+        """Close the clients of VMs that no longer run (their connections would only fail)."""
+        for ep, ((sid, pid), client) in list(self._clients.items()):
+            now = self._vmm_of(sid)
+            if now is None or now != pid:
+                del self._clients[ep]
                 self._close_later(client)
 
     def _close_later(self, client: httpx.AsyncClient) -> None:
@@ -78,11 +74,8 @@ class UpstreamClients:
         task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
-        clients = [c for _, c in self._vsock.values()]
-        self._vsock.clear()
-        if self._tcp is not None:
-            clients.append(self._tcp)
-            self._tcp = None
+        clients = [c for _, c in self._clients.values()]
+        self._clients.clear()
         for c in clients:
             await _close(c)
         if self._closing:
@@ -94,4 +87,4 @@ async def _close(client: httpx.AsyncClient) -> None:
         await client.aclose()
 
 
-__all__ = ["UpstreamClients"]
+__all__ = ["UpstreamClients", "VmOwner"]
