@@ -2,8 +2,8 @@
 ``claude-code`` template and prints a URL; Debian's chromium (headless, driven by Playwright with
 ``executable_path``: no browser download) opens it through the backend's proxy, finds VS Code's
 workbench, runs ``claude --version`` in its terminal and saves a file from its editor, which the
-SDK reads back. A screenshot of the IDE is kept under ``TRENVX_TEST_ARTIFACTS`` (default: the
-test's temporary directory). Requests without the URL's authorisation are refused.
+SDK reads back. A screenshot of the IDE is kept under ``TRENVX_TEST_ARTIFACTS`` (default: ``test-artifacts/``
+in the checkout, where CI collects it; git ignores it). Requests without the URL's authorisation are refused.
 
 A real Claude API call is not possible here (no outside network): the test checks that the
 environment and settings Claude Code reads are in place instead.
@@ -65,8 +65,11 @@ def coder(ide_server):
             sbx.kill()
 
 
-def artifacts_dir(tmp_path: Path) -> Path:
-    d = Path(os.environ.get("TRENVX_TEST_ARTIFACTS") or tmp_path)
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+def artifacts_dir() -> Path:
+    d = Path(os.environ.get("TRENVX_TEST_ARTIFACTS") or ARTIFACTS)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -101,13 +104,13 @@ def test_the_ide_refuses_requests_without_the_urls_authorisation(ide_server, cod
     assert page.status_code == 200 and "workbench" in page.text.lower(), page.text[:500]
 
 
-def test_a_browser_opens_the_ide_runs_claude_and_saves_a_file(coder, tmp_path) -> None:
+def test_a_browser_opens_the_ide_runs_claude_and_saves_a_file(coder) -> None:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: scripts/start.sh setup installs Debian's chromium")
     from playwright.sync_api import sync_playwright
 
     url, sbx = coder
-    shots = artifacts_dir(tmp_path)
+    shots = artifacts_dir()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
