@@ -74,6 +74,7 @@ def test_a_dataframe_is_html(sbx) -> None:
     main = execution.results[0]
     assert "<table" in main.html and ">x</td>" in main.html and ">y</td>" in main.html, main.html
     assert "a" in main.text and "b" in main.text
+    assert main.data == {"a": [1, 2], "b": ["x", "y"]}  # E2B's data: the frame's columns
 
 
 def test_a_matplotlib_chart_is_a_png_of_its_size(sbx) -> None:
@@ -82,6 +83,17 @@ def test_a_matplotlib_chart_is_a_png_of_its_size(sbx) -> None:
     pngs = [r.png for r in execution.results if r.png]
     assert len(pngs) == 1, execution.results
     assert png_size(base64.b64decode(pngs[0])) == (400, 300)
+    (chart,) = [r.chart for r in execution.results if getattr(r, "chart", None) is not None]
+    assert chart.type == "line" and chart.elements[0].points == [(1.0, 1.0), (2.0, 4.0), (3.0, 9.0)], chart.to_dict()
+
+
+def test_a_bar_chart_has_its_bars_as_data(sbx) -> None:
+    execution = sbx.run_code("import matplotlib.pyplot as plt\nplt.figure()\nplt.bar(['north', 'south'], [12, 7], "
+                             "label='sales')\nplt.title('Sales')\nplt.ylabel('units (k)')\nplt.show()")
+    assert execution.error is None, execution.error
+    (chart,) = [r.chart for r in execution.results if getattr(r, "chart", None) is not None]
+    assert chart.type == "bar" and chart.title == "Sales" and chart.y_unit == "k"
+    assert [(e.label, e.group, e.value) for e in chart.elements] == [("north", "sales", 12.0), ("south", "sales", 7.0)]
 
 
 def test_an_exception_has_its_name_value_and_traceback(sbx) -> None:

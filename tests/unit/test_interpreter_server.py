@@ -262,6 +262,18 @@ def test_a_figure_as_the_cell_value_is_a_png(http: httpx.Client) -> None:
     assert png_size(main["png"]) == (200, 150)
 
 
+def test_a_charts_data_and_a_dataframes_data(http: httpx.Client) -> None:
+    """E2B's ``chart`` of a matplotlib figure and ``data`` of a DataFrame (kernel_charts, registered
+    in every python kernel at its start), beside the PNG and the html."""
+    lines = execute(http, "plt.figure()\nplt.bar(['a', 'b'], [3, 5], label='n')\nplt.title('counts')\nplt.show()")
+    (figure,) = of_type(lines, "result")
+    assert figure["png"] and figure["chart"]["type"] == "bar" and figure["chart"]["title"] == "counts"
+    assert figure["chart"]["elements"] == [{"label": "a", "group": "n", "value": 3.0}, {"label": "b", "group": "n", "value": 5.0}]
+    table = main_result(execute(http, "import pandas as pd\npd.DataFrame({'k': ['x', 'y'], 'v': [1.5, None]})"))
+    assert table["data"] == {"k": ["x", "y"], "v": [1.5, None]} and "<table" in table["html"]
+    assert "data" not in main_result(execute(http, "1 + 1")) and "chart" not in main_result(execute(http, "1 + 1"))
+
+
 def test_other_mime_types_and_extra(http: httpx.Client) -> None:
     code = ("from IPython.display import display\n"
             "display({'text/markdown': '# hi', 'image/svg+xml': '<svg/>', 'application/json': {'a': 1},\n"

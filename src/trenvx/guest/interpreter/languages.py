@@ -29,6 +29,16 @@ _BASH_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 
 HELPER_MODULE = "_trenvx_kernel"
 """The module name :mod:`.kernelside` gets inside each python kernel."""
+CHARTS_MODULE = "_trenvx_charts"
+"""The module name :mod:`.kernel_charts` (a result's ``data`` and ``chart``) gets inside each python kernel."""
+
+
+def _module_code(filename: str, module: str) -> str:
+    """One expression that runs this package's ``filename`` as the module ``module`` inside a
+    kernel, without leaving a name in the user's namespace."""
+    source = Path(__file__).with_name(filename).read_text(encoding="utf-8")
+    return (f"exec(compile({source!r}, '<trenvx {module}>', 'exec'), "
+            f"__import__('sys').modules.setdefault({module!r}, __import__('types').ModuleType({module!r})).__dict__)\n")
 
 
 class UnknownLanguage(ValueError):
@@ -92,13 +102,11 @@ class Language:
 
 class Python(Language):
     def bootstrap(self, preload: bool, identity_file: str | None = None) -> str:
-        source = (Path(__file__).with_name("kernelside.py")).read_text(encoding="utf-8")
-        # One expression: builds the helper module without leaving a name in the user's namespace.
         return (
-            f"exec(compile({source!r}, '<trenvx kernelside>', 'exec'), "
-            f"__import__('sys').modules.setdefault({HELPER_MODULE!r}, "
-            f"__import__('types').ModuleType({HELPER_MODULE!r})).__dict__)\n"
-            f"__import__({HELPER_MODULE!r}).setup({bool(preload)!r}, {identity_file!r})\n"
+            _module_code("kernelside.py", HELPER_MODULE)
+            + _module_code("kernel_charts.py", CHARTS_MODULE)
+            + f"__import__({CHARTS_MODULE!r}).register()\n"
+            + f"__import__({HELPER_MODULE!r}).setup({bool(preload)!r}, {identity_file!r})\n"
         )
 
     def apply_env(self, env: dict[str, str]) -> str:

@@ -5,8 +5,8 @@ Each line of an ``/execute`` answer is one JSON object with a ``type``:
 * ``stdout`` / ``stderr``: ``{"text", "timestamp"}`` (Unix time in nanoseconds, as E2B's
   ``OutputMessage.timestamp``)
 * ``result``: one representation per known MIME type (``text``, ``html``, ``markdown``,
-  ``svg``, ``png``, ``jpeg``, ``pdf``, ``latex``, ``json``, ``javascript``), other MIME
-  types under ``extra``, and ``is_main_result`` (true for the cell's value, false for a
+  ``svg``, ``png``, ``jpeg``, ``pdf``, ``latex``, ``json``, ``javascript``; ``data`` and
+  ``chart``, E2B's, from :mod:`.kernel_charts`), other MIME types under ``extra``, and ``is_main_result`` (true for the cell's value, false for a
   ``display()`` such as a matplotlib figure); images stay base64 as the kernel sends them
 * ``error``: ``{"name", "value", "traceback"}``, the traceback one string (ANSI colours kept)
 * ``number_of_executions``: ``{"execution_count"}``
@@ -34,7 +34,11 @@ MIME_FIELDS: dict[str, str] = {
     "text/latex": "latex",
     "application/json": "json",
     "application/javascript": "javascript",
+    "e2b/data": "data",  # a DataFrame's columns (kernel_charts, inside the kernel)
+    "e2b/chart": "chart",  # what a matplotlib figure shows (kernel_charts)
 }
+STRUCTURED = frozenset({"json", "data", "chart"})
+"""Fields whose value is a JSON object, never text split into a list of lines."""
 
 
 def now_ns() -> int:
@@ -55,7 +59,7 @@ def result(data: dict[str, Any], is_main_result: bool) -> Output:
         if field is None:
             extra[mime] = value
             continue
-        if isinstance(value, list) and field != "json":  # nbformat allows multi-line strings as lists
+        if isinstance(value, list) and field not in STRUCTURED:  # nbformat allows multi-line strings as lists
             value = "".join(str(part) for part in value)
         out[field] = value
     if extra:
