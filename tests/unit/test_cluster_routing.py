@@ -166,3 +166,20 @@ def test_a_paused_sandbox_resumes_on_another_node(tmp_path: Path, etcd, upstream
         assert listed[sid]["state"] == "running"
         assert ca.delete(f"/sandboxes/{sid}").status_code == 204
         assert wait(lambda: sid not in {s.id for s in b.manager.list()})
+
+
+def test_a_single_machine_has_no_cluster_parts(tmp_path: Path) -> None:
+    """Single-machine stays the default (issue 17 item 5): the shipped config has no [cluster], and
+    an app made without one has no node, no router in front of the proxy and no cluster routes."""
+    from trenvx.config import load_config
+    from trenvx.server.cluster_routing import ClusterRouter
+
+    shipped = load_config(Path(__file__).resolve().parents[2] / "configs" / "example_config.toml")
+    assert not shipped.cluster.enabled
+    cfg = make_config(tmp_path)
+    assert not cfg.cluster.enabled
+    app = create_app(cfg, manager=fake_manager(cfg, free_port()))
+    assert app.state.cluster is None
+    assert not any(m.cls is ClusterRouter or (isinstance(m.cls, type) and issubclass(m.cls, ClusterRouter))
+                   for m in app.user_middleware)
+    assert not any(getattr(r, "path", "").startswith("/cluster") for r in app.routes)
