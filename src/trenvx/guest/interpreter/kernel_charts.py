@@ -57,32 +57,26 @@ def register(shell=None) -> bool:
     if shell is None:
         return False
 
-    # Objects are recognized in __call__, not through the formatters' type printers: matplotlib's
-    # inline backend pops Figure from every formatter's printers whenever it is (re)configured
-    # (%matplotlib inline, select_figure_formats), which would drop the chart's.
-    class DataFormatter(BaseFormatter):
-        format_type = Unicode(DATA_MIME)
-        print_method = ObjectName("_repr_trenvx_data_")
-        _return_type = (dict,)
-
-        def __call__(self, obj):
-            if self.enabled and _instance_of(obj, "pandas", "DataFrame"):
-                return dataframe_data(obj)
-            return super().__call__(obj)
-
-    class ChartFormatter(BaseFormatter):
-        format_type = Unicode(CHART_MIME)
-        print_method = ObjectName("_repr_trenvx_chart_")
-        _return_type = (dict,)
-
-        def __call__(self, obj):
-            if self.enabled and _instance_of(obj, "matplotlib.figure", "Figure"):
-                return figure_chart(obj)
-            return super().__call__(obj)
-
     display = shell.display_formatter
-    data = DataFormatter(parent=display)
-    chart = ChartFormatter(parent=display)
+
+    def formatter(mime, module, name, read):
+        # Objects are recognized in __call__, not through the type printers: matplotlib's inline
+        # backend pops Figure from every formatter's printers whenever it is (re)configured
+        # (%matplotlib inline, select_figure_formats), which would drop the chart's.
+        class Formatter(BaseFormatter):
+            format_type = Unicode(mime)
+            print_method = ObjectName("_repr_trenvx_%s_" % mime.split("/")[-1])
+            _return_type = (dict,)
+
+            def __call__(self, obj):
+                if self.enabled and _instance_of(obj, module, name):
+                    return read(obj)
+                return super().__call__(obj)
+
+        return Formatter(parent=display)
+
+    data = formatter(DATA_MIME, "pandas", "DataFrame", dataframe_data)
+    chart = formatter(CHART_MIME, "matplotlib.figure", "Figure", figure_chart)
     display.formatters[DATA_MIME] = data
     display.formatters[CHART_MIME] = chart
     return True
