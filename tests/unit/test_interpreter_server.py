@@ -265,7 +265,7 @@ def test_a_figure_as_the_cell_value_is_a_png(http: httpx.Client) -> None:
 def test_a_charts_data_and_a_dataframes_data(http: httpx.Client) -> None:
     """E2B's ``chart`` of a matplotlib figure and ``data`` of a DataFrame (kernel_charts, registered
     in every python kernel at its start), beside the PNG and the html."""
-    lines = execute(http, "plt.figure()\nplt.bar(['a', 'b'], [3, 5], label='n')\nplt.title('counts')\nplt.show()")
+    lines = execute(http, "import matplotlib.pyplot as plt\nplt.figure()\nplt.bar(['a', 'b'], [3, 5], label='n')\nplt.title('counts')\nplt.show()")
     (figure,) = of_type(lines, "result")
     assert figure["png"] and figure["chart"]["type"] == "bar" and figure["chart"]["title"] == "counts"
     assert figure["chart"]["elements"] == [{"label": "a", "group": "n", "value": 3.0}, {"label": "b", "group": "n", "value": 5.0}]
