@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -112,10 +113,11 @@ def _calls(url: str) -> dict[str, str]:
         c.post("/echo", content=b"x", headers={**agent, "X-Access-Token": envd + "wrong"})
         c.get(f"/headers?access_token={envd}&token={STRANGER_SECRET}", headers=agent)
         signature = signing.sign("/tmp/f", signing.operation_of("GET") or "", "", envd.encode())
-        r = c.get(f"/files?path=/tmp/f&signature={signature}")
+        # As E2B's SDKs make them: the query encoded (a base64 signature's '+' is a space unencoded)
+        r = c.get("/files", params={"path": "/tmp/f", "signature": signature})
         assert r.status_code != 401, r.text  # routed by its signature
         wrong_signature = signing.sign("/tmp/f", signing.operation_of("GET") or "", "", b"not-the-token")
-        assert c.get(f"/files?path=/tmp/f&signature={wrong_signature}").status_code == 401
+        assert c.get("/files", params={"path": "/tmp/f", "signature": wrong_signature}).status_code == 401
         # the private port: header, URL token (redirect and cookie), wrong token
         web = {"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "8000"}
         assert c.get("/headers", headers={**web, "e2b-traffic-access-token": traffic}).status_code == 200
@@ -132,6 +134,8 @@ def _calls(url: str) -> dict[str, str]:
         c.get("/headers", headers={**agent, "X-Access-Token": envd})  # a sandbox that is gone
     return {"api key": API_KEY, "envd access token": envd, "traffic access token": traffic,
             "signature": signature.removeprefix("v1_"), "wrong signature": wrong_signature.removeprefix("v1_"),
+            "signature as sent": quote(signature.removeprefix("v1_"), safe=""),
+            "wrong signature as sent": quote(wrong_signature.removeprefix("v1_"), safe=""),
             "cookie": cookie.split("=", 1)[1], "query secret": STRANGER_SECRET}
 
 
