@@ -5,7 +5,8 @@ its own port, data_root (templates and kernels included) and network range, boot
   without a user step, kernel included.
 - Creates through one node (E2B's unmodified ``e2b`` package pointed at node 1) spread over all
   three; a list through any node shows every sandbox with its node; commands and files of a
-  sandbox work through a node that does not own it (the envd traffic is routed to the owner).
+  sandbox work through a node that does not own it (the envd traffic is routed to the owner);
+  so do trenvx's CLI (``sandbox ls``, ``sandbox exec``) and TrEnv-X's ``sandbox_sdk``, given any node.
 - One etcd member killed: nothing changes. A paused sandbox resumes on another node (files and
   processes moved). A node SIGKILLed: its sandboxes are reported lost
   within the lease TTL, later creates avoid it, and a kill of one of them through another node is
@@ -17,10 +18,13 @@ its own port, data_root (templates and kernels included) and network range, boot
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,6 +126,20 @@ def listed(node: ServerProc, **params) -> dict[str, dict]:
         return {s["sandboxID"]: s for s in r.json()}
 
 
+async def _trenvx_sdk_round_trip(addr: str, template: str) -> str:
+    """TrEnv-X's SDK (``sandbox_sdk``) through one node: create, run, kill; the node that ran it."""
+    from sandbox_sdk import Sandbox as TrenvxSandbox
+
+    sbx = await TrenvxSandbox.create(template, target_addr=addr, api_key=API_KEY, sandbox_timeout=120)
+    try:
+        r = await sbx.process.start_and_wait("hostname")
+        assert r.stdout.strip() == sbx.id, r.stdout
+        with httpx.Client(base_url=f"http://{addr}", headers={"X-API-Key": API_KEY}, timeout=30) as c:
+            return str(c.get(f"/sandboxes/{sbx.id}").json()["trenvx"]["node"])
+    finally:
+        await sbx.kill()
+
+
 def test_the_cluster(cluster, test_template) -> None:
     from e2b import Sandbox
 
@@ -160,6 +178,17 @@ def test_the_cluster(cluster, test_template) -> None:
             assert back.get_info().metadata == remote.get_info().metadata
             with api(n3) as c:
                 assert c.get(f"/sandboxes/{remote.sandbox_id}").json()["trenvx"]["pid"] > 0
+
+        # trenvx's CLI and TrEnv-X's SDK need only the address of any node, like E2B's
+        cli = [sys.executable, "-m", "trenvx.cli.sandbox_cli", "--port", str(n2.port), "--api-key", API_KEY]
+        r = subprocess.run([*cli, "sandbox", "ls", "--json"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert {s.sandbox_id for s in sandboxes} <= {row["sandboxID"] for row in json.loads(r.stdout)}
+        elsewhere = next(s for s in sandboxes if owners[s.sandbox_id] != "n2")
+        r = subprocess.run([*cli, "sandbox", "exec", elsewhere.sandbox_id, "--", "hostname"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == elsewhere.sandbox_id, (r.stdout, r.stderr)
+        assert asyncio.run(_trenvx_sdk_round_trip(f"127.0.0.1:{n3.port}", test_template)) in {"n1", "n2", "n3"}
 
         # one etcd member gone: nothing changes
         etcd.kill_member(0)
