@@ -433,10 +433,11 @@ async def test_a_reused_slot_address_never_gets_the_last_sandboxs_connections(
         e2e_config: Config, test_template: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     """A slot's address goes to a later sandbox once one ends. The proxy's kept-alive connections to
     it belonged to the ended VM (its namespace went without a FIN): the later sandbox's requests must
-    get new connections, not a reset (a 502) on an old one. Four slots and five sandboxes one after
-    another, so at least one address is reused while the proxy still keeps connections to it."""
+    get new connections, not a reset (a 502) on an old one. Four slots, no pool of ready slots, five
+    sandboxes one after another: at least one address is reused while the proxy still keeps
+    connections to it (kept 30 s)."""
     with running_server(tmp_path_factory.mktemp("net1"), e2e_config, template=test_template, pools=False,
-                        network={"slot_cidr": "10.203.7.0/28"}) as srv:
+                        network={"slot_cidr": "10.203.7.0/28", "slot_pool": 0}) as srv:
         headers = {"E2b-Sandbox-Port": str(AGENT_PORT)}  # the agent keeps connections alive
         slots: list[int] = []
         with httpx.Client(timeout=30) as http:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
-
 from trenvx.guest.endpoint import HybridVsockEndpoint, TcpEndpoint
 from trenvx.server.upstreams import UpstreamClients
 
@@ -18,18 +16,19 @@ def clients(running: dict[str, int]) -> UpstreamClients:
     return UpstreamClients(running.get)
 
 
-async def test_one_vm_reuses_its_client_per_endpoint() -> None:
+async def test_one_vm_has_one_client_for_all_its_tcp_ports() -> None:
     running = {"a": 100}
     up = clients(running)
-    ep = TcpEndpoint("10.200.0.2", 49983)
-    first = up.client_for("a", ep)
-    assert up.client_for("a", ep) is first
-    assert up.client_for("a", TcpEndpoint("10.200.0.2", 8080)) is not first
+    first = up.client_for("a", TcpEndpoint("10.200.0.2", 49983))
+    assert up.client_for("a", TcpEndpoint("10.200.0.2", 49983)) is first
+    for port in range(1000, 3000):  # a port scan of a sandbox makes no client per port
+        assert up.client_for("a", TcpEndpoint("10.200.0.2", port)) is first
+    assert up.owners() == {("a", 100): 1}
     await up.aclose()
     assert first.is_closed
 
 
-async def test_an_endpoint_taken_by_another_sandbox_gets_a_new_client_and_the_old_one_closes() -> None:
+async def test_an_address_taken_by_another_sandbox_is_reached_with_that_sandboxs_client() -> None:
     running = {"a": 100}
     up = clients(running)
     ep = TcpEndpoint("10.200.0.2", 49983)
@@ -38,6 +37,7 @@ async def test_an_endpoint_taken_by_another_sandbox_gets_a_new_client_and_the_ol
     running["b"] = 200  # the slot's address is b's now
     new = up.client_for("b", ep)
     assert new is not old and not new.is_closed
+    assert up.owners() == {("b", 200): 1}  # a's client was closed when b's was made
     await up.aclose()
     assert old.is_closed and new.is_closed
     assert up.owners() == {}
@@ -51,29 +51,26 @@ async def test_the_same_sandbox_in_a_new_vmm_process_gets_a_new_client() -> None
     running["a"] = 101  # paused and resumed: another VMM process behind the same path
     new = up.client_for("a", ep)
     assert new is not old
-    assert up.owners() == {ep: ("a", 101)}
+    assert up.owners() == {("a", 101): 1}
     await up.aclose()
     assert old.is_closed
+
+
+async def test_vsock_endpoints_have_a_client_each() -> None:
+    up = clients({"a": 1})
+    agent = up.client_for("a", HybridVsockEndpoint(Path("/tmp/a.vsock"), 49983))
+    other = up.client_for("a", HybridVsockEndpoint(Path("/tmp/a.vsock"), 8080))
+    assert agent is not other and up.owners() == {("a", 1): 2}
+    await up.aclose()
 
 
 async def test_clients_of_ended_vms_are_swept_when_a_new_one_is_made() -> None:
     running = {"a": 100, "b": 200}
     up = clients(running)
-    a_ep, b_ep = TcpEndpoint("10.200.0.2", 49983), TcpEndpoint("10.200.0.6", 49983)
-    a_client = up.client_for("a", a_ep)
-    up.client_for("b", b_ep)
+    a_client = up.client_for("a", TcpEndpoint("10.200.0.2", 49983))
+    up.client_for("b", TcpEndpoint("10.200.0.6", 49983))
     del running["a"]
     up.client_for("c", TcpEndpoint("10.200.0.10", 49983))  # c not (yet) running: still given a client
-    assert set(up.owners()) == {b_ep, TcpEndpoint("10.200.0.10", 49983)}
+    assert set(up.owners()) == {("b", 200), ("c", None)}
     await up.aclose()
     assert a_client.is_closed
-
-
-async def test_the_servers_proxy_environment_is_not_used(monkeypatch) -> None:
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
-    up = clients({"a": 1})
-    client = up.client_for("a", TcpEndpoint("10.200.0.2", 49983))
-    assert isinstance(client._transport_for_url(httpx.URL("http://10.200.0.2:49983/")), httpx.AsyncHTTPTransport)
-    assert not client._mounts
-    await up.aclose()

@@ -229,15 +229,16 @@ class SandboxProxy:
         assert self._manager_getter is not None
         return self._manager_getter()
 
-    def _vmm_of(self, sandbox_id: str) -> int | None:
-        """The pid of the VMM process that runs the sandbox now; None when it does not run."""
+    def _vmm_of(self, sandbox_id: str) -> tuple[int, int] | None:
+        """What identifies the VMM process that runs the sandbox now (its pid, and its restore: a
+        resumed sandbox's new process could get the old pid back); None when it does not run."""
         try:
             sb = self.manager.get(sandbox_id)
         except SandboxNotFound:
             return None
         if sb.paused:
             return None
-        return int(getattr(sb.restored.vm, "pid", 0) or 0)  # stand-in VMs of unit tests have none
+        return (int(getattr(sb.restored.vm, "pid", 0) or 0), id(sb.restored))  # stand-in VMs have no pid
 
     async def aclose(self) -> None:
         await self.upstreams.aclose()
@@ -407,10 +408,11 @@ class SandboxProxy:
         body = _ReplayableBody(receive, REPLAY_LIMIT if port != AGENT_PORT else 0)
         if not has_body:
             body.done.set()
-        client = self.upstreams.client_for(sid, endpoint)
         url = httpx.URL(endpoint.base_url, raw_path=forward.path)
         retried = False
         while True:
+            # Asked again on a retry: the VM may have ended (and its client closed) meanwhile.
+            client = self.upstreams.client_for(sid, endpoint)
             request = client.build_request(scope["method"], url, headers=headers,
                                            content=body.stream() if has_body else None)
             try:
