@@ -108,6 +108,14 @@ def test_bars_vertical_horizontal_and_grouped(shell: Any) -> None:
     assert [(e["group"], e["value"]) for e in chart["elements"]] == [("g1", 1.0), ("g1", 2.0), ("g2", 3.0), ("g2", 4.0)]
 
 
+def test_bars_on_a_number_axis_are_labelled_by_their_centre_and_unnamed_series_get_names(shell: Any) -> None:
+    chart = chart_of(shell, lambda fig: plt.bar([0.45, 1.35, 2.25], [1, 2, 3], width=0.9))
+    assert [(e["label"], e["group"]) for e in chart["elements"]] == [("0.45", "Group 1"), ("1.35", "Group 1"),
+                                                                     ("2.25", "Group 1")]
+    chart = chart_of(shell, lambda fig: (plt.plot([1, 2]), plt.plot([3, 4])))
+    assert [e["label"] for e in chart["elements"]] == ["Line 1", "Line 2"]  # not matplotlib's _child0
+
+
 def test_pie_and_box_and_whisker(shell: Any) -> None:
     chart = chart_of(shell, lambda fig: plt.pie([1, 2, 3], labels=["x", "y", "z"]))
     assert chart == {"type": "pie", "title": None, "elements": [
@@ -156,14 +164,23 @@ def test_a_figure_without_axes_or_too_many_points_has_no_chart_and_nothing_break
 
 
 def test_a_dataframes_data_is_its_columns_as_json(shell: Any) -> None:
-    frame = pd.DataFrame({"n": [1, 2, None], "s": ["x", "y", "z"], 3: pd.to_datetime(["2024-01-01"] * 3)})
+    class Thing:
+        def __str__(self) -> str:
+            return "a thing"
+
+    frame = pd.DataFrame({"n": [1, 2, None], "s": ["x", "y", "z"], 3: pd.to_datetime(["2024-01-01"] * 3),
+                          "f": [0.1 + 0.2, 1 / 3, 2.0], "o": [Thing(), None, 7]})
     data = formats(shell, frame)
     assert data["e2b/data"] == {"n": [1.0, 2.0, None], "s": ["x", "y", "z"],
-                                "3": ["2024-01-01T00:00:00.000"] * 3}
+                                "3": ["2024-01-01T00:00:00.000"] * 3,
+                                "f": [0.1 + 0.2, 1 / 3, 2.0],  # all the digits a float has
+                                "o": ["a thing", None, 7]}  # objects as text, never walked
     assert "text/html" in data
     module = load_module()
     big = pd.DataFrame({"a": range(module.MAX_DATA_CELLS + 1)})
     assert "e2b/data" not in formats(shell, big) and "text/html" in formats(shell, big)
+    wide = pd.DataFrame({"v": ["x" * (module.MAX_DATA_BYTES // 10)] * 11})  # few cells, too much JSON
+    assert "e2b/data" not in formats(shell, wide)
 
 
 def test_e2bs_client_reads_them(shell: Any) -> None:
@@ -195,6 +212,8 @@ def fmt(obj): return sh.display_formatter.format(obj)[0]
 fig = plt.figure(); plt.plot([1, 2], [3, 4]); out["line"] = fmt(fig)["e2b/chart"]; plt.close(fig)
 fig = plt.figure(); plt.bar(["a", "b"], [1, 2]); out["bar"] = fmt(fig)["e2b/chart"]; plt.close(fig)
 fig = plt.figure(); plt.boxplot([[1, 2, 3, 4, 5, 20]], patch_artist=True); out["box"] = fmt(fig)["e2b/chart"]; plt.close(fig)
+import datetime
+fig = plt.figure(); plt.plot([datetime.datetime(2024, 1, 1, h) for h in range(5)], range(5)); out["dates"] = fmt(fig)["e2b/chart"]; plt.close(fig)
 out["data"] = fmt(pd.DataFrame({"c": [1, 2]}))["e2b/data"]
 print(json.dumps(out))
 """
@@ -215,3 +234,6 @@ def test_the_templates_versions_debians_python3() -> None:
     box = out["box"]["elements"][0]
     assert (box["min"], box["median"], box["max"], box["outliers"]) == (1.0, 3.5, 5.0, [20.0])
     assert out["data"] == {"c": [1, 2]}
+    assert out["dates"]["x_scale"] == "datetime"
+    assert out["dates"]["elements"][0]["points"][1] == ["2024-01-01T01:00:00+00:00", 1.0]
+    assert all(t.endswith(":00+00:00") for t in out["dates"]["x_ticks"]), out["dates"]["x_ticks"]  # no rounding drift

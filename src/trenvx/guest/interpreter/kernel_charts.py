@@ -33,8 +33,11 @@ DATA_MIME = "e2b/data"
 CHART_MIME = "e2b/chart"
 MAX_DATA_CELLS = 100_000
 """A DataFrame of more cells gets no ``data`` (its html is still there, cut by pandas)."""
-MAX_CHART_POINTS = 100_000
-"""A figure of more points (or bars, wedges) gets no ``chart`` (its PNG is still there)."""
+MAX_DATA_BYTES = 4 << 20
+"""Nor does one whose ``data`` would be more JSON than this (e.g. a column of long vectors)."""
+MAX_CHART_POINTS = 25_000
+"""A figure of more points (bars, wedges, box parts) gets no ``chart`` (its PNG is still there):
+the extraction runs in the user's kernel, before the cell's answer, and must stay short."""
 
 _SCALES = ("linear", "log", "symlog", "logit", "function", "functionlog", "asinh")
 _UNIT = re.compile(r"\s\(([^()]*)\)|\[([^\[\]]*)\]")
@@ -56,7 +59,15 @@ def register(shell=None) -> bool:
     shell = shell if shell is not None else get_ipython()
     if shell is None:
         return False
+    try:
+        _register(shell, BaseFormatter, ObjectName, Unicode)
+    except Exception as exc:  # never fail the kernel's start over it: results only lack data/chart
+        print(f"trenvx: data and chart formatters not registered: {exc!r}", file=sys.__stderr__)
+        return False
+    return True
 
+
+def _register(shell, BaseFormatter, ObjectName, Unicode) -> None:
     display = shell.display_formatter
 
     def formatter(mime, module, name, read):
@@ -79,7 +90,6 @@ def register(shell=None) -> bool:
     chart = formatter(CHART_MIME, "matplotlib.figure", "Figure", figure_chart)
     display.formatters[DATA_MIME] = data
     display.formatters[CHART_MIME] = chart
-    return True
 
 
 def _instance_of(obj, module: str, name: str) -> bool:
@@ -92,21 +102,47 @@ def _instance_of(obj, module: str, name: str) -> bool:
 
 
 def dataframe_data(frame):
-    """``{column: [values]}`` of a DataFrame, or None (too big, or unreadable)."""
+    """``{column: [values]}`` of a DataFrame, or None (too big, or unreadable). Numbers are given
+    whole (NaN and infinities as null), times as ISO 8601, and values that are not numbers, text,
+    booleans or times as text (objects are never walked)."""
     try:
         if int(frame.size) > MAX_DATA_CELLS:
             return None
         import json
 
         out = {}
+        size = 0
         for name in frame.columns:
             column = frame[name]
             if getattr(column, "ndim", 1) != 1:  # a duplicated column name selects a frame
                 return None
-            out[str(name)] = json.loads(column.to_json(orient="values", date_format="iso"))
+            if column.dtype.kind in "biuf":
+                values = [_json_number(v) for v in column.tolist()]
+            elif column.dtype == object:
+                values = [_plain(v) for v in column.tolist()]
+            else:  # times, categories, pandas' own string and nullable types
+                values = json.loads(column.to_json(orient="values", date_format="iso", double_precision=15))
+            size += len(json.dumps(values))
+            if size > MAX_DATA_BYTES:
+                return None
+            out[str(name)] = values
         return out
     except Exception:
         return None
+
+
+def _json_number(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _plain(value):
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return _json_number(value)
+    return str(value)
 
 
 # -- chart --------------------------------------------------------------------------------
@@ -242,31 +278,49 @@ class _Axis:
                 return self._categories[int(number)]
         return _number(number)
 
+    def values(self, numbers):
+        """:meth:`value` of many numbers (a sequence of floats)."""
+        if self.scale == "datetime":
+            from matplotlib.dates import num2date
+
+            finite = [n for n in numbers if math.isfinite(n)]
+            dates = iter(num2date(finite)) if finite else iter(())
+            return [next(dates).isoformat() if math.isfinite(n) else None for n in numbers]
+        return [self.value(n) for n in numbers]
+
     def _raw_ticks(self):
-        """Tick positions inside the axis's view, and their labels as matplotlib draws them."""
+        """Tick positions inside the axis's view, and their labels as matplotlib draws them (once)."""
+        cached = getattr(self, "_ticks", None)
+        if cached is not None:
+            return cached
         low, high = sorted(float(v) for v in self._axis.get_view_interval())
         span = (high - low) * 1e-9
         locs = [float(t) for t in self._axis.get_ticklocs() if low - span <= float(t) <= high + span]
         index = 0 if self._axis.axis_name == "x" else 1
         drawn = {round(float(t.get_position()[index]), 9): t.get_text() for t in self._axis.get_ticklabels()}
         if locs and all(drawn.get(round(loc, 9)) for loc in locs):
-            return locs, [drawn[round(loc, 9)] for loc in locs]
-        # Not drawn yet: formatted as a draw would.
-        formatter = self._axis.get_major_formatter()
-        return locs, ([str(s) for s in formatter.format_ticks(locs)] if locs else [])
+            self._ticks = locs, [drawn[round(loc, 9)] for loc in locs]
+        else:  # not drawn yet: formatted as a draw would
+            formatter = self._axis.get_major_formatter()
+            self._ticks = locs, ([str(s) for s in formatter.format_ticks(locs)] if locs else [])
+        return self._ticks
 
     def ticks(self):
         """The ticks inside the axis's view (as values, see :meth:`value`) and their labels."""
         locs, labels = self._raw_ticks()
-        return [self.value(float("%.12g" % loc)) for loc in locs], labels  # 1.2, not 1.2000000000000002
+        if self.scale not in ("datetime", "categorical"):
+            locs = [float("%.12g" % loc) for loc in locs]  # 1.2, not 1.2000000000000002
+        return self.values(locs), labels
 
-    def label_at(self, position, tolerance):
-        """The category, or tick label, at ``position``; else the position itself as text."""
+    def label_at(self, position):
+        """The category, or the tick label, at ``position``; else the position itself as text."""
         position = float(position)
         if self.scale == "categorical":
             value = self.value(round(position))
             if isinstance(value, str):
                 return value
+        low, high = sorted(float(v) for v in self._axis.get_view_interval())
+        tolerance = max(abs(high - low), 1.0) * 1e-9
         for loc, label in zip(*self._raw_ticks()):
             if label and abs(loc - position) <= tolerance:
                 return label
@@ -274,14 +328,28 @@ class _Axis:
         return value if isinstance(value, str) else "%g" % position
 
 
+def _floats(xy):
+    """An (n, 2) array-like as two lists of floats (NaN for masked or missing values)."""
+    import numpy
+
+    data = numpy.ma.filled(numpy.ma.asarray(xy, dtype=float), numpy.nan).reshape(-1, 2)
+    return data[:, 0].tolist(), data[:, 1].tolist()
+
+
+def _public(label, fallback: str) -> str:
+    """A user's label; matplotlib's own (``_child0``, ``_container1``, ``_nolegend_``) are none."""
+    label = str(label)
+    return fallback if not label or label.startswith("_") else label
+
+
 def _point_chart(ax, kind, series, budget):
     x, y = _Axis(ax.xaxis), _Axis(ax.yaxis)
     elements = []
-    for label, xy in series:
-        rows = list(xy)
-        _spend(budget, len(rows))
-        points = [[x.value(px), y.value(py)] for px, py in ((row[0], row[1]) for row in rows)]
-        elements.append({"label": str(label), "points": points})
+    for n, (label, xy) in enumerate(series, 1):
+        _spend(budget, len(xy))  # before any conversion: a refused figure costs nothing
+        xs, ys = _floats(xy)
+        elements.append({"label": _public(label, f"{'Line' if kind == 'line' else 'Series'} {n}"),
+                         "points": [list(p) for p in zip(x.values(xs), y.values(ys))]})
     x_ticks, x_tick_labels = x.ticks()
     y_ticks, y_tick_labels = y.ticks()
     chart = _labels_2d(ax, ax.get_title() or None, kind)
@@ -314,16 +382,16 @@ def _bar_chart(ax, budget):
     horizontal = bool(containers) and _bars_horizontal(list(containers[0]), containers[0])
     categories = _Axis(ax.yaxis if horizontal else ax.xaxis)
     elements = []
-    for container in containers:
+    for n, container in enumerate(containers, 1):
+        _spend(budget, len(container))
         rects = list(container)
-        _spend(budget, len(rects))
-        group = str(container.get_label())
+        group = _public(container.get_label(), f"Group {n}")
         for rect in rects:
             if horizontal:
-                center, size, value = rect.get_y() + rect.get_height() / 2, rect.get_height(), rect.get_width()
+                center, value = rect.get_y() + rect.get_height() / 2, rect.get_width()
             else:
-                center, size, value = rect.get_x() + rect.get_width() / 2, rect.get_width(), rect.get_height()
-            label = categories.label_at(center, abs(float(size)) / 2)
+                center, value = rect.get_x() + rect.get_width() / 2, rect.get_height()
+            label = categories.label_at(center)
             elements.append({"label": str(label), "group": group, "value": _number(value)})
     chart = _labels_2d(ax, ax.get_title() or None, "bar", swap=horizontal)
     chart["elements"] = elements
@@ -333,8 +401,8 @@ def _bar_chart(ax, budget):
 def _pie_chart(ax, budget):
     wedges = list(ax.patches)
     _spend(budget, len(wedges))
-    elements = [{"label": str(w.get_label()), "angle": round(abs(float(w.theta2) - float(w.theta1)), 4),
-                 "radius": _number(w.r)} for w in wedges]
+    elements = [{"label": _public(w.get_label(), f"Wedge {n}"), "angle": round(abs(float(w.theta2) - float(w.theta1)), 4),
+                 "radius": _number(w.r)} for n, w in enumerate(wedges, 1)]
     return {"type": "pie", "title": ax.get_title() or None, "elements": elements}
 
 
@@ -360,9 +428,11 @@ def _box_chart(ax, budget):
     from matplotlib.patches import PathPatch
 
     boxes = [p for p in ax.patches if isinstance(p, PathPatch)]
+    raw = list(ax.get_lines())
+    # Each box is compared with each line, twice: that is the work to bound, before any conversion.
+    _spend(budget, len(boxes) * max(1, len(raw)) + sum(len(line.get_xdata(orig=False)) for line in raw))
     lines = [(line, [float(v) for v in line.get_xdata(orig=False)], [float(v) for v in line.get_ydata(orig=False)])
-             for line in ax.get_lines()]
-    _spend(budget, len(boxes) + sum(len(xs) for _, xs, _ in lines))
+             for line in raw]
     vertical = _boxes_vertical(boxes, lines)
     categories = _Axis(ax.xaxis if vertical else ax.yaxis)
     elements = []
@@ -384,7 +454,7 @@ def _box_chart(ax, budget):
                 low_whisker = min(low_whisker, min(val))
                 high_whisker = max(high_whisker, max(val))
         elements.append({
-            "label": str(categories.label_at((lo + hi) / 2, (hi - lo) / 2)),
+            "label": str(categories.label_at((lo + hi) / 2)),
             "min": _number(low_whisker), "first_quartile": _number(q1),
             "median": _number(median) if median is not None else None,
             "third_quartile": _number(q3), "max": _number(high_whisker), "outliers": sorted(outliers),

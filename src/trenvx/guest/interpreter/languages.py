@@ -104,9 +104,10 @@ class Python(Language):
     def bootstrap(self, preload: bool, identity_file: str | None = None) -> str:
         return (
             _module_code("kernelside.py", HELPER_MODULE)
+            + f"__import__({HELPER_MODULE!r}).setup({bool(preload)!r}, {identity_file!r})\n"
+            # After setup (it configures matplotlib's inline backend); never raises.
             + _module_code("kernel_charts.py", CHARTS_MODULE)
             + f"__import__({CHARTS_MODULE!r}).register()\n"
-            + f"__import__({HELPER_MODULE!r}).setup({bool(preload)!r}, {identity_file!r})\n"
         )
 
     def apply_env(self, env: dict[str, str]) -> str:
