@@ -126,18 +126,20 @@ def listed(node: ServerProc, **params) -> dict[str, dict]:
         return {s["sandboxID"]: s for s in r.json()}
 
 
-async def _trenvx_sdk_round_trip(addr: str, template: str) -> str:
-    """TrEnv-X's SDK (``sandbox_sdk``) through one node: create, run, kill; the node that ran it."""
+async def _trenvx_sdk_round_trip(addr: str, template: str, elsewhere: str) -> None:
+    """TrEnv-X's SDK (``sandbox_sdk``) through one node: create, run and kill one sandbox wherever it
+    is placed, and run a command in ``elsewhere``, a sandbox of another node."""
     from sandbox_sdk import Sandbox as TrenvxSandbox
 
     sbx = await TrenvxSandbox.create(template, target_addr=addr, api_key=API_KEY, sandbox_timeout=120)
     try:
         r = await sbx.process.start_and_wait("hostname")
         assert r.stdout.strip() == sbx.id, r.stdout
-        with httpx.Client(base_url=f"http://{addr}", headers={"X-API-Key": API_KEY}, timeout=30) as c:
-            return str(c.get(f"/sandboxes/{sbx.id}").json()["trenvx"]["node"])
     finally:
         await sbx.kill()
+    other = await TrenvxSandbox.connect(elsewhere, target_addr=addr, api_key=API_KEY)
+    r = await other.process.start_and_wait("hostname")
+    assert r.stdout.strip() == elsewhere, r.stdout
 
 
 def test_the_cluster(cluster, test_template) -> None:
@@ -188,7 +190,8 @@ def test_the_cluster(cluster, test_template) -> None:
         r = subprocess.run([*cli, "sandbox", "exec", elsewhere.sandbox_id, "--", "hostname"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and r.stdout.strip() == elsewhere.sandbox_id, (r.stdout, r.stderr)
-        assert asyncio.run(_trenvx_sdk_round_trip(f"127.0.0.1:{n3.port}", test_template)) in {"n1", "n2", "n3"}
+        not_n3 = next(s.sandbox_id for s in sandboxes if owners[s.sandbox_id] != "n3")
+        asyncio.run(_trenvx_sdk_round_trip(f"127.0.0.1:{n3.port}", test_template, not_n3))
 
         # one etcd member gone: nothing changes
         etcd.kill_member(0)

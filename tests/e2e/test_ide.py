@@ -135,6 +135,8 @@ def test_a_browser_opens_the_ide_runs_claude_and_saves_a_file(coder) -> None:
             command = f"claude --version | tee {WORKSPACE}/claude-version.txt\n"
             for attempt in range(3):
                 page.locator(".terminal-wrapper .xterm").first.click()
+                if attempt:
+                    page.keyboard.press("Control+U")  # what is left of the last attempt's line
                 page.keyboard.type(command, delay=20)
                 try:
                     version = wait_for_file(sbx, f"{WORKSPACE}/claude-version.txt", r"\d+\.\d+\.\d+",
