@@ -108,6 +108,7 @@ def test_the_ide_refuses_requests_without_the_urls_authorisation(ide_server, cod
 def test_a_browser_opens_the_ide_runs_claude_and_saves_a_file(coder) -> None:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: scripts/start.sh setup installs Debian's chromium")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import sync_playwright
 
     url, sbx = coder
@@ -128,7 +129,14 @@ def test_a_browser_opens_the_ide_runs_claude_and_saves_a_file(coder) -> None:
             # keys typed before its shell prompts can be lost, so wait for the prompt where the page
             # shows the terminal's text, and type the command again if it left no file.
             page.keyboard.press("Control+Backquote")
-            page.wait_for_selector(".terminal-wrapper .xterm", state="visible")
+            try:
+                page.wait_for_selector(".terminal-wrapper .xterm", state="visible", timeout=UI_TIMEOUT_MS // 2)
+            except PlaywrightTimeoutError:  # the panel opened without a terminal once: ask for one by name
+                page.keyboard.press("F1")
+                page.keyboard.type("Terminal: Create New Terminal", delay=10)
+                page.locator(".quick-input-list .monaco-list-row").filter(
+                    has_text=re.compile(r"^\s*Terminal: Create New Terminal(?!\s*(\(|in |With|Here))")).first.click()
+                page.wait_for_selector(".terminal-wrapper .xterm", state="visible")
             if page.locator(".terminal-wrapper .xterm-rows").count():
                 page.wait_for_function("() => /[$#][\\s\\u00a0]*$/m.test(document.querySelector("
                                        "'.terminal-wrapper .xterm-rows').innerText)")
