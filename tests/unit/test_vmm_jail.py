@@ -59,6 +59,15 @@ def test_v1_groups_nest_under_the_servers_own_cgroup_with_the_limits(tmp_path: P
     again = VmmCgroup.create(host, "sb2", CgroupLimits(memory_bytes=640 << 20, pids_max=512))
     assert again.exists() and (again.dirs["pids"] / "pids.max").read_text() == "512"
     assert cgroups.release_parents(host) == []  # not empty: kept
+    # A stopping server also removes the groups of VMMs that died young (a server killed mid-run,
+    # a VMM killed with it): each test server that did left its tree behind.
+    for f in again.procs_files():
+        f.write_text("")
+    for d in again.dirs.values():
+        for f in d.iterdir():
+            f.unlink()
+    assert sorted(cgroups.release(host)) == sorted(set(host.parents.values()))
+    assert not again.exists() and not any(p.exists() for p in host.parents.values())
 
 
 def test_v1_without_cpu_weight_file_falls_back_to_the_lowest_shares(tmp_path: Path) -> None:

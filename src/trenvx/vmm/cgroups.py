@@ -392,6 +392,14 @@ def release_parents(host: CgroupHost) -> list[Path]:
     return removed
 
 
+def release(host: CgroupHost) -> list[Path]:
+    """What a stopping server does: remove the groups of its VMMs that are gone, whatever their age
+    (none is being started any more; a server killed mid-run, or a VMM killed with it, left them),
+    then its parents if nothing is left in them. The parents removed."""
+    sweep(host, min_age_s=0)
+    return release_parents(host)
+
+
 def group_of_pid(host: CgroupHost, pid: int, *, proc: Path = Path("/proc")) -> VmmCgroup | None:
     """The VMM group process ``pid`` is in, if it is one of ours (by the name in its cgroup path)."""
     try:

@@ -54,7 +54,8 @@ from pathlib import Path
 
 from . import cgroups
 from ..config import Config
-from .cgroups import CgroupHost, CgroupLimits, VmmCgroup, release_parents
+from .cgroups import CgroupHost, CgroupLimits, VmmCgroup
+from .cgroups import release as release_cgroups
 from .qemu_img import qcow2_backing_name
 
 log = logging.getLogger(__name__)
@@ -240,10 +241,11 @@ class JailPolicy:
                 log.warning("jail: cannot set %s to mode %o: %s", d, mode, e.strerror)
 
     def release(self) -> None:
-        """What this server made for its VMMs and no longer needs once it stops: its parent
-        cgroups, when no VMM group is left in them (they are made again on demand)."""
+        """What this server made for its VMMs and no longer needs once it stops: the groups of
+        VMMs that are gone, and its parent cgroups when nothing is left in them (they are made
+        again on demand). VMMs left running (``--keep``) keep theirs."""
         if self.cgroups is not None:
-            release_parents(self.cgroups)
+            release_cgroups(self.cgroups)
 
     # -- uids
 
