@@ -55,7 +55,6 @@ from pathlib import Path
 from . import cgroups
 from ..config import Config
 from .cgroups import CgroupHost, CgroupLimits, VmmCgroup
-from .cgroups import release as release_cgroups
 from .qemu_img import qcow2_backing_name
 
 log = logging.getLogger(__name__)
@@ -245,7 +244,7 @@ class JailPolicy:
         VMMs that are gone, and its parent cgroups when nothing is left in them (they are made
         again on demand). VMMs left running (``--keep``) keep theirs."""
         if self.cgroups is not None:
-            release_cgroups(self.cgroups)
+            cgroups.release(self.cgroups)
 
     # -- uids
 

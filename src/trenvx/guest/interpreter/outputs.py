@@ -6,8 +6,9 @@ Each line of an ``/execute`` answer is one JSON object with a ``type``:
   ``OutputMessage.timestamp``)
 * ``result``: one representation per known MIME type (``text``, ``html``, ``markdown``,
   ``svg``, ``png``, ``jpeg``, ``pdf``, ``latex``, ``json``, ``javascript``; ``data`` and
-  ``chart``, E2B's, from :mod:`.kernel_charts`), other MIME types under ``extra``, and ``is_main_result`` (true for the cell's value, false for a
-  ``display()`` such as a matplotlib figure); images stay base64 as the kernel sends them
+  ``chart``, E2B's, from :mod:`.kernel_charts`), other MIME types under ``extra``, and
+  ``is_main_result`` (true for the cell's value, false for a ``display()`` such as a
+  matplotlib figure); images stay base64 as the kernel sends them
 * ``error``: ``{"name", "value", "traceback"}``, the traceback one string (ANSI colours kept)
 * ``number_of_executions``: ``{"execution_count"}``
 * ``end_of_execution``: always the last line
