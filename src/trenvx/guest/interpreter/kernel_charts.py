@@ -167,7 +167,6 @@ def axes_chart(ax, budget=None):
     """The chart of one matplotlib Axes (see the module's docstring for its shape)."""
     budget = budget if budget is not None else [MAX_CHART_POINTS]
     kind = chart_type(ax)
-    title = ax.get_title() or None
     if kind == "line":
         return _point_chart(ax, "line", [(line.get_label(), line.get_xydata()) for line in ax.get_lines()], budget)
     if kind == "scatter":
@@ -178,7 +177,7 @@ def axes_chart(ax, budget=None):
         return _pie_chart(ax, budget)
     if kind == "box_and_whisker":
         return _box_chart(ax, budget)
-    return {"type": "unknown", "title": title, "elements": []}
+    return {**_chart(ax, "unknown"), "elements": []}
 
 
 def chart_type(ax) -> str:
@@ -237,11 +236,16 @@ def _unit(label):
     return (match.group(1) or match.group(2)) if match else None
 
 
-def _labels_2d(ax, title, kind, swap=False):
+def _chart(ax, kind):
+    """The fields every chart of one Axes has: its type and title."""
+    return {"type": kind, "title": ax.get_title() or None}
+
+
+def _labels_2d(ax, kind, swap=False):
     x_label, y_label = ax.get_xlabel() or None, ax.get_ylabel() or None
     if swap:  # horizontal bars and boxes: x_label names the categories, as for vertical ones
         x_label, y_label = y_label, x_label
-    return {"type": kind, "title": title, "x_label": x_label, "y_label": y_label,
+    return {**_chart(ax, kind), "x_label": x_label, "y_label": y_label,
             "x_unit": _unit(x_label), "y_unit": _unit(y_label)}
 
 
@@ -263,15 +267,11 @@ class _Axis:
             self.scale = scale if scale in _SCALES else "unknown"
         self._categories = {int(v): str(k) for k, v in dict(mapping).items()} if self.scale == "categorical" else {}
         self._axis = axis
+        self._ticks = None  # (positions, labels, tolerance), read once: see _raw_ticks
 
     def value(self, number):
         if self.scale == "datetime":
-            number = float(number)
-            if not math.isfinite(number):
-                return None
-            from matplotlib.dates import num2date
-
-            return num2date(number).isoformat()
+            return self.values([float(number)])[0]
         if self.scale == "categorical":
             number = float(number)
             if math.isfinite(number) and float(round(number)) == number and int(number) in self._categories:
@@ -289,25 +289,25 @@ class _Axis:
         return [self.value(n) for n in numbers]
 
     def _raw_ticks(self):
-        """Tick positions inside the axis's view, and their labels as matplotlib draws them (once)."""
-        cached = getattr(self, "_ticks", None)
-        if cached is not None:
-            return cached
+        """Tick positions inside the axis's view, their labels as matplotlib draws them, and how
+        close a position must be to a tick to be at it; read once per axis."""
+        if self._ticks is not None:
+            return self._ticks
         low, high = sorted(float(v) for v in self._axis.get_view_interval())
         span = (high - low) * 1e-9
         locs = [float(t) for t in self._axis.get_ticklocs() if low - span <= float(t) <= high + span]
         index = 0 if self._axis.axis_name == "x" else 1
         drawn = {round(float(t.get_position()[index]), 9): t.get_text() for t in self._axis.get_ticklabels()}
         if locs and all(drawn.get(round(loc, 9)) for loc in locs):
-            self._ticks = locs, [drawn[round(loc, 9)] for loc in locs]
+            labels = [drawn[round(loc, 9)] for loc in locs]
         else:  # not drawn yet: formatted as a draw would
-            formatter = self._axis.get_major_formatter()
-            self._ticks = locs, ([str(s) for s in formatter.format_ticks(locs)] if locs else [])
+            labels = [str(s) for s in self._axis.get_major_formatter().format_ticks(locs)] if locs else []
+        self._ticks = locs, labels, max(abs(high - low), 1.0) * 1e-9
         return self._ticks
 
     def ticks(self):
         """The ticks inside the axis's view (as values, see :meth:`value`) and their labels."""
-        locs, labels = self._raw_ticks()
+        locs, labels, _ = self._raw_ticks()
         if self.scale not in ("datetime", "categorical"):
             locs = [float("%.12g" % loc) for loc in locs]  # 1.2, not 1.2000000000000002
         return self.values(locs), labels
@@ -319,9 +319,8 @@ class _Axis:
             value = self.value(round(position))
             if isinstance(value, str):
                 return value
-        low, high = sorted(float(v) for v in self._axis.get_view_interval())
-        tolerance = max(abs(high - low), 1.0) * 1e-9
-        for loc, label in zip(*self._raw_ticks()):
+        locs, labels, tolerance = self._raw_ticks()
+        for loc, label in zip(locs, labels):
             if label and abs(loc - position) <= tolerance:
                 return label
         value = self.value(position)
@@ -352,7 +351,7 @@ def _point_chart(ax, kind, series, budget):
                          "points": [list(p) for p in zip(x.values(xs), y.values(ys))]})
     x_ticks, x_tick_labels = x.ticks()
     y_ticks, y_tick_labels = y.ticks()
-    chart = _labels_2d(ax, ax.get_title() or None, kind)
+    chart = _labels_2d(ax, kind)
     chart.update({"x_ticks": x_ticks, "x_tick_labels": x_tick_labels, "x_scale": x.scale,
                   "y_ticks": y_ticks, "y_tick_labels": y_tick_labels, "y_scale": y.scale, "elements": elements})
     return chart
@@ -393,7 +392,7 @@ def _bar_chart(ax, budget):
                 center, value = rect.get_x() + rect.get_width() / 2, rect.get_height()
             label = categories.label_at(center)
             elements.append({"label": str(label), "group": group, "value": _number(value)})
-    chart = _labels_2d(ax, ax.get_title() or None, "bar", swap=horizontal)
+    chart = _labels_2d(ax, "bar", swap=horizontal)
     chart["elements"] = elements
     return chart
 
@@ -403,7 +402,7 @@ def _pie_chart(ax, budget):
     _spend(budget, len(wedges))
     elements = [{"label": _public(w.get_label(), f"Wedge {n}"), "angle": round(abs(float(w.theta2) - float(w.theta1)), 4),
                  "radius": _number(w.r)} for n, w in enumerate(wedges, 1)]
-    return {"type": "pie", "title": ax.get_title() or None, "elements": elements}
+    return {**_chart(ax, "pie"), "elements": elements}
 
 
 def _boxes_vertical(boxes, lines) -> bool:
@@ -459,6 +458,6 @@ def _box_chart(ax, budget):
             "median": _number(median) if median is not None else None,
             "third_quartile": _number(q3), "max": _number(high_whisker), "outliers": sorted(outliers),
         })
-    chart = _labels_2d(ax, ax.get_title() or None, "box_and_whisker", swap=not vertical)
+    chart = _labels_2d(ax, "box_and_whisker", swap=not vertical)
     chart["elements"] = elements
     return chart
