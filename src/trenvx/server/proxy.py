@@ -66,6 +66,14 @@ envelopes gets an end-of-stream error ``unavailable`` with ``The sandbox ... was
 ``SandboxNotRunningException``; any other response is aborted (the connection is closed before
 the body's end), and a websocket is closed with code 1011.
 
+A connection kept alive to a sandbox's server can be closed by that server just as a request goes
+down it: Node (code-server, next.js) drops connections idle for 5 s, and under software emulation
+its timers fire late, while a request is already on the way, which then meets a reset. So an
+idempotent request (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) whose connection breaks
+before any answer is sent once more, as browsers do; others get the 502. Measured before this: a
+web IDE's terminal script (xterm.js) failed with a 502 in about 1 of 4 page loads and the terminal
+never opened.
+
 Single machine, no wildcard DNS, no TLS: :func:`announced_domain` gives E2B's SDKs the domain
 ``localhost:<port>`` (the port the API was reached on), so ``get_host(8000)`` is
 ``8000-<id>.localhost:<port>``, which curl and browsers resolve to loopback; any HTTP client can
@@ -138,6 +146,8 @@ GONE_POLL_S = 0.5
 CUT_GRACE_S = 1.0
 """How long a stream whose upstream broke waits to learn whether its sandbox ended."""
 REPLAY_LIMIT = 1 << 20
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""Methods sent once more when their connection breaks before the answer (RFC 9110 9.2.2)."""
 """Request bodies up to this size are kept while sent, so that a try after a port relay can send them again."""
 FORWARD_TIMEOUT_S = 10.0
 """How long the agent may take to answer a port relay request."""
@@ -409,7 +419,8 @@ class SandboxProxy:
         if not has_body:
             body.done.set()
         url = httpx.URL(endpoint.base_url, raw_path=forward.path)
-        retried = False
+        retried = False  # once, after the agent relays a port that listens on the guest's loopback
+        resent = False  # once, after a kept-alive connection broke under an idempotent request
         while True:
             # Asked again on a retry: the VM may have ended (and its client closed) meanwhile.
             client = self.upstreams.client_for(sid, endpoint)
@@ -426,6 +437,12 @@ class SandboxProxy:
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
                 if body.disconnected.is_set():
                     return
+                if (not resent and not isinstance(e, httpx.ConnectError) and scope["method"] in IDEMPOTENT
+                        and body.replayable):
+                    resent = True
+                    log.info("proxy %s %s to sandbox %s port %d: the connection broke before an answer (%r); "
+                             "sending it again", scope["method"], scope["path"], sid, port, e)
+                    continue
                 note = ""
                 if not retried and port != AGENT_PORT and await self._forward_port(sid, port):
                     if body.replayable:
@@ -440,8 +457,10 @@ class SandboxProxy:
                 except SandboxNotFound as nf:
                     return await _respond(send, 502, f"The sandbox {sid} was not found" +
                                           (f": {nf.reason}" if nf.reason else ""), sandboxId=sid)
+                what = ("nothing answered on port" if isinstance(e, httpx.ConnectError)
+                        else "the connection closed before an answer on port")
                 return await _respond(send, 502, f"The sandbox {sid} is running but port is not open "
-                                      f"(nothing answered on port {port}: {type(e).__name__}{note})", sandboxId=sid)
+                                      f"({what} {port}: {type(e).__name__}{note})", sandboxId=sid)
             except httpx.HTTPError as e:
                 return await _respond(send, 502, f"proxying to port {port} of sandbox {sid} failed: {e}", sandboxId=sid)
 

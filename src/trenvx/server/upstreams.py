@@ -26,7 +26,10 @@ from ..guest.endpoint import AgentEndpoint, HybridVsockEndpoint
 
 TIMEOUT = httpx.Timeout(connect=10.0, read=None, write=None, pool=None)
 """Connect within 10 s; then no limit: streams (command output, uploads) last as long as they last."""
-LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=32, keepalive_expiry=30)
+KEEPALIVE_S = 4.0
+"""How long an idle connection is kept: under the 5 s after which Node's and uvicorn's servers close
+theirs, so that the proxy does not pick one as they close it (a request sent then meets a reset)."""
+LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=32, keepalive_expiry=KEEPALIVE_S)
 """Per VM (per vsock endpoint of a VM)."""
 
 VmOwner = tuple[str, Hashable]
