@@ -8,6 +8,7 @@ client parses them. End to end in a VM: tests/e2e/test_code_interpreter.py."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import subprocess
 from pathlib import Path
@@ -123,7 +124,10 @@ def test_pie_and_box_and_whisker(shell: Any) -> None:
         {"label": "z", "angle": 180.0, "radius": 1.0}]}
     for vertical in (True, False):
         def box(fig: Any, vertical: bool = vertical) -> None:
-            artists = plt.boxplot([[1, 2, 3, 4, 5, 20], [2, 3, 4]], patch_artist=True, vert=vertical)
+            # matplotlib 3.10 takes orientation= (and deprecates vert=, which the template's 3.6 takes)
+            way = ({"orientation": "vertical" if vertical else "horizontal"}
+                   if "orientation" in inspect.signature(plt.boxplot).parameters else {"vert": vertical})
+            artists = plt.boxplot([[1, 2, 3, 4, 5, 20], [2, 3, 4]], patch_artist=True, **way)
             assert artists["boxes"]
         chart = chart_of(shell, box)
         assert chart["type"] == "box_and_whisker", vertical
