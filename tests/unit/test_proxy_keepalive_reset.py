@@ -5,8 +5,8 @@ an idempotent request is sent once more on a new connection and the client gets 
 about 1 of 4 page loads and the IDE's terminal never opened.
 
 The upstream is a raw socket server: it answers the first request on each connection and keeps the
-connection alive, then resets it (SO_LINGER 0) when the next request arrives, without answering.
-Over real sockets, no VMs."""
+connection alive, then resets it (SO_LINGER 0) when the next request arrives, without answering
+(or, as a server that breaks every connection, resets under the first). Over real sockets, no VMs."""
 
 from __future__ import annotations
 
@@ -27,12 +27,15 @@ PORT_IN_GUEST = 8080
 
 
 class ResetOnSecondRequest:
-    """Answers the first request on a connection (``HTTP/1.1 200``, keep-alive), resets on the second."""
+    """Answers the first request on a connection (``HTTP/1.1 200``, keep-alive), resets on the second
+    (``answer_first=False``: resets under the first)."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
+        self.answer_first = True
         self.requests: list[str] = []  # request lines, in arrival order, answered or not
+        self.bodies: list[bytes] = []
         self.resets = 0
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -63,10 +66,11 @@ class ResetOnSecondRequest:
                         length = int(value)
                 while len(buf) < length:
                     buf += conn.recv(65536)
-                buf = buf[length:]
+                body, buf = buf[:length], buf[length:]
                 with self._lock:
                     self.requests.append(head.split(b"\r\n", 1)[0].decode())
-                if served:  # the kept-alive connection is dropped under this request: a reset, no answer
+                    self.bodies.append(body)
+                if served or not self.answer_first:  # the kept-alive connection is dropped under this request: a reset, no answer
                     with self._lock:
                         self.resets += 1
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -113,14 +117,49 @@ def test_a_get_whose_kept_connection_is_reset_is_sent_again(proxied: httpx.Clien
     assert upstream.requests == ["GET /a HTTP/1.1", "GET /b HTTP/1.1", "GET /b HTTP/1.1"]
 
 
+def sent(upstream: ResetOnSecondRequest) -> list[str]:
+    """The requests the proxy passed on. (The fake VM's agent listens on the upstream's port too:
+    after a failed request the proxy asks it whether the port listens only on the guest's loopback,
+    and its non-JSON answer means no.)"""
+    return [r for r in upstream.requests if r != "POST /ports/forward HTTP/1.1"]
+
+
+def test_a_put_is_sent_again_with_its_whole_body(proxied: httpx.Client, upstream: ResetOnSecondRequest) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB: the most a resend keeps
+    with proxied as client:
+        assert client.get("/a").status_code == 200
+        r = client.put("/file", content=payload)
+        assert r.status_code == 200 and r.text == "answered", r.text
+    assert sent(upstream) == ["GET /a HTTP/1.1", "PUT /file HTTP/1.1", "PUT /file HTTP/1.1"]
+    assert upstream.bodies[1] == upstream.bodies[2] == payload
+
+
+def test_a_put_whose_body_was_not_kept_is_not_sent_again(proxied: httpx.Client,
+                                                         upstream: ResetOnSecondRequest) -> None:
+    with proxied as client:
+        assert client.get("/a").status_code == 200
+        r = client.put("/file", content=b"x" * ((1 << 20) + 1))
+        assert r.status_code == 502, r.text
+    assert sent(upstream) == ["GET /a HTTP/1.1", "PUT /file HTTP/1.1"]
+
+
 def test_a_post_is_not_sent_twice(proxied: httpx.Client, upstream: ResetOnSecondRequest) -> None:
     with proxied as client:
         assert client.get("/a").status_code == 200
         r = client.post("/order", content=b"one pizza")
         assert r.status_code == 502, r.text
         assert "closed before an answer on port 8080" in r.json()["message"], r.text
-    # (The fake VM's agent listens on the same port: the proxy asks it whether port 8080 listens
-    # only on the guest's loopback, as it does after any failed request.)
-    sent = [r for r in upstream.requests if r != "POST /ports/forward HTTP/1.1"]
-    assert sent == ["GET /a HTTP/1.1", "POST /order HTTP/1.1"]
+    assert sent(upstream) == ["GET /a HTTP/1.1", "POST /order HTTP/1.1"]
+
+
+def test_a_new_connection_that_breaks_is_not_sent_again(proxied: httpx.Client,
+                                                        upstream: ResetOnSecondRequest) -> None:
+    """Only a kept connection's break is the idle-close race; a server that breaks every
+    connection gets each request once, and the 502 says nothing answered."""
+    upstream.answer_first = False
+    with proxied as client:
+        r = client.get("/a")
+        assert r.status_code == 502, r.text
+        assert "nothing answered on port 8080" in r.json()["message"], r.text
+    assert sent(upstream) == ["GET /a HTTP/1.1"]
 

@@ -69,8 +69,9 @@ the body's end), and a websocket is closed with code 1011.
 A connection kept alive to a sandbox's server can be closed by that server just as a request goes
 down it: Node (code-server, next.js) drops connections idle for 5 s, and under software emulation
 its timers fire late, while a request is already on the way, which then meets a reset. So an
-idempotent request (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) whose connection breaks
-before any answer is sent once more, as browsers do; others get the 502. Measured before this: a
+idempotent request (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) whose kept connection
+breaks before any answer is sent once more, on a new connection, as browsers do; others get the 502
+(and so does any request to the agent's own port, whose reads may consume, e.g. of a FIFO). Measured before this: a
 web IDE's terminal script (xterm.js) failed with a 502 in about 1 of 4 page loads and the terminal
 never opened.
 
@@ -146,9 +147,10 @@ GONE_POLL_S = 0.5
 CUT_GRACE_S = 1.0
 """How long a stream whose upstream broke waits to learn whether its sandbox ended."""
 REPLAY_LIMIT = 1 << 20
+"""Request bodies up to this size are kept while sent, so that a try after a port relay, or a resend
+after a kept connection broke, can send them again."""
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-"""Methods sent once more when their connection breaks before the answer (RFC 9110 9.2.2)."""
-"""Request bodies up to this size are kept while sent, so that a try after a port relay can send them again."""
+"""Methods sent once more when a kept connection breaks before the answer (RFC 9110 9.2.2)."""
 FORWARD_TIMEOUT_S = 10.0
 """How long the agent may take to answer a port relay request."""
 
@@ -424,8 +426,10 @@ class SandboxProxy:
         while True:
             # Asked again on a retry: the VM may have ended (and its client closed) meanwhile.
             client = self.upstreams.client_for(sid, endpoint)
+            connects = _ConnectWatch()
             request = client.build_request(scope["method"], url, headers=headers,
-                                           content=body.stream() if has_body else None)
+                                           content=body.stream() if has_body else None,
+                                           extensions={"trace": connects})
             try:
                 upstream = await self._send_unless_gone(client, request, sid)
                 body.release()
@@ -437,8 +441,9 @@ class SandboxProxy:
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
                 if body.disconnected.is_set():
                     return
-                if (not resent and not isinstance(e, httpx.ConnectError) and scope["method"] in IDEMPOTENT
-                        and body.replayable):
+                kept = not connects.opened and not isinstance(e, httpx.ConnectError)
+                if (kept and not resent and port != AGENT_PORT and scope["method"] in IDEMPOTENT
+                        and body.replayable and self._gone_reason(sid) is None):
                     resent = True
                     log.info("proxy %s %s to sandbox %s port %d: the connection broke before an answer (%r); "
                              "sending it again", scope["method"], scope["path"], sid, port, e)
@@ -457,8 +462,7 @@ class SandboxProxy:
                 except SandboxNotFound as nf:
                     return await _respond(send, 502, f"The sandbox {sid} was not found" +
                                           (f": {nf.reason}" if nf.reason else ""), sandboxId=sid)
-                what = ("nothing answered on port" if isinstance(e, httpx.ConnectError)
-                        else "the connection closed before an answer on port")
+                what = "the connection closed before an answer on port" if kept else "nothing answered on port"
                 return await _respond(send, 502, f"The sandbox {sid} is running but port is not open "
                                       f"({what} {port}: {type(e).__name__}{note})", sandboxId=sid)
             except httpx.HTTPError as e:
@@ -697,6 +701,18 @@ def _prefixed_response_headers(headers: list[tuple[bytes, bytes]], prefix: str,
 
 class ClientDisconnected(Exception):
     pass
+
+
+class _ConnectWatch:
+    """httpcore's ``trace`` callback for one try: whether it opened a new connection (else it went
+    down a kept one)."""
+
+    def __init__(self) -> None:
+        self.opened = False
+
+    async def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event.startswith("connection.connect_") and event.endswith(".started"):
+            self.opened = True
 
 
 class _ReplayableBody:
