@@ -87,6 +87,31 @@ def test_claude_codes_settings_are_in_place(coder) -> None:
     assert sbx.commands.run("echo $ANTHROPIC_API_KEY", user="user").stdout.strip() == API_KEY
 
 
+def test_kimi_points_claude_code_at_kimis_api(ide_server) -> None:
+    """``claude-coder --kimi``: Claude Code in the sandbox reads Kimi's Anthropic-compatible base URL
+    and model, in its settings and in the shell's environment (no call is made: no outside network)."""
+    from sandbox_sdk.claude_coder import KIMI_BASE_URL, KIMI_MODEL
+
+    env = {**os.environ, "SANDBOX_BACKEND_ADDR": ide_server.url}
+    r = subprocess.run([sys.executable, "-m", "sandbox_sdk.claude_coder", "--kimi", "--api-key", "sk-kimi-test",
+                        "--timeout", "300", "--url-form", "path"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    match = re.search(r"/sandboxes/([a-z0-9]+)/ports/8080/", r.stdout)
+    assert match, r.stdout
+    with e2b_pointed_at(ide_server.url):
+        from e2b import Sandbox
+
+        sbx = Sandbox.connect(match.group(1))
+        try:
+            settings = json.loads(sbx.files.read("/home/user/.claude/settings.json"))["env"]
+            assert settings["ANTHROPIC_BASE_URL"] == KIMI_BASE_URL and settings["ANTHROPIC_MODEL"] == KIMI_MODEL
+            assert settings["ANTHROPIC_API_KEY"] == "sk-kimi-test"
+            seen = sbx.commands.run("echo $ANTHROPIC_BASE_URL $ANTHROPIC_MODEL", user="user").stdout.split()
+            assert seen == [KIMI_BASE_URL, KIMI_MODEL], seen
+        finally:
+            sbx.kill()
+
+
 def test_the_ide_refuses_requests_without_the_urls_authorisation(ide_server, coder) -> None:
     """Who knows only the sandbox id (or guesses a token or a cookie) gets E2B's 403; the printed
     URL gets the IDE, and its token is traded for a cookie at once."""
