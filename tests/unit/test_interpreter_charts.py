@@ -88,6 +88,22 @@ def test_scatter_log_scale_and_dates(shell: Any) -> None:
     assert all(isinstance(t, str) for t in chart["x_ticks"])
 
 
+def test_a_pandas_time_series_plot_has_dates(shell: Any) -> None:
+    """``Series.plot`` of a regular DatetimeIndex puts period ordinals on the axis (days, hours or
+    months since 1970, as its ``freq`` says), not matplotlib's dates: they come out as ISO times."""
+    import pandas as pd
+
+    for freq, second in (("D", "2024-01-02T00:00:00+00:00"), ("h", "2024-01-01T01:00:00+00:00"),
+                         ("MS", "2024-02-01T00:00:00+00:00")):
+        series = pd.Series([5, 6, 7], index=pd.date_range("2024-01-01", periods=3, freq=freq), name="n")
+        chart = chart_of(shell, lambda fig, series=series: series.plot())
+        assert chart["type"] == "line" and chart["x_scale"] == "datetime", (freq, chart)
+        assert chart["elements"][0]["points"] == [[chart["elements"][0]["points"][0][0], 5.0], [second, 6.0],
+                                                  [chart["elements"][0]["points"][2][0], 7.0]], freq
+        assert chart["elements"][0]["points"][0][0] == "2024-01-01T00:00:00+00:00", freq
+        assert all(isinstance(t, str) and t.startswith("2024-") for t in chart["x_ticks"]), chart["x_ticks"]
+
+
 def test_bars_vertical_horizontal_and_grouped(shell: Any) -> None:
     chart = chart_of(shell, lambda fig: plt.bar(["a", "b", "c"], [3, 1, 2], label="2024"))
     assert chart["type"] == "bar"
@@ -219,6 +235,7 @@ fig = plt.figure(); plt.boxplot([[1, 2, 3, 4, 5, 20]], patch_artist=True); out["
 import datetime
 fig = plt.figure(); plt.plot([datetime.datetime(2024, 1, 1, h) for h in range(5)], range(5)); out["dates"] = fmt(fig)["e2b/chart"]; plt.close(fig)
 out["data"] = fmt(pd.DataFrame({"c": [1, 2]}))["e2b/data"]
+fig = plt.figure(); pd.Series([5, 6], index=pd.date_range("2024-01-01", periods=2, freq="H")).plot(); out["series"] = fmt(fig)["e2b/chart"]; plt.close(fig)
 print(json.dumps(out))
 """
 
@@ -238,6 +255,8 @@ def test_the_templates_versions_debians_python3() -> None:
     box = out["box"]["elements"][0]
     assert (box["min"], box["median"], box["max"], box["outliers"]) == (1.0, 3.5, 5.0, [20.0])
     assert out["data"] == {"c": [1, 2]}
+    assert out["series"]["x_scale"] == "datetime"
+    assert out["series"]["elements"][0]["points"] == [["2024-01-01T00:00:00+00:00", 5.0], ["2024-01-01T01:00:00+00:00", 6.0]]
     assert out["dates"]["x_scale"] == "datetime"
     assert out["dates"]["elements"][0]["points"][1] == ["2024-01-01T01:00:00+00:00", 1.0]
     assert all(t.endswith(":00+00:00") for t in out["dates"]["x_ticks"]), out["dates"]["x_ticks"]  # no rounding drift

@@ -25,6 +25,7 @@ The shapes are the ones E2B's SDKs read (``e2b_code_interpreter.charts``):
 Standard library only at import.
 """
 
+import datetime
 import math
 import re
 import sys
@@ -251,14 +252,17 @@ def _labels_2d(ax, kind, swap=False):
 
 class _Axis:
     """Turns an axis's internal numbers back into what the user plotted: ISO times on a date
-    axis, category names on a categorical one, numbers elsewhere."""
+    axis, category names on a categorical one, numbers elsewhere. A date axis is matplotlib's
+    (days since its epoch) or pandas' time series plot's (``Series.plot`` of a regular
+    DatetimeIndex: period ordinals of the axis's ``freq``)."""
 
     def __init__(self, axis) -> None:
         getter = getattr(axis, "get_converter", None)
         converter = getter() if getter is not None else getattr(axis, "converter", None)
         name = type(converter).__name__ if converter is not None else ""
         mapping = getattr(getattr(axis, "units", None), "_mapping", None)
-        if "Date" in name:
+        self._period_freq = getattr(axis, "freq", None) if name == "PeriodConverter" else None
+        if "Date" in name or self._period_freq is not None:
             self.scale = "datetime"
         elif "Categor" in name and mapping is not None:
             self.scale = "categorical"
@@ -281,10 +285,16 @@ class _Axis:
     def values(self, numbers):
         """:meth:`value` of many numbers (a sequence of floats)."""
         if self.scale == "datetime":
-            from matplotlib.dates import num2date
-
             finite = [n for n in numbers if math.isfinite(n)]
-            dates = iter(num2date(finite)) if finite else iter(())
+            if self._period_freq is not None:  # as matplotlib's dates come out: in UTC
+                from pandas import Period
+
+                dates = iter([Period(ordinal=int(round(n)), freq=self._period_freq).to_timestamp()
+                              .to_pydatetime().replace(tzinfo=datetime.timezone.utc) for n in finite])
+            else:
+                from matplotlib.dates import num2date
+
+                dates = iter(num2date(finite)) if finite else iter(())
             return [next(dates).isoformat() if math.isfinite(n) else None for n in numbers]
         return [self.value(n) for n in numbers]
 
