@@ -319,6 +319,10 @@ class NetworkConfig(_Strict):
 
 class TemplateManagerConfig(_Strict):
     template_id: str = "default-sandbox"
+    keep_builds: int = Field(default=2, ge=1)
+    """Builds kept per template after a new one is published: the current one and the newest
+    others, up to this many; older ones go unless a sandbox (running or paused) or a snapshot
+    stands on them. Each build holds the template's memory and disk (gigabytes)."""
 
 
 class VmmConfig(_Strict):

@@ -26,8 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from trenvx.sandbox.disk import backing_chain
-from trenvx.sandbox.snapshots import AGENT_TOKEN, USERS
+from trenvx.vmm.qemu_img import backing_chain
+from trenvx.sandbox.snapshots import AGENT_TOKEN
+from trenvx.template.build_users import USERS
 from trenvx.template.store import MANIFEST, MEMORY, VMSTATE
 
 from .server_helpers import e2b_pointed_at, running_server, wait_until

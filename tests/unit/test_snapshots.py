@@ -22,13 +22,16 @@ from hypothesis import given
 
 from trenvx.layout import DataRoot
 from trenvx.sandbox import snapshots as snaps
-from trenvx.sandbox.disk import backing_chain, create_overlay, qcow2_backing
+from trenvx.sandbox.disk import create_overlay
 from trenvx.server.app import create_app
+from trenvx.template.build_users import USERS
 from trenvx.template.store import (
-    LAYER, MANIFEST, MEMORY, VMSTATE, SnapshotOrigin, TemplateBuild, TemplateManifest, TemplateStore,
+    LAYER, MANIFEST, MEMORY, VMSTATE, SnapshotOrigin, TemplateBuild, TemplateManifest, TemplateNotFound,
+    TemplateStore,
 )
 from trenvx.vmm import qemu_stream as qs
 from trenvx.vmm.qemu_checkpoint import Checkpoint
+from trenvx.vmm.qemu_img import backing_chain, qcow2_backing
 from trenvx.vmm.qemu_stream import merge_into
 
 from .server_fakes import ThreadedServer, UpstreamState, fake_manager, make_config, make_template, upstream_app
@@ -151,14 +154,14 @@ async def test_collect_keeps_what_is_published_used_or_required(tmp_path: Path) 
     running = [TemplateBuild(used_here, TemplateManifest.model_validate_json((used_here / MANIFEST).read_text()))]
 
     removed = await _snapshots_of(tmp_path, running).collect()
-    assert not (published / snaps.USERS / "ended").exists()  # the entries of ended users go
+    assert not (published / USERS / "ended").exists()  # the entries of ended users go
 
     assert sorted(p.parent.name for p in removed) == [".fork-c", "gone"]
     assert not deleted.parent.exists() and not stale.parent.exists()  # their template directories too
     for kept in (published, required, used_here, used_there, staging, tpl):
         assert kept.exists(), kept
     # the stale user entry is gone with its build; the live one stays
-    assert list((used_there / snaps.USERS).iterdir())
+    assert list((used_there / USERS).iterdir())
 
     # the sandbox elsewhere ends: its snapshot goes at the next sweep
     elsewhere.rmdir()
@@ -187,10 +190,13 @@ def test_a_removed_build_takes_no_user(tmp_path: Path) -> None:
     shutil.rmtree(snap)
     with pytest.raises(snaps.SnapshotNotFound, match="deleted"):
         snaps.add_user(build, "sbx", tmp_path)
-    # a template's build records nothing
+    # a template's build records its users too (TemplateStore.prune keeps what they stand on)
     template = TemplateStore(DataRoot(tmp_path)).current("tpl")
     snaps.add_user(template, "sbx", tmp_path)
-    assert not (template.path / snaps.USERS).exists()
+    assert (template.path / USERS / "sbx").read_text() == str(tmp_path)
+    gone = TemplateBuild(tmp_path / "templates" / "tpl" / "pruned", template.manifest)
+    with pytest.raises(TemplateNotFound, match="was removed"):
+        snaps.add_user(gone, "sbx", tmp_path)
 
 
 async def test_the_backing_chain_of_a_disk(tmp_path: Path) -> None:
@@ -221,7 +227,7 @@ def test_a_snapshot_build_is_restored_from_its_layer(tmp_path: Path) -> None:
     # a template's build a snapshot requires is never pruned
     store = TemplateStore(DataRoot(tmp_path))
     os.unlink(tmp_path / "templates" / "tpl" / "current")
-    assert store.prune("tpl", set()) == []
+    assert store.prune("tpl", keep=1) == []
     assert tpl.exists()
 
 

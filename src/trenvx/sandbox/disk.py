@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..vmm.qemu_img import QemuImgError, qcow2_backing_name
+from ..vmm.qemu_img import QemuImgError
 from ..vmm.qemu_img import qemu_img as run_qemu_img
 
 
@@ -27,29 +27,3 @@ async def create_overlay(base: Path, overlay: Path, backing_format: str = "raw",
     except QemuImgError as e:
         raise DiskError(f"the overlay {overlay} on {base} could not be made: {e}") from None
     return overlay
-
-
-MAX_CHAIN = 64
-
-
-def qcow2_backing(path: Path) -> Path | None:
-    """The backing file a qcow2 image's header names (an absolute path, or relative to the image's
-    directory), or None: no backing file, not a qcow2 image, or unreadable."""
-    name = qcow2_backing_name(path)
-    if name is None:
-        return None
-    backing = Path(name)
-    return backing if backing.is_absolute() else path.parent / backing
-
-
-def backing_chain(path: Path) -> list[Path]:
-    """The images below the qcow2 image ``path``, nearest first (ends at a raw image, a missing
-    file, or after :data:`MAX_CHAIN` images)."""
-    chain: list[Path] = []
-    current: Path | None = path
-    while current is not None and len(chain) < MAX_CHAIN:
-        current = qcow2_backing(current)
-        if current is None or current in chain:
-            break
-        chain.append(current)
-    return chain

@@ -53,11 +53,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import VmmType
+from ..template import build_users
+from ..template.build_users import has_users
 from ..template.store import (
     AGENT_TOKEN, MANIFEST, ROOTFS, UPPER, SnapshotOrigin, TemplateBuild, TemplateManifest, TemplateNotFound,
 )
 from ..vmm.base import VmmError
-from .disk import backing_chain
+from ..vmm.qemu_img import backing_chain
 
 if TYPE_CHECKING:
     from ..vmm.qemu_checkpoint import Checkpoint
@@ -167,50 +169,21 @@ def new_snapshot_id() -> str:
     return secrets.choice(alphabet[:26]) + "".join(secrets.choice(alphabet) for _ in range(19))
 
 
-USERS = ".users"
-"""In a snapshot build: one file per user of the build (a sandbox started from it, an operation in
-progress), holding a path that exists while that user lives: the sandbox's directory, or
-``/proc/<pid>`` of the process doing the operation. Every process sharing the templates
-directory (servers, managers, tests) sees them, so none removes a snapshot another one uses."""
-
-
 def add_user(build: TemplateBuild, key: str, alive: Path) -> None:
-    """Record that ``alive`` uses the snapshot build (nothing for a template's build). Raises
-    :class:`SnapshotNotFound` if the build was removed meanwhile."""
-    if not build.is_snapshot:
-        return
-    users = build.path / USERS
+    """Record that ``alive`` uses the build (a template's or a snapshot's; see
+    :mod:`~trenvx.template.build_users`). Raises :class:`SnapshotNotFound` if a snapshot's build
+    was removed meanwhile, :class:`TemplateNotFound` if a template's was."""
     try:
-        users.mkdir(mode=0o700, exist_ok=True)
-        (users / key).write_text(str(alive))
-    except FileNotFoundError:
-        raise SnapshotNotFound(build.name, f"snapshot {build.name!r} was deleted (build {build.path} is gone)") from None
+        build_users.add_user(build.path, key, alive)
+    except build_users.BuildGone:
+        if build.is_snapshot:
+            raise SnapshotNotFound(build.name, f"snapshot {build.name!r} was deleted (build {build.path} is gone)") from None
+        raise TemplateNotFound(f"template {build.name!r}: build {build.build_id} was removed (a newer one replaced "
+                               "it); try again") from None
 
 
 def remove_user(build: TemplateBuild, key: str) -> None:
-    with contextlib.suppress(OSError):
-        (build.path / USERS / key).unlink()
-
-
-def has_users(build_dir: Path) -> bool:
-    """Whether a user of the build lives (stale entries are removed)."""
-    users = build_dir / USERS
-    try:
-        entries = list(users.iterdir())
-    except OSError:
-        return False
-    alive = False
-    for entry in entries:
-        try:
-            target = entry.read_text().strip()
-        except OSError:
-            continue
-        if target and Path(target).exists():
-            alive = True
-        else:
-            with contextlib.suppress(OSError):
-                entry.unlink()
-    return alive
+    build_users.remove_user(build.path, key)
 
 
 def requirements_of(build: TemplateBuild) -> list[str]:
@@ -545,7 +518,7 @@ class Snapshots:
             log.exception("removing unused snapshots failed")
 
     def _pin(self, build: TemplateBuild) -> str:
-        """Keep ``build`` while an operation of this process uses it (see :data:`USERS`)."""
+        """Keep ``build`` while an operation of this process uses it (see :mod:`~trenvx.template.build_users`)."""
         key = f"op-{os.getpid()}-{secrets.token_hex(4)}"
         add_user(build, key, Path(f"/proc/{os.getpid()}"))
         self._pinned[key] = _real(build.path)

@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict
 from ..config import TemplateConfig
 from ..layout import DataRoot
 from ..vmm.base import MachineSpec, SnapshotFiles
+from ..vmm.qemu_img import backing_chain
+from .build_users import has_users
 
 MANIFEST = "manifest.json"
 ROOTFS = "rootfs.ext4"
@@ -329,18 +331,38 @@ class TemplateStore:
                 out.update(m.snapshot.requires)
         return out
 
-    def prune(self, name: str, in_use: set[str]) -> list[str]:
-        """Delete builds of ``name`` that are neither current, nor in ``in_use`` (build ids), nor
-        needed by a snapshot of a sandbox (its disk layer refers to their images)."""
+    def prune(self, name: str, keep: int = 2) -> list[str]:
+        """Delete the older builds of template ``name`` that nothing stands on, and return their ids.
+
+        Kept: the current build and the newest ``keep - 1`` others (a server that resolved the
+        previous build just before a publish still finds it), a build with a live user (a sandbox
+        restored from it, running or paused, whatever server or data_root it belongs to: see
+        :mod:`.build_users`), one under a disk of this data_root's sandboxes (its backing chain),
+        and one a snapshot requires. A snapshot's own builds are left to its collector."""
         try:
-            current = self.data_root.template_current(name).resolve(strict=True).name
+            current = self.data_root.template_current(name).resolve(strict=True)
         except OSError:
-            current = ""
-        removed = []
+            current = None
+        builds = self.builds(name)
+        others = [p.resolve() for p in builds if p.resolve() != current]  # oldest first (ids start with the time)
+        newest = set(others[-(keep - 1):]) if keep > 1 else set()
         required = self.required_by_snapshots()
-        for p in self.builds(name):
-            if p.name != current and p.name not in in_use and str(p.resolve()) not in required:
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p.name)
+        under_disks: set[str] = set()
+        if self.data_root.sandboxes.is_dir():
+            for disk in self.data_root.sandboxes.glob("*/*.qcow2"):
+                under_disks.update(str(image.parent.resolve()) for image in backing_chain(disk))
+        removed = []
+        for p in builds:
+            real = p.resolve()
+            if real == current or real in newest or str(real) in required or str(real) in under_disks:
+                continue
+            try:
+                manifest = TemplateManifest.model_validate_json((p / MANIFEST).read_text())
+            except (OSError, ValueError):
+                continue  # not ours to judge
+            if manifest.snapshot is not None or has_users(p):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
         return removed
 

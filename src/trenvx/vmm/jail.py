@@ -55,7 +55,7 @@ from pathlib import Path
 from . import cgroups
 from ..config import Config
 from .cgroups import CgroupHost, CgroupLimits, VmmCgroup
-from .qemu_img import qcow2_backing_name
+from .qemu_img import backing_chain
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ scheduler/affinity changes."""
 CLAIMS_DIR = Path("/run/trenvx/jail/uids")
 CLAIM_GRACE_S = 120.0
 """A claim without a process of its uid is stale only after this long (its VMM may be starting)."""
-MAX_CHAIN = 256
 ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
 
 _CLONE_NEWNS = 0x00020000
@@ -342,20 +341,6 @@ class Bind:
     @property
     def src(self) -> Path:
         return self.source or self.path
-
-
-def backing_chain(image: Path) -> list[Path]:
-    """The files ``image`` stands on (qcow2 backing files, nearest first; relative names resolved
-    against the directory of the image that names them)."""
-    out: list[Path] = []
-    current = image
-    while len(out) < MAX_CHAIN:
-        name = qcow2_backing_name(current)
-        if not name:
-            break
-        current = Path(name) if os.path.isabs(name) else current.parent / name
-        out.append(current)
-    return out
 
 
 def _covered(path: Path, by: Sequence[Path]) -> bool:

@@ -49,3 +49,30 @@ def qcow2_backing_name(path: Path) -> str | None:
             return f.read(size).decode(errors="replace")
     except OSError:
         return None
+
+
+MAX_CHAIN = 256
+"""The deepest backing chain followed (a loop or a corrupt header ends there)."""
+
+
+def qcow2_backing(path: Path) -> Path | None:
+    """The backing file a qcow2 image's header names (an absolute path, or relative to the image's
+    directory), or None: no backing file, not a qcow2 image, or unreadable."""
+    name = qcow2_backing_name(path)
+    if not name:
+        return None
+    backing = Path(name)
+    return backing if backing.is_absolute() else path.parent / backing
+
+
+def backing_chain(path: Path) -> list[Path]:
+    """The images below the qcow2 image ``path``, nearest first (ends at a raw image, a missing
+    file, a loop, or after :data:`MAX_CHAIN` images)."""
+    chain: list[Path] = []
+    current: Path | None = path
+    while current is not None and len(chain) < MAX_CHAIN:
+        current = qcow2_backing(current)
+        if current is None or current in chain:
+            break
+        chain.append(current)
+    return chain

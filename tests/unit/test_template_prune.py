@@ -1,0 +1,92 @@
+"""A template's older builds go once a new one is published, unless something stands on them
+(TemplateStore.prune, run by the builder after each publish): builds piled up before (here, ten
+2.2 GB builds of code-interpreter in one day). Kept: the current build and the newest others up to
+``keep_builds``, a build a live sandbox was restored from (its ``.users`` entry), one under a disk
+of this data_root's sandboxes, one a snapshot requires. Real files and qemu-img overlays, no VMs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from trenvx.config import Config
+from trenvx.layout import DataRoot
+from trenvx.sandbox import snapshots as snaps
+from trenvx.template.build_users import USERS
+from trenvx.template.store import MANIFEST, ROOTFS, SnapshotOrigin, TemplateBuild, TemplateManifest, TemplateStore
+
+from .server_fakes import make_template
+
+
+def _builds(root: Path, ids: list[str]) -> dict[str, Path]:
+    """Builds ``ids`` of template ``tpl`` (oldest first), the last one current."""
+    first = make_template(root, "tpl")  # a build with a real manifest, copied under each id
+    manifest = TemplateManifest.model_validate_json((first / MANIFEST).read_text())
+    out = {}
+    for build_id in ids:
+        d = root / "templates" / "tpl" / build_id
+        shutil.copytree(first, d)
+        (d / MANIFEST).write_text(manifest.model_copy(update={"build_id": build_id}).model_dump_json())
+        out[build_id] = d
+    shutil.rmtree(first)
+    link = root / "templates" / "tpl" / "current"
+    link.unlink()
+    link.symlink_to(ids[-1])
+    return out
+
+
+def test_older_builds_go_unless_something_stands_on_them(tmp_path: Path) -> None:
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-img is not installed (scripts/start.sh setup installs qemu-utils)")
+    b = _builds(tmp_path, ["20260101T000000-a", "20260102T000000-b", "20260103T000000-c", "20260104T000000-d",
+                           "20260105T000000-e", "20260106T000000-f", "20260107T000000-g"])
+    a, used, stale, under_disk, required, previous, current = b.values()
+    store = TemplateStore(DataRoot(tmp_path))
+    # a sandbox that lives (its directory exists), restored from `used`, perhaps by another server
+    alive = tmp_path / "elsewhere" / "sbx1"
+    alive.mkdir(parents=True)
+    snaps.add_user(TemplateBuild(used, store.current("tpl").manifest), "sbx1", alive)
+    # a sandbox that ended: its entry stays behind, and counts for nothing
+    snaps.add_user(TemplateBuild(stale, store.current("tpl").manifest), "sbx2", tmp_path / "ended")
+    # a disk of this data_root's sandboxes stands on `under_disk` (paused, say, from before users were recorded)
+    disk = tmp_path / "sandboxes" / "sbx3" / "disk.qcow2"
+    disk.parent.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(under_disk / ROOTFS), "-F", "raw", str(disk)],
+                   check=True, timeout=60)
+    # a snapshot requires `required`
+    snap = tmp_path / "templates" / "snap1" / "s1"
+    snap.mkdir(parents=True)
+    origin = SnapshotOrigin(source_sandbox="sbx4", source_template="tpl", source_build=str(required.resolve()),
+                            requires=[str(required.resolve())])
+    (snap / MANIFEST).write_text(store.current("tpl").manifest.model_copy(
+        update={"name": "snap1", "build_id": "s1", "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                "snapshot": origin}).model_dump_json())
+
+    removed = store.prune("tpl", keep=2)
+
+    assert sorted(removed) == [a.name, stale.name]
+    for kept in (used, under_disk, required, previous, current):
+        assert (kept / MANIFEST).exists(), kept.name
+    assert not a.exists() and not stale.exists()
+    assert snap.exists()  # a snapshot's build is not the template's to prune
+    assert store.current("tpl").path.resolve() == current.resolve()
+    # once the sandbox ends, its build goes with the next prune; keep=1 keeps only the current one
+    shutil.rmtree(alive)
+    assert store.prune("tpl", keep=1) == [used.name, previous.name]
+
+
+def test_a_restore_records_its_user_in_a_template_build(tmp_path: Path) -> None:
+    b = _builds(tmp_path, ["20260101T000000-a"])
+    build = TemplateStore(DataRoot(tmp_path)).current("tpl")
+    snaps.add_user(build, "sbx", tmp_path / "sandboxes" / "sbx")
+    assert (b["20260101T000000-a"] / USERS / "sbx").read_text() == str(tmp_path / "sandboxes" / "sbx")
+
+
+def test_keep_builds_is_at_least_one() -> None:
+    with pytest.raises(ValueError, match="keep_builds"):
+        Config(data_root="/tmp/x", template_manager={"keep_builds": 0})
+    assert Config(data_root="/tmp/x").template_manager.keep_builds == 2
