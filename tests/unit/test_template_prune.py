@@ -86,6 +86,20 @@ def test_a_restore_records_its_user_in_a_template_build(tmp_path: Path) -> None:
     assert (b["20260101T000000-a"] / USERS / "sbx").read_text() == str(tmp_path / "sandboxes" / "sbx")
 
 
+def test_the_entries_of_ended_users_do_not_pile_up(tmp_path: Path) -> None:
+    from trenvx.template.build_users import SWEEP_EVERY, add_user
+
+    build = tmp_path / "build"
+    build.mkdir()
+    alive = tmp_path / "alive"
+    alive.mkdir()
+    add_user(build, "live", alive)
+    for i in range(3 * SWEEP_EVERY):  # sandboxes that came and went
+        add_user(build, f"ended-{i}", tmp_path / f"gone-{i}")
+    entries = {p.name for p in (build / USERS).iterdir()}
+    assert "live" in entries and len(entries) <= SWEEP_EVERY, len(entries)
+
+
 def test_keep_builds_is_at_least_one() -> None:
     with pytest.raises(ValueError, match="keep_builds"):
         Config(data_root="/tmp/x", template_manager={"keep_builds": 0})

@@ -8,9 +8,14 @@ template's builds with users, :meth:`Snapshots.collect` a snapshot's."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 USERS = ".users"
+SWEEP_EVERY = 256
+"""An entry is left behind by each user that ended (it is dropped when someone asks whether the build
+has users); :func:`add_user` drops them whenever the entries reach a multiple of this, so they stay
+within the live users plus this many however many sandboxes a build serves."""
 
 
 class BuildGone(FileNotFoundError):
@@ -25,6 +30,9 @@ def add_user(build_dir: Path, key: str, alive: Path) -> None:
         (users / key).write_text(str(alive))
     except FileNotFoundError:
         raise BuildGone(f"build {build_dir} is gone") from None
+    with contextlib.suppress(OSError):
+        if len(os.listdir(users)) % SWEEP_EVERY == 0:
+            has_users(build_dir)
 
 
 def remove_user(build_dir: Path, key: str) -> None:
