@@ -148,7 +148,8 @@ class ClusterNode:
         """Template -> when its last background copy failed (``time.monotonic()``)."""
         self.handover = PausedHandover(manager)
         """This node's paused sandboxes handed to other nodes (:mod:`trenvx.sandbox.handover`)."""
-        self.copier = TemplateCopier(manager.templates, manager.data_root, self.internal_headers())
+        self.copier = TemplateCopier(manager.templates, manager.data_root, self.internal_headers(),
+                                     keep_builds=manager.config.template_manager.keep_builds)
 
     def internal_headers(self) -> dict[str, str]:
         """What this node sends on requests to other nodes (see :mod:`trenvx.server.cluster_routing`)."""

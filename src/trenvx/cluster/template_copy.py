@@ -115,9 +115,12 @@ def build_file(store: TemplateStore, data_root: DataRoot, name: str, build_id: s
 class TemplateCopier:
     """Copies builds into this node's store, one copy per template at a time."""
 
-    def __init__(self, store: TemplateStore, data_root: DataRoot, secret_headers: dict[str, str]) -> None:
+    def __init__(self, store: TemplateStore, data_root: DataRoot, secret_headers: dict[str, str],
+                 keep_builds: int = 2) -> None:
         self.store = store
         self.data_root = data_root
+        self.keep_builds = keep_builds
+        """Builds kept per template once a copy is published (see :meth:`TemplateStore.prune`)."""
         self.headers = secret_headers
         self._locks: dict[str, asyncio.Lock] = {}
         self.copied: list[tuple[str, str, float]] = []
@@ -150,6 +153,13 @@ class TemplateCopier:
                 build = await self._copy(client, source_url, offer)
             seconds = loop.time() - t0
             self.copied.append((name, source_name or source_url, seconds))
+            try:  # the older copies nothing stands on go, as after a build
+                removed = await asyncio.to_thread(self.store.prune, name, self.keep_builds)
+            except OSError as e:
+                log.warning("cluster: template %s: removing older builds failed: %s", name, e)
+                removed = []
+            if removed:
+                log.info("cluster: template %s: removed older build(s) %s", name, ", ".join(removed))
             log.info("cluster: template %s (build %s) copied from node %s in %.1f s", name, build.manifest.build_id,
                      source_name or source_url, seconds)
             return build
