@@ -86,11 +86,71 @@ def test_a_restore_records_its_user_in_a_template_build(tmp_path: Path) -> None:
     assert (b["20260101T000000-a"] / USERS / "sbx").read_text() == str(tmp_path / "sandboxes" / "sbx")
 
 
+def test_a_restore_that_records_itself_while_the_build_is_judged_keeps_it(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race: prune finds no user, then a restore records itself before the build is removed.
+    The build is renamed before removal and asked again: the restore's entry keeps it."""
+    import trenvx.template.store as store_module
+    from trenvx.template.build_users import has_users
+
+    b = _builds(tmp_path, ["20260101T000000-a", "20260102T000000-b", "20260103T000000-c"])
+    old = b["20260101T000000-a"]
+    alive = tmp_path / "sbx"
+    alive.mkdir()
+    asked: list[Path] = []
+
+    def first_no_then_a_restore(build_dir: Path) -> bool:
+        asked.append(build_dir)
+        if len(asked) == 1:  # judged unused; a restore records itself right after
+            snaps.add_user(TemplateBuild(old, TemplateStore(DataRoot(tmp_path)).current("tpl").manifest), "sbx", alive)
+            return False
+        return has_users(build_dir)
+
+    monkeypatch.setattr(store_module, "has_users", first_no_then_a_restore)
+    assert TemplateStore(DataRoot(tmp_path)).prune("tpl", keep=2) == []
+    assert (old / MANIFEST).exists() and (old / USERS / "sbx").exists()
+    assert not list(old.parent.glob(".*.pruning"))
+    assert asked[1].name.endswith(".pruning")  # asked again once renamed
+
+
+def test_a_build_being_removed_takes_no_user(tmp_path: Path) -> None:
+    from trenvx.template.build_users import BuildGone, add_user
+
+    b = _builds(tmp_path, ["20260101T000000-a"])
+    build = b["20260101T000000-a"]
+    (build / MANIFEST).rename(build / "manifest.json.away")  # as when prune renamed the directory under it
+    with pytest.raises(BuildGone, match="being removed"):
+        add_user(build, "sbx", tmp_path)
+
+
+def test_doubt_counts_as_a_user(tmp_path: Path) -> None:
+    from trenvx.template.build_users import has_users
+
+    build = tmp_path / "b"
+    build.mkdir()
+    assert not has_users(build)  # no .users: nobody
+    (build / USERS).write_text("not a directory")  # cannot be listed
+    assert has_users(build)
+    (build / USERS).unlink()
+    (build / USERS).mkdir()
+    (build / USERS / "half-written").write_text("")  # an entry without its path yet
+    assert has_users(build) and (build / USERS / "half-written").exists()
+
+
+def test_what_a_cut_short_prune_left_goes_with_the_next(tmp_path: Path) -> None:
+    b = _builds(tmp_path, ["20260101T000000-a", "20260102T000000-b"])
+    left = tmp_path / "templates" / "tpl" / ".20251231T000000-z.pruning"
+    shutil.copytree(b["20260101T000000-a"], left)
+    assert TemplateStore(DataRoot(tmp_path)).prune("tpl", keep=2) == []
+    assert not left.exists() and all(p.exists() for p in b.values())
+
+
 def test_the_entries_of_ended_users_do_not_pile_up(tmp_path: Path) -> None:
     from trenvx.template.build_users import SWEEP_EVERY, add_user
 
     build = tmp_path / "build"
     build.mkdir()
+    (build / MANIFEST).write_text("{}")
     alive = tmp_path / "alive"
     alive.mkdir()
     add_user(build, "live", alive)

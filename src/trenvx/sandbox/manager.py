@@ -75,7 +75,7 @@ from .network_state import NetworkState, read_network_state, write_network_state
 from . import inflight
 from .pool import PoolStats, TemplatePool, reap_stale_pooled
 from .restore import RestoredVm, SnapshotRestore, TemplateNetworkMismatch, new_sandbox_id
-from .snapshots import Snapshots
+from .snapshots import Snapshots, add_user
 from .state import EXITED, PAUSED, RUNNING, SandboxRecord, StateStore
 from .suspend import PauseInfo, PauseRefused, PauseUnsupported, ResumeRefused, StoppedVm, Suspender, stored_files_present
 
@@ -1329,6 +1329,7 @@ class SandboxManager:
         path = Path(rec.build_path)
         manifest = TemplateManifest.model_validate_json((path / MANIFEST).read_text())
         build = TemplateBuild(path, manifest)
+        add_user(build, rec.id, Path(rec.workdir))  # again: sandboxes of older versions had no entry
         vmm = adopt.recorded_vmm(rec.vmm_type)
         if manifest.vmm_type != vmm.value:
             raise RuntimeError(
@@ -1380,6 +1381,7 @@ class SandboxManager:
         path = Path(rec.build_path)
         manifest = TemplateManifest.model_validate_json((path / MANIFEST).read_text())
         build = TemplateBuild(path, manifest)
+        add_user(build, rec.id, Path(rec.workdir))  # again: sandboxes of older versions had no entry
         info = PauseInfo.from_json(rec.pause)
         workdir = Path(rec.workdir)
         missing = stored_files_present(workdir, info)

@@ -173,12 +173,12 @@ class SnapshotRestore:
         """
         times: dict[str, float] = {}
         self.check_network(build)
-        await check_build(build)  # TemplateDamaged: its files differ from its manifest's hashes
         workdir = self.data_root.sandbox_dir(sandbox_id)
         workdir.mkdir(parents=True)
         slot: NetworkSlot | None = None
         try:
-            add_user(build, sandbox_id, workdir)  # a snapshot's files stay while this directory does
+            add_user(build, sandbox_id, workdir)  # the build's files stay while this directory does
+            await check_build(build)  # TemplateDamaged: its files differ from its manifest's hashes
             t0 = time.perf_counter()
             if self.network is not None and self.uses_slot(build):
                 slot = await self.network.acquire()

@@ -174,7 +174,14 @@ def add_user(build: TemplateBuild, key: str, alive: Path) -> None:
     :mod:`~trenvx.template.build_users`). Raises :class:`SnapshotNotFound` if a snapshot's build
     was removed meanwhile, :class:`TemplateNotFound` if a template's was."""
     try:
-        build_users.add_user(build.path, key, alive)
+        build_users.add_user(build.path, key, alive, manifest=MANIFEST)
+    except PermissionError as e:
+        if build.is_snapshot:
+            raise
+        # a templates directory this process may not write (only another, e.g. the builder, does):
+        # the build is then kept by keep_builds alone
+        log.warning("template %s: cannot record sandbox %s as a user of build %s: %s", build.name, key,
+                    build.build_id, e)
     except build_users.BuildGone:
         if build.is_snapshot:
             raise SnapshotNotFound(build.name, f"snapshot {build.name!r} was deleted (build {build.path} is gone)") from None

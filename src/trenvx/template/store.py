@@ -10,6 +10,7 @@ directory found by the lock's holder is a crashed builder's.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -25,6 +26,8 @@ from ..vmm.qemu_img import backing_chain
 from .build_users import has_users
 
 MANIFEST = "manifest.json"
+PRUNING = ".pruning"
+"""Suffix of a build being removed by :meth:`TemplateStore.prune` (``.<build id>.pruning``)."""
 ROOTFS = "rootfs.ext4"
 UPPER = "upper.ext4"
 """Overlay mode: the writable layer the template's VM left behind, base of each sandbox's disk."""
@@ -362,7 +365,20 @@ class TemplateStore:
                 continue  # not ours to judge
             if manifest.snapshot is not None or has_users(p):
                 continue
-            shutil.rmtree(p, ignore_errors=True)
+            # Renamed first: a restore recording itself meanwhile either finds the build gone
+            # (build_users.add_user raises) or left its entry in it, seen here, and the build stays.
+            doomed = p.with_name(f".{p.name}{PRUNING}")
+            try:
+                os.rename(p, doomed)
+            except OSError:
+                continue
+            if has_users(doomed):
+                with contextlib.suppress(OSError):
+                    os.rename(doomed, p)
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
             removed.append(p.name)
+        for left in self.data_root.template_dir(name).glob(f".*{PRUNING}"):  # of a prune cut short
+            shutil.rmtree(left, ignore_errors=True)
         return removed
 
