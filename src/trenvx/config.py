@@ -17,7 +17,7 @@ The file has the shape of TrEnv-X's ``example_config.toml``::
     vcpu = 1
     mem_mb = 256
     disk_mb = 512
-    dockerfile = "default-sandbox.Dockerfile"
+    dockerfile = "default-sandbox/Dockerfile"
     start_cmd.cmd = ""
     ready_cmd = ""
 
@@ -117,7 +117,7 @@ class TemplateConfig(_Strict):
     """Run trenvx's code interpreter in the template's sandboxes: a server on port 49999 speaking
     E2B's code-interpreter protocol, with a Python kernel (numpy, pandas, matplotlib imported when
     the image has them) already running in the snapshot. The image needs python3-ipykernel and
-    python3-jupyter-client (configs/code-interpreter.Dockerfile)."""
+    python3-jupyter-client (configs/code-interpreter/Dockerfile)."""
     aliases: list[str] = Field(default_factory=list)
     """Other names a create may give for this template (E2B's SDKs ask for ``code-interpreter-v1``,
     TrEnv-X's for ``default-code-interpreter``). Not an input of the build."""

@@ -28,7 +28,7 @@ MAX_ANSWER_BYTES = 64 * 1024
 NO_SSHD_CODE = "no_sshd"
 OPENSSH_HINT = ("add the Debian package openssh-server to the template's Dockerfile (RUN apt-get install -y "
                 "--no-install-recommends openssh-server) and rebuild it (template-manager -t NAME); "
-                "configs/default-sandbox.Dockerfile has it")
+                "configs/default-sandbox/Dockerfile has it")
 
 
 class SshdUnavailable(Exception):
