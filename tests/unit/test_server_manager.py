@@ -23,6 +23,7 @@ from trenvx.sandbox.state import StateStore
 from trenvx.vmm.cloud_hypervisor import CloudHypervisorVm
 from trenvx.vmm.firecracker import FirecrackerVm
 from trenvx.template.store import TemplateNotFound
+from trenvx.template.build_users import USERS
 
 from .server_fakes import UpstreamState, ThreadedServer, fake_attach, fake_manager, free_port, make_config, make_template, pid_gone, upstream_app
 
@@ -265,12 +266,16 @@ async def test_restart_adopts_running_vms_and_cleans_dead_ones(cfg, upstream, mo
     os.kill(b_pid, signal.SIGKILL)  # one VMM dies while no server runs
     await wait_for(lambda: pid_gone(b_pid))
 
+    # a sandbox of an older version has no entry in its build's users: adoption records it
+    entry = a.restored.build.path / USERS / a.id
+    entry.unlink(missing_ok=True)
     second = fake_manager(cfg, upstream.port)
     await second.start()
     try:
         assert second.adopted == [a.id] and second.cleaned == [b.id]
         sa = second.get(a.id)
         assert sa.adopted and sa.pid == a_pid and sa.metadata == {"n": "a"}
+        assert entry.read_text() == str(a.restored.workdir)  # TemplateStore.prune keeps its build
         assert sa.access_token == a.access_token and sa.agent_port == upstream.port
         assert 95 < sa.timeout_left <= 100
         assert not b.restored.workdir.exists()
