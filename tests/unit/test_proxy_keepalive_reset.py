@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,34 +20,24 @@ import pytest
 
 from trenvx.server.app import create_app
 
+from .raw_upstream import RawUpstream
 from .server_fakes import ThreadedServer, fake_manager, make_config, make_template
 
 PORT_IN_GUEST = 8080
 
 
-class ResetOnSecondRequest:
+class ResetOnSecondRequest(RawUpstream):
     """Answers the first request on a connection (``HTTP/1.1 200``, keep-alive), resets on the second
     (``answer_first=False``: resets under the first)."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.answer_first = True
         self.requests: list[str] = []  # request lines, in arrival order, answered or not
         self.bodies: list[bytes] = []
         self.resets = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         served = 0
         buf = b""
         with conn:
@@ -67,11 +56,11 @@ class ResetOnSecondRequest:
                 while len(buf) < length:
                     buf += conn.recv(65536)
                 body, buf = buf[:length], buf[length:]
-                with self._lock:
+                with self.lock:
                     self.requests.append(head.split(b"\r\n", 1)[0].decode())
                     self.bodies.append(body)
                 if served or not self.answer_first:  # the kept-alive connection is dropped under this request: a reset, no answer
-                    with self._lock:
+                    with self.lock:
                         self.resets += 1
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return
@@ -79,9 +68,6 @@ class ResetOnSecondRequest:
                 body = b"answered"
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: keep-alive\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture()

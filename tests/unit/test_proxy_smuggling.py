@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h11
@@ -26,6 +26,7 @@ import uvicorn
 
 from trenvx.server.app import create_app
 
+from .raw_upstream import RawUpstream
 from .server_fakes import ThreadedServer, fake_manager, make_config, make_template
 
 DOMAIN = "sbx.test"
@@ -40,29 +41,16 @@ class Seen:
     body: bytes = b""
 
 
-@dataclass
-class Recorder:
+class Recorder(RawUpstream):
     """A raw upstream: parses each connection with h11, records every request, answers 200."""
 
-    requests: list[Seen] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    raw: list[bytes] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.requests: list[Seen] = []
+        self.errors: list[str] = []
+        self.raw: list[bytes] = []
+        super().__init__()
 
-    def __post_init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         h = h11.Connection(h11.SERVER)
         current: Seen | None = None
         with conn:
@@ -107,9 +95,6 @@ class Recorder:
             self.requests.clear()
             self.errors.clear()
             self.raw.clear()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @dataclass

@@ -37,32 +37,19 @@ from websockets.sync.client import connect
 from trenvx.cli import ssh_proxy
 from trenvx.server.app import create_app
 
+from .raw_upstream import RawUpstream
 from .server_fakes import ThreadedServer, UpstreamState, fake_manager, make_config, make_template, upstream_app
 
 
-class PortServer:
+class PortServer(RawUpstream):
     """Stands in for sshd on a sandbox's port 22: greets with ``hello from NAME``, echoes, and on the
     client's EOF says ``bye from NAME`` and closes."""
 
     def __init__(self, name: str) -> None:
         self.name = name.encode()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = int(self.sock.getsockname()[1])
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         with conn:
             try:
                 conn.sendall(b"hello from " + self.name + b"\n")
@@ -72,8 +59,6 @@ class PortServer:
             except OSError:
                 pass
 
-    def close(self) -> None:
-        self.sock.close()
 
 
 def fake_key() -> str:
