@@ -195,7 +195,14 @@ def test_a_browser_opens_the_ide_runs_claude_and_saves_a_file(coder) -> None:
             page.keyboard.press("Control+S")
             path_box = page.locator(".quick-input-widget input")
             path_box.wait_for(state="visible")
-            path_box.fill(f"{WORKSPACE}/from-the-editor.txt")
+            # The dialog puts its suggestion (the folder and the text's first line) in the box after it
+            # shows: a path typed before it arrived was replaced by it once, and the file saved under
+            # that name. So type once the suggestion is there, and save once the box holds the path.
+            page.wait_for_function("() => (document.querySelector('.quick-input-widget input') || {}).value"
+                                   "?.match(/written in the IDE|Untitled/)")
+            target = f"{WORKSPACE}/from-the-editor.txt"
+            path_box.fill(target)
+            page.wait_for_function("t => document.querySelector('.quick-input-widget input').value === t", arg=target)
             page.keyboard.press("Enter")
             written = wait_for_file(sbx, f"{WORKSPACE}/from-the-editor.txt", r"written in the IDE")
             assert written.strip() == "written in the IDE", written
