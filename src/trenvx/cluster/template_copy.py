@@ -153,13 +153,7 @@ class TemplateCopier:
                 build = await self._copy(client, source_url, offer)
             seconds = loop.time() - t0
             self.copied.append((name, source_name or source_url, seconds))
-            try:  # the older copies nothing stands on go, as after a build
-                removed = await asyncio.to_thread(self.store.prune, name, self.keep_builds)
-            except OSError as e:
-                log.warning("cluster: template %s: removing older builds failed: %s", name, e)
-                removed = []
-            if removed:
-                log.info("cluster: template %s: removed older build(s) %s", name, ", ".join(removed))
+            await self.store.prune_quietly(name, self.keep_builds)  # older copies go, as after a build
             log.info("cluster: template %s (build %s) copied from node %s in %.1f s", name, build.manifest.build_id,
                      source_name or source_url, seconds)
             return build

@@ -1325,15 +1325,22 @@ class SandboxManager:
                      sb.agent_endpoint.describe(), sb.timeout_left)
         self._sweep_orphans()
 
-    async def _adopt(self, rec: SandboxRecord) -> Sandbox:
+    @staticmethod
+    def _build_of(rec: SandboxRecord) -> TemplateBuild:
+        """The build a recorded sandbox was restored from, with the sandbox recorded (again) as its
+        user: sandboxes of older versions had no entry, and prune keeps only builds in use."""
         path = Path(rec.build_path)
-        manifest = TemplateManifest.model_validate_json((path / MANIFEST).read_text())
-        build = TemplateBuild(path, manifest)
-        add_user(build, rec.id, Path(rec.workdir))  # again: sandboxes of older versions had no entry
+        build = TemplateBuild(path, TemplateManifest.model_validate_json((path / MANIFEST).read_text()))
+        add_user(build, rec.id, Path(rec.workdir))
+        return build
+
+    async def _adopt(self, rec: SandboxRecord) -> Sandbox:
+        build = self._build_of(rec)
         vmm = adopt.recorded_vmm(rec.vmm_type)
-        if manifest.vmm_type != vmm.value:
+        if build.manifest.vmm_type != vmm.value:
             raise RuntimeError(
-                f"it is recorded as a {vmm.value} VM but its template build {path} was made with {manifest.vmm_type}"
+                f"it is recorded as a {vmm.value} VM but its template build {build.path} was made with "
+                f"{build.manifest.vmm_type}"
             )
         workdir = Path(rec.workdir)
         net = read_network_state(workdir)
@@ -1378,10 +1385,7 @@ class SandboxManager:
 
     def _paused_from_record(self, rec: SandboxRecord) -> Sandbox:
         """A sandbox paused to disk, from its record: no process to adopt, its files checked."""
-        path = Path(rec.build_path)
-        manifest = TemplateManifest.model_validate_json((path / MANIFEST).read_text())
-        build = TemplateBuild(path, manifest)
-        add_user(build, rec.id, Path(rec.workdir))  # again: sandboxes of older versions had no entry
+        build = self._build_of(rec)
         info = PauseInfo.from_json(rec.pause)
         workdir = Path(rec.workdir)
         missing = stored_files_present(workdir, info)

@@ -59,7 +59,6 @@ from ..template.store import (
     AGENT_TOKEN, MANIFEST, ROOTFS, UPPER, SnapshotOrigin, TemplateBuild, TemplateManifest, TemplateNotFound,
 )
 from ..vmm.base import VmmError
-from ..vmm.qemu_img import backing_chain
 
 if TYPE_CHECKING:
     from ..vmm.qemu_checkpoint import Checkpoint
@@ -470,10 +469,7 @@ class Snapshots:
         root = self.store.data_root.templates
         if not root.is_dir():
             return []
-        in_use = set(in_use)
-        with contextlib.suppress(OSError):
-            for disk in self.store.data_root.sandboxes.glob("*/*.qcow2"):
-                in_use.update(_real(image.parent) for image in backing_chain(disk))
+        in_use = set(in_use) | self.store.under_sandbox_disks()
         snapshots: dict[str, TemplateManifest] = {}
         published: set[str] = set()
         for tdir in root.iterdir():

@@ -71,9 +71,9 @@ down it: Node (code-server, next.js) drops connections idle for 5 s, and under s
 its timers fire late, while a request is already on the way, which then meets a reset. So an
 idempotent request (RFC 9110 9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) whose kept connection
 breaks before any answer is sent once more, on a new connection, as browsers do; others get the 502
-(and so does any request to the agent's own port, whose reads may consume, e.g. of a FIFO). Measured before this: a
-web IDE's terminal script (xterm.js) failed with a 502 in about 1 of 4 page loads and the terminal
-never opened.
+(and so does any request to the agent's own port, whose reads may consume, e.g. of a FIFO).
+Measured before this: a web IDE's terminal script (xterm.js) failed with a 502 in about 1 of 4
+page loads and the terminal never opened.
 
 Single machine, no wildcard DNS, no TLS: :func:`announced_domain` gives E2B's SDKs the domain
 ``localhost:<port>`` (the port the API was reached on), so ``get_host(8000)`` is

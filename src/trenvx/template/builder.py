@@ -420,19 +420,8 @@ class TemplateBuilder:
             return self.store.publish(tpl.name, staging, manifest)
 
         build = await self._stage(times, "publish", publish_stage)
-        await self._prune(tpl.name)
+        await self.store.prune_quietly(tpl.name, self.config.template_manager.keep_builds)
         return BuildResult(build, skipped=False, stage_seconds=times)
-
-    async def _prune(self, name: str) -> None:
-        """Remove the template's older builds nothing stands on (``[template_manager] keep_builds``)."""
-        try:
-            removed = await asyncio.to_thread(self.store.prune, name, self.config.template_manager.keep_builds)
-        except OSError as e:  # the build stands; the next one tries again
-            log.warning("template %s: removing older builds failed: %s", name, e)
-            return
-        if removed:
-            log.info("template %s: removed %d older build(s) nothing stands on: %s", name, len(removed),
-                     ", ".join(removed))
 
     async def _wait_agent(self, vm: Vm, timeout_s: float) -> None:
         client = AgentClient.for_endpoint(vm.agent_endpoint)

@@ -10,8 +10,10 @@ directory found by the lock's holder is a crashed builder's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +26,8 @@ from ..layout import DataRoot
 from ..vmm.base import MachineSpec, SnapshotFiles
 from ..vmm.qemu_img import backing_chain
 from .build_users import has_users
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PRUNING = ".pruning"
@@ -334,6 +338,32 @@ class TemplateStore:
                 out.update(m.snapshot.requires)
         return out
 
+    def under_sandbox_disks(self) -> set[str]:
+        """Build directories (real paths) the disks of this data_root's sandboxes stand on: the
+        backing chains of their qcow2 images, whatever process runs them, paused ones too."""
+        out: set[str] = set()
+        with contextlib.suppress(OSError):
+            for disk in self.data_root.sandboxes.glob("*/*.qcow2"):
+                for image in backing_chain(disk):
+                    try:
+                        out.add(str(image.parent.resolve()))
+                    except OSError:
+                        out.add(str(image.parent))
+        return out
+
+    async def prune_quietly(self, name: str, keep: int) -> list[str]:
+        """:meth:`prune` off the event loop, after a publish: a failure is logged, not raised (the
+        new build stands; the next publish tries again)."""
+        try:
+            removed = await asyncio.to_thread(self.prune, name, keep)
+        except OSError as e:
+            log.warning("template %s: removing older builds failed: %s", name, e)
+            return []
+        if removed:
+            log.info("template %s: removed %d older build(s) nothing stands on: %s", name, len(removed),
+                     ", ".join(removed))
+        return removed
+
     def prune(self, name: str, keep: int = 2) -> list[str]:
         """Delete the older builds of template ``name`` that nothing stands on, and return their ids.
 
@@ -350,10 +380,7 @@ class TemplateStore:
         others = [p.resolve() for p in builds if p.resolve() != current]  # oldest first (ids start with the time)
         newest = set(others[-(keep - 1):]) if keep > 1 else set()
         required = self.required_by_snapshots()
-        under_disks: set[str] = set()
-        if self.data_root.sandboxes.is_dir():
-            for disk in self.data_root.sandboxes.glob("*/*.qcow2"):
-                under_disks.update(str(image.parent.resolve()) for image in backing_chain(disk))
+        under_disks = self.under_sandbox_disks()
         removed = []
         for p in builds:
             real = p.resolve()
