@@ -9,7 +9,6 @@ tested on :class:`PortForwarder` in-process.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
@@ -31,6 +30,7 @@ from trenvx.guest.agent.ports import (
 )
 from trenvx.guest.client import AgentClient, AgentError
 
+from .raw_upstream import RawUpstream
 from .test_agent_harness import SRC
 
 GUEST = "127.0.0.2"
@@ -56,30 +56,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class EchoServer:
+class EchoServer(RawUpstream):
     """A TCP server on 127.0.0.1 only (the loopback-only server in the guest): echoes each connection,
     upper-cased, until EOF, then half-closes."""
 
-    def __init__(self, port: int | None = None) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port or 0))
-        self.sock.listen(16)
-        self.port = int(self.sock.getsockname()[1])
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         with conn:
             try:
                 while data := conn.recv(65536):
@@ -87,11 +68,6 @@ class EchoServer:
                 conn.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes accept(): a bare close() would leave it listening
-        self.sock.close()
 
 
 def roundtrip(port: int, payload: bytes, host: str = GUEST) -> bytes:

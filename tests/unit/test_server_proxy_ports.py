@@ -25,6 +25,7 @@ from trenvx.guest.endpoint import TcpEndpoint
 from trenvx.server.app import create_app
 from trenvx.server.proxy import REPLAY_LIMIT, ClientDisconnected, _ReplayableBody
 
+from .raw_upstream import RawUpstream
 from .server_fakes import ThreadedServer, UpstreamState, fake_manager, free_port, make_config, make_template, upstream_app
 from .test_agent_ports import GUEST, _guest_address_usable, start_guest_agent
 
@@ -35,28 +36,16 @@ def hdr(sid: str, port: int = 49983, **extra: str) -> dict[str, str]:
     return {"E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": str(port), **extra}
 
 
-class HostFwd:
+class HostFwd(RawUpstream):
     """Stands in for a QEMU user-networking ``hostfwd``: listens on 127.0.0.1 and, for each connection
     it accepts, connects to ``guest:port``; when the guest refuses, the accepted connection is closed
     (so the host sees a connection that ends before any answer, not a refused connect)."""
 
     def __init__(self, guest: str, port: int) -> None:
         self.target = (guest, port)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = int(self.sock.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._connection, args=(client,), daemon=True).start()
-
-    def _connection(self, client: socket.socket) -> None:
+    def serve(self, client: socket.socket) -> None:
         try:
             guest = socket.create_connection(self.target, timeout=5)
         except OSError:
@@ -80,11 +69,6 @@ class HostFwd:
         back.join()
         client.close()
         guest.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
 
 
 class Guest:
